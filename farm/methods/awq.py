@@ -1,0 +1,35 @@
+"""AWQ: activation-aware scaling (llm-compressor's AWQModifier transform) followed by int4 weight quantization."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from farm.methods.base import MethodConfig, int_weight_group
+
+
+class AWQConfig(MethodConfig):
+    method: Literal["awq"] = "awq"
+    scheme: Literal["W4A16"] = Field("W4A16", description="weight bits / activation bits")
+    group_size: int = Field(128, gt=0, le=8192, description="weights per scale")
+    symmetric: bool = Field(False, description="AWQ defaults to an asymmetric grid (zero points)")
+    duo_scaling: bool = Field(True, description="use weight as well as activation magnitudes for the scales")
+    n_grid: int = Field(20, gt=0, le=1000, description="grid points searched per scale")
+
+    def default_label(self) -> str:
+        return f"awq-{self.scheme.lower()}-g{self.group_size}"
+
+    def group_sizes(self) -> list[int]:
+        return [self.group_size]
+
+    def modifiers(self) -> list[Any]:
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+
+        return [
+            AWQModifier(duo_scaling=self.duo_scaling, n_grid=self.n_grid),
+            QuantizationModifier(
+                config_groups=int_weight_group(4, self.group_size, self.symmetric), ignore=list(self.ignore)
+            ),
+        ]

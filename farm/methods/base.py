@@ -1,0 +1,89 @@
+"""What every method config shares: strict fields, a stable hash, the high-precision ignore list and the
+divisibility check against a model's shapes. Configs are pure data; `modifiers()` imports llm-compressor
+lazily so planning and validation never load torch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import abstractmethod
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# lm_head, embeddings and norms stay in high precision unless a spec says otherwise. Embeddings and norms are
+# not Linear modules (the only target) so they are never quantized; naming them keeps the intent explicit.
+DEFAULT_IGNORE = ["lm_head", "re:.*embed_tokens$", "re:.*norm$"]
+
+
+class CalibrationOverride(BaseModel):
+    """Per-method calibration size, for methods (AWQ) whose cost grows faster with tokens than GPTQ's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    num_samples: int | None = Field(None, gt=0, le=100_000, description="calibration samples for this method")
+    max_seq_length: int | None = Field(None, gt=0, le=131_072, description="tokens per calibration sample")
+
+
+class MethodConfig(BaseModel):
+    """Base of every method config in the registry."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    requires_calibration: ClassVar[bool] = True
+
+    method: str
+    name: str | None = Field(
+        None, pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$", description="variant label (default: derived from settings)"
+    )
+    ignore: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_IGNORE),
+        description="modules kept in high precision (names or 're:' regexes)",
+    )
+    calibration: CalibrationOverride | None = Field(None, description="override of the job's calibration size")
+
+    def label(self) -> str:
+        return self.name or self.default_label()
+
+    def default_label(self) -> str:
+        return self.method
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that changes the produced weights; the variant id hashes this."""
+        return self.model_dump(mode="json", exclude={"name"})
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def group_sizes(self) -> list[int]:
+        """Group sizes this method quantizes with (empty for per-channel / per-tensor schemes)."""
+        return []
+
+    def check_model(self, model_config: dict[str, Any]) -> list[str]:
+        """Problems with applying this method to a model with this config.json, as readable strings."""
+        problems = []
+        dims = {k: model_config.get(k) for k in ("hidden_size", "intermediate_size", "head_dim")}
+        if not dims["head_dim"] and dims["hidden_size"] and model_config.get("num_attention_heads"):
+            dims["head_dim"] = dims["hidden_size"] // model_config["num_attention_heads"]
+        dims.pop("head_dim")  # o_proj's input is heads * head_dim, which equals hidden_size for Llama-likes
+        for group in self.group_sizes():
+            for key, dim in dims.items():
+                if isinstance(dim, int) and dim % group:
+                    fits = [g for g in (128, 64, 32) if all(isinstance(d, int) and d % g == 0 for d in dims.values())]
+                    hint = f" (use group_size {fits[0]})" if fits else ""
+                    problems.append(f"group_size={group} does not divide the model's {key}={dim}{hint}")
+                    break
+        return problems
+
+    @abstractmethod
+    def modifiers(self) -> list[Any]:
+        """The llm-compressor modifiers (the recipe) for this config."""
+
+
+def int_weight_group(num_bits: int, group_size: int | None, symmetric: bool) -> dict[str, Any]:
+    """A compressed-tensors config group quantizing Linear weights to int, grouped or per channel."""
+    weights: dict[str, Any] = {"num_bits": num_bits, "type": "int", "symmetric": symmetric}
+    if group_size:
+        weights |= {"strategy": "group", "group_size": group_size}
+    else:
+        weights |= {"strategy": "channel"}
+    return {"group_0": {"targets": ["Linear"], "weights": weights}}

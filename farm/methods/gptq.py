@@ -1,0 +1,43 @@
+"""GPTQ: second-order weight-only quantization (W4A16 / W8A16) with llm-compressor's GPTQModifier."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from farm.methods.base import MethodConfig, int_weight_group
+
+
+class GPTQConfig(MethodConfig):
+    method: Literal["gptq"] = "gptq"
+    scheme: Literal["W4A16", "W8A16"] = Field("W4A16", description="weight bits / activation bits")
+    group_size: int | None = Field(128, gt=0, le=8192, description="weights per scale; null = per output channel")
+    symmetric: bool = Field(True, description="symmetric int grid (no zero point)")
+    dampening_frac: float = Field(0.01, gt=0, lt=1, description="Hessian dampening as a fraction of its mean diag")
+    block_size: int = Field(128, gt=0, le=8192, description="columns updated per GPTQ block")
+    actorder: Literal["static", "group", "weight"] | None = Field(None, description="activation ordering")
+
+    @property
+    def bits(self) -> int:
+        return int(self.scheme[1])
+
+    def default_label(self) -> str:
+        g = f"-g{self.group_size}" if self.group_size else ""
+        return f"gptq-{self.scheme.lower()}{g}"
+
+    def group_sizes(self) -> list[int]:
+        return [self.group_size] if self.group_size else []
+
+    def modifiers(self) -> list[Any]:
+        from llmcompressor.modifiers.gptq import GPTQModifier
+
+        return [
+            GPTQModifier(
+                config_groups=int_weight_group(self.bits, self.group_size, self.symmetric),
+                ignore=list(self.ignore),
+                dampening_frac=self.dampening_frac,
+                block_size=self.block_size,
+                actorder=self.actorder,
+            )
+        ]

@@ -1,0 +1,42 @@
+"""The method registry: one typed config per method name. A spec's `method:` key picks the entry."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Union
+
+from pydantic import Field
+
+from farm.methods.awq import AWQConfig
+from farm.methods.base import MethodConfig
+from farm.methods.fp8 import FP8Config
+from farm.methods.gptq import GPTQConfig
+from farm.methods.smoothquant import SmoothQuantConfig
+
+REGISTRY: dict[str, type[MethodConfig]] = {
+    "gptq": GPTQConfig,
+    "awq": AWQConfig,
+    "fp8": FP8Config,
+    "smoothquant": SmoothQuantConfig,
+}
+
+
+class UnknownMethodError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def get_method(name: str) -> type[MethodConfig]:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UnknownMethodError(
+            f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}"
+        ) from None
+
+
+def build_method(data: dict[str, Any]) -> MethodConfig:
+    return get_method(str(data.get("method")))(**data)
+
+
+# The pydantic type a spec field uses: a union discriminated on `method`, built from the registry.
+AnyMethod = Annotated[Union[tuple(REGISTRY.values())], Field(discriminator="method")]  # type: ignore[valid-type]

@@ -1,0 +1,123 @@
+"""Planning: a validated spec plus the identities of its inputs -> the variants to build. Pure: no Ray, torch,
+MLflow or I/O, so ids, dedup keys and validation are unit-testable.
+
+A variant id hashes (model identity, method config, calibration identity); resume, dedup and the registry key
+on it. A base evaluation id hashes (model identity, evaluation settings, held-out text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from farm import resources
+from farm.calibration import calibration_hash
+from farm.errors import SpecError
+from farm.methods import MethodConfig
+from farm.spec import JobSpec, ModelSpec
+
+ID_LEN = 16
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:ID_LEN]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What planning needs to know about a resolved model (filled by the driver from `sources`)."""
+
+    identity: str
+    config: dict[str, Any]
+    weights_bytes: int
+
+
+@dataclass(frozen=True)
+class Calibration:
+    source: str
+    sha256: str
+    num_samples: int
+    max_seq_length: int
+    seed: int
+
+    @property
+    def hash(self) -> str:
+        return calibration_hash(self.sha256, self.num_samples, self.max_seq_length, self.seed)
+
+
+@dataclass(frozen=True)
+class BaseEval:
+    id: str
+    model: ModelSpec
+    model_name: str
+    identity: str
+
+
+@dataclass(frozen=True)
+class Variant:
+    id: str
+    model: ModelSpec
+    model_name: str
+    identity: str
+    method: MethodConfig
+    calibration: Calibration
+    resources: resources.Resources
+    base_eval_id: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.model_name}/{self.method.label()}"
+
+    @property
+    def artifact_key(self) -> tuple[str, str, str]:
+        return (self.model_name, self.method.label(), self.id)
+
+
+@dataclass(frozen=True)
+class Plan:
+    job_name: str
+    job_id: str
+    variants: tuple[Variant, ...]
+    base_evals: tuple[BaseEval, ...]
+
+
+def _calibration_for(spec: JobSpec, method: MethodConfig, text_sha: str) -> Calibration:
+    cal, over = spec.calibration, method.calibration
+    return Calibration(
+        source=cal.source,
+        sha256=text_sha,
+        num_samples=(over.num_samples if over and over.num_samples else cal.num_samples),
+        max_seq_length=(over.max_seq_length if over and over.max_seq_length else cal.max_seq_length),
+        seed=cal.seed,
+    )
+
+
+def make_plan(spec: JobSpec, models: dict[str, ModelInfo], calibration_sha: str, heldout_sha: str) -> Plan:
+    """`models` maps each model's display name to its resolved info; raises SpecError on any mismatch."""
+    ev = spec.evaluation
+    eval_key = [ev.perplexity.model_dump(exclude={"source"}), heldout_sha, ev.generation.model_dump()]
+    variants, bases = [], []
+    for mi, model in enumerate(spec.models):
+        name = model.display_name()
+        info = models.get(name)
+        if info is None:
+            raise SpecError(f"models.{mi}: {model.source} was not resolved")
+        base_id = _hash("base", info.identity, eval_key)
+        bases.append(BaseEval(base_id, model, name, info.identity))
+        for ki, method in enumerate(spec.methods):
+            problems = method.check_model(info.config)
+            if problems:
+                raise SpecError(f"methods.{ki} ({method.label()}) on model {name}: {problems[0]}")
+            cal = _calibration_for(spec, method, calibration_sha)
+            cal_id = cal.hash if method.requires_calibration else "data-free"
+            res = resources.request(
+                spec.resources.num_gpus, spec.resources.num_cpus, spec.resources.memory_gb, info.weights_bytes,
+                cal.num_samples, cal.max_seq_length, int(info.config.get("hidden_size") or 0),
+            )
+            vid = _hash("variant", info.identity, method.config_hash(), cal_id)
+            variants.append(Variant(vid, model, name, info.identity, method, cal, res, base_id))
+    ids = [v.id for v in variants]
+    job_id = _hash("job", spec.name, sorted(ids))
+    return Plan(spec.name, job_id, tuple(variants), tuple(bases))

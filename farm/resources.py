@@ -1,0 +1,37 @@
+"""Resource requests per variant: what Ray reserves for a worker.
+
+Host memory is estimated from the checkpoint size when the spec does not set it: the model in fp32 plus a
+copy for saving/compression, plus calibration activations. Estimates are deliberately simple and
+conservative; the benchmark (bench/) is where they are checked against measured peaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Resources:
+    num_gpus: float
+    num_cpus: float
+    memory_bytes: int
+
+    def ray_options(self) -> dict[str, float | int]:
+        return {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus, "memory": self.memory_bytes}
+
+
+def estimate_host_bytes(weights_bytes: int, num_samples: int, seq_len: int, hidden_size: int) -> int:
+    """fp32 weights twice (model + compressed copy while saving) + one layer's activations for every sample
+    (sequential calibration keeps them on the host) + 1 GiB for the runtime."""
+    activations = num_samples * seq_len * max(hidden_size, 1) * 4 * 4
+    return int(2 * weights_bytes + activations + GIB)
+
+
+def request(
+    num_gpus: float, num_cpus: float, memory_gb: float | None, weights_bytes: int, num_samples: int, seq_len: int,
+    hidden_size: int,
+) -> Resources:
+    memory = int(memory_gb * GIB) if memory_gb else estimate_host_bytes(weights_bytes, num_samples, seq_len, hidden_size)
+    return Resources(num_gpus=num_gpus, num_cpus=num_cpus, memory_bytes=memory)

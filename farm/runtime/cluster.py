@@ -1,0 +1,77 @@
+"""Connecting to Ray: an embedded local cluster, or an existing one by address. The only module importing ray.
+
+Defaults keep a laptop or CI box private and quiet: no usage stats, no token auth written to ~/.ray (a later
+`ray start` would then demand it), listeners on 127.0.0.1 for the embedded cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+# Forwarded to workers so they reach the same S3 endpoint and caches; credentials are not forwarded:
+# on a real cluster nodes carry their own (instance roles, mounted secrets).
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL", "HF_HUB_OFFLINE",
+    "HF_HOME", "FARM_CACHE", "FARM_FIXTURES",
+)
+
+
+def quiet_env() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def detected_gpus() -> int:
+    """GPUs on this machine without importing torch (the CLI stays light)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        return len([d for d in os.listdir("/dev") if d.startswith("nvidia") and d[6:].isdigit()])
+    except OSError:
+        return 0
+
+
+@contextlib.contextmanager
+def connect(address: str | None, verbose: bool = False) -> Iterator[Any]:
+    quiet_env()
+    import ray
+
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    runtime_env = {"env_vars": env_vars} if env_vars else None
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose, logging_level="WARNING")
+    else:
+        ray.init(
+            num_gpus=detected_gpus(), include_dashboard=False, log_to_driver=verbose, logging_level="WARNING",
+            runtime_env=runtime_env, _node_ip_address="127.0.0.1",
+        )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def remote_actor(cls: type, options: dict[str, Any]) -> Any:
+    """`cls` as a Ray actor class with these options (resources, restarts)."""
+    import ray
+
+    return ray.remote(cls).options(**options)
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line saying why a remote call failed, without Ray's multi-line traceback wrapper."""
+    import ray.exceptions as rex
+
+    if isinstance(err, rex.RayTaskError):
+        cause = err.cause if getattr(err, "cause", None) is not None else err
+        return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"[:500]
+    if isinstance(err, rex.ActorDiedError | rex.ActorUnavailableError):
+        return f"worker died: {str(err).strip().splitlines()[0]}"[:500]
+    if isinstance(err, rex.OutOfMemoryError):
+        return "out of host memory (killed by Ray's memory monitor)"
+    return f"{type(err).__name__}: {err}"[:500]

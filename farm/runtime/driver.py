@@ -1,0 +1,294 @@
+"""The driver: spec -> preflight -> plan -> Ray workers -> MLflow.
+
+It alone creates and ends MLflow runs. Every check that can fail on bad input (sources, text files, method vs
+model shapes, tracking reachability) runs before the first run is created or a worker starts. Finished
+variants (same variant id, FINISHED run in the experiment) are reused, so re-running a job - or resuming one
+whose driver died - only builds what is missing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from farm import sources
+from farm.calibration import TextIdentity
+from farm.plan import BaseEval, ModelInfo, Plan, Variant, make_plan
+from farm.runtime import cluster
+from farm.runtime.workers import BaseTask, Tracking, VariantTask, Worker, library_versions
+from farm.spec import JobSpec
+from farm.tracking.mlflow_store import TAG, MlflowStore, default_local_uri, environ_uri, redact
+
+Printer = Callable[[str], None]
+
+
+@dataclass
+class VariantOutcome:
+    variant: Variant
+    status: str  # "built" | "cached" | "failed"
+    run_id: str | None = None
+    perplexity: float | None = None
+    base_perplexity: float | None = None
+    weights_bytes: int | None = None
+    seconds: float | None = None
+    artifact_uri: str | None = None
+    model_version: str | None = None
+    reason: str | None = None
+
+    @property
+    def delta(self) -> float | None:
+        if self.perplexity is None or self.base_perplexity is None:
+            return None
+        return self.perplexity - self.base_perplexity
+
+
+@dataclass
+class JobOutcome:
+    plan: Plan
+    parent_run_id: str | None
+    tracking_uri: str
+    variants: list[VariantOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(v.status != "failed" for v in self.variants)
+
+
+def preflight(spec: JobSpec) -> tuple[Plan, dict[str, sources.ResolvedModel]]:
+    """Resolve every input and plan; raises SpecError/SourceError before anything is created."""
+    resolved = {m.display_name(): sources.resolve(m.source, m.revision) for m in spec.models}
+    infos = {n: ModelInfo(r.identity, r.config, r.weights_bytes) for n, r in resolved.items()}
+    cal = TextIdentity.of(spec.calibration.source)
+    heldout = TextIdentity.of(spec.evaluation.perplexity.source)
+    return make_plan(spec, infos, cal.sha256, heldout.sha256), resolved
+
+
+def tracking_target(spec: JobSpec, override: str | None) -> tuple[str, str | None]:
+    uri = override or spec.tracking.uri or environ_uri()
+    if uri:
+        return uri, None
+    return default_local_uri(spec.output.root)
+
+
+def registered_name(spec: JobSpec, model_name: str) -> str:
+    return f"{spec.tracking.registered_model_prefix}{model_name}"
+
+
+# Longest first: the makespan of a packed job is shortest when slow methods start early.
+COST_RANK = {"awq": 0, "smoothquant": 1, "gptq": 2, "fp8": 3}
+
+
+class Driver:
+    def __init__(self, spec: JobSpec, tracking_uri: str | None = None, ray_address: str | None = None,
+                 verbose: bool = False, printer: Printer = print):
+        self.spec = spec
+        self.ray_address = ray_address
+        self.verbose = verbose
+        self.say = printer
+        self.uri, self.artifact_location = tracking_target(spec, tracking_uri)
+        self.store = MlflowStore(self.uri, spec.tracking.experiment, self.artifact_location)
+        self.open_runs: set[str] = set()
+
+    # -- MLflow helpers --------------------------------------------------------------------------------------
+    def _start(self, name: str, tags: dict[str, str], parent: str | None) -> str:
+        run_id = self.store.start_run(name, tags, parent)
+        self.open_runs.add(run_id)
+        return run_id
+
+    def _end(self, run_id: str, ok: bool, reason: str | None = None) -> None:
+        self.store.end_run(run_id, ok, reason)
+        self.open_runs.discard(run_id)
+
+    # -- the job ---------------------------------------------------------------------------------------------
+    def run(self) -> JobOutcome:
+        t0 = time.perf_counter()
+        plan, _ = preflight(self.spec)
+        self.store.check_reachable()
+        outcome = JobOutcome(plan, None, redact(self.uri))
+        cached = {v.id: self.store.finished("variant_id", v.id) for v in plan.variants}
+        todo = [v for v in plan.variants if cached[v.id] is None]
+        base_cached = {b.id: self.store.finished("base_eval_id", b.id) for b in plan.base_evals}
+        self.say(
+            f"job {plan.job_name} ({plan.job_id}): {len(plan.variants)} variants, {len(todo)} to build, "
+            f"{len(plan.variants) - len(todo)} reused; tracking {redact(self.uri)}"
+        )
+        parent = self._start(
+            f"job:{plan.job_name}",
+            {TAG + "role": "job", TAG + "job_id": plan.job_id, TAG + "job_name": plan.job_name},
+            None,
+        )
+        outcome.parent_run_id = parent
+        ok = False
+        try:
+            self.store.log(parent, params={"job_name": plan.job_name, "variants": len(plan.variants),
+                                           "spec": self.spec.model_dump_json()},
+                           tags={TAG + "versions": library_versions()})
+            self.store.log_text(parent, self.spec.model_dump_json(indent=2), "spec.json")
+            base_ppl = {b: float(r.metrics["perplexity"]) for b, r in base_cached.items() if r is not None}
+            for v in plan.variants:
+                row = cached[v.id]
+                if row is not None:
+                    outcome.variants.append(self._reused(v, row, base_ppl.get(v.base_eval_id)))
+                    self._print_variant(outcome.variants[-1], len(outcome.variants), len(plan.variants))
+            bases_todo = [b for b in plan.base_evals if b.id not in base_ppl
+                          and any(v.base_eval_id == b.id for v in plan.variants)]
+            if todo or bases_todo:
+                with cluster.connect(self.ray_address, self.verbose):
+                    self._execute(plan, todo, bases_todo, base_ppl, parent, outcome)
+            outcome.seconds = time.perf_counter() - t0
+            built = [v for v in outcome.variants if v.status == "built"]
+            self.store.log(parent, metrics={"variants_built": len(built), "variants_failed": sum(
+                v.status == "failed" for v in outcome.variants), "seconds": outcome.seconds})
+            ok = outcome.ok
+            return outcome
+        finally:
+            for run_id in list(self.open_runs):
+                self._end(run_id, ok=run_id == parent and ok,
+                          reason=None if ok else "job did not finish (error or interrupt in the driver)")
+
+    def _reused(self, v: Variant, row: Any, base: float | None) -> VariantOutcome:
+        return VariantOutcome(
+            v, "cached", row.run_id, row.metrics.get("perplexity"), base, int(row.metrics.get("weights_bytes", 0)),
+            row.metrics.get("seconds_total"), row.tags.get(TAG + "artifact_uri"), row.tags.get(TAG + "model_version"),
+        )
+
+    def _execute(self, plan: Plan, todo: list[Variant], bases: list[BaseEval], base_ppl: dict[str, float],
+                 parent: str, outcome: JobOutcome) -> None:
+        import ray
+
+        res = self.spec.resources
+        opts = {"max_restarts": res.max_retries, "max_task_retries": res.max_retries}
+        pending: dict[Any, tuple[str, Any, Any, str]] = {}  # ref -> (kind, item, actor, run_id)
+        for b in bases:
+            run_id = self._start(f"base:{b.model_name}", {TAG + "role": "base", TAG + "job_id": plan.job_id,
+                                                          TAG + "base_eval_id": b.id, TAG + "model": b.model_name,
+                                                          TAG + "model_identity": b.identity}, parent)
+            actor = cluster.remote_actor(Worker, {**opts, "num_cpus": res.num_cpus, "num_gpus": res.num_gpus}).remote(
+                res.num_cpus)
+            pending[actor.evaluate_base.remote(BaseTask(plan.job_name, b, self.spec.evaluation))] = (
+                "base", b, actor, run_id)
+        tracking = Tracking(self.store.uri, self.spec.tracking.experiment, self.artifact_location,
+                            self.spec.tracking.log_model)
+        for v in sorted(todo, key=lambda v: COST_RANK.get(v.method.method, 9)):
+            run_id = self._start(v.label, self._variant_tags(plan, v), parent)
+            self.store.log(run_id, params=self._variant_params(v))
+            actor = cluster.remote_actor(Worker, {**opts, **v.resources.ray_options()}).remote(v.resources.num_cpus)
+            task = VariantTask(plan.job_name, v, run_id, self.spec.evaluation, self.spec.output.root, tracking)
+            pending[actor.build.remote(task)] = ("variant", v, actor, run_id)
+            self.say(f"  started  {v.label}  (variant {v.id}, run {run_id[:12]})")
+        waiting: list[tuple[Variant, str, dict[str, Any]]] = []  # variants done before their base
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            ref = done[0]
+            kind, item, actor, run_id = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+                error = None
+            except Exception as err:  # a failed variant fails alone; the job goes on
+                result, error = None, cluster.failure_reason(err)
+            finally:
+                ray.kill(actor)
+            if kind == "base":
+                self._finish_base(item, run_id, result, error, base_ppl)
+                for v, vrun, vres in [w for w in waiting if w[0].base_eval_id == item.id]:
+                    waiting.remove((v, vrun, vres))
+                    self._finish_variant(v, vrun, vres, base_ppl.get(v.base_eval_id), outcome)
+            elif error is not None:
+                self._end(run_id, ok=False, reason=error)
+                outcome.variants.append(VariantOutcome(item, "failed", run_id, reason=error))
+                self._print_variant(outcome.variants[-1], len(outcome.variants), len(plan.variants))
+            elif item.base_eval_id in base_ppl or not any(p[0] == "base" and p[1].id == item.base_eval_id
+                                                          for p in pending.values()):
+                self._finish_variant(item, run_id, result, base_ppl.get(item.base_eval_id), outcome)
+            else:
+                waiting.append((item, run_id, result))
+
+    def _finish_base(self, b: BaseEval, run_id: str, result: dict[str, Any] | None, error: str | None,
+                     base_ppl: dict[str, float]) -> None:
+        if error or result is None:
+            self._end(run_id, ok=False, reason=error)
+            self.say(f"  base     {b.model_name}: FAILED {error}")
+            return
+        e = result["evaluation"]
+        self.store.log(run_id, metrics=_eval_metrics(e), params={"model_source": b.model.source},
+                       tags={TAG + "generation": e["generation"]})
+        self._end(run_id, ok=True)
+        base_ppl[b.id] = e["perplexity"]
+        self.say(f"  base     {b.model_name}: ppl {e['perplexity']:.2f}, {e['weights_bytes'] / 1e6:.1f} MB")
+
+    def _finish_variant(self, v: Variant, run_id: str, result: dict[str, Any], base: float | None,
+                        outcome: JobOutcome) -> None:
+        e, q, manifest = result["evaluation"], result["quantize"], result["manifest"]
+        metrics = {**_eval_metrics(e), "seconds_total": result["seconds_total"], "seconds_quantize_load":
+                   q["seconds_load"], "seconds_oneshot": q["seconds_oneshot"], "seconds_save": q["seconds_save"]}
+        if base is not None:
+            metrics |= {"base_perplexity": base, "perplexity_delta": e["perplexity"] - base}
+        limit = self.spec.evaluation.thresholds.max_perplexity_delta
+        tags = {TAG + "artifact_uri": result["artifact_uri"], TAG + "generation": e["generation"],
+                TAG + "recipe_sha256": manifest["recipe_sha256"], TAG + "device": q["device"]}
+        if q["notes"]:
+            tags[TAG + "notes"] = "; ".join(q["notes"])
+        if limit is not None and base is not None:
+            tags[TAG + "within_threshold"] = str(e["perplexity"] - base <= limit).lower()
+        self.store.log(run_id, metrics=metrics, tags=tags)
+        self.store.log_json(run_id, manifest, "manifest.json")
+        self.store.log_text(run_id, manifest["recipe"], "recipe.yaml")
+        version = None
+        if result["model_uri"]:
+            version = self.store.register(
+                registered_name(self.spec, v.model_name), run_id, "model", self._version_tags(v, manifest),
+                description=f"{v.method.label()} of {v.model.source}",
+            )
+            self.store.log(run_id, tags={TAG + "model_version": version})
+        self._end(run_id, ok=True)
+        outcome.variants.append(VariantOutcome(v, "built", run_id, e["perplexity"], base, e["weights_bytes"],
+                                               result["seconds_total"], result["artifact_uri"], version))
+        self._print_variant(outcome.variants[-1], len(outcome.variants), len(outcome.plan.variants))
+
+    # -- records ---------------------------------------------------------------------------------------------
+    def _variant_tags(self, plan: Plan, v: Variant) -> dict[str, str]:
+        return {TAG + "role": "variant", TAG + "job_id": plan.job_id, TAG + "variant_id": v.id,
+                TAG + "model": v.model_name, TAG + "model_identity": v.identity, TAG + "method": v.method.method,
+                TAG + "label": v.method.label(), TAG + "calibration_hash": v.calibration.hash,
+                TAG + "base_eval_id": v.base_eval_id}
+
+    def _variant_params(self, v: Variant) -> dict[str, Any]:
+        params: dict[str, Any] = {f"method.{k}": val for k, val in v.method.identity().items()}
+        c = v.calibration
+        params |= {"model.source": v.model.source, "model.identity": v.identity,
+                   "calibration.source": c.source, "calibration.num_samples": c.num_samples,
+                   "calibration.max_seq_length": c.max_seq_length, "calibration.seed": c.seed,
+                   "resources.num_gpus": v.resources.num_gpus, "resources.num_cpus": v.resources.num_cpus}
+        return params
+
+    def _version_tags(self, v: Variant, manifest: dict[str, Any]) -> dict[str, str]:
+        versions = manifest["versions"]
+        return {"base_model_hash": v.identity, "method": v.method.method, "label": v.method.label(),
+                "recipe_hash": manifest["recipe_sha256"], "method_config_hash": v.method.config_hash(),
+                "calibration_hash": manifest["calibration"]["hash"], "variant_id": v.id,
+                "date": manifest["created"], **{f"version.{k}": val for k, val in versions.items()}}
+
+    def _print_variant(self, o: VariantOutcome, n: int, total: int) -> None:
+        if o.status == "failed":
+            self.say(f"[{n}/{total}] {o.variant.label}: FAILED {o.reason} (run {o.run_id})")
+            return
+        delta = f"{o.delta:+.2f}" if o.delta is not None else "n/a"
+        size = f"{o.weights_bytes / 1e6:.1f} MB" if o.weights_bytes else "?"
+        secs = f"{o.seconds:.0f} s" if o.seconds is not None else "?"
+        ppl = f"{o.perplexity:.2f}" if o.perplexity is not None else "?"
+        self.say(f"[{n}/{total}] {o.variant.label}: {o.status}, {size}, ppl {ppl} ({delta}), {secs}, "
+                 f"run {o.run_id}, {o.artifact_uri}")
+
+
+def _eval_metrics(e: dict[str, Any]) -> dict[str, float]:
+    return {"perplexity": e["perplexity"], "ppl_tokens": e["ppl_tokens"], "weights_bytes": e["weights_bytes"],
+            "dir_bytes": e["dir_bytes"], "seconds_eval_load": e["seconds_load"],
+            "seconds_perplexity": e["seconds_perplexity"], "seconds_generate": e["seconds_generate"]}
+
+
+def run_job(spec: JobSpec, tracking_uri: str | None = None, ray_address: str | None = None, verbose: bool = False,
+            printer: Printer = print) -> JobOutcome:
+    return Driver(spec, tracking_uri, ray_address, verbose, printer).run()

@@ -1,0 +1,132 @@
+"""The worker a variant runs in. It executes one plan step (quantize -> evaluate -> publish) and hands plain
+results back to the driver. It knows nothing of Ray: `cluster.remote_actor` makes it an actor."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from typing import Any
+
+from farm import sources
+from farm.artifacts import ArtifactStore, file_table
+from farm.plan import BaseEval, Variant
+from farm.spec import EvaluationSpec
+
+VERSIONED = ("farm", "llmcompressor", "compressed-tensors", "transformers", "torch", "ray", "mlflow")
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+@dataclass(frozen=True)
+class Tracking:
+    uri: str
+    experiment: str
+    artifact_location: str | None
+    log_model: bool
+
+
+@dataclass(frozen=True)
+class VariantTask:
+    job_name: str
+    variant: Variant
+    run_id: str
+    evaluation: EvaluationSpec
+    artifact_root: str
+    tracking: Tracking
+
+
+@dataclass(frozen=True)
+class BaseTask:
+    job_name: str
+    base: BaseEval
+    evaluation: EvaluationSpec
+
+
+def _eval_request(model_dir: str, ev: EvaluationSpec, trust: bool) -> Any:
+    from farm.stages.evaluate import EvaluateRequest
+
+    return EvaluateRequest(
+        model_dir=model_dir, ppl_source=ev.perplexity.source, ppl_max_tokens=ev.perplexity.max_tokens,
+        ppl_seq_len=ev.perplexity.seq_len, prompt=ev.generation.prompt, max_new_tokens=ev.generation.max_new_tokens,
+        trust_remote_code=trust,
+    )
+
+
+class Worker:
+    def __init__(self, num_cpus: float = 1):
+        from farm.stages.modelio import set_threads
+
+        set_threads(num_cpus)
+
+    def evaluate_base(self, task: BaseTask) -> dict[str, Any]:
+        from farm.stages.evaluate import evaluate
+
+        model = sources.resolve(task.base.model.source, task.base.model.revision)
+        result = evaluate(_eval_request(model.local_dir, task.evaluation, task.base.model.trust_remote_code))
+        return {"evaluation": asdict(result), "identity": model.identity}
+
+    def build(self, task: VariantTask) -> dict[str, Any]:
+        from farm.stages.evaluate import evaluate
+        from farm.stages.quantize import CalibrationDraw, QuantizeRequest, quantize
+        from farm.tracking.mlflow_store import MlflowStore
+
+        v = task.variant
+        model = sources.resolve(v.model.source, v.model.revision)
+        scratch = tempfile.mkdtemp(prefix=f"farm-{v.id}-")
+        try:
+            out = f"{scratch}/model"
+            cal = v.calibration
+            t0 = time.perf_counter()
+            q = quantize(
+                QuantizeRequest(
+                    model_dir=model.local_dir, method=v.method,
+                    calibration=CalibrationDraw(cal.source, cal.num_samples, cal.max_seq_length, cal.seed),
+                    out_dir=out, trust_remote_code=v.model.trust_remote_code,
+                )
+            )
+            e = evaluate(_eval_request(out, task.evaluation, v.model.trust_remote_code))
+            manifest = {
+                "variant_id": v.id,
+                "job": task.job_name,
+                "model": {"name": v.model_name, "source": v.model.source, "identity": model.identity,
+                          "revision": model.revision},
+                "method": {"label": v.method.label(), **v.method.identity(), "config_sha256": v.method.config_hash()},
+                "recipe": q.recipe,
+                "recipe_sha256": hashlib.sha256(q.recipe.encode()).hexdigest(),
+                "calibration": {"source": cal.source, "content_sha256": cal.sha256, "num_samples": cal.num_samples,
+                                "max_seq_length": cal.max_seq_length, "seed": cal.seed,
+                                "hash": cal.hash if v.method.requires_calibration else "data-free"},
+                "versions": library_versions(),
+                "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "files": file_table(out),
+            }
+            store = ArtifactStore(task.artifact_root)
+            artifact_uri = store.publish(out, store.key(*v.artifact_key), manifest)
+            model_uri = None
+            if task.tracking.log_model:
+                tr = task.tracking
+                model_uri = MlflowStore(tr.uri, tr.experiment, tr.artifact_location).upload_dir(task.run_id, out, "model")
+            return {
+                "quantize": {k: val for k, val in asdict(q).items() if k != "recipe"},
+                "evaluation": asdict(e),
+                "manifest": manifest,
+                "artifact_uri": artifact_uri,
+                "model_uri": model_uri,
+                "seconds_total": time.perf_counter() - t0,
+            }
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)

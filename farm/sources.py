@@ -1,0 +1,129 @@
+"""Model sources and their content identity.
+
+`hf://org/name@rev` (huggingface_hub cache; honours HF_HUB_OFFLINE), `s3://bucket/prefix` (s3fs, copied once
+into a local cache) and local directories. The identity - a hub commit sha, or a hash over the weight and
+config files' contents - keys variant ids, manifests and registry tags. Only safetensors weights load: pickle
+checkpoints (.bin/.pt) can run code when loaded, so they are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from farm.calibration import file_sha256
+from farm.errors import SourceError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+HASHED = ("config.json",)
+HF_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer*", "*.txt", "*.model"]
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    source: str
+    kind: str  # "local" | "hf" | "s3"
+    local_dir: str
+    identity: str
+    revision: str | None
+    config: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(p.stat().st_size for p in Path(self.local_dir).glob("*.safetensors"))
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FARM_CACHE", Path.home() / ".cache" / "farm"))
+
+
+def content_identity(directory: Path) -> str:
+    """sha256 over (file name, file sha256) of every safetensors shard and the config."""
+    files = sorted(directory.glob("*.safetensors")) + [directory / n for n in HASHED if (directory / n).exists()]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\0{file_sha256(f)}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def check_checkpoint(directory: Path, source: str) -> dict[str, Any]:
+    if not directory.is_dir():
+        raise SourceError(f"model {source}: no such directory")
+    if not (directory / "config.json").is_file():
+        raise SourceError(f"model {source}: no config.json")
+    if not any(directory.glob("*.safetensors")):
+        pickles = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise SourceError(
+                f"model {source}: only pickle checkpoints ({', '.join(sorted(pickles)[:3])}); farm loads safetensors"
+            )
+        raise SourceError(f"model {source}: no *.safetensors weights")
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise SourceError(f"model {source}: unreadable config.json ({err})") from None
+    if not isinstance(config, dict):
+        raise SourceError(f"model {source}: config.json is not a JSON object")
+    return config
+
+
+def split_hf(source: str, revision: str | None) -> tuple[str, str]:
+    ref = source.removeprefix("hf://")
+    repo, _, rev = ref.partition("@")
+    return repo, (rev or revision or "main")
+
+
+def _resolve_hf(source: str, revision: str | None) -> ResolvedModel:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo, rev = split_hf(source, revision)
+    try:
+        path = Path(snapshot_download(repo, revision=rev, allow_patterns=HF_PATTERNS))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        raise SourceError(f"model {source}: not available ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    config = check_checkpoint(path, source)
+    # snapshot directories are named by the commit sha the revision resolved to
+    return ResolvedModel(source, "hf", str(path), f"hf:{repo}@{path.name}", path.name, config)
+
+
+def _resolve_s3(source: str) -> ResolvedModel:
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    prefix = source.removeprefix("s3://").rstrip("/")
+    try:
+        listing = fs.ls(prefix, detail=True, refresh=True)
+    except (FileNotFoundError, PermissionError, OSError) as err:
+        raise SourceError(f"model {source}: cannot list ({type(err).__name__}: {err})") from None
+    files = {Path(o["name"]).name: o for o in listing if o.get("type") == "file"}
+    if not files:
+        raise SourceError(f"model {source}: no such prefix or it is empty")
+    # The cache key includes ETags and sizes, so a changed object is fetched again.
+    key = hashlib.sha256(json.dumps(sorted((n, o.get("ETag"), o.get("size")) for n, o in files.items())).encode())
+    dest = cache_root() / "s3" / key.hexdigest()[:32]
+    if not (dest / ".complete").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, obj in files.items():
+            if not name.endswith(PICKLE_SUFFIXES):
+                fs.get(obj["name"], str(dest / name))
+        (dest / ".complete").write_text(source)
+    config = check_checkpoint(dest, source)
+    return ResolvedModel(source, "s3", str(dest), content_identity(dest), None, config)
+
+
+def resolve(source: str, revision: str | None = None) -> ResolvedModel:
+    """Locate a model, check it holds loadable safetensors weights, and compute its identity."""
+    if source.startswith("hf://"):
+        return _resolve_hf(source, revision)
+    if source.startswith("s3://"):
+        return _resolve_s3(source)
+    if "://" in source:
+        raise SourceError(f"model {source}: unsupported scheme (use hf://, s3:// or a local path)")
+    path = Path(source)
+    config = check_checkpoint(path, source)
+    return ResolvedModel(source, "local", str(path.resolve()), content_identity(path), None, config)

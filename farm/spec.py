@@ -1,0 +1,192 @@
+"""The job spec: strict, typed, validated before anything runs.
+
+Every model is `extra="forbid"` so a typo in `jobs/*.yaml` is an error naming the field. `load_spec` turns
+any problem (unreadable file, bad YAML, wrong field) into one `SpecError` line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from farm.errors import SpecError
+from farm.methods import AnyMethod
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+MAX_SPEC_BYTES = 1_000_000
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    source: str = Field(description="hf://org/name@rev, s3://bucket/prefix or a local directory")
+    name: str | None = Field(None, pattern=NAME, description="short name (default: last part of the source)")
+    revision: str | None = Field(None, max_length=128, description="hub revision (also accepted as @rev)")
+    trust_remote_code: bool = Field(False, description="allow the model's own Python code to run")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("must not be empty")
+        if "\x00" in v:
+            raise ValueError("contains a NUL byte")
+        return v
+
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        tail = re.split(r"[/:]", self.source.split("@")[0].rstrip("/"))[-1]
+        return re.sub(r"[^A-Za-z0-9_.-]", "-", tail)[:64] or "model"
+
+
+class CalibrationSpec(Strict):
+    source: str = Field(description="text file (.txt) or JSONL with a 'text' field")
+    num_samples: int = Field(128, gt=0, le=100_000, description="number of calibration samples")
+    max_seq_length: int = Field(2048, gt=0, le=131_072, description="tokens per sample")
+    seed: int = Field(0, ge=0, description="sampling seed: same seed, same samples")
+
+
+class PerplexitySpec(Strict):
+    source: str = Field(description="held-out text file (.txt) or JSONL with a 'text' field")
+    max_tokens: int = Field(12_288, gt=0, le=10_000_000, description="tokens of held-out text evaluated")
+    seq_len: int = Field(512, gt=0, le=131_072, description="window length (non-overlapping windows)")
+
+
+class GenerationSpec(Strict):
+    prompt: str = Field("The capital of France is", max_length=4096, description="greedy generation sample")
+    max_new_tokens: int = Field(24, gt=0, le=4096)
+
+
+class Thresholds(Strict):
+    max_perplexity_delta: float | None = Field(None, ge=0, description="flag variants above this ppl increase")
+
+
+class EvaluationSpec(Strict):
+    perplexity: PerplexitySpec
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+
+
+class ResourceSpec(Strict):
+    num_gpus: float = Field(0, ge=0, le=64, description="GPUs per variant (fractions pack variants on a GPU)")
+    num_cpus: float = Field(1, gt=0, le=512, description="CPUs per variant (also torch threads)")
+    memory_gb: float | None = Field(None, gt=0, le=4096, description="host memory reserved per variant")
+    max_retries: int = Field(1, ge=0, le=10, description="times a variant whose worker died is retried")
+
+
+class TrackingSpec(Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite under output.root)")
+    experiment: str = Field("farm", min_length=1, max_length=200, description="MLflow experiment name")
+    registered_model_prefix: str = Field("", pattern=r"^[A-Za-z0-9_.-]{0,64}$", description="registry name prefix")
+    log_model: bool = Field(True, description="upload the quantized model as run artifacts")
+
+
+class OutputSpec(Strict):
+    root: str = Field(".farm", description="local directory or s3://bucket/prefix for variants")
+
+
+class JobSpec(Strict):
+    name: str = Field(pattern=NAME, description="job name")
+    models: list[ModelSpec] = Field(min_length=1, max_length=256)
+    methods: list[AnyMethod] = Field(min_length=1, max_length=256)  # type: ignore[valid-type]
+    calibration: CalibrationSpec
+    evaluation: EvaluationSpec
+    resources: ResourceSpec = Field(default_factory=ResourceSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @model_validator(mode="after")
+    def _unique(self) -> JobSpec:
+        for what, names in (
+            ("models", [m.display_name() for m in self.models]),
+            ("methods", [m.label() for m in self.methods]),
+        ):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"{what}: duplicate name(s) {', '.join(dup)}; give each a distinct `name`")
+        return self
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
+    msg = first["msg"].replace("\n", " ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{loc or 'spec'}: {msg}{more}"
+
+
+def parse_spec(data: Any, base_dir: Path | None = None) -> JobSpec:
+    """Validate a parsed YAML document; relative local paths resolve against `base_dir`."""
+    if not isinstance(data, dict):
+        raise SpecError(f"spec: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_one_line(err)) from None
+    return resolve_paths(spec, base_dir) if base_dir else spec
+
+
+def _resolve(path: str, base: Path) -> str:
+    if "://" in path:
+        return path
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
+    ev = spec.evaluation
+    return spec.model_copy(
+        update={
+            "models": [m.model_copy(update={"source": _resolve(m.source, base)}) for m in spec.models],
+            "calibration": spec.calibration.model_copy(update={"source": _resolve(spec.calibration.source, base)}),
+            "evaluation": ev.model_copy(
+                update={"perplexity": ev.perplexity.model_copy(update={"source": _resolve(ev.perplexity.source, base)})}
+            ),
+            "output": spec.output.model_copy(update={"root": _resolve(spec.output.root, base)}),
+        }
+    )
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors/aliases: no billion-laughs expansion, and specs stay explicit."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: D401
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise SpecError(f"spec line {event.start_mark.line + 1}: YAML aliases (*name) are not allowed")
+        return super().compose_node(parent, index)
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise SpecError(f"{path}: cannot read spec ({err.strerror or err})") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: spec is {len(raw)} bytes; the limit is {MAX_SPEC_BYTES}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{path}: spec is not UTF-8 (byte {err.start})") from None
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError(f"{path}:{where} invalid YAML: {problem}") from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    path = Path(path)
+    return parse_spec(read_yaml(path), base_dir=path.resolve().parent)

@@ -1,0 +1,93 @@
+"""Quantize stage: base checkpoint + method config + calibration draw -> compressed-tensors checkpoint."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from farm.calibration import read_text, sample_windows
+from farm.methods import MethodConfig
+from farm.stages.compat import cpu_safe_pinning
+from farm.stages.modelio import load_model, load_tokenizer, pick_device
+
+
+@dataclass(frozen=True)
+class CalibrationDraw:
+    source: str
+    num_samples: int
+    max_seq_length: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class QuantizeRequest:
+    model_dir: str
+    method: MethodConfig
+    calibration: CalibrationDraw
+    out_dir: str
+    trust_remote_code: bool = False
+    batch_size: int = 1
+    offload_device: str | None = None  # where sequential calibration keeps activations (None: llm-compressor's)
+
+
+@dataclass
+class QuantizeResult:
+    out_dir: str
+    device: str
+    seconds_load: float
+    seconds_oneshot: float
+    seconds_save: float
+    recipe: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _dataset(req: QuantizeRequest, tokenizer: Any) -> Any:
+    from datasets import Dataset
+
+    cal = req.calibration
+    windows = sample_windows(read_text(cal.source), tokenizer, cal.num_samples, cal.max_seq_length, cal.seed)
+    return Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
+
+
+def quantize(req: QuantizeRequest) -> QuantizeResult:
+    from llmcompressor import oneshot
+
+    device = pick_device()
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
+    model = load_model(req.model_dir, device, req.trust_remote_code)
+    t1 = time.perf_counter()
+    kwargs: dict[str, Any] = {}
+    notes: list[str] = []
+    if req.method.requires_calibration:
+        kwargs |= {
+            "dataset": _dataset(req, tokenizer),
+            "num_calibration_samples": req.calibration.num_samples,
+            "max_seq_length": req.calibration.max_seq_length,
+            "shuffle_calibration_samples": False,  # the draw is already seeded
+            "batch_size": req.batch_size,
+        }
+        if req.offload_device:
+            kwargs["sequential_offload_device"] = req.offload_device
+    with cpu_safe_pinning() as guarded:
+        if guarded:
+            notes.append("no accelerator: llm-compressor activation pinning skipped")
+        oneshot(model=model, recipe=req.method.modifiers(), tokenizer=tokenizer, **kwargs)
+    t2 = time.perf_counter()
+    out = Path(req.out_dir)
+    model.save_pretrained(out, save_compressed=True)
+    tokenizer.save_pretrained(out)
+    recipe_file = out / "recipe.yaml"
+    recipe = recipe_file.read_text() if recipe_file.exists() else ""
+    t3 = time.perf_counter()
+    return QuantizeResult(
+        out_dir=str(out),
+        device=device,
+        seconds_load=t1 - t0,
+        seconds_oneshot=t2 - t1,
+        seconds_save=t3 - t2,
+        recipe=recipe,
+        notes=notes,
+    )

@@ -1,0 +1,1 @@
+"""Tracking: MLflow is the system of record. Only `mlflow_store` imports mlflow."""

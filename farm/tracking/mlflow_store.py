@@ -1,0 +1,192 @@
+"""Everything farm records in MLflow: job runs, variant runs, metrics, artifacts, registry versions.
+
+The only module that imports mlflow. It uses an explicit `MlflowClient` (no fluent, process-global active
+run), batches metrics/params/tags into one `log_batch` call per run (a call costs 30-68 ms against a server),
+and never lets a run it opened stay RUNNING: callers end every run they start through `end_run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from farm.errors import TrackingError
+
+TAG = "farm."
+PARENT = "mlflow.parentRunId"
+RUN_NAME = "mlflow.runName"
+MAX_PARAM = 6000
+
+
+def redact(uri: str) -> str:
+    """Drop credentials from a URI before it is printed or recorded."""
+    return re.sub(r"://[^/@]+@", "://***@", uri)
+
+
+@dataclass(frozen=True)
+class RunRow:
+    run_id: str
+    status: str
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+    artifact_uri: str
+    start_time: int
+
+
+def _row(run: Any) -> RunRow:
+    return RunRow(
+        run.info.run_id, run.info.status, dict(run.data.tags), dict(run.data.params), dict(run.data.metrics),
+        run.info.artifact_uri, run.info.start_time or 0,
+    )
+
+
+class MlflowStore:
+    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.experiment_name = experiment
+        self._artifact_location = artifact_location
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self._experiment_id: str | None = None
+
+    # -- connection ---------------------------------------------------------------------------------------
+    def check_reachable(self, timeout: float = 5.0) -> None:
+        """Fail fast with one line when a tracking server is down, before any work is started."""
+        if self.uri.startswith(("http://", "https://")):
+            url = self.uri.rstrip("/") + "/health"
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - http(s) only
+                    if resp.status != 200:
+                        raise TrackingError(f"MLflow server {redact(self.uri)} answered {resp.status} on /health")
+            except (urllib.error.URLError, OSError) as err:
+                reason = getattr(err, "reason", err)
+                raise TrackingError(f"MLflow server {redact(self.uri)} is unreachable ({reason})") from None
+        self.experiment_id  # creates the experiment; also proves a sqlite store is writable  # noqa: B018
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            exp = self.client.get_experiment_by_name(self.experiment_name)
+            if exp is None:
+                from mlflow.exceptions import MlflowException
+
+                try:
+                    self._experiment_id = self.client.create_experiment(
+                        self.experiment_name, artifact_location=self._artifact_location
+                    )
+                except MlflowException:  # another driver created it first
+                    exp = self.client.get_experiment_by_name(self.experiment_name)
+                    if exp is None:
+                        raise
+                    self._experiment_id = exp.experiment_id
+            else:
+                self._experiment_id = exp.experiment_id
+        return self._experiment_id
+
+    # -- runs ---------------------------------------------------------------------------------------------
+    def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
+        all_tags = {RUN_NAME: name, **tags}
+        if parent_id:
+            all_tags[PARENT] = parent_id
+        return self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
+
+    def log(
+        self,
+        run_id: str,
+        params: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
+        tags: dict[str, Any] | None = None,
+    ) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+            params=[Param(k, str(v)[:MAX_PARAM]) for k, v in (params or {}).items()],
+            tags=[RunTag(k, str(v)[:MAX_PARAM]) for k, v in (tags or {}).items()],
+        )
+
+    def log_json(self, run_id: str, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(run_id, obj, artifact_file)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def upload_dir(self, run_id: str, local_dir: str | Path, artifact_path: str) -> str:
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+        return f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+
+    def end_run(self, run_id: str, ok: bool, reason: str | None = None) -> None:
+        if reason:
+            self.client.set_tag(run_id, TAG + "failure", reason[:MAX_PARAM])
+        self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+    def find_runs(self, filters: Iterable[str], status: str | None = None, experiment_ids: list[str] | None = None,
+                  max_results: int = 1000) -> list[RunRow]:
+        clauses = list(filters)
+        if status:
+            clauses.append(f"attributes.status = '{status}'")
+        runs = self.client.search_runs(
+            experiment_ids or [self.experiment_id], " and ".join(clauses), max_results=max_results,
+            order_by=["attributes.start_time DESC"],
+        )
+        return [_row(r) for r in runs]
+
+    def finished(self, key_tag: str, value: str) -> RunRow | None:
+        """The newest FINISHED run with tag `key_tag` = value, for dedup and resume."""
+        rows = self.find_runs([f"tags.`{TAG}{key_tag}` = '{value}'"], status="FINISHED", max_results=1)
+        return rows[0] if rows else None
+
+    def runs_of_job(self, job: str) -> list[RunRow]:
+        """Variant and base runs of a job id, or of the newest job in an experiment of that name."""
+        exp_ids = [self.experiment_id]
+        exp = self.client.get_experiment_by_name(job)
+        if exp is not None:
+            exp_ids = [exp.experiment_id]
+            parents = self.find_runs([f"tags.`{TAG}role` = 'job'"], experiment_ids=exp_ids, max_results=1)
+            if not parents:
+                return []
+            job = parents[0].tags.get(TAG + "job_id", "")
+        return self.find_runs([f"tags.`{TAG}job_id` = '{job}'"], experiment_ids=exp_ids)
+
+    # -- registry -----------------------------------------------------------------------------------------
+    def register(self, name: str, run_id: str, artifact_path: str, tags: dict[str, str], description: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, description="quantized variants of one base model (farm)")
+        except MlflowException as err:
+            if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+                raise
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        mv = self.client.create_model_version(name, source, run_id=run_id, tags=tags, description=description)
+        return str(mv.version)
+
+    def versions(self, name: str) -> list[Any]:
+        return list(self.client.search_model_versions(f"name = '{name}'"))
+
+
+def default_local_uri(root: str) -> tuple[str, str]:
+    """sqlite tracking + local artifacts under a local farm root (the embedded default)."""
+    base = Path(root if not root.startswith("s3://") else ".farm").resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{base / 'mlflow.db'}", (base / "mlartifacts").as_uri()
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+def environ_uri() -> str | None:
+    return os.environ.get("MLFLOW_TRACKING_URI")
