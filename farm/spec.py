@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from farm.errors import SpecError
-from farm.methods import AnyMethod
+from farm.methods import REGISTRY, AnyMethod
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MAX_SPEC_BYTES = 1_000_000
@@ -121,6 +121,12 @@ def _one_line(err: ValidationError) -> str:
     msg = first["msg"].replace("\n", " ")
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
+    elif first["type"] == "union_tag_invalid":
+        loc += ".method"
+        msg = f"unknown method {first['ctx']['tag']!r}; available: {', '.join(sorted(REGISTRY))}"
+    elif first["type"] == "union_tag_not_found":
+        loc += ".method"
+        msg = f"missing; one of {', '.join(sorted(REGISTRY))}"
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{loc or 'spec'}: {msg}{more}"
 

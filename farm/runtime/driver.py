@@ -88,8 +88,7 @@ class Driver:
         self.ray_address = ray_address
         self.verbose = verbose
         self.say = printer
-        self.uri, self.artifact_location = tracking_target(spec, tracking_uri)
-        self.store = MlflowStore(self.uri, spec.tracking.experiment, self.artifact_location)
+        self.tracking_override = tracking_uri
         self.open_runs: set[str] = set()
 
     # -- MLflow helpers --------------------------------------------------------------------------------------
@@ -105,7 +104,9 @@ class Driver:
     # -- the job ---------------------------------------------------------------------------------------------
     def run(self) -> JobOutcome:
         t0 = time.perf_counter()
-        plan, _ = preflight(self.spec)
+        plan, _ = preflight(self.spec)  # bad input stops here, before anything is created
+        self.uri, self.artifact_location = tracking_target(self.spec, self.tracking_override)
+        self.store = MlflowStore(self.uri, self.spec.tracking.experiment, self.artifact_location)
         self.store.check_reachable()
         outcome = JobOutcome(plan, None, redact(self.uri))
         cached = {v.id: self.store.finished("variant_id", v.id) for v in plan.variants}

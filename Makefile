@@ -1,0 +1,44 @@
+# Two set-up commands on a fresh machine: `make run` (the quickstart) and `make test` (the suite).
+# Both create .venv with the CPU torch installed first (so nothing pulls a CUDA build), then the pinned lock.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.farm-installed
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup fixtures run test test-unit test-integration lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+fixtures: setup
+	$(PY) -m farm.fixtures
+
+run: fixtures
+	$(VENV)/bin/farm run jobs/quickstart.yaml
+
+test: fixtures
+	$(PY) -m pytest -q -ra tests
+
+test-unit: fixtures
+	$(PY) -m pytest -q tests/unit
+
+test-integration: fixtures
+	$(PY) -m pytest -q -m integration tests/integration
+
+lint: setup
+	$(VENV)/bin/ruff check farm tests bench
+	$(VENV)/bin/mypy
+
+bench: fixtures
+	$(PY) bench/quantize_bench.py
+
+clean:
+	rm -rf .farm

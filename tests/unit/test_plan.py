@@ -1,0 +1,69 @@
+"""Planning is pure: stable ids, the right things change them, shapes are checked."""
+
+from __future__ import annotations
+
+import pytest
+
+from farm.errors import SpecError
+from farm.plan import ModelInfo, make_plan
+from farm.spec import parse_spec
+
+SMOL = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9}
+
+
+def spec(**over: object):
+    data = {
+        "name": "t",
+        "models": [{"source": "/m", "name": "m"}],
+        "methods": [{"method": "gptq", "group_size": 64}, {"method": "fp8"}],
+        "calibration": {"source": "/c.txt", "num_samples": 8, "max_seq_length": 64},
+        "evaluation": {"perplexity": {"source": "/h.txt"}},
+    }
+    data.update(over)
+    return parse_spec(data)
+
+
+def plan(s, identity: str = "sha256:a", cal: str = "c1", config: dict | None = None):
+    return make_plan(s, {"m": ModelInfo(identity, config or SMOL, 1000)}, cal, "h1")
+
+
+def test_ids_are_stable_and_distinct() -> None:
+    a, b = plan(spec()), plan(spec())
+    assert [v.id for v in a.variants] == [v.id for v in b.variants]
+    assert len({v.id for v in a.variants}) == 2 and a.job_id == b.job_id
+
+
+def test_model_identity_changes_every_id() -> None:
+    a, b = plan(spec()), plan(spec(), identity="sha256:b")
+    assert not {v.id for v in a.variants} & {v.id for v in b.variants}
+
+
+def test_calibration_changes_only_calibrated_methods() -> None:
+    a, b = plan(spec()), plan(spec(), cal="c2")
+    assert a.variants[0].id != b.variants[0].id  # gptq
+    assert a.variants[1].id == b.variants[1].id  # fp8 is data-free
+
+
+def test_label_does_not_change_id_but_settings_do() -> None:
+    named = spec(methods=[{"method": "gptq", "group_size": 64, "name": "mine"}, {"method": "fp8"}])
+    other = spec(methods=[{"method": "gptq", "group_size": 32}, {"method": "fp8"}])
+    base = plan(spec()).variants[0].id
+    assert plan(named).variants[0].id == base
+    assert plan(other).variants[0].id != base
+
+
+def test_group_size_must_divide_hidden_size() -> None:
+    with pytest.raises(SpecError, match=r"methods\.0 .*group_size=128 does not divide .*hidden_size=576.*use group_size 64"):
+        plan(spec(methods=[{"method": "gptq", "group_size": 128}]))
+
+
+def test_method_calibration_override() -> None:
+    s = spec(methods=[{"method": "awq", "group_size": 64, "calibration": {"num_samples": 2}}])
+    v = plan(s).variants[0]
+    assert v.calibration.num_samples == 2 and v.calibration.max_seq_length == 64
+
+
+def test_resources_from_spec_or_estimate() -> None:
+    v = plan(spec(resources={"num_gpus": 0.25, "num_cpus": 2, "memory_gb": 3})).variants[0]
+    assert v.resources.ray_options() == {"num_gpus": 0.25, "num_cpus": 2, "memory": 3 * 2**30}
+    assert plan(spec()).variants[0].resources.memory_bytes > 2**30

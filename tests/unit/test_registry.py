@@ -1,0 +1,33 @@
+"""Every registry entry builds a real llm-compressor recipe; unknown names list what exists."""
+
+from __future__ import annotations
+
+import pytest
+
+from farm.methods import REGISTRY, build_method, get_method
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_entry_builds_modifiers(name: str) -> None:
+    cfg = build_method({"method": name})
+    mods = cfg.modifiers()
+    assert mods and all(type(m).__module__.startswith("llmcompressor") for m in mods)
+    assert cfg.label().startswith(name)
+    assert len(cfg.config_hash()) == 64
+
+
+def test_unknown_method() -> None:
+    with pytest.raises(KeyError, match="available: awq, fp8, gptq, smoothquant"):
+        get_method("nf5")
+
+
+def test_group_size_reaches_recipe() -> None:
+    mod = build_method({"method": "gptq", "group_size": 64, "scheme": "W8A16"}).modifiers()[0]
+    weights = mod.config_groups["group_0"].weights
+    assert (weights.num_bits, weights.group_size, weights.strategy) == (8, 64, "group")
+
+
+def test_fp8_block_needs_multiples_of_128() -> None:
+    cfg = build_method({"method": "fp8", "scheme": "FP8_BLOCK"})
+    assert cfg.check_model({"hidden_size": 576, "intermediate_size": 1536})
+    assert not build_method({"method": "fp8"}).check_model({"hidden_size": 576})
