@@ -16,7 +16,9 @@ class GPTQConfig(MethodConfig):
     symmetric: bool = Field(True, description="symmetric int grid (no zero point)")
     dampening_frac: float = Field(0.01, gt=0, lt=1, description="Hessian dampening as a fraction of its mean diag")
     block_size: int = Field(128, gt=0, le=8192, description="columns updated per GPTQ block")
-    actorder: Literal["static", "group", "weight"] | None = Field(None, description="activation ordering")
+    actorder: Literal["static", "group", "weight"] | None = Field(
+        "static", description="activation ordering (llm-compressor's default; null turns it off)"
+    )
 
     @property
     def bits(self) -> int:

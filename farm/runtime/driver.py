@@ -223,8 +223,9 @@ class Driver:
     def _finish_variant(self, v: Variant, run_id: str, result: dict[str, Any], base: float | None,
                         outcome: JobOutcome) -> None:
         e, q, manifest = result["evaluation"], result["quantize"], result["manifest"]
-        metrics = {**_eval_metrics(e), "seconds_total": result["seconds_total"], "seconds_quantize_load":
-                   q["seconds_load"], "seconds_oneshot": q["seconds_oneshot"], "seconds_save": q["seconds_save"]}
+        timings = ("seconds_total", "seconds_manifest", "seconds_publish", "seconds_mlflow_upload")
+        metrics = {**_eval_metrics(e), **{k: result[k] for k in timings}, "seconds_quantize_load": q["seconds_load"],
+                   "seconds_oneshot": q["seconds_oneshot"], "seconds_save": q["seconds_save"]}
         if base is not None:
             metrics |= {"base_perplexity": base, "perplexity_delta": e["perplexity"] - base}
         limit = self.spec.evaluation.thresholds.max_perplexity_delta

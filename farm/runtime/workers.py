@@ -9,7 +9,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from typing import Any
 
@@ -66,6 +66,42 @@ def _eval_request(model_dir: str, ev: EvaluationSpec, trust: bool) -> Any:
     )
 
 
+def gpu_budget_bytes(num_gpus: float) -> int:
+    """This worker's share of its GPU: all free memory for a whole GPU, its fraction of the card when packed."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    free, total = torch.cuda.mem_get_info()
+    return int(free if num_gpus >= 1 else min(free, total * num_gpus))
+
+
+def tune(v: Variant, model: sources.ResolvedModel) -> Any:
+    from farm.stages.modelio import pick_device
+    from farm.stages.tuning import choose
+
+    cfg = model.config
+    return choose(pick_device(), gpu_budget_bytes(v.resources.num_gpus), model.weights_bytes,
+                  v.calibration.num_samples, v.calibration.max_seq_length, int(cfg.get("hidden_size") or 0),
+                  int(cfg.get("intermediate_size") or 0), int(cfg.get("num_attention_heads") or 32))
+
+
+def is_device_oom(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, torch.OutOfMemoryError) or "CUDA out of memory" in str(err)
+
+
+def release_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class Worker:
     def __init__(self, num_cpus: float = 1):
         from farm.stages.modelio import set_threads
@@ -91,13 +127,23 @@ class Worker:
             out = f"{scratch}/model"
             cal = v.calibration
             t0 = time.perf_counter()
-            q = quantize(
-                QuantizeRequest(
-                    model_dir=model.local_dir, method=v.method,
-                    calibration=CalibrationDraw(cal.source, cal.num_samples, cal.max_seq_length, cal.seed),
-                    out_dir=out, trust_remote_code=v.model.trust_remote_code,
-                )
+            tuned = tune(v, model)
+            request = QuantizeRequest(
+                model_dir=model.local_dir, method=v.method,
+                calibration=CalibrationDraw(cal.source, cal.num_samples, cal.max_seq_length, cal.seed),
+                out_dir=out, trust_remote_code=v.model.trust_remote_code,
+                batch_size=tuned.batch_size, offload_device=tuned.offload_device,
             )
+            try:
+                q = quantize(request)
+                q.notes.append(f"tuning: {tuned.reason}")
+            except Exception as err:
+                if not is_device_oom(err) or tuned.offload_device is None:
+                    raise
+                # One retry with llm-compressor's frugal defaults (activations on the host, batch 1).
+                release_device_memory()
+                q = quantize(replace(request, batch_size=1, offload_device=None))
+                q.notes.append(f"GPU out of memory with {tuned.reason}; retried with activations on host, batch 1")
             e = evaluate(_eval_request(out, task.evaluation, v.model.trust_remote_code))
             manifest = {
                 "variant_id": v.id,
@@ -114,8 +160,10 @@ class Worker:
                 "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 "files": file_table(out),
             }
+            t1 = time.perf_counter()
             store = ArtifactStore(task.artifact_root)
             artifact_uri = store.publish(out, store.key(*v.artifact_key), manifest)
+            t2 = time.perf_counter()
             model_uri = None
             if task.tracking.log_model:
                 tr = task.tracking
@@ -126,6 +174,10 @@ class Worker:
                 "manifest": manifest,
                 "artifact_uri": artifact_uri,
                 "model_uri": model_uri,
+                "seconds_manifest": t1 - t0 - q.seconds_load - q.seconds_oneshot - q.seconds_save - e.seconds_load
+                - e.seconds_perplexity - e.seconds_generate,
+                "seconds_publish": t2 - t1,
+                "seconds_mlflow_upload": time.perf_counter() - t2,
                 "seconds_total": time.perf_counter() - t0,
             }
         finally:

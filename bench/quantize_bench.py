@@ -1,0 +1,177 @@
+"""farm against bare llm-compressor on the same machine, same model, same calibration windows.
+
+Workloads (comma-separated in --workloads):
+  bare    load + GPTQ W4A16 oneshot + save with llm-compressor's defaults, in a fresh process
+  farm    the same variant through `farm run` (embedded Ray, MLflow sqlite, artifact publish, evaluation)
+  pack4   four different models x GPTQ through farm with num_gpus=0.25 (packed on one GPU), against 4x bare
+Random-init Llama shapes (bf16 safetensors) are built once under --work. Prints a table and writes JSON.
+
+  python bench/quantize_bench.py --shape llama-1b --workloads bare,farm,pack4 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = {
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8),
+}
+
+
+def build_model(shape: str, seed: int, tokenizer: Path, work: Path) -> Path:
+    out = work / f"{shape}-seed{seed}"
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **SHAPES[shape])
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+BARE = r"""
+import json, sys, time, torch
+t0 = time.perf_counter()
+from llmcompressor import oneshot
+from llmcompressor.modifiers.gptq import GPTQModifier
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from datasets import Dataset
+from farm.calibration import read_text, sample_windows
+model_dir, text, n, seq, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+tok = AutoTokenizer.from_pretrained(model_dir)
+windows = sample_windows(read_text(text), tok, n, seq, 0)
+ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
+t1 = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+t2 = time.perf_counter()
+oneshot(model=model, dataset=ds, recipe=GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),
+        num_calibration_samples=n, max_seq_length=seq, shuffle_calibration_samples=False)
+t3 = time.perf_counter()
+model.save_pretrained(out, save_compressed=True)
+t4 = time.perf_counter()
+peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
+print("BARE " + json.dumps({"load": t2 - t1, "oneshot": t3 - t2, "save": t4 - t3, "total": t4 - t1,
+                            "peak_gib": peak}))
+"""
+
+
+def run_bare(model: Path, text: Path, n: int, seq: int, work: Path) -> dict:
+    res = subprocess.run([sys.executable, "-c", BARE, str(model), str(text), str(n), str(seq),
+                          str(work / f"bare-{model.name}")], capture_output=True, text=True)
+    line = [x for x in res.stdout.splitlines() if x.startswith("BARE ")]
+    if res.returncode or not line:
+        raise RuntimeError(f"bare run failed:\n{res.stderr[-3000:]}")
+    return json.loads(line[0][5:])
+
+
+def run_farm(models: list[Path], text: Path, n: int, seq: int, num_gpus: float, work: Path, name: str) -> dict:
+    spec = {
+        "name": name,
+        "models": [{"source": str(m), "name": m.name} for m in models],
+        "methods": [{"method": "gptq", "group_size": 128, "ignore": ["lm_head"]}],
+        "calibration": {"source": str(text), "num_samples": n, "max_seq_length": seq},
+        "evaluation": {"perplexity": {"source": str(text), "max_tokens": 2048, "seq_len": 512},
+                       "generation": {"max_new_tokens": 8}},
+        "resources": {"num_gpus": num_gpus, "num_cpus": 2},
+        "tracking": {"experiment": name},
+        "output": {"root": str(work / f"farm-{name}")},
+    }
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "farm.cli", "run", str(path)], capture_output=True, text=True,
+                         cwd=work)
+    wall = time.perf_counter() - t0
+    if res.returncode:
+        raise RuntimeError(f"farm run failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / f'farm-{name}' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'")
+    per = [{k: r.data.metrics.get(k) for k in ("seconds_quantize_load", "seconds_oneshot", "seconds_save",
+                                                "seconds_total", "seconds_eval_load", "seconds_perplexity",
+                                                "seconds_generate")} | {"notes": r.data.tags.get("farm.notes")}
+           for r in runs]
+    return {"wall": wall, "variants": per, "stdout_tail": res.stdout[-1500:]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--workloads", default="bare,farm")
+    ap.add_argument("--tokenizer", type=Path, default=ROOT / ".fixtures" / "models" / "tiny-llama")
+    ap.add_argument("--text", type=Path, default=ROOT / ".fixtures" / "shakespeare" / "calibration.txt")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/farm-bench"))
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    args.text, args.tokenizer, args.work = args.text.resolve(), args.tokenizer.resolve(), args.work.resolve()
+    args.work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    wl = args.workloads.split(",")
+    results: dict = {"shape": args.shape, "samples": args.samples, "seq": args.seq}
+    try:
+        import torch
+
+        results["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        results["torch"] = torch.__version__
+    except ImportError:
+        pass
+    t = time.perf_counter()
+    m0 = build_model(args.shape, 0, args.tokenizer, args.work)
+    results["build_s"] = time.perf_counter() - t
+    rows = []
+    if "bare" in wl:
+        b = results["bare"] = run_bare(m0, args.text, args.samples, args.seq, args.work)
+        print("bare:", json.dumps(b), flush=True)
+        rows.append(["bare llm-compressor", 1, f"{b['load']:.1f}", f"{b['oneshot']:.1f}", f"{b['save']:.1f}",
+                     f"{b['total']:.1f}", f"{b['peak_gib']:.1f}"])
+    if "farm" in wl:
+        f = results["farm"] = run_farm([m0], args.text, args.samples, args.seq, 1, args.work, "farm1")
+        v = f["variants"][0]
+        print("farm:", json.dumps(v), f"wall {f['wall']:.1f}", flush=True)
+        q = v["seconds_quantize_load"] + v["seconds_oneshot"] + v["seconds_save"]
+        rows.append(["farm (1 variant)", 1, f"{v['seconds_quantize_load']:.1f}", f"{v['seconds_oneshot']:.1f}",
+                     f"{v['seconds_save']:.1f}", f"{q:.1f} (wall {f['wall']:.1f})", v["notes"]])
+    if "pack4" in wl:
+        models = [m0] + [build_model(args.shape, s, args.tokenizer, args.work) for s in (1, 2, 3)]
+        p = results["pack4"] = run_farm(models, args.text, args.samples, args.seq, 0.25, args.work, "pack4")
+        slowest = max(v["seconds_total"] for v in p["variants"])
+        rows.append(["farm 4 models, 0.25 GPU each", 4, "", "", "", f"wall {p['wall']:.1f} (slowest {slowest:.1f})",
+                     p["variants"][0]["notes"]])
+        if "bare" in results:
+            results["pack4_vs_serial_bare"] = 4 * results["bare"]["total"] / p["wall"]
+    from farm.report import table
+
+    print(table(["workload", "variants", "load s", "oneshot s", "save s", "total s", "peak GiB / notes"], rows))
+    if "pack4_vs_serial_bare" in results:
+        print(f"pack4 throughput vs 4 x bare serial: {results['pack4_vs_serial_bare']:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Per-variant llm-compressor settings chosen from the memory a worker actually has, instead of defaults.
+
+llm-compressor's sequential pipeline keeps every calibration sample's layer activations between layers; by
+default on the host ("cpu"), which costs a host<->device copy per layer per sample. When the worker's share of
+the GPU holds them comfortably, keeping them on the GPU and calibrating in batches is faster with the same
+output (measured on one H100: 8B GPTQ 215 s -> 158 s). Pure: unit-tested without a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Tuning:
+    offload_device: str | None  # None: llm-compressor's default (host)
+    batch_size: int
+    reason: str
+
+
+def activation_bytes(num_samples: int, seq_len: int, hidden_size: int, dtype_bytes: int = 2) -> int:
+    """Hidden states of every sample at one layer boundary (what the sequential pipeline caches)."""
+    return num_samples * seq_len * hidden_size * dtype_bytes
+
+
+def batch_element_bytes(seq_len: int, hidden_size: int, intermediate_size: int, num_heads: int) -> int:
+    """Transient memory of one more sample in a calibration batch: eager attention scores and their softmax
+    (heads x seq^2, a few fp16/fp32 copies) plus MLP intermediates. Fitted to H100 measurements: 1B
+    (h=2048, 32 heads, seq 2048) adds ~1.3 GiB per sample going from batch 1 to 16."""
+    return num_heads * seq_len**2 * 2 * 4 + seq_len * (4 * hidden_size + 4 * intermediate_size) * 2 * 2
+
+
+def choose(device: str, gpu_budget_bytes: int, weights_bytes: int, num_samples: int, seq_len: int,
+           hidden_size: int, intermediate_size: int, num_heads: int = 32, frugal: bool = False) -> Tuning:
+    """Settings for one variant. `gpu_budget_bytes` is this worker's share of its GPU (free memory x fraction)."""
+    if device != "cuda" or frugal:
+        return Tuning(None, 1, "defaults (no GPU)" if device != "cuda" else "frugal retry: defaults")
+    cached = 2 * activation_bytes(num_samples, seq_len, hidden_size)  # inputs + outputs of the layer
+    # one decoder layer's weights onloaded (~12 h^2 + 3 h i params in bf16) and the GPTQ Hessians (fp32, in^2)
+    layer = 2 * (4 * hidden_size**2 + 3 * hidden_size * intermediate_size) + 4 * (hidden_size**2 + intermediate_size**2)
+    headroom = gpu_budget_bytes - layer - GIB
+    if cached > 0.6 * headroom:
+        return Tuning(None, 1, f"activations {cached / GIB:.1f} GiB exceed 60% of the GPU budget: kept on host")
+    per_sample = batch_element_bytes(seq_len, hidden_size, intermediate_size, num_heads)
+    batch = 1
+    for b in (16, 8, 4, 2):
+        if b <= num_samples and cached + b * per_sample < 0.6 * headroom:
+            batch = b
+            break
+    return Tuning("cuda", batch, f"activations {cached / GIB:.1f} GiB on GPU, calibration batch {batch}")
