@@ -33,5 +33,7 @@ def request(
     num_gpus: float, num_cpus: float, memory_gb: float | None, weights_bytes: int, num_samples: int, seq_len: int,
     hidden_size: int,
 ) -> Resources:
-    memory = int(memory_gb * GIB) if memory_gb else estimate_host_bytes(weights_bytes, num_samples, seq_len, hidden_size)
+    if memory_gb:
+        return Resources(num_gpus=num_gpus, num_cpus=num_cpus, memory_bytes=int(memory_gb * GIB))
+    memory = estimate_host_bytes(weights_bytes, num_samples, seq_len, hidden_size)
     return Resources(num_gpus=num_gpus, num_cpus=num_cpus, memory_bytes=memory)

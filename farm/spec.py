@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from farm.errors import SpecError
-from farm.methods import REGISTRY, AnyMethod
+from farm.methods import REGISTRY, AnyMethod, MethodConfig
+
+# Type checkers see the common base; pydantic validates against the registry's discriminated union.
+if TYPE_CHECKING:
+    MethodField = MethodConfig
+else:
+    MethodField = AnyMethod
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MAX_SPEC_BYTES = 1_000_000
@@ -96,7 +102,7 @@ class OutputSpec(Strict):
 class JobSpec(Strict):
     name: str = Field(pattern=NAME, description="job name")
     models: list[ModelSpec] = Field(min_length=1, max_length=256)
-    methods: list[AnyMethod] = Field(min_length=1, max_length=256)  # type: ignore[valid-type]
+    methods: list[MethodField] = Field(min_length=1, max_length=256)
     calibration: CalibrationSpec
     evaluation: EvaluationSpec
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
@@ -166,7 +172,7 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
 class _NoAliasLoader(yaml.SafeLoader):
     """SafeLoader that refuses anchors/aliases: no billion-laughs expansion, and specs stay explicit."""
 
-    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: D401
+    def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise SpecError(f"spec line {event.start_mark.line + 1}: YAML aliases (*name) are not allowed")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+import operator
+from functools import reduce
+from typing import Annotated, Any
 
 from pydantic import Field
 
@@ -39,4 +41,4 @@ def build_method(data: dict[str, Any]) -> MethodConfig:
 
 
 # The pydantic type a spec field uses: a union discriminated on `method`, built from the registry.
-AnyMethod = Annotated[Union[tuple(REGISTRY.values())], Field(discriminator="method")]  # type: ignore[valid-type]
+AnyMethod = Annotated[reduce(operator.or_, REGISTRY.values()), Field(discriminator="method")]  # type: ignore[valid-type]

@@ -26,6 +26,7 @@ class SmoothQuantConfig(MethodConfig):
         from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
         smooth = SmoothQuantModifier(smoothing_strength=self.smoothing_strength)
+        quant: Any
         if self.weights == "gptq":
             quant = GPTQModifier(
                 targets="Linear", scheme=self.scheme, ignore=list(self.ignore), dampening_frac=self.dampening_frac

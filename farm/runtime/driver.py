@@ -109,9 +109,9 @@ class Driver:
         self.store = MlflowStore(self.uri, self.spec.tracking.experiment, self.artifact_location)
         self.store.check_reachable()
         outcome = JobOutcome(plan, None, redact(self.uri))
-        cached = {v.id: self.store.finished("variant_id", v.id) for v in plan.variants}
+        cached = {v.id: self.store.finished("variant", "variant_id", v.id) for v in plan.variants}
         todo = [v for v in plan.variants if cached[v.id] is None]
-        base_cached = {b.id: self.store.finished("base_eval_id", b.id) for b in plan.base_evals}
+        base_cached = {b.id: self.store.finished("base", "base_eval_id", b.id) for b in plan.base_evals}
         self.say(
             f"job {plan.job_name} ({plan.job_id}): {len(plan.variants)} variants, {len(todo)} to build, "
             f"{len(plan.variants) - len(todo)} reused; tracking {redact(self.uri)}"

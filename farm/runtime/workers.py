@@ -167,7 +167,8 @@ class Worker:
             model_uri = None
             if task.tracking.log_model:
                 tr = task.tracking
-                model_uri = MlflowStore(tr.uri, tr.experiment, tr.artifact_location).upload_dir(task.run_id, out, "model")
+                mlflow = MlflowStore(tr.uri, tr.experiment, tr.artifact_location)
+                model_uri = mlflow.upload_dir(task.run_id, out, "model")
             return {
                 "quantize": {k: val for k, val in asdict(q).items() if k != "recipe"},
                 "evaluation": asdict(e),

@@ -143,9 +143,10 @@ class MlflowStore:
         )
         return [_row(r) for r in runs]
 
-    def finished(self, key_tag: str, value: str) -> RunRow | None:
-        """The newest FINISHED run with tag `key_tag` = value, for dedup and resume."""
-        rows = self.find_runs([f"tags.`{TAG}{key_tag}` = '{value}'"], status="FINISHED", max_results=1)
+    def finished(self, role: str, key_tag: str, value: str) -> RunRow | None:
+        """The newest FINISHED run of this role with tag `key_tag` = value, for dedup and resume."""
+        rows = self.find_runs([f"tags.`{TAG}role` = '{role}'", f"tags.`{TAG}{key_tag}` = '{value}'"],
+                              status="FINISHED", max_results=1)
         return rows[0] if rows else None
 
     def runs_of_job(self, job: str) -> list[RunRow]:

@@ -41,7 +41,7 @@ def stack_env(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return {**os.environ, **stack.env, "PYTHONUNBUFFERED": "1"}
 
 
-def s3fs_client(stack: Stack):  # noqa: ANN201
+def s3fs_client(stack: Stack):
     import s3fs
 
     return s3fs.S3FileSystem(client_kwargs={"endpoint_url": stack.s3_endpoint}, key="testing", secret="testing")

@@ -67,6 +67,13 @@ def test_job_end_to_end(stack: Stack, stack_env: dict, fixture_paths: dict, tmp_
     second = farm(*args, env=stack_env, cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert "0 to build, 4 reused" in second.stdout
+
+    def ppl_and_delta(out: str, label: str) -> str:
+        line = next(x for x in out.splitlines() if f"tiny-llama/{label}:" in x)
+        return line.split(", ")[2]  # "ppl 123.45 (+0.67)"
+
+    for label in ("gptq-w4a16-g64", "fp8-dynamic"):
+        assert ppl_and_delta(first.stdout, label) == ppl_and_delta(second.stdout, label)
     assert len(client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'")) == 4
     assert len(client.search_model_versions("name = 'tiny-llama'")) == 4
 

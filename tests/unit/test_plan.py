@@ -53,7 +53,8 @@ def test_label_does_not_change_id_but_settings_do() -> None:
 
 
 def test_group_size_must_divide_hidden_size() -> None:
-    with pytest.raises(SpecError, match=r"methods\.0 .*group_size=128 does not divide .*hidden_size=576.*use group_size 64"):
+    expected = r"methods\.0 .*group_size=128 does not divide .*hidden_size=576.*use group_size 64"
+    with pytest.raises(SpecError, match=expected):
         plan(spec(methods=[{"method": "gptq", "group_size": 128}]))
 
 
