@@ -53,8 +53,14 @@ class TextIdentity:
 
     @classmethod
     def of(cls, source: str) -> TextIdentity:
-        if not Path(source).is_file():
-            raise SpecError(f"text source {source}: no such file")
+        """Hash a text source after checking it is readable, UTF-8 and non-empty (so bad text fails in
+        preflight, not in a worker minutes later)."""
+        try:
+            read_text(source)
+        except UnicodeDecodeError as err:
+            raise SpecError(f"text source {source}: not UTF-8 (byte {err.start})") from None
+        except OSError as err:
+            raise SpecError(f"text source {source}: unreadable ({err.strerror or err})") from None
         return cls(source=source, sha256=file_sha256(source))
 
 

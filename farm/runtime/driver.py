@@ -8,6 +8,8 @@ whose driver died - only builds what is missing.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,10 +20,12 @@ from farm.calibration import TextIdentity
 from farm.plan import BaseEval, ModelInfo, Plan, Variant, make_plan
 from farm.runtime import cluster
 from farm.runtime.workers import BaseTask, Tracking, VariantTask, Worker, library_versions
+from farm.secrets import redact
 from farm.spec import JobSpec
-from farm.tracking.mlflow_store import TAG, MlflowStore, default_local_uri, environ_uri, redact
+from farm.tracking.mlflow_store import TAG, MlflowStore, default_local_uri, environ_uri
 
 Printer = Callable[[str], None]
+DRIVER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -93,7 +97,7 @@ class Driver:
 
     # -- MLflow helpers --------------------------------------------------------------------------------------
     def _start(self, name: str, tags: dict[str, str], parent: str | None) -> str:
-        run_id = self.store.start_run(name, tags, parent)
+        run_id = self.store.start_run(name, {**tags, TAG + "driver": DRIVER_ID}, parent)
         self.open_runs.add(run_id)
         return run_id
 
@@ -109,6 +113,7 @@ class Driver:
         self.store = MlflowStore(self.uri, self.spec.tracking.experiment, self.artifact_location)
         self.store.check_reachable()
         outcome = JobOutcome(plan, None, redact(self.uri))
+        self._reap_orphans(plan)
         cached = {v.id: self.store.finished("variant", "variant_id", v.id) for v in plan.variants}
         todo = [v for v in plan.variants if cached[v.id] is None]
         base_cached = {b.id: self.store.finished("base", "base_eval_id", b.id) for b in plan.base_evals}
@@ -124,10 +129,11 @@ class Driver:
         outcome.parent_run_id = parent
         ok = False
         try:
+            recorded_spec = redact(self.spec.model_dump_json(indent=2))
             self.store.log(parent, params={"job_name": plan.job_name, "variants": len(plan.variants),
-                                           "spec": self.spec.model_dump_json()},
+                                           "spec": recorded_spec},
                            tags={TAG + "versions": library_versions()})
-            self.store.log_text(parent, self.spec.model_dump_json(indent=2), "spec.json")
+            self.store.log_text(parent, recorded_spec, "spec.json")
             base_ppl = {b: float(r.metrics["perplexity"]) for b, r in base_cached.items() if r is not None}
             for v in plan.variants:
                 row = cached[v.id]
@@ -149,6 +155,16 @@ class Driver:
             for run_id in list(self.open_runs):
                 self._end(run_id, ok=run_id == parent and ok,
                           reason=None if ok else "job did not finish (error or interrupt in the driver)")
+
+    def _reap_orphans(self, plan: Plan) -> None:
+        """Runs of this job left RUNNING by a driver that died (kill -9, power loss) on this host are marked
+        FAILED, so the record never shows work in progress that nobody is doing."""
+        for row in self.store.find_runs([f"tags.`{TAG}job_id` = '{plan.job_id}'"], status="RUNNING"):
+            driver = row.tags.get(TAG + "driver", "")
+            host, _, pid = driver.rpartition(":")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                self.store.end_run(row.run_id, ok=False, reason=f"driver {driver} died before finishing this run")
+                self.say(f"  marked FAILED: run {row.run_id} left RUNNING by dead driver {driver}")
 
     def _reused(self, v: Variant, row: Any, base: float | None) -> VariantOutcome:
         return VariantOutcome(
@@ -214,7 +230,7 @@ class Driver:
             self.say(f"  base     {b.model_name}: FAILED {error}")
             return
         e = result["evaluation"]
-        self.store.log(run_id, metrics=_eval_metrics(e), params={"model_source": b.model.source},
+        self.store.log(run_id, metrics=_eval_metrics(e), params={"model_source": redact(b.model.source)},
                        tags={TAG + "generation": e["generation"]})
         self._end(run_id, ok=True)
         base_ppl[b.id] = e["perplexity"]
@@ -242,7 +258,7 @@ class Driver:
         if result["model_uri"]:
             version = self.store.register(
                 registered_name(self.spec, v.model_name), run_id, "model", self._version_tags(v, manifest),
-                description=f"{v.method.label()} of {v.model.source}",
+                description=f"{v.method.label()} of {redact(v.model.source)}",
             )
             self.store.log(run_id, tags={TAG + "model_version": version})
         self._end(run_id, ok=True)
@@ -260,8 +276,8 @@ class Driver:
     def _variant_params(self, v: Variant) -> dict[str, Any]:
         params: dict[str, Any] = {f"method.{k}": val for k, val in v.method.identity().items()}
         c = v.calibration
-        params |= {"model.source": v.model.source, "model.identity": v.identity,
-                   "calibration.source": c.source, "calibration.num_samples": c.num_samples,
+        params |= {"model.source": redact(v.model.source), "model.identity": v.identity,
+                   "calibration.source": redact(c.source), "calibration.num_samples": c.num_samples,
                    "calibration.max_seq_length": c.max_seq_length, "calibration.seed": c.seed,
                    "resources.num_gpus": v.resources.num_gpus, "resources.num_cpus": v.resources.num_cpus}
         return params
@@ -283,6 +299,16 @@ class Driver:
         ppl = f"{o.perplexity:.2f}" if o.perplexity is not None else "?"
         self.say(f"[{n}/{total}] {o.variant.label}: {o.status}, {size}, ppl {ppl} ({delta}), {secs}, "
                  f"run {o.run_id}, {o.artifact_uri}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _eval_metrics(e: dict[str, Any]) -> dict[str, float]:

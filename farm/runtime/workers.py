@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import platform
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -16,6 +18,7 @@ from typing import Any
 from farm import sources
 from farm.artifacts import ArtifactStore, file_table
 from farm.plan import BaseEval, Variant
+from farm.secrets import redact
 from farm.spec import EvaluationSpec
 
 VERSIONED = ("farm", "llmcompressor", "compressed-tensors", "transformers", "torch", "ray", "mlflow")
@@ -121,6 +124,9 @@ class Worker:
         from farm.tracking.mlflow_store import MlflowStore
 
         v = task.variant
+        tr = task.tracking
+        mlflow = MlflowStore(tr.uri, tr.experiment, tr.artifact_location)
+        attempt = mlflow.next_attempt(task.run_id, f"{socket.gethostname()}:{os.getpid()}")
         model = sources.resolve(v.model.source, v.model.revision)
         scratch = tempfile.mkdtemp(prefix=f"farm-{v.id}-")
         try:
@@ -144,17 +150,19 @@ class Worker:
                 release_device_memory()
                 q = quantize(replace(request, batch_size=1, offload_device=None))
                 q.notes.append(f"GPU out of memory with {tuned.reason}; retried with activations on host, batch 1")
+            if attempt > 1:
+                q.notes.append(f"attempt {attempt}: an earlier worker died and Ray retried the variant")
             e = evaluate(_eval_request(out, task.evaluation, v.model.trust_remote_code))
             manifest = {
                 "variant_id": v.id,
                 "job": task.job_name,
-                "model": {"name": v.model_name, "source": v.model.source, "identity": model.identity,
+                "model": {"name": v.model_name, "source": redact(v.model.source), "identity": model.identity,
                           "revision": model.revision},
                 "method": {"label": v.method.label(), **v.method.identity(), "config_sha256": v.method.config_hash()},
                 "recipe": q.recipe,
                 "recipe_sha256": hashlib.sha256(q.recipe.encode()).hexdigest(),
-                "calibration": {"source": cal.source, "content_sha256": cal.sha256, "num_samples": cal.num_samples,
-                                "max_seq_length": cal.max_seq_length, "seed": cal.seed,
+                "calibration": {"source": redact(cal.source), "content_sha256": cal.sha256,
+                                "num_samples": cal.num_samples, "max_seq_length": cal.max_seq_length, "seed": cal.seed,
                                 "hash": cal.hash if v.method.requires_calibration else "data-free"},
                 "versions": library_versions(),
                 "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -165,9 +173,7 @@ class Worker:
             artifact_uri = store.publish(out, store.key(*v.artifact_key), manifest)
             t2 = time.perf_counter()
             model_uri = None
-            if task.tracking.log_model:
-                tr = task.tracking
-                mlflow = MlflowStore(tr.uri, tr.experiment, tr.artifact_location)
+            if tr.log_model:
                 model_uri = mlflow.upload_dir(task.run_id, out, "model")
             return {
                 "quantize": {k: val for k, val in asdict(q).items() if k != "recipe"},

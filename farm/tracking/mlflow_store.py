@@ -7,11 +7,12 @@ and never lets a run it opened stay RUNNING: callers end every run they start th
 
 from __future__ import annotations
 
+import base64
 import json
 import os
-import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,16 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from farm.errors import TrackingError
+from farm.secrets import redact
 
 TAG = "farm."
 PARENT = "mlflow.parentRunId"
 RUN_NAME = "mlflow.runName"
 MAX_PARAM = 6000
-
-
-def redact(uri: str) -> str:
-    """Drop credentials from a URI before it is printed or recorded."""
-    return re.sub(r"://[^/@]+@", "://***@", uri)
 
 
 @dataclass(frozen=True)
@@ -63,9 +60,16 @@ class MlflowStore:
     def check_reachable(self, timeout: float = 5.0) -> None:
         """Fail fast with one line when a tracking server is down, before any work is started."""
         if self.uri.startswith(("http://", "https://")):
-            url = self.uri.rstrip("/") + "/health"
+            parts = urllib.parse.urlsplit(self.uri)
+            netloc = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+            request = urllib.request.Request(  # noqa: S310 - http(s) only
+                parts._replace(netloc=netloc, path=parts.path.rstrip("/") + "/health").geturl()
+            )
+            if parts.username:
+                token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
+                request.add_header("Authorization", f"Basic {token}")
             try:
-                with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - http(s) only
+                with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - http(s) only
                     if resp.status != 200:
                         raise TrackingError(f"MLflow server {redact(self.uri)} answered {resp.status} on /health")
             except (urllib.error.URLError, OSError) as err:
@@ -126,6 +130,13 @@ class MlflowStore:
     def upload_dir(self, run_id: str, local_dir: str | Path, artifact_path: str) -> str:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
         return f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+
+    def next_attempt(self, run_id: str, worker: str) -> int:
+        """Count an attempt at a run's work (a worker restarted by Ray retries inside the same run) and say
+        which process (host:pid) is doing it."""
+        attempt = int(self.client.get_run(run_id).data.tags.get(TAG + "attempts", "0")) + 1
+        self.log(run_id, tags={TAG + "attempts": attempt, TAG + "worker": worker})
+        return attempt
 
     def end_run(self, run_id: str, ok: bool, reason: str | None = None) -> None:
         if reason:

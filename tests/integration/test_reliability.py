@@ -1,0 +1,123 @@
+"""Faults against the real stack: a worker killed mid-variant, a driver killed mid-job and resumed, and
+credentials that must never reach MLflow, S3 or the console."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import tiny_spec, write_spec
+from tests.integration.conftest import BUCKET, Stack, s3fs_client
+
+pytestmark = pytest.mark.integration
+
+
+def start_farm(args: list[str], env: dict, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "farm.cli", *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def variant_runs(client: MlflowClient, experiment: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'")
+
+
+def test_worker_killed_mid_variant_is_retried_once(stack: Stack, stack_env: dict, fixture_paths: dict,
+                                                   tmp_path: Path) -> None:
+    spec = tiny_spec(fixture_paths, str(tmp_path / "out"), tracking={"experiment": "worker-death"},
+                     methods=[{"method": "gptq", "group_size": 64}],
+                     calibration={"source": str(fixture_paths["shakespeare"] / "calibration.txt"),
+                                  "num_samples": 256, "max_seq_length": 256},
+                     resources={"num_cpus": 1, "max_retries": 2})
+    path = write_spec(tmp_path / "job.yaml", spec)
+    proc = start_farm(["run", str(path), "--ray-address", stack.ray_address, "--tracking-uri", stack.mlflow_uri],
+                      stack_env, tmp_path)
+    client = MlflowClient(stack.mlflow_uri)
+    deadline, killed = time.time() + 240, None
+    while time.time() < deadline and killed is None and proc.poll() is None:
+        runs = variant_runs(client, "worker-death")
+        if runs and runs[0].data.tags.get("farm.attempts") == "1":  # the worker is inside the variant
+            killed = int(runs[0].data.tags["farm.worker"].rpartition(":")[2])
+            time.sleep(1)
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    out, _ = proc.communicate(timeout=600)
+    assert killed, "never saw the worker"
+    assert proc.returncode == 0, out
+    runs = variant_runs(client, "worker-death")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert int(runs[0].data.tags["farm.attempts"]) == 2
+    assert "attempt 2" in runs[0].data.tags["farm.notes"]
+
+
+def test_driver_killed_then_resumed_builds_only_the_rest(stack: Stack, stack_env: dict, fixture_paths: dict,
+                                                         tmp_path: Path) -> None:
+    spec = tiny_spec(fixture_paths, str(tmp_path / "out"), tracking={"experiment": "driver-death"},
+                     resources={"num_cpus": 2})  # one variant at a time on the 2-CPU test cluster
+    path = write_spec(tmp_path / "job.yaml", spec)
+    args = ["run", str(path), "--ray-address", stack.ray_address, "--tracking-uri", stack.mlflow_uri]
+    proc = start_farm(args, stack_env, tmp_path)
+    seen: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line)
+        if ": built," in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert any(": built," in x for x in seen), "".join(seen)
+    client = MlflowClient(stack.mlflow_uri)
+    before = variant_runs(client, "driver-death")
+    finished_before = {r.data.tags["farm.variant_id"] for r in before if r.info.status == "FINISHED"}
+    assert finished_before and any(r.info.status == "RUNNING" for r in before)
+
+    resumed = subprocess.run([sys.executable, "-m", "farm.cli", *args, "--resume"], env=stack_env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "left RUNNING by dead driver" in resumed.stdout
+    assert f"{4 - len(finished_before)} to build, {len(finished_before)} reused" in resumed.stdout
+    after = variant_runs(client, "driver-death")
+    assert not [r for r in after if r.info.status == "RUNNING"]
+    finished = [r.data.tags["farm.variant_id"] for r in after if r.info.status == "FINISHED"]
+    assert len(finished) == len(set(finished)) == 4  # every variant once, none rebuilt
+    failed = [r for r in after if r.info.status == "FAILED"]
+    assert failed and all("died" in r.data.tags["farm.failure"] for r in failed)
+
+
+def test_credentials_never_recorded(stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path) -> None:
+    secret = "hunter2-s3cr3t"
+    uri = stack.mlflow_uri.replace("http://", f"http://farm:{secret}@")
+    spec = tiny_spec(fixture_paths, f"s3://{BUCKET}/secrets", tracking={"experiment": "secrets", "uri": uri},
+                     methods=[{"method": "fp8"}])
+    path = write_spec(tmp_path / "job.yaml", spec)
+    res = subprocess.run([sys.executable, "-m", "farm.cli", "run", str(path), "--ray-address", stack.ray_address],
+                         env=stack_env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert secret not in res.stdout + res.stderr
+
+    client = MlflowClient(stack.mlflow_uri)
+    exp = client.get_experiment_by_name("secrets")
+    runs = client.search_runs([exp.experiment_id], "")
+    assert len(runs) >= 3
+    for r in runs:
+        blob = json.dumps([r.data.params, r.data.tags, r.info.run_name])
+        assert secret not in blob
+        for a in client.list_artifacts(r.info.run_id):
+            if not a.is_dir:
+                local = client.download_artifacts(r.info.run_id, a.path, str(tmp_path / "dl"))
+                assert secret not in Path(local).read_text(errors="replace"), a.path
+    for v in client.search_model_versions("name = 'tiny-llama'"):
+        assert secret not in json.dumps([v.tags, v.description, v.source])
+    fs = s3fs_client(stack)
+    for key in fs.glob(f"{BUCKET}/secrets/**/manifest.json"):
+        assert secret not in fs.cat(key).decode()
