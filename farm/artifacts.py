@@ -7,18 +7,24 @@ manifest as absent. Keys are built from validated names and hex ids, and checked
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 from farm.calibration import file_sha256
 
 MANIFEST = "manifest.json"
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def file_table(directory: str | Path) -> dict[str, dict[str, Any]]:
@@ -34,15 +40,43 @@ def manifest_hash(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
+# Errors that retrying cannot fix: missing files, refused credentials, programming errors.
+PERMANENT = (FileNotFoundError, PermissionError, NotADirectoryError, TypeError, ValueError, AttributeError, KeyError)
+
+
+class PublishError(OSError):
+    """An artifact could not be published after retries; nothing of it is visible."""
+
+
+def with_retries(what: str, fn: Callable[[], T], attempts: int = 4, base_delay: float = 0.5,
+                 sleep: Callable[[float], None] = time.sleep) -> T:
+    """Run `fn`, retrying transient storage errors with exponential backoff (0.5 s, 1 s, 2 s, ...)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as err:  # network errors arrive as OSError or botocore exceptions
+            if isinstance(err, PERMANENT) or attempt == attempts:
+                raise PublishError(f"{what} failed after {attempt} attempt(s): {type(err).__name__}: {err}") from err
+            log.warning("%s failed (%s), retry %d/%d", what, err, attempt, attempts - 1)
+            sleep(base_delay * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
 class ArtifactStore:
-    def __init__(self, root: str):
+    def __init__(self, root: str, attempts: int = 4, base_delay: float = 0.5):
         self.root = root.rstrip("/")
         self.is_s3 = root.startswith("s3://")
+        self.attempts = attempts
+        self.base_delay = base_delay
 
     def _fs(self) -> Any:
         import s3fs
 
-        return s3fs.S3FileSystem()
+        # s3fs's own retries cover throttling; farm's retries cover whole-step failures (connection resets).
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, config_kwargs={"connect_timeout": 10, "read_timeout": 60,
+                                                                        "retries": {"max_attempts": 2}})
+        fs.retries = 2
+        return fs
 
     def key(self, *parts: str) -> str:
         rel = PurePosixPath(*parts)
@@ -65,11 +99,23 @@ class ArtifactStore:
         body = json.dumps(manifest, indent=2, sort_keys=True)
         if self.is_s3:
             fs = self._fs()
-            if fs.exists(key):
-                fs.rm(key, recursive=True)  # a partial upload from an earlier attempt; it had no manifest
-            fs.put(str(local_dir).rstrip("/") + "/", key + "/", recursive=True)
-            with fs.open(f"{key}/{MANIFEST}", "wb") as f:
-                f.write(body.encode())
+
+            def upload() -> None:
+                if fs.exists(key):
+                    fs.rm(key, recursive=True)  # a partial upload from an earlier attempt; it had no manifest
+                fs.put(str(local_dir).rstrip("/") + "/", key + "/", recursive=True)
+
+            def seal() -> None:
+                with fs.open(f"{key}/{MANIFEST}", "wb") as f:
+                    f.write(body.encode())
+
+            try:
+                with_retries(f"upload to {key}", upload, self.attempts, self.base_delay)
+                with_retries(f"manifest of {key}", seal, self.attempts, self.base_delay)
+            except PublishError:
+                with contextlib.suppress(Exception):
+                    fs.rm(key, recursive=True)  # leave no partial files behind (they were invisible anyway)
+                raise
             return key
         final = Path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
