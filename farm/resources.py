@@ -37,3 +37,14 @@ def request(
         return Resources(num_gpus=num_gpus, num_cpus=num_cpus, memory_bytes=int(memory_gb * GIB))
     memory = estimate_host_bytes(weights_bytes, num_samples, seq_len, hidden_size)
     return Resources(num_gpus=num_gpus, num_cpus=num_cpus, memory_bytes=memory)
+
+
+def pool_size(totals: dict[str, float], num_cpus: float, num_gpus: float, memory_bytes: int, tasks: int) -> int:
+    """How many workers of this shape the cluster holds at once (at least 1, at most one per task).
+    Fractional `num_gpus` packs several workers on one GPU."""
+    fits = [totals.get("CPU", 1) / num_cpus]
+    if num_gpus > 0:
+        fits.append(totals.get("GPU", 0) / num_gpus)
+    if memory_bytes > 0 and totals.get("memory"):
+        fits.append(totals["memory"] / memory_bytes)
+    return max(1, min(tasks, int(min(fits) + 1e-9)))

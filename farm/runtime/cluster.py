@@ -63,6 +63,39 @@ def remote_actor(cls: type, options: dict[str, Any]) -> Any:
     return ray.remote(cls).options(**options)
 
 
+def totals() -> dict[str, float]:
+    """The cluster's total resources (CPU, GPU, memory in bytes)."""
+    import ray
+
+    return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+def wait_one(refs: list[Any]) -> Any:
+    import ray
+
+    done, _ = ray.wait(refs, num_returns=1)
+    return done[0]
+
+
+def result(ref: Any) -> tuple[Any, str | None, bool]:
+    """(value, None, False) on success; (None, one-line reason, worker_lost) on failure. A worker is lost
+    when its process died (restarts used up) rather than the task raising."""
+    import ray
+    import ray.exceptions as rex
+
+    try:
+        return ray.get(ref), None, False
+    except Exception as err:  # a failed variant fails alone; the job goes on
+        lost = isinstance(err, rex.ActorDiedError | rex.ActorUnavailableError | rex.OutOfMemoryError)
+        return None, failure_reason(err), lost
+
+
+def kill(actor: Any) -> None:
+    import ray
+
+    ray.kill(actor)
+
+
 def failure_reason(err: BaseException) -> str:
     """One line saying why a remote call failed, without Ray's multi-line traceback wrapper."""
     import ray.exceptions as rex

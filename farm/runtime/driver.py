@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from farm import sources
+from farm import resources, sources
 from farm.calibration import TextIdentity
 from farm.plan import BaseEval, ModelInfo, Plan, Variant, make_plan
 from farm.runtime import cluster
@@ -174,54 +175,64 @@ class Driver:
 
     def _execute(self, plan: Plan, todo: list[Variant], bases: list[BaseEval], base_ppl: dict[str, float],
                  parent: str, outcome: JobOutcome) -> None:
-        import ray
-
+        """Run base evaluations, then variants (slowest methods first), on a pool of reusable workers sized to
+        the cluster: a worker process imports torch and llm-compressor once and quantizes many small variants."""
         res = self.spec.resources
-        opts = {"max_restarts": res.max_retries, "max_task_retries": res.max_retries}
-        pending: dict[Any, tuple[str, Any, Any, str]] = {}  # ref -> (kind, item, actor, run_id)
-        for b in bases:
-            run_id = self._start(f"base:{b.model_name}", {TAG + "role": "base", TAG + "job_id": plan.job_id,
-                                                          TAG + "base_eval_id": b.id, TAG + "model": b.model_name,
-                                                          TAG + "model_identity": b.identity}, parent)
-            actor = cluster.remote_actor(Worker, {**opts, "num_cpus": res.num_cpus, "num_gpus": res.num_gpus}).remote(
-                res.num_cpus)
-            pending[actor.evaluate_base.remote(BaseTask(plan.job_name, b, self.spec.evaluation))] = (
-                "base", b, actor, run_id)
+        memory = max([v.resources.memory_bytes for v in todo] or [0]) or None
+        worker_opts = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "max_restarts": res.max_retries,
+                       "max_task_retries": res.max_retries, **({"memory": memory} if memory else {})}
+        size = resources.pool_size(cluster.totals(), res.num_cpus, res.num_gpus, memory or 0, len(todo) + len(bases))
         tracking = Tracking(self.store.uri, self.spec.tracking.experiment, self.artifact_location,
                             self.spec.tracking.log_model)
-        for v in sorted(todo, key=lambda v: COST_RANK.get(v.method.method, 9)):
-            run_id = self._start(v.label, self._variant_tags(plan, v), parent)
-            self.store.log(run_id, params=self._variant_params(v))
-            actor = cluster.remote_actor(Worker, {**opts, **v.resources.ray_options()}).remote(v.resources.num_cpus)
-            task = VariantTask(plan.job_name, v, run_id, self.spec.evaluation, self.spec.output.root, tracking)
-            pending[actor.build.remote(task)] = ("variant", v, actor, run_id)
-            self.say(f"  started  {v.label}  (variant {v.id}, run {run_id[:12]})")
+        slowest_first = sorted(todo, key=lambda v: COST_RANK.get(v.method.method, 9))
+        queue: deque[BaseEval | Variant] = deque([*bases, *slowest_first])
+        idle: list[Any] = []
+        pending: dict[Any, tuple[BaseEval | Variant, Any, str]] = {}  # ref -> (item, worker, run_id)
         waiting: list[tuple[Variant, str, dict[str, Any]]] = []  # variants done before their base
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            ref = done[0]
-            kind, item, actor, run_id = pending.pop(ref)
-            try:
-                result = ray.get(ref)
-                error = None
-            except Exception as err:  # a failed variant fails alone; the job goes on
-                result, error = None, cluster.failure_reason(err)
-            finally:
-                ray.kill(actor)
-            if kind == "base":
-                self._finish_base(item, run_id, result, error, base_ppl)
-                for v, vrun, vres in [w for w in waiting if w[0].base_eval_id == item.id]:
-                    waiting.remove((v, vrun, vres))
-                    self._finish_variant(v, vrun, vres, base_ppl.get(v.base_eval_id), outcome)
-            elif error is not None:
-                self._end(run_id, ok=False, reason=error)
-                outcome.variants.append(VariantOutcome(item, "failed", run_id, reason=error))
-                self._print_variant(outcome.variants[-1], len(outcome.variants), len(plan.variants))
-            elif item.base_eval_id in base_ppl or not any(p[0] == "base" and p[1].id == item.base_eval_id
-                                                          for p in pending.values()):
-                self._finish_variant(item, run_id, result, base_ppl.get(item.base_eval_id), outcome)
-            else:
-                waiting.append((item, run_id, result))
+        bases_left = {b.id for b in bases}
+        self.say(f"  {size} worker(s) of {res.num_cpus:g} CPU / {res.num_gpus:g} GPU each")
+        try:
+            while queue or pending:
+                while queue and len(pending) < size:
+                    item = queue.popleft()
+                    worker = idle.pop() if idle else cluster.remote_actor(Worker, worker_opts).remote(res.num_cpus)
+                    if isinstance(item, BaseEval):
+                        run_id = self._start(f"base:{item.model_name}", {
+                            TAG + "role": "base", TAG + "job_id": plan.job_id, TAG + "base_eval_id": item.id,
+                            TAG + "model": item.model_name, TAG + "model_identity": item.identity}, parent)
+                        ref = worker.evaluate_base.remote(BaseTask(plan.job_name, item, self.spec.evaluation))
+                    else:
+                        run_id = self._start(item.label, self._variant_tags(plan, item), parent)
+                        self.store.log(run_id, params=self._variant_params(item))
+                        task = VariantTask(plan.job_name, item, run_id, self.spec.evaluation, self.spec.output.root,
+                                           tracking)
+                        ref = worker.build.remote(task)
+                        self.say(f"  started  {item.label}  (variant {item.id}, run {run_id[:12]})")
+                    pending[ref] = (item, worker, run_id)
+                ref = cluster.wait_one(list(pending))
+                item, worker, run_id = pending.pop(ref)
+                result, error, worker_lost = cluster.result(ref)
+                if worker_lost:
+                    cluster.kill(worker)
+                else:
+                    idle.append(worker)
+                if isinstance(item, BaseEval):
+                    bases_left.discard(item.id)
+                    self._finish_base(item, run_id, result, error, base_ppl)
+                    for w in [w for w in waiting if w[0].base_eval_id == item.id]:
+                        waiting.remove(w)
+                        self._finish_variant(w[0], w[1], w[2], base_ppl.get(item.id), outcome)
+                elif error is not None or result is None:
+                    self._end(run_id, ok=False, reason=error)
+                    outcome.variants.append(VariantOutcome(item, "failed", run_id, reason=error))
+                    self._print_variant(outcome.variants[-1], len(outcome.variants), len(plan.variants))
+                elif item.base_eval_id not in bases_left:
+                    self._finish_variant(item, run_id, result, base_ppl.get(item.base_eval_id), outcome)
+                else:
+                    waiting.append((item, run_id, result))
+        finally:
+            for worker in idle + [p[1] for p in pending.values()]:
+                cluster.kill(worker)
 
     def _finish_base(self, b: BaseEval, run_id: str, result: dict[str, Any] | None, error: str | None,
                      base_ppl: dict[str, float]) -> None:

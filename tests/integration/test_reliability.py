@@ -71,7 +71,7 @@ def test_driver_killed_then_resumed_builds_only_the_rest(stack: Stack, stack_env
     assert proc.stdout is not None
     for line in proc.stdout:
         seen.append(line)
-        if ": built," in line:
+        if "started" in line and any(": built," in x for x in seen):  # one done, the next one RUNNING
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=60)

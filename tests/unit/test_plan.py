@@ -68,3 +68,15 @@ def test_resources_from_spec_or_estimate() -> None:
     v = plan(spec(resources={"num_gpus": 0.25, "num_cpus": 2, "memory_gb": 3})).variants[0]
     assert v.resources.ray_options() == {"num_gpus": 0.25, "num_cpus": 2, "memory": 3 * 2**30}
     assert plan(spec()).variants[0].resources.memory_bytes > 2**30
+
+
+def test_pool_size_packs_by_cpus_gpus_and_memory() -> None:
+    from farm.resources import pool_size
+
+    totals = {"CPU": 16, "GPU": 2, "memory": 64 * 2**30}
+    assert pool_size(totals, 1, 0.25, 2**30, 100) == 8  # 4 per GPU x 2 GPUs
+    assert pool_size(totals, 1, 1, 2**30, 100) == 2
+    assert pool_size(totals, 4, 0, 2**30, 100) == 4  # CPU-bound
+    assert pool_size(totals, 1, 0, 32 * 2**30, 100) == 2  # memory-bound
+    assert pool_size(totals, 1, 0, 2**30, 3) == 3  # never more workers than tasks
+    assert pool_size({"CPU": 1}, 2, 0, 0, 5) == 1  # at least one
