@@ -91,7 +91,7 @@ def _resolve_hf(source: str, revision: str | None) -> ResolvedModel:
     return ResolvedModel(source, "hf", str(path), f"hf:{repo}@{path.name}", path.name, config)
 
 
-def _resolve_s3(source: str) -> ResolvedModel:
+def _resolve_s3(source: str, identify: bool = True) -> ResolvedModel:
     import s3fs
 
     fs = s3fs.S3FileSystem()
@@ -113,17 +113,19 @@ def _resolve_s3(source: str) -> ResolvedModel:
                 fs.get(obj["name"], str(dest / name))
         (dest / ".complete").write_text(source)
     config = check_checkpoint(dest, source)
-    return ResolvedModel(source, "s3", str(dest), content_identity(dest), None, config)
+    return ResolvedModel(source, "s3", str(dest), content_identity(dest) if identify else "", None, config)
 
 
-def resolve(source: str, revision: str | None = None) -> ResolvedModel:
-    """Locate a model, check it holds loadable safetensors weights, and compute its identity."""
+def resolve(source: str, revision: str | None = None, identify: bool = True) -> ResolvedModel:
+    """Locate a model, check it holds loadable safetensors weights, and compute its identity. Workers pass
+    `identify=False`: the driver already hashed the checkpoint, and hashing an 8B model costs ~15 s."""
     if source.startswith("hf://"):
         return _resolve_hf(source, revision)
     if source.startswith("s3://"):
-        return _resolve_s3(source)
+        return _resolve_s3(source, identify)
     if "://" in source:
         raise SourceError(f"model {source}: unsupported scheme (use hf://, s3:// or a local path)")
     path = Path(source)
     config = check_checkpoint(path, source)
-    return ResolvedModel(source, "local", str(path.resolve()), content_identity(path), None, config)
+    identity = content_identity(path) if identify else ""
+    return ResolvedModel(source, "local", str(path.resolve()), identity, None, config)

@@ -114,9 +114,12 @@ class Worker:
     def evaluate_base(self, task: BaseTask) -> dict[str, Any]:
         from farm.stages.evaluate import evaluate
 
-        model = sources.resolve(task.base.model.source, task.base.model.revision)
-        result = evaluate(_eval_request(model.local_dir, task.evaluation, task.base.model.trust_remote_code))
-        return {"evaluation": asdict(result), "identity": model.identity}
+        model = sources.resolve(task.base.model.source, task.base.model.revision, identify=False)
+        try:
+            result = evaluate(_eval_request(model.local_dir, task.evaluation, task.base.model.trust_remote_code))
+        finally:
+            release_device_memory()  # the worker is reused; give its GPU share back to packed neighbours
+        return {"evaluation": asdict(result)}
 
     def build(self, task: VariantTask) -> dict[str, Any]:
         from farm.stages.evaluate import evaluate
@@ -127,7 +130,7 @@ class Worker:
         tr = task.tracking
         mlflow = MlflowStore(tr.uri, tr.experiment, tr.artifact_location)
         attempt = mlflow.next_attempt(task.run_id, f"{socket.gethostname()}:{os.getpid()}")
-        model = sources.resolve(v.model.source, v.model.revision)
+        model = sources.resolve(v.model.source, v.model.revision, identify=False)
         scratch = tempfile.mkdtemp(prefix=f"farm-{v.id}-")
         try:
             out = f"{scratch}/model"
@@ -156,7 +159,7 @@ class Worker:
             manifest = {
                 "variant_id": v.id,
                 "job": task.job_name,
-                "model": {"name": v.model_name, "source": redact(v.model.source), "identity": model.identity,
+                "model": {"name": v.model_name, "source": redact(v.model.source), "identity": v.identity,
                           "revision": model.revision},
                 "method": {"label": v.method.label(), **v.method.identity(), "config_sha256": v.method.config_hash()},
                 "recipe": q.recipe,
@@ -189,3 +192,4 @@ class Worker:
             }
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+            release_device_memory()
