@@ -82,7 +82,7 @@ def make_bucket(endpoint: str, bucket: str) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_server(workdir: Path, s3_endpoint: str | None, artifacts: str) -> Iterator[str]:
+def mlflow_process(workdir: Path, s3_endpoint: str | None, artifacts: str) -> Iterator[tuple[str, subprocess.Popen]]:
     """Lean MLflow server (one worker, no job execution): sqlite backend, artifacts proxied to `artifacts`."""
     port = free_port()
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **S3_ENV}
@@ -93,7 +93,18 @@ def mlflow_server(workdir: Path, s3_endpoint: str | None, artifacts: str) -> Ite
     with process(cmd, env, workdir / "mlflow.log") as p:
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/health", 120, p)
+        yield url, p
+
+
+@contextlib.contextmanager
+def mlflow_server(workdir: Path, s3_endpoint: str | None, artifacts: str) -> Iterator[str]:
+    with mlflow_process(workdir, s3_endpoint, artifacts) as (url, _):
         yield url
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server started by `process` now (its context manager then finds it gone)."""
+    _kill_group(proc)
 
 
 @contextlib.contextmanager

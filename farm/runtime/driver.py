@@ -18,12 +18,13 @@ from typing import Any
 
 from farm import resources, sources
 from farm.calibration import TextIdentity
+from farm.errors import TrackingError
 from farm.plan import BaseEval, ModelInfo, Plan, Variant, make_plan
 from farm.runtime import cluster
 from farm.runtime.workers import BaseTask, Tracking, VariantTask, Worker, library_versions
 from farm.secrets import redact
 from farm.spec import JobSpec
-from farm.tracking.mlflow_store import TAG, MlflowStore, default_local_uri, environ_uri
+from farm.tracking.mlflow_store import TAG, MlflowStore, default_local_uri, environ_uri, is_tracking_failure
 
 Printer = Callable[[str], None]
 DRIVER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -152,10 +153,23 @@ class Driver:
                 v.status == "failed" for v in outcome.variants), "seconds": outcome.seconds})
             ok = outcome.ok
             return outcome
+        except Exception as err:
+            if is_tracking_failure(err):
+                done = [v.variant.label for v in outcome.variants if v.status == "built"]
+                raise TrackingError(
+                    f"MLflow at {redact(self.uri)} failed mid-job ({type(err).__name__}); {len(done)} variant(s) "
+                    f"were recorded; finished artifacts stay under {redact(self.spec.output.root)}; re-run to resume"
+                ) from None
+            raise
         finally:
             for run_id in list(self.open_runs):
-                self._end(run_id, ok=run_id == parent and ok,
-                          reason=None if ok else "job did not finish (error or interrupt in the driver)")
+                try:
+                    self._end(run_id, ok=run_id == parent and ok,
+                              reason=None if ok else "job did not finish (error or interrupt in the driver)")
+                except Exception as err:  # the tracking server may be the thing that failed: stop trying
+                    if not is_tracking_failure(err):
+                        raise
+                    break
 
     def _reap_orphans(self, plan: Plan) -> None:
         """Runs of this job left RUNNING by a driver that died (kill -9, power loss) on this host are marked
@@ -179,8 +193,10 @@ class Driver:
         the cluster: a worker process imports torch and llm-compressor once and quantizes many small variants."""
         res = self.spec.resources
         memory = max([v.resources.memory_bytes for v in todo] or [0]) or None
-        worker_opts = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "max_restarts": res.max_retries,
-                       "max_task_retries": res.max_retries, **({"memory": memory} if memory else {})}
+        # farm retries a variant whose worker died itself (not Ray's task retries), so that every attempt has
+        # its own MLflow run: the killed one FAILED with the reason, the retry FINISHED.
+        worker_opts = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "max_restarts": 0,
+                       "max_task_retries": 0, **({"memory": memory} if memory else {})}
         size = resources.pool_size(cluster.totals(), res.num_cpus, res.num_gpus, memory or 0, len(todo) + len(bases))
         tracking = Tracking(self.store.uri, self.spec.tracking.experiment, self.artifact_location,
                             self.spec.tracking.log_model)
@@ -190,19 +206,23 @@ class Driver:
         pending: dict[Any, tuple[BaseEval | Variant, Any, str]] = {}  # ref -> (item, worker, run_id)
         waiting: list[tuple[Variant, str, dict[str, Any]]] = []  # variants done before their base
         bases_left = {b.id for b in bases}
+        attempts: dict[str, int] = {}
         self.say(f"  {size} worker(s) of {res.num_cpus:g} CPU / {res.num_gpus:g} GPU each")
         try:
             while queue or pending:
                 while queue and len(pending) < size:
                     item = queue.popleft()
+                    attempt = attempts[item.id] = attempts.get(item.id, 0) + 1
                     worker = idle.pop() if idle else cluster.remote_actor(Worker, worker_opts).remote(res.num_cpus)
                     if isinstance(item, BaseEval):
                         run_id = self._start(f"base:{item.model_name}", {
                             TAG + "role": "base", TAG + "job_id": plan.job_id, TAG + "base_eval_id": item.id,
-                            TAG + "model": item.model_name, TAG + "model_identity": item.identity}, parent)
+                            TAG + "model": item.model_name, TAG + "model_identity": item.identity,
+                            TAG + "attempt": str(attempt)}, parent)
                         ref = worker.evaluate_base.remote(BaseTask(plan.job_name, item, self.spec.evaluation))
                     else:
-                        run_id = self._start(item.label, self._variant_tags(plan, item), parent)
+                        run_id = self._start(item.label, {**self._variant_tags(plan, item),
+                                                          TAG + "attempt": str(attempt)}, parent)
                         self.store.log(run_id, params=self._variant_params(item))
                         task = VariantTask(plan.job_name, item, run_id, self.spec.evaluation, self.spec.output.root,
                                            tracking)
@@ -216,6 +236,11 @@ class Driver:
                     cluster.kill(worker)
                 else:
                     idle.append(worker)
+                if error is not None and worker_lost and attempts[item.id] <= res.max_retries:
+                    self._end(run_id, ok=False, reason=f"{error} (attempt {attempts[item.id]}; retried)")
+                    self.say(f"  retry    {getattr(item, 'label', getattr(item, 'model_name', ''))}: {error}")
+                    queue.appendleft(item)
+                    continue
                 if isinstance(item, BaseEval):
                     bases_left.discard(item.id)
                     self._finish_base(item, run_id, result, error, base_ppl)

@@ -129,7 +129,7 @@ class Worker:
         v = task.variant
         tr = task.tracking
         mlflow = MlflowStore(tr.uri, tr.experiment, tr.artifact_location)
-        attempt = mlflow.next_attempt(task.run_id, f"{socket.gethostname()}:{os.getpid()}")
+        mlflow.log(task.run_id, tags={"farm.worker": f"{socket.gethostname()}:{os.getpid()}"})
         model = sources.resolve(v.model.source, v.model.revision, identify=False)
         scratch = tempfile.mkdtemp(prefix=f"farm-{v.id}-")
         try:
@@ -153,8 +153,6 @@ class Worker:
                 release_device_memory()
                 q = quantize(replace(request, batch_size=1, offload_device=None))
                 q.notes.append(f"GPU out of memory with {tuned.reason}; retried with activations on host, batch 1")
-            if attempt > 1:
-                q.notes.append(f"attempt {attempt}: an earlier worker died and Ray retried the variant")
             e = evaluate(_eval_request(out, task.evaluation, v.model.trust_remote_code))
             manifest = {
                 "variant_id": v.id,

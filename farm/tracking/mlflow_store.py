@@ -48,6 +48,9 @@ def _row(run: Any) -> RunRow:
 
 class MlflowStore:
     def __init__(self, uri: str, experiment: str, artifact_location: str | None = None):
+        # MLflow prints "View run ... at <tracking URI>" on every run end, credentials included; farm prints
+        # its own redacted lines instead.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
@@ -131,13 +134,6 @@ class MlflowStore:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
         return f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
 
-    def next_attempt(self, run_id: str, worker: str) -> int:
-        """Count an attempt at a run's work (a worker restarted by Ray retries inside the same run) and say
-        which process (host:pid) is doing it."""
-        attempt = int(self.client.get_run(run_id).data.tags.get(TAG + "attempts", "0")) + 1
-        self.log(run_id, tags={TAG + "attempts": attempt, TAG + "worker": worker})
-        return attempt
-
     def end_run(self, run_id: str, ok: bool, reason: str | None = None) -> None:
         if reason:
             self.client.set_tag(run_id, TAG + "failure", reason[:MAX_PARAM])
@@ -187,6 +183,14 @@ class MlflowStore:
 
     def versions(self, name: str) -> list[Any]:
         return list(self.client.search_model_versions(f"name = '{name}'"))
+
+
+def is_tracking_failure(err: BaseException) -> bool:
+    """An error from talking to the tracking server (after the client's own retries)."""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    return isinstance(err, MlflowException | RequestException | ConnectionError)
 
 
 def default_local_uri(root: str) -> tuple[str, str]:
