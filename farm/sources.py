@@ -41,25 +41,33 @@ def cache_root() -> Path:
     return Path(os.environ.get("FARM_CACHE", Path.home() / ".cache" / "farm"))
 
 
-def content_identity(directory: Path) -> str:
-    """sha256 over (file name, file sha256) of every safetensors shard and the config."""
-    files = sorted(directory.glob("*.safetensors")) + [directory / n for n in HASHED if (directory / n).exists()]
+def weight_files(directory: Path, allow_pickle: bool = False) -> list[Path]:
+    files = sorted(directory.glob("*.safetensors"))
+    if not files and allow_pickle:
+        files = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    return files
+
+
+def content_identity(directory: Path, allow_pickle: bool = False) -> str:
+    """sha256 over (file name, file sha256) of every weight shard and the config."""
+    files = weight_files(directory, allow_pickle) + [directory / n for n in HASHED if (directory / n).exists()]
     h = hashlib.sha256()
     for f in files:
         h.update(f"{f.name}\0{file_sha256(f)}\n".encode())
     return "sha256:" + h.hexdigest()
 
 
-def check_checkpoint(directory: Path, source: str) -> dict[str, Any]:
+def check_checkpoint(directory: Path, source: str, allow_pickle: bool = False) -> dict[str, Any]:
     if not directory.is_dir():
         raise SourceError(f"model {source}: no such directory")
     if not (directory / "config.json").is_file():
         raise SourceError(f"model {source}: no config.json")
-    if not any(directory.glob("*.safetensors")):
+    if not weight_files(directory, allow_pickle):
         pickles = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickles:
             raise SourceError(
-                f"model {source}: only pickle checkpoints ({', '.join(sorted(pickles)[:3])}); farm loads safetensors"
+                f"model {source}: only pickle checkpoints ({', '.join(sorted(pickles)[:3])}); farm loads "
+                "safetensors (set allow_pickle: true on the model to accept them)"
             )
         raise SourceError(f"model {source}: no *.safetensors weights")
     try:
@@ -77,21 +85,22 @@ def split_hf(source: str, revision: str | None) -> tuple[str, str]:
     return repo, (rev or revision or "main")
 
 
-def _resolve_hf(source: str, revision: str | None) -> ResolvedModel:
+def _resolve_hf(source: str, revision: str | None, allow_pickle: bool) -> ResolvedModel:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     repo, rev = split_hf(source, revision)
     try:
-        path = Path(snapshot_download(repo, revision=rev, allow_patterns=HF_PATTERNS))
+        patterns = HF_PATTERNS + (["*.bin", "*.pt"] if allow_pickle else [])
+        path = Path(snapshot_download(repo, revision=rev, allow_patterns=patterns))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
         raise SourceError(f"model {source}: not available ({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    config = check_checkpoint(path, source)
+    config = check_checkpoint(path, source, allow_pickle)
     # snapshot directories are named by the commit sha the revision resolved to
     return ResolvedModel(source, "hf", str(path), f"hf:{repo}@{path.name}", path.name, config)
 
 
-def _resolve_s3(source: str, identify: bool = True) -> ResolvedModel:
+def _resolve_s3(source: str, identify: bool, allow_pickle: bool) -> ResolvedModel:
     import s3fs
 
     fs = s3fs.S3FileSystem()
@@ -109,23 +118,25 @@ def _resolve_s3(source: str, identify: bool = True) -> ResolvedModel:
     if not (dest / ".complete").exists():
         dest.mkdir(parents=True, exist_ok=True)
         for name, obj in files.items():
-            if not name.endswith(PICKLE_SUFFIXES):
+            if allow_pickle or not name.endswith(PICKLE_SUFFIXES):
                 fs.get(obj["name"], str(dest / name))
         (dest / ".complete").write_text(source)
-    config = check_checkpoint(dest, source)
-    return ResolvedModel(source, "s3", str(dest), content_identity(dest) if identify else "", None, config)
+    config = check_checkpoint(dest, source, allow_pickle)
+    identity = content_identity(dest, allow_pickle) if identify else ""
+    return ResolvedModel(source, "s3", str(dest), identity, None, config)
 
 
-def resolve(source: str, revision: str | None = None, identify: bool = True) -> ResolvedModel:
+def resolve(source: str, revision: str | None = None, identify: bool = True, allow_pickle: bool = False
+            ) -> ResolvedModel:
     """Locate a model, check it holds loadable safetensors weights, and compute its identity. Workers pass
     `identify=False`: the driver already hashed the checkpoint, and hashing an 8B model costs ~15 s."""
     if source.startswith("hf://"):
-        return _resolve_hf(source, revision)
+        return _resolve_hf(source, revision, allow_pickle)
     if source.startswith("s3://"):
-        return _resolve_s3(source, identify)
+        return _resolve_s3(source, identify, allow_pickle)
     if "://" in source:
         raise SourceError(f"model {source}: unsupported scheme (use hf://, s3:// or a local path)")
     path = Path(source)
-    config = check_checkpoint(path, source)
-    identity = content_identity(path) if identify else ""
+    config = check_checkpoint(path, source, allow_pickle)
+    identity = content_identity(path, allow_pickle) if identify else ""
     return ResolvedModel(source, "local", str(path.resolve()), identity, None, config)

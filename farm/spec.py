@@ -35,6 +35,7 @@ class ModelSpec(Strict):
     name: str | None = Field(None, pattern=NAME, description="short name (default: last part of the source)")
     revision: str | None = Field(None, max_length=128, description="hub revision (also accepted as @rev)")
     trust_remote_code: bool = Field(False, description="allow the model's own Python code to run")
+    allow_pickle: bool = Field(False, description="accept .bin/.pt weights (unpickling can run code)")
 
     @field_validator("source")
     @classmethod

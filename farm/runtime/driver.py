@@ -65,7 +65,8 @@ class JobOutcome:
 
 def preflight(spec: JobSpec) -> tuple[Plan, dict[str, sources.ResolvedModel]]:
     """Resolve every input and plan; raises SpecError/SourceError before anything is created."""
-    resolved = {m.display_name(): sources.resolve(m.source, m.revision) for m in spec.models}
+    resolved = {m.display_name(): sources.resolve(m.source, m.revision, allow_pickle=m.allow_pickle)
+                for m in spec.models}
     infos = {n: ModelInfo(r.identity, r.config, r.weights_bytes) for n, r in resolved.items()}
     cal = TextIdentity.of(spec.calibration.source)
     heldout = TextIdentity.of(spec.evaluation.perplexity.source)

@@ -114,7 +114,8 @@ class Worker:
     def evaluate_base(self, task: BaseTask) -> dict[str, Any]:
         from farm.stages.evaluate import evaluate
 
-        model = sources.resolve(task.base.model.source, task.base.model.revision, identify=False)
+        model = sources.resolve(task.base.model.source, task.base.model.revision, identify=False,
+                                allow_pickle=task.base.model.allow_pickle)
         try:
             result = evaluate(_eval_request(model.local_dir, task.evaluation, task.base.model.trust_remote_code))
         finally:
@@ -130,7 +131,7 @@ class Worker:
         tr = task.tracking
         mlflow = MlflowStore(tr.uri, tr.experiment, tr.artifact_location)
         mlflow.log(task.run_id, tags={"farm.worker": f"{socket.gethostname()}:{os.getpid()}"})
-        model = sources.resolve(v.model.source, v.model.revision, identify=False)
+        model = sources.resolve(v.model.source, v.model.revision, identify=False, allow_pickle=v.model.allow_pickle)
         scratch = tempfile.mkdtemp(prefix=f"farm-{v.id}-")
         try:
             out = f"{scratch}/model"

@@ -60,3 +60,20 @@ def test_cli_and_planning_import_no_torch(fixture_paths: dict, tmp_path: Path) -
     assert res.returncode == 0, res.stderr
     assert "tiny-llama/gptq-w4a16-g64" in res.stdout
     assert yaml.safe_load(spec.read_text())["name"] == "tiny"
+
+
+def test_pickle_checkpoint_accepted_only_when_allowed(tmp_path: Path, fixture_paths: dict) -> None:
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    model = tmp_path / "pickled"
+    shutil.copytree(fixture_paths["tiny-llama"], model, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_file(fixture_paths["tiny-llama"] / "model.safetensors"), model / "pytorch_model.bin")
+    base = {**tiny_spec(fixture_paths, str(tmp_path / "o"))}
+    refused = write_spec(tmp_path / "refused.yaml", {**base, "models": [{"source": str(model)}]})
+    assert_one_line_error(run_cli("plan", str(refused), cwd=tmp_path), "allow_pickle")
+    allowed = write_spec(tmp_path / "allowed.yaml", {**base, "models": [{"source": str(model), "allow_pickle": True}]})
+    res = run_cli("plan", str(allowed), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
