@@ -69,6 +69,42 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from farm.runtime import submit
+    from farm.spec import load_spec
+
+    spec = load_spec(args.spec)  # a bad spec fails here, before anything reaches the cluster
+    job_id = submit.submit(spec, args.address, args.tracking_uri)
+    print(job_id)
+    if args.wait:
+        state = submit.wait(args.address, job_id, args.timeout)
+        print(state)
+        return 0 if state == "SUCCEEDED" else 1
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from farm.runtime import submit
+
+    print(submit.status(args.address, args.job_id))
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from farm.runtime import submit
+
+    print(submit.logs(args.address, args.job_id), end="")
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    from farm.runtime import submit
+
+    stopped = submit.stop(args.address, args.job_id)
+    print("stopping" if stopped else "already finished")
+    return 0
+
+
 def _cmd_fixtures(args: argparse.Namespace) -> int:
     from farm import fixtures
 
@@ -96,6 +132,23 @@ def parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--experiment", default="farm", help="experiment searched for a job id")
     cmp_.add_argument("--root", default=".farm", help="local farm root of the default sqlite store")
     cmp_.set_defaults(func=_cmd_compare)
+    from farm.runtime.submit import default_address
+
+    sb = sub.add_parser("submit", help="submit a job spec to a Ray cluster (Ray Jobs API); prints the job id")
+    sb.add_argument("spec")
+    sb.add_argument("--address", default=default_address(), help="Ray dashboard address (default: $RAY_ADDRESS "
+                    "or http://127.0.0.1:8265)")
+    sb.add_argument("--tracking-uri", default=None, help="MLflow tracking URI the cluster should use")
+    sb.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 only if it succeeded")
+    sb.add_argument("--timeout", type=float, default=24 * 3600)
+    sb.set_defaults(func=_cmd_submit)
+    for name, func, text in (("status", _cmd_status, "state of a submitted job"),
+                             ("logs", _cmd_logs, "driver output of a submitted job"),
+                             ("stop", _cmd_stop, "stop a submitted job (its open MLflow runs end FAILED)")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("job_id")
+        cmd.add_argument("--address", default=default_address())
+        cmd.set_defaults(func=func)
     fx = sub.add_parser("fixtures", help="fetch and build the offline fixtures (SmolLM2, Shakespeare, tiny Llama)")
     fx.add_argument("--root", default=None)
     fx.set_defaults(func=_cmd_fixtures)

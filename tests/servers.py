@@ -108,13 +108,21 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def ray_head(workdir: Path, num_cpus: int, num_gpus: int, env: dict[str, str]) -> Iterator[str]:
-    """`ray start --head --block` on loopback with fake GPUs; killing its session stops the whole cluster."""
+def ray_head(workdir: Path, num_cpus: int, num_gpus: int, env: dict[str, str],
+             dashboard_port: int | None = None) -> Iterator[str]:
+    """`ray start --head --block` on loopback with fake GPUs; killing its session stops the whole cluster.
+    With `dashboard_port`, the dashboard (and so the Jobs API) listens on 127.0.0.1:dashboard_port."""
     port = free_port()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    dashboard = (["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port",
+                  str(dashboard_port)] if dashboard_port else ["--include-dashboard", "false"])
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1",
-           "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus), "--include-dashboard", "false",
-           "--temp-dir", temp, "--disable-usage-stats"]
+           "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus), *dashboard,
+           "--temp-dir", temp, "--disable-usage-stats",
+           # several heads on one machine (the session's stack, a Jobs API head, a developer's own) must not
+           # share the agents' default ports
+           "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+           "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
     ray_env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                **env}
     with process(cmd, ray_env, workdir / "ray.log") as p:

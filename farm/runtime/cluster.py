@@ -42,7 +42,10 @@ def connect(address: str | None, verbose: bool = False) -> Iterator[Any]:
     import ray
 
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    runtime_env = {"env_vars": env_vars} if env_vars else None
+    # Inside a submitted Ray job the job's runtime env already reaches every worker (and Ray refuses a second
+    # one that sets the same variables).
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    runtime_env = {"env_vars": env_vars} if env_vars and not in_job else None
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose, logging_level="WARNING")
     else:

@@ -1,0 +1,82 @@
+"""`farm submit/status/logs/stop` against a real `ray start --head` (with its Jobs API) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests import servers
+from tests.conftest import tiny_spec, write_spec
+from tests.integration.conftest import Stack
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def jobs_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    work = tmp_path_factory.mktemp("jobs-head")
+    port = servers.free_port()
+    with servers.ray_head(work, num_cpus=2, num_gpus=0, env={}, dashboard_port=port):
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                from ray.job_submission import JobSubmissionClient
+
+                JobSubmissionClient(url).list_jobs()
+                break
+            except Exception:
+                time.sleep(1)
+        yield url
+
+
+def farm(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "farm.cli", *args], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=cwd)
+
+
+def test_submit_follow_and_record(jobs_api: str, stack: Stack, stack_env: dict, fixture_paths: dict,
+                                  tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "job.yaml", tiny_spec(fixture_paths, str(tmp_path / "out"),
+                                                       methods=[{"method": "fp8"}], tracking={"experiment": "sub"}))
+    res = farm("submit", str(spec), "--address", jobs_api, "--tracking-uri", stack.mlflow_uri, "--wait",
+               env=stack_env, cwd=tmp_path)
+    job_id, state = res.stdout.split()[:2]
+    assert res.returncode == 0, farm("logs", job_id, "--address", jobs_api).stdout[-3000:]
+    assert state == "SUCCEEDED"
+    assert farm("status", job_id, "--address", jobs_api).stdout.strip() == "SUCCEEDED"
+    logs = farm("logs", job_id, "--address", jobs_api).stdout
+    assert "tiny-llama/fp8-dynamic: built" in logs
+    exp = MlflowClient(stack.mlflow_uri).get_experiment_by_name("sub")
+    runs = MlflowClient(stack.mlflow_uri).search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+
+
+def test_stop_and_unknown_job(jobs_api: str, stack: Stack, stack_env: dict, fixture_paths: dict,
+                              tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "job.yaml", tiny_spec(fixture_paths, str(tmp_path / "out"),
+                                                       tracking={"experiment": "stop"}))
+    job_id = farm("submit", str(spec), "--address", jobs_api, "--tracking-uri", stack.mlflow_uri,
+                  env=stack_env, cwd=tmp_path).stdout.strip()
+    assert farm("stop", job_id, "--address", jobs_api).returncode == 0
+    from farm.runtime.submit import wait
+
+    assert wait(jobs_api, job_id, timeout=120) in {"STOPPED", "SUCCEEDED"}
+    bad = farm("status", "no-such-job", "--address", jobs_api)
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("farm: error: no Ray job")
+
+
+def test_bad_spec_is_not_submitted(jobs_api: str, tmp_path: Path) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("name: x\nmodels: []\n")
+    res = farm("submit", str(spec), "--address", jobs_api)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    from ray.job_submission import JobSubmissionClient
+
+    assert not [j for j in JobSubmissionClient(jobs_api).list_jobs() if (j.metadata or {}).get("farm_job") == "x"]
