@@ -130,7 +130,8 @@ class Worker:
         v = task.variant
         tr = task.tracking
         mlflow = MlflowStore(tr.uri, tr.experiment, tr.artifact_location)
-        mlflow.log(task.run_id, tags={"farm.worker": f"{socket.gethostname()}:{os.getpid()}"})
+        mlflow.log(task.run_id, tags={"farm.worker": f"{socket.gethostname()}:{os.getpid()}",
+                                      "farm.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
         model = sources.resolve(v.model.source, v.model.revision, identify=False, allow_pickle=v.model.allow_pickle)
         scratch = tempfile.mkdtemp(prefix=f"farm-{v.id}-")
         try:
