@@ -39,7 +39,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from farm.runtime.driver import preflight
     from farm.spec import load_spec
 
-    plan, _ = preflight(load_spec(args.spec))
+    plan = preflight(load_spec(args.spec))
     rows = [[v.id, v.label, v.calibration.num_samples if v.method.requires_calibration else "-",
              v.calibration.max_seq_length if v.method.requires_calibration else "-", v.resources.num_gpus,
              v.resources.num_cpus, f"{v.resources.memory_bytes / 2**30:.1f}"] for v in plan.variants]

