@@ -1,0 +1,34 @@
+"""Model sources against real servers: an s3:// checkpoint on the moto server has the same content identity
+(and so the same variant ids) as the same files on local disk; a missing prefix is one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from farm import sources
+from farm.errors import SourceError
+from tests.integration.conftest import BUCKET, Stack, s3fs_client
+
+pytestmark = pytest.mark.integration
+
+
+def test_s3_source_identity_matches_local(stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FARM_CACHE", str(tmp_path / "cache"))
+    local = fixture_paths["tiny-llama"]
+    fs = s3fs_client(stack)
+    for f in local.iterdir():
+        fs.put(str(f), f"{BUCKET}/models/tiny/{f.name}")
+    fs.put(str(local / "config.json"), f"{BUCKET}/models/tiny/pytorch_model.bin")  # a pickle is never fetched
+    remote = sources.resolve(f"s3://{BUCKET}/models/tiny")
+    assert remote.identity == sources.resolve(str(local)).identity
+    assert not (Path(remote.local_dir) / "pytorch_model.bin").exists()
+    again = sources.resolve(f"s3://{BUCKET}/models/tiny")  # cached: no second download
+    assert again.local_dir == remote.local_dir
+
+
+def test_missing_s3_prefix(stack: Stack, stack_env: dict) -> None:
+    with pytest.raises(SourceError, match="no such prefix|cannot list"):
+        sources.resolve(f"s3://{BUCKET}/models/absent")
