@@ -30,5 +30,5 @@ def test_s3_source_identity_matches_local(stack: Stack, stack_env: dict, fixture
 
 
 def test_missing_s3_prefix(stack: Stack, stack_env: dict) -> None:
-    with pytest.raises(SourceError, match="no such prefix|cannot list"):
+    with pytest.raises(SourceError, match=r"no such prefix|cannot list"):
         sources.resolve(f"s3://{BUCKET}/models/absent")
