@@ -8,7 +8,6 @@ manifest as absent. Keys are built from validated names and hex ids, and checked
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -34,10 +33,6 @@ def file_table(directory: str | Path) -> dict[str, dict[str, Any]]:
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
-
-
-def manifest_hash(manifest: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 # Errors that retrying cannot fix: missing files, refused credentials, programming errors.

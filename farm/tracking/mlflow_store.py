@@ -8,7 +8,6 @@ and never lets a run it opened stay RUNNING: callers end every run they start th
 from __future__ import annotations
 
 import base64
-import json
 import os
 import time
 import urllib.error
@@ -181,9 +180,6 @@ class MlflowStore:
         mv = self.client.create_model_version(name, source, run_id=run_id, tags=tags, description=description)
         return str(mv.version)
 
-    def versions(self, name: str) -> list[Any]:
-        return list(self.client.search_model_versions(f"name = '{name}'"))
-
 
 def is_tracking_failure(err: BaseException) -> bool:
     """An error from talking to the tracking server (after the client's own retries)."""
@@ -198,10 +194,6 @@ def default_local_uri(root: str) -> tuple[str, str]:
     base = Path(root if not root.startswith("s3://") else ".farm").resolve()
     base.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{base / 'mlflow.db'}", (base / "mlartifacts").as_uri()
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)
 
 
 def environ_uri() -> str | None:
