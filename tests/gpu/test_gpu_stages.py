@@ -1,0 +1,56 @@
+"""On a CUDA machine: every method quantizes, reloads and generates on the GPU through farm's stages (with the
+settings farm's tuning picks), AWQ without the CPU fix. Skipped without CUDA (CI); results in docs/BENCHMARKS.md.
+
+Inputs default to the fixtures; on a machine without them set FARM_GPU_TOKENIZER (a tokenizer directory) and
+FARM_GPU_TEXT (a text file)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+ROOT = Path(__file__).resolve().parents[2]
+TOKENIZER = Path(os.environ.get("FARM_GPU_TOKENIZER", ROOT / ".fixtures" / "models" / "tiny-llama"))
+TEXT = Path(os.environ.get("FARM_GPU_TEXT", ROOT / ".fixtures" / "shakespeare" / "calibration.txt"))
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("llama")
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("name", ["gptq", "awq", "fp8", "smoothquant"])
+def test_method_on_gpu(name: str, small_llama: Path, tmp_path: Path) -> None:
+    from farm.methods import build_method
+    from farm.stages.compat import cpu_safe_pinning
+    from farm.stages.evaluate import EvaluateRequest, evaluate
+    from farm.stages.quantize import CalibrationDraw, QuantizeRequest, quantize
+    from farm.stages.tuning import choose
+
+    free, _ = torch.cuda.mem_get_info()
+    tuned = choose("cuda", free, 0, 32, 512, 512, 1536, 8)
+    assert tuned.offload_device == "cuda"
+    with cpu_safe_pinning() as guarded:
+        assert not guarded  # the CPU fix never applies on a GPU machine
+    method = build_method({"method": name, **({"group_size": 128} if name in {"gptq", "awq"} else {})})
+    q = quantize(QuantizeRequest(str(small_llama), method, CalibrationDraw(str(TEXT), 32, 512, 0),
+                                 str(tmp_path / "q"), batch_size=tuned.batch_size,
+                                 offload_device=tuned.offload_device))
+    assert q.device == "cuda"
+    e = evaluate(EvaluateRequest(str(tmp_path / "q"), str(TEXT), 2048, 512, "Hello", 8))
+    assert e.device == "cuda" and e.perplexity > 1 and e.weights_bytes > 0
+    print(f"GPU {name}: oneshot {q.seconds_oneshot:.1f} s, save {q.seconds_save:.1f} s, ppl {e.perplexity:.1f}, "
+          f"batch {tuned.batch_size}")
