@@ -123,8 +123,9 @@ def ray_head(workdir: Path, num_cpus: int, num_gpus: int, env: dict[str, str],
            # share the agents' default ports
            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
+    # the cluster's `python` is this environment's, as on a real node image (job entrypoints run `python`)
     ray_env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-               **env}
+               "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **env}
     with process(cmd, ray_env, workdir / "ray.log") as p:
         address = f"127.0.0.1:{port}"
         deadline = time.time() + 90
