@@ -48,3 +48,18 @@ def pool_size(totals: dict[str, float], num_cpus: float, num_gpus: float, memory
     if memory_bytes > 0 and totals.get("memory"):
         fits.append(totals["memory"] / memory_bytes)
     return max(1, min(tasks, int(min(fits) + 1e-9)))
+
+
+def unfit(nodes: list[dict[str, float]], num_cpus: float, num_gpus: float, memory_bytes: int) -> str | None:
+    """Why no node can hold one worker of this shape, or None when some node can. Ray would otherwise queue
+    such a worker forever."""
+    if not nodes:
+        return "the Ray cluster has no live nodes"
+    for node in nodes:
+        if (node.get("CPU", 0) >= num_cpus and node.get("GPU", 0) >= num_gpus
+                and (not memory_bytes or node.get("memory", 0) >= memory_bytes)):
+            return None
+    most = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0), n.get("memory", 0)))
+    return (f"resources: a variant needs {num_cpus:g} CPU, {num_gpus:g} GPU, {memory_bytes / GIB:.1f} GiB but the "
+            f"largest node has {most.get('CPU', 0):g} CPU, {most.get('GPU', 0):g} GPU, "
+            f"{most.get('memory', 0) / GIB:.1f} GiB")

@@ -74,6 +74,13 @@ def totals() -> dict[str, float]:
     return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 
+def nodes() -> list[dict[str, float]]:
+    """Resources of each live node (CPU, GPU, memory in bytes, ...)."""
+    import ray
+
+    return [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
+
+
 def wait_one(refs: list[Any]) -> Any:
     import ray
 

@@ -8,6 +8,7 @@ whose driver died - only builds what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -18,7 +19,7 @@ from typing import Any
 
 from farm import resources, sources
 from farm.calibration import TextIdentity
-from farm.errors import TrackingError
+from farm.errors import SpecError, TrackingError
 from farm.plan import BaseEval, ModelInfo, Plan, Variant, make_plan
 from farm.runtime import cluster
 from farm.runtime.workers import BaseTask, Tracking, VariantTask, Worker, library_versions
@@ -120,10 +121,24 @@ class Driver:
         cached = {v.id: self.store.finished("variant", "variant_id", v.id) for v in plan.variants}
         todo = [v for v in plan.variants if cached[v.id] is None]
         base_cached = {b.id: self.store.finished("base", "base_eval_id", b.id) for b in plan.base_evals}
+        base_ppl = {b: float(r.metrics["perplexity"]) for b, r in base_cached.items() if r is not None}
+        bases_todo = [b for b in plan.base_evals if b.id not in base_ppl and any(v.base_eval_id == b.id for v in todo)]
         self.say(
             f"job {plan.job_name} ({plan.job_id}): {len(plan.variants)} variants, {len(todo)} to build, "
             f"{len(plan.variants) - len(todo)} reused; tracking {redact(self.uri)}"
         )
+        work = bool(todo or bases_todo)
+        with cluster.connect(self.ray_address, self.verbose) if work else contextlib.nullcontext():
+            if work:  # a variant no node can hold is bad input: say so before any run is created
+                memory = max(v.resources.memory_bytes for v in todo) if todo else 0
+                problem = resources.unfit(cluster.nodes(), self.spec.resources.num_cpus,
+                                          self.spec.resources.num_gpus, memory)
+                if problem:
+                    raise SpecError(problem)
+            return self._record(plan, outcome, cached, todo, bases_todo, base_ppl, t0)
+
+    def _record(self, plan: Plan, outcome: JobOutcome, cached: dict[str, Any], todo: list[Variant],
+                bases_todo: list[BaseEval], base_ppl: dict[str, float], t0: float) -> JobOutcome:
         parent = self._start(
             f"job:{plan.job_name}",
             {TAG + "role": "job", TAG + "job_id": plan.job_id, TAG + "job_name": plan.job_name},
@@ -137,17 +152,13 @@ class Driver:
                                            "spec": recorded_spec},
                            tags={TAG + "versions": library_versions()})
             self.store.log_text(parent, recorded_spec, "spec.json")
-            base_ppl = {b: float(r.metrics["perplexity"]) for b, r in base_cached.items() if r is not None}
             for v in plan.variants:
                 row = cached[v.id]
                 if row is not None:
                     outcome.variants.append(self._reused(v, row, base_ppl.get(v.base_eval_id)))
                     self._print_variant(outcome.variants[-1], len(outcome.variants), len(plan.variants))
-            bases_todo = [b for b in plan.base_evals if b.id not in base_ppl
-                          and any(v.base_eval_id == b.id for v in plan.variants)]
             if todo or bases_todo:
-                with cluster.connect(self.ray_address, self.verbose):
-                    self._execute(plan, todo, bases_todo, base_ppl, parent, outcome)
+                self._execute(plan, todo, bases_todo, base_ppl, parent, outcome)
             outcome.seconds = time.perf_counter() - t0
             built = [v for v in outcome.variants if v.status == "built"]
             self.store.log(parent, metrics={"variants_built": len(built), "variants_failed": sum(

@@ -54,3 +54,18 @@ def test_fractional_gpus_pack(stack: Stack, stack_env: dict, fixture_paths: dict
         workers_per_gpu[r.data.tags["farm.cuda_visible_devices"]].add(r.data.tags["farm.worker"])
     assert set(workers_per_gpu) <= {"0", "1"}
     assert max(len(w) for w in workers_per_gpu.values()) == 2  # two workers share one GPU
+
+
+def test_variant_that_fits_no_node_fails_before_any_run(stack: Stack, stack_env: dict, fixture_paths: dict,
+                                                        tmp_path: Path) -> None:
+    spec = tiny_spec(fixture_paths, str(tmp_path / "out"), methods=[{"method": "fp8"}],
+                     resources={"num_gpus": 4}, tracking={"experiment": "unfit"})
+    res = subprocess.run([sys.executable, "-m", "farm.cli", "run", str(write_spec(tmp_path / "u.yaml", spec)),
+                          "--ray-address", stack.ray_address, "--tracking-uri", stack.mlflow_uri],
+                         env=stack_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.strip().splitlines() == [
+        next(x for x in res.stderr.splitlines() if x.startswith("farm: error: resources:"))]
+    assert "4 GPU" in res.stderr and "largest node has 2 CPU, 2 GPU" in res.stderr
+    exp = MlflowClient(stack.mlflow_uri).get_experiment_by_name("unfit")
+    assert exp is None or not MlflowClient(stack.mlflow_uri).search_runs([exp.experiment_id], "")

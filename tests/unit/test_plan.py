@@ -80,3 +80,14 @@ def test_pool_size_packs_by_cpus_gpus_and_memory() -> None:
     assert pool_size(totals, 1, 0, 32 * 2**30, 100) == 2  # memory-bound
     assert pool_size(totals, 1, 0, 2**30, 3) == 3  # never more workers than tasks
     assert pool_size({"CPU": 1}, 2, 0, 0, 5) == 1  # at least one
+
+
+def test_unfit_names_the_shortfall() -> None:
+    from farm.resources import unfit
+
+    nodes = [{"CPU": 16, "GPU": 2, "memory": 64 * 2**30}, {"CPU": 4, "memory": 8 * 2**30}]
+    assert unfit(nodes, 1, 0.25, 2**30) is None
+    assert unfit(nodes, 8, 2, 2**30) is None
+    assert "largest node has 16 CPU, 2 GPU" in unfit(nodes, 1, 4, 2**30)
+    assert unfit(nodes, 32, 0, 0) is not None
+    assert unfit([], 1, 0, 0) == "the Ray cluster has no live nodes"
