@@ -37,8 +37,9 @@ lint: setup
 	$(VENV)/bin/ruff check farm tests bench
 	$(VENV)/bin/mypy
 
+# CPU smoke version of the benchmark; the H100 runs and their command are in docs/BENCHMARKS.md
 bench: fixtures
-	$(PY) bench/quantize_bench.py
+	$(PY) bench/quantize_bench.py --shape tiny --samples 16 --seq 256 --workloads bare,farm
 
 clean:
 	rm -rf .farm

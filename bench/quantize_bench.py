@@ -140,6 +140,9 @@ def main() -> None:
         results["torch"] = torch.__version__
     except ImportError:
         pass
+    import torch
+
+    whole, quarter = (1, 0.25) if torch.cuda.is_available() else (0, 0)  # CPU smoke runs request no GPUs
     t = time.perf_counter()
     m0 = build_model(args.shape, 0, args.tokenizer, args.work)
     results["build_s"] = time.perf_counter() - t
@@ -150,7 +153,7 @@ def main() -> None:
         rows.append(["bare llm-compressor", 1, f"{b['load']:.1f}", f"{b['oneshot']:.1f}", f"{b['save']:.1f}",
                      f"{b['total']:.1f}", f"{b['peak_gib']:.1f}"])
     if "farm" in wl:
-        f = results["farm"] = run_farm([m0], args.text, args.samples, args.seq, 1, args.work, "farm1")
+        f = results["farm"] = run_farm([m0], args.text, args.samples, args.seq, whole, args.work, "farm1")
         v = f["variants"][0]
         print("farm:", json.dumps(v), f"wall {f['wall']:.1f}", flush=True)
         q = v["seconds_quantize_load"] + v["seconds_oneshot"] + v["seconds_save"]
@@ -158,7 +161,7 @@ def main() -> None:
                      f"{v['seconds_save']:.1f}", f"{q:.1f} (wall {f['wall']:.1f})", v["notes"]])
     if "pack4" in wl:
         models = [m0] + [build_model(args.shape, s, args.tokenizer, args.work) for s in (1, 2, 3)]
-        p = results["pack4"] = run_farm(models, args.text, args.samples, args.seq, 0.25, args.work, "pack4")
+        p = results["pack4"] = run_farm(models, args.text, args.samples, args.seq, quarter, args.work, "pack4")
         slowest = max(v["seconds_total"] for v in p["variants"])
         rows.append(["farm 4 models, 0.25 GPU each", 4, "", "", "", f"wall {p['wall']:.1f} (slowest {slowest:.1f})",
                      p["variants"][0]["notes"]])
