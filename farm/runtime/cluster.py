@@ -17,6 +17,8 @@ from typing import Any
 FORWARDED_ENV = (
     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL", "HF_HUB_OFFLINE",
     "HF_HOME", "FARM_CACHE", "FARM_FIXTURES",
+    # workers talk to MLflow too (artifact upload): same retry/timeout policy as the driver
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
 )
 
 

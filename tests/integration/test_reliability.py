@@ -135,8 +135,8 @@ def test_tracking_server_lost_mid_job_fails_cleanly(stack: Stack, stack_env: dic
     path = write_spec(tmp_path / "job.yaml", spec)
     env = {**stack_env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
     with servers.mlflow_process(tmp_path, None, str(tmp_path / "mlartifacts")) as (uri, server):
-        # embedded Ray: the driver and its workers see the short MLflow retry settings
-        proc = start_farm(["run", str(path), "--tracking-uri", uri], env, tmp_path)
+        proc = start_farm(["run", str(path), "--ray-address", stack.ray_address, "--tracking-uri", uri], env,
+                          tmp_path)
         assert proc.stdout is not None
         seen = []
         for line in proc.stdout:
