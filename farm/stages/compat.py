@@ -23,27 +23,37 @@ def accelerator_available() -> bool:
     return bool(torch.accelerator.is_available())
 
 
-@contextlib.contextmanager
-def cpu_safe_pinning() -> Iterator[bool]:
-    """Within the block, `IntermediatesCache.pin_memory` is a no-op when no accelerator exists.
+class PinningGuard:
+    """What the guard did: whether it is active, and how many pin requests it skipped."""
 
-    Yields whether the guard is active."""
+    def __init__(self, active: bool):
+        self.active = active
+        self.skipped = 0
+
+    def __bool__(self) -> bool:
+        return self.active
+
+
+@contextlib.contextmanager
+def cpu_safe_pinning() -> Iterator[PinningGuard]:
+    """Within the block, `IntermediatesCache.pin_memory` is a no-op when no accelerator exists."""
     if accelerator_available():
-        yield False
+        yield PinningGuard(False)
         return
     from llmcompressor.pipelines.cache import IntermediatesCache
 
     original = getattr(IntermediatesCache, "pin_memory", None)
     if original is None:
         log.warning("llm-compressor no longer has IntermediatesCache.pin_memory; CPU pinning guard not needed")
-        yield False
+        yield PinningGuard(False)
         return
+    guard = PinningGuard(True)
 
     def pin_memory(self: object, batch_index: int, input_names: list[str] | None = None) -> None:
-        return None  # nothing to pin for: no accelerator to copy to
+        guard.skipped += 1  # nothing to pin for: no accelerator to copy to
 
     IntermediatesCache.pin_memory = pin_memory  # type: ignore[method-assign]
     try:
-        yield True
+        yield guard
     finally:
         IntermediatesCache.pin_memory = original  # type: ignore[method-assign]

@@ -71,10 +71,10 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
         }
         if req.offload_device:
             kwargs["sequential_offload_device"] = req.offload_device
-    with cpu_safe_pinning() as guarded:
-        if guarded:
-            notes.append("no accelerator: llm-compressor activation pinning skipped")
+    with cpu_safe_pinning() as guard:
         oneshot(model=model, recipe=req.method.modifiers(), tokenizer=tokenizer, **kwargs)
+    if guard.skipped:
+        notes.append(f"no accelerator: skipped {guard.skipped} llm-compressor activation pin(s) (stages/compat.py)")
     t2 = time.perf_counter()
     out = Path(req.out_dir)
     model.save_pretrained(out, save_compressed=True)

@@ -32,8 +32,9 @@ def test_guard_skips_pinning_and_restores() -> None:
     from llmcompressor.pipelines.cache import IntermediatesCache
 
     original = IntermediatesCache.pin_memory
-    with cpu_safe_pinning() as active:
-        assert active
+    with cpu_safe_pinning() as guard:
+        assert guard
         cache = _cache_with_tensor()
         cache.pin_memory(0)  # no error
+    assert guard.skipped == 1
     assert IntermediatesCache.pin_memory is original
