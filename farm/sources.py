@@ -48,12 +48,36 @@ def weight_files(directory: Path, allow_pickle: bool = False) -> list[Path]:
     return files
 
 
+def cached_file_sha256(path: Path) -> str:
+    """A file's sha256, remembered under FARM_CACHE by (path, size, mtime): re-running a job on an 8B checkpoint
+    does not re-read 16 GB. A file rewritten in place with the same size and mtime would be missed; farm's own
+    writes never do that."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
+    memo = cache_root() / "sha256" / key
+    try:
+        digest = memo.read_text().strip()
+        if len(digest) == 64:
+            return digest
+    except OSError:
+        pass
+    digest = file_sha256(path)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}")
+        tmp.write_text(digest)
+        tmp.replace(memo)
+    except OSError:
+        pass  # a read-only cache only costs time
+    return digest
+
+
 def content_identity(directory: Path, allow_pickle: bool = False) -> str:
     """sha256 over (file name, file sha256) of every weight shard and the config."""
     files = weight_files(directory, allow_pickle) + [directory / n for n in HASHED if (directory / n).exists()]
     h = hashlib.sha256()
     for f in files:
-        h.update(f"{f.name}\0{file_sha256(f)}\n".encode())
+        h.update(f"{f.name}\0{cached_file_sha256(f)}\n".encode())
     return "sha256:" + h.hexdigest()
 
 
