@@ -79,14 +79,14 @@ def gpu_budget_bytes(num_gpus: float) -> int:
     return int(free if num_gpus >= 1 else min(free, total * num_gpus))
 
 
-def tune(v: Variant, model: sources.ResolvedModel) -> Any:
+def tune(v: Variant, model: sources.ResolvedModel, frugal: bool = False) -> Any:
     from farm.stages.modelio import pick_device
     from farm.stages.tuning import choose
 
     cfg = model.config
-    return choose(pick_device(), gpu_budget_bytes(v.resources.num_gpus), model.weights_bytes,
-                  v.calibration.num_samples, v.calibration.max_seq_length, int(cfg.get("hidden_size") or 0),
-                  int(cfg.get("intermediate_size") or 0), int(cfg.get("num_attention_heads") or 32))
+    return choose(pick_device(), gpu_budget_bytes(v.resources.num_gpus), v.calibration.num_samples,
+                  v.calibration.max_seq_length, int(cfg.get("hidden_size") or 0),
+                  int(cfg.get("intermediate_size") or 0), int(cfg.get("num_attention_heads") or 32), frugal)
 
 
 def is_device_oom(err: BaseException) -> bool:
@@ -151,11 +151,13 @@ class Worker:
             except Exception as err:
                 if not is_device_oom(err) or tuned.offload_device is None:
                     raise
-                # One retry with llm-compressor's frugal defaults (activations on the host, batch 1).
+                # One retry with the frugal settings (llm-compressor's defaults: activations on the host, batch 1).
                 release_device_memory()
-                q = quantize(replace(request, batch_size=1, offload_device=None))
-                q.notes.append(f"GPU out of memory with {tuned.reason}; retried with activations on host, batch 1")
+                frugal = tune(v, model, frugal=True)
+                q = quantize(replace(request, batch_size=frugal.batch_size, offload_device=frugal.offload_device))
+                q.notes.append(f"GPU out of memory with {tuned.reason}; retried with {frugal.reason}")
             e = evaluate(_eval_request(out, task.evaluation, v.model.trust_remote_code))
+            t_manifest = time.perf_counter()
             manifest = {
                 "variant_id": v.id,
                 "job": task.job_name,
@@ -184,8 +186,7 @@ class Worker:
                 "manifest": manifest,
                 "artifact_uri": artifact_uri,
                 "model_uri": model_uri,
-                "seconds_manifest": t1 - t0 - q.seconds_load - q.seconds_oneshot - q.seconds_save - e.seconds_load
-                - e.seconds_perplexity - e.seconds_generate,
+                "seconds_manifest": t1 - t_manifest,
                 "seconds_publish": t2 - t1,
                 "seconds_mlflow_upload": time.perf_counter() - t2,
                 "seconds_total": time.perf_counter() - t0,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-GIB = 1024**3
+from farm.resources import GIB
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,11 @@ def batch_element_bytes(seq_len: int, hidden_size: int, intermediate_size: int, 
     return num_heads * seq_len**2 * 2 * 4 + seq_len * (4 * hidden_size + 4 * intermediate_size) * 2 * 2
 
 
-def choose(device: str, gpu_budget_bytes: int, weights_bytes: int, num_samples: int, seq_len: int,
+def choose(device: str, gpu_budget_bytes: int, num_samples: int, seq_len: int,
            hidden_size: int, intermediate_size: int, num_heads: int = 32, frugal: bool = False) -> Tuning:
     """Settings for one variant. `gpu_budget_bytes` is this worker's share of its GPU (free memory x fraction)."""
     if device != "cuda" or frugal:
-        return Tuning(None, 1, "defaults (no GPU)" if device != "cuda" else "frugal retry: defaults")
+        return Tuning(None, 1, "defaults (no GPU)" if device != "cuda" else "activations on host, batch 1 (frugal)")
     cached = 2 * activation_bytes(num_samples, seq_len, hidden_size)  # inputs + outputs of the layer
     # one decoder layer's weights onloaded (~12 h^2 + 3 h i params in bf16) and the GPTQ Hessians (fp32, in^2)
     layer = 2 * (4 * hidden_size**2 + 3 * hidden_size * intermediate_size) + 4 * (hidden_size**2 + intermediate_size**2)

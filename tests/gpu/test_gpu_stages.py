@@ -41,7 +41,7 @@ def test_method_on_gpu(name: str, small_llama: Path, tmp_path: Path) -> None:
     from farm.stages.tuning import choose
 
     free, _ = torch.cuda.mem_get_info()
-    tuned = choose("cuda", free, 0, 32, 512, 512, 1536, 8)
+    tuned = choose("cuda", free, 32, 512, 512, 1536, 8)
     assert tuned.offload_device == "cuda"
     with cpu_safe_pinning() as guarded:
         assert not guarded  # the CPU fix never applies on a GPU machine

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from farm.stages.tuning import GIB, choose
 
-LLAMA_8B = dict(weights_bytes=16 * GIB, hidden_size=4096, intermediate_size=14336)
-LLAMA_1B = dict(weights_bytes=2 * GIB, hidden_size=2048, intermediate_size=8192)
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336)
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192)
 
 
 def test_cpu_keeps_defaults() -> None:
