@@ -13,12 +13,12 @@ import shlex
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from farm.errors import FarmError
-from farm.spec import JobSpec
+
+if TYPE_CHECKING:  # the CLI imports this module to build its parser: keep it light
+    from farm.spec import JobSpec
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 FARM_PACKAGE = Path(__file__).resolve().parent.parent
@@ -38,6 +38,8 @@ def _client(address: str) -> Any:
 
 
 def submit(spec: JobSpec, address: str, tracking_uri: str | None = None) -> str:
+    import yaml
+
     client = _client(address)
     workdir = Path(tempfile.mkdtemp(prefix="farm-submit-"))
     (workdir / "job.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json")))
