@@ -106,6 +106,32 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from farm.report import table
+    from farm.runtime.driver import tracking_target
+    from farm.tracking.mlflow_store import MlflowStore
+    from farm.watch.releases import HuggingFaceHub
+    from farm.watch.spec import load_watch
+    from farm.watch.watcher import CycleResult, LocalRunner, RayJobRunner, Runner, Watcher
+
+    watch, template = load_watch(args.spec)
+    uri = args.tracking_uri or watch.tracking_uri or tracking_target(template, None)[0]
+    store = MlflowStore(uri, template.tracking.experiment)
+    store.check_reachable()
+    runner: Runner = (RayJobRunner(watch.submit_address, uri) if watch.submit_address
+                      else LocalRunner(uri, args.ray_address))
+    failed = False
+
+    def report(results: list[CycleResult]) -> None:
+        nonlocal failed
+        failed = any(r.action in {"failed", "gave up"} for r in results)
+        print(table(["base", "action", "release", "detail"], [[r.base, r.action, r.release, r.detail]
+                                                               for r in results]), flush=True)
+
+    Watcher(watch, template, store, runner, HuggingFaceHub()).run(1 if args.once else args.cycles, report=report)
+    return 1 if failed else 0
+
+
 def _cmd_fixtures(args: argparse.Namespace) -> int:
     from farm import fixtures
 
@@ -150,6 +176,13 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("job_id")
         cmd.add_argument("--address", default=default_address())
         cmd.set_defaults(func=func)
+    wt = sub.add_parser("watch", help="re-quantize bases when a new release appears (watermarks in MLflow)")
+    wt.add_argument("spec", help="watch spec YAML")
+    wt.add_argument("--once", action="store_true", help="one cycle, then exit (for cron); 1 if a base failed")
+    wt.add_argument("--cycles", type=int, default=None, help="stop after this many cycles (default: forever)")
+    wt.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the watch spec's, then the job's)")
+    wt.add_argument("--ray-address", default=None, help="Ray cluster for in-process jobs")
+    wt.set_defaults(func=_cmd_watch)
     fx = sub.add_parser("fixtures", help="fetch and build the offline fixtures (SmolLM2, Shakespeare, tiny Llama)")
     fx.add_argument("--root", default=None)
     fx.set_defaults(func=_cmd_fixtures)

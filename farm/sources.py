@@ -131,7 +131,9 @@ def _resolve_s3(source: str, identify: bool, allow_pickle: bool) -> ResolvedMode
     prefix = source.removeprefix("s3://").rstrip("/")
     try:
         listing = fs.ls(prefix, detail=True, refresh=True)
-    except (FileNotFoundError, PermissionError, OSError) as err:
+    except FileNotFoundError:
+        raise SourceError(f"model {source}: no such prefix or it is empty") from None
+    except (PermissionError, OSError) as err:
         raise SourceError(f"model {source}: cannot list ({type(err).__name__}: {err})") from None
     files = {Path(o["name"]).name: o for o in listing if o.get("type") == "file"}
     if not files:

@@ -94,6 +94,18 @@ class TrackingSpec(Strict):
     experiment: str = Field("farm", min_length=1, max_length=200, description="MLflow experiment name")
     registered_model_prefix: str = Field("", pattern=r"^[A-Za-z0-9_.-]{0,64}$", description="registry name prefix")
     log_model: bool = Field(True, description="upload the quantized model as run artifacts")
+    tags: dict[str, str] = Field(default_factory=dict, max_length=64,
+                                 description="extra MLflow tags on every run of the job (farm's own tags win)")
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.\-/ ]{1,250}", key):
+                raise ValueError(f"tag {key!r}: keys are 1-250 letters, digits, '_', '.', '-', '/', ' '")
+            if len(value) > 5000:
+                raise ValueError(f"tag {key!r}: value longer than 5000 characters")
+        return v
 
 
 class OutputSpec(Strict):
@@ -122,7 +134,7 @@ class JobSpec(Strict):
         return self
 
 
-def _one_line(err: ValidationError) -> str:
+def one_line(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
     msg = first["msg"].replace("\n", " ")
@@ -145,7 +157,7 @@ def parse_spec(data: Any, base_dir: Path | None = None) -> JobSpec:
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as err:
-        raise SpecError(_one_line(err)) from None
+        raise SpecError(one_line(err)) from None
     return resolve_paths(spec, base_dir) if base_dir else spec
 
 

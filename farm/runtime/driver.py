@@ -101,7 +101,7 @@ class Driver:
 
     # -- MLflow helpers --------------------------------------------------------------------------------------
     def _start(self, name: str, tags: dict[str, str], parent: str | None) -> str:
-        run_id = self.store.start_run(name, {**tags, TAG + "driver": DRIVER_ID}, parent)
+        run_id = self.store.start_run(name, {**self.spec.tracking.tags, **tags, TAG + "driver": DRIVER_ID}, parent)
         self.open_runs.add(run_id)
         return run_id
 

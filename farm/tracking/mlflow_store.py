@@ -38,6 +38,13 @@ class RunRow:
     start_time: int
 
 
+@dataclass(frozen=True)
+class Claim:
+    name: str
+    tags: dict[str, str]
+    created_ms: int
+
+
 def _row(run: Any) -> RunRow:
     return RunRow(
         run.info.run_id, run.info.status, dict(run.data.tags), dict(run.data.params), dict(run.data.metrics),
@@ -179,6 +186,41 @@ class MlflowStore:
         source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
         mv = self.client.create_model_version(name, source, run_id=run_id, tags=tags, description=description)
         return str(mv.version)
+
+    # -- claims: exclusive markers (the release watcher's ledger) -----------------------------------------------
+    def claim(self, name: str, tags: dict[str, str]) -> bool:
+        """Create experiment `name` as an exclusive claim. Experiment names are unique in the tracking database
+        (deleted ones included), so of several watchers racing for one release exactly one gets True."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_experiment(name, tags=tags)
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_ALREADY_EXISTS":
+                return False
+            raise
+        return True
+
+    def claims(self, prefix: str) -> list[Claim]:
+        """Claims whose name starts with `prefix` (no LIKE wildcards in it), oldest first."""
+        from mlflow.entities import ViewType
+
+        out: list[Claim] = []
+        token = None
+        while True:
+            page = self.client.search_experiments(view_type=ViewType.ALL, filter_string=f"name LIKE '{prefix}%'",
+                                                  order_by=["creation_time ASC"], page_token=token)
+            out += [Claim(e.name, dict(e.tags), e.creation_time or 0) for e in page]
+            token = page.token
+            if not token:
+                return out
+
+    def tag_claim(self, name: str, tags: dict[str, str]) -> None:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            raise TrackingError(f"claim {name!r} vanished from {redact(self.uri)}")
+        for key, value in tags.items():
+            self.client.set_experiment_tag(exp.experiment_id, key, value[:MAX_PARAM])
 
 
 def is_tracking_failure(err: BaseException) -> bool:
