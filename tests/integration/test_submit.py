@@ -80,3 +80,26 @@ def test_bad_spec_is_not_submitted(jobs_api: str, tmp_path: Path) -> None:
     from ray.job_submission import JobSubmissionClient
 
     assert not [j for j in JobSubmissionClient(jobs_api).list_jobs() if (j.metadata or {}).get("farm_job") == "x"]
+
+
+def test_watch_submits_a_ray_job_and_reads_how_it_ended(jobs_api: str, stack: Stack, stack_env: dict,
+                                                         fixture_paths: dict, tmp_path: Path) -> None:
+    import yaml
+
+    from farm.runtime.submit import wait
+
+    write_spec(tmp_path / "job.yaml", tiny_spec(fixture_paths, str(tmp_path / "out"), methods=[{"method": "fp8"}],
+                                                tracking={"experiment": "watch-sub"}))
+    (tmp_path / "watch.yaml").write_text(yaml.safe_dump({
+        "name": "cron", "job": "job.yaml", "tracking_uri": stack.mlflow_uri, "submit_address": jobs_api,
+        "bases": [{"source": str(fixture_paths["tiny-llama"]), "name": "tiny"}]}))
+    env = {**stack_env, "FARM_CACHE": str(tmp_path / "cache")}
+    first = farm("watch", "watch.yaml", "--once", env=env, cwd=tmp_path)
+    assert first.returncode == 0 and " submitted " in first.stdout, first.stdout + first.stderr
+    job_id = first.stdout.split()[-1]
+    assert wait(jobs_api, job_id, timeout=300) == "SUCCEEDED", farm("logs", job_id, "--address", jobs_api).stdout
+    second = farm("watch", "watch.yaml", "--once", env=env, cwd=tmp_path)
+    assert " unchanged " in second.stdout, second.stdout + second.stderr
+    claims = MlflowClient(stack.mlflow_uri).search_experiments(filter_string="name LIKE 'farm-watch/%'")
+    mine = [c for c in claims if c.tags.get("farm.watch.name") == "cron"]
+    assert [c.tags["farm.watch.state"] for c in mine] == ["finished"] and mine[0].tags["farm.watch.job"] == job_id

@@ -62,3 +62,42 @@ def test_kuberay_rayjob_runs_farm() -> None:
     mount = {m["mountPath"] for c in _containers(spec["rayClusterSpec"]["headGroupSpec"]["template"])
              for m in c.get("volumeMounts", [])}
     assert any(argv[2].startswith(m) for m in mount)
+
+
+def _cron_fields_ok(schedule: str) -> bool:
+    fields = schedule.split()
+    return len(fields) == 5 and all(f == "*" or f.replace("*/", "").replace(",", "").replace("-", "").isdigit()
+                                    for f in fields)
+
+
+def test_kuberay_raycronjob_runs_the_watcher_nightly() -> None:
+    doc = yaml.safe_load((CLUSTER / "kuberay-raycronjob-watch.yaml").read_text())
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayCronJob")
+    spec = doc["spec"]
+    assert _cron_fields_ok(spec["schedule"])
+    job = spec["jobTemplate"]  # a RayJob spec (KubeRay's ray-cronjob sample)
+    argv = shlex.split(job["entrypoint"])
+    assert argv[:2] == ["farm", "watch"] and "--once" in argv
+    assert job["shutdownAfterJobFinishes"] is True
+    _check_ray_cluster_spec(job["rayClusterSpec"])
+    mount = {m["mountPath"] for c in _containers(job["rayClusterSpec"]["headGroupSpec"]["template"])
+             for m in c.get("volumeMounts", [])}
+    assert any(argv[2].startswith(m) for m in mount)
+
+
+def test_k8s_cronjob_fallback_runs_the_watcher() -> None:
+    doc = yaml.safe_load((CLUSTER / "k8s-cronjob-watch.yaml").read_text())
+    assert (doc["apiVersion"], doc["kind"]) == ("batch/v1", "CronJob")
+    spec = doc["spec"]
+    assert _cron_fields_ok(spec["schedule"]) and spec["concurrencyPolicy"] == "Forbid"
+    pod = spec["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] in {"Never", "OnFailure"}
+    command = pod["containers"][0]["command"]
+    assert command[:2] == ["farm", "watch"] and "--once" in command
+
+
+def test_example_watch_spec_is_valid() -> None:
+    from farm.watch.spec import load_watch
+
+    watch, template = load_watch(CLUSTER.parent / "jobs" / "watch.yaml")
+    assert watch.bases and template.methods

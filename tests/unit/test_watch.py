@@ -178,3 +178,28 @@ def test_bad_watch_spec_is_one_line(tmp_path: Path, fixture_paths: dict, change:
     with pytest.raises(SpecError, match=needle) as err:
         load_watch(tmp_path / "w.yaml")
     assert "\n" not in str(err.value)
+
+
+def test_a_watch_cycle_imports_no_torch(setup) -> None:
+    import subprocess
+    import sys
+
+    tmp, _, _ = setup
+    code = (
+        "import sys\n"
+        "from farm.tracking.mlflow_store import MlflowStore\n"
+        "from farm.watch.spec import load_watch\n"
+        "from farm.watch.watcher import Watcher\n"
+        "class R:\n"
+        "    def start(self, spec): return 'finished', 'j', ''\n"
+        "    def poll(self, ref): return None\n"
+        "class H:\n"
+        "    def head(self, repo, branch): return '1' * 40\n"
+        f"watch, template = load_watch({str(tmp / 'watch.yaml')!r})\n"
+        f"store = MlflowStore('sqlite:///{tmp / 'nt.db'}', 'x')\n"
+        "results = Watcher(watch, template, store, R(), H(), say=print).cycle()\n"
+        "heavy = [m for m in ('torch', 'transformers', 'llmcompressor', 'ray') if m in sys.modules]\n"
+        "assert [r.action for r in results] == ['built', 'built'] and not heavy, (results, heavy)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp)
+    assert res.returncode == 0, res.stderr[-2000:]
