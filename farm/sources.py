@@ -126,27 +126,30 @@ def _resolve_hf(source: str, revision: str | None, allow_pickle: bool) -> Resolv
 
 def _resolve_s3(source: str, identify: bool, allow_pickle: bool) -> ResolvedModel:
     import s3fs
+    from botocore.exceptions import BotoCoreError, ClientError
 
-    fs = s3fs.S3FileSystem()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)  # credentials are read now: a long-lived watcher sees rotations
     prefix = source.removeprefix("s3://").rstrip("/")
     try:
         listing = fs.ls(prefix, detail=True, refresh=True)
+        files = {Path(o["name"]).name: o for o in listing if o.get("type") == "file"}
+        if not files:
+            raise FileNotFoundError(prefix)
+        # The cache key includes ETags and sizes, so a changed object is fetched again.
+        key = hashlib.sha256(json.dumps(sorted((n, o.get("ETag"), o.get("size")) for n, o in files.items())).encode())
+        dest = cache_root() / "s3" / key.hexdigest()[:32]
+        if not (dest / ".complete").exists():
+            dest.mkdir(parents=True, exist_ok=True)
+            for name, obj in files.items():
+                if allow_pickle or not name.endswith(PICKLE_SUFFIXES):
+                    fs.get(obj["name"], str(dest / name))
+            (dest / ".complete").write_text(source)
     except FileNotFoundError:
         raise SourceError(f"model {source}: no such prefix or it is empty") from None
-    except (PermissionError, OSError) as err:
-        raise SourceError(f"model {source}: cannot list ({type(err).__name__}: {err})") from None
-    files = {Path(o["name"]).name: o for o in listing if o.get("type") == "file"}
-    if not files:
-        raise SourceError(f"model {source}: no such prefix or it is empty")
-    # The cache key includes ETags and sizes, so a changed object is fetched again.
-    key = hashlib.sha256(json.dumps(sorted((n, o.get("ETag"), o.get("size")) for n, o in files.items())).encode())
-    dest = cache_root() / "s3" / key.hexdigest()[:32]
-    if not (dest / ".complete").exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        for name, obj in files.items():
-            if allow_pickle or not name.endswith(PICKLE_SUFFIXES):
-                fs.get(obj["name"], str(dest / name))
-        (dest / ".complete").write_text(source)
+    except PermissionError as err:
+        raise SourceError(f"model {source}: access denied ({err})") from None
+    except (OSError, BotoCoreError, ClientError) as err:  # credentials missing or refused, endpoint down
+        raise SourceError(f"model {source}: cannot read ({type(err).__name__}: {err})") from None
     config = check_checkpoint(dest, source, allow_pickle)
     identity = content_identity(dest, allow_pickle) if identify else ""
     return ResolvedModel(source, "s3", str(dest), identity, None, config)

@@ -32,3 +32,15 @@ def test_s3_source_identity_matches_local(stack: Stack, stack_env: dict, fixture
 def test_missing_s3_prefix(stack: Stack, stack_env: dict) -> None:
     with pytest.raises(SourceError, match=r"no such prefix|cannot list"):
         sources.resolve(f"s3://{BUCKET}/models/absent")
+
+
+def test_s3_source_without_credentials_is_one_line(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", stack.s3_endpoint)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(SourceError, match=r"cannot read \(NoCredentialsError") as err:
+        sources.resolve(f"s3://{BUCKET}/models/tiny")
+    assert "\n" not in str(err.value)
