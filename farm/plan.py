@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from farm import resources
@@ -116,7 +116,10 @@ def make_plan(spec: JobSpec, models: dict[str, ModelInfo], calibration_sha: str,
                 spec.resources.num_gpus, spec.resources.num_cpus, spec.resources.memory_gb, info.weights_bytes,
                 cal.num_samples, cal.max_seq_length, int(info.config.get("hidden_size") or 0),
             )
-            vid = _hash("variant", info.identity, method.config_hash(), cal_id)
+            if method.requires_calibration and spec.resources.ranks > 1:
+                # each rank holds a layer's activations for its share only; the checkpoint is shared on the host
+                res = replace(res, ranks=spec.resources.ranks)
+            vid = _hash("variant", info.identity, method.config_hash(), cal_id)  # ranks change speed, not output
             variants.append(Variant(vid, model, name, info.identity, method, cal, res, base_id))
     ids = [v.id for v in variants]
     job_id = _hash("job", spec.name, sorted(ids))

@@ -17,6 +17,7 @@ class Resources:
     num_gpus: float
     num_cpus: float
     memory_bytes: int
+    ranks: int = 1  # >1: a placement group of `ranks` workers of this shape (data-parallel calibration)
 
     def ray_options(self) -> dict[str, float | int]:
         return {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus, "memory": self.memory_bytes}

@@ -87,6 +87,15 @@ class ResourceSpec(Strict):
     num_cpus: float = Field(1, gt=0, le=512, description="CPUs per variant (also torch threads)")
     memory_gb: float | None = Field(None, gt=0, le=4096, description="host memory reserved per variant")
     max_retries: int = Field(1, ge=0, le=10, description="times a variant whose worker died is retried")
+    ranks: int = Field(1, ge=1, le=64, description="data-parallel calibration ranks per variant: >1 forms a Ray "
+                       "placement group of this many workers (each num_gpus/num_cpus) running llm-compressor's "
+                       "distributed oneshot; data-free methods use one worker")
+
+    @model_validator(mode="after")
+    def _whole_gpus_for_ranks(self) -> ResourceSpec:
+        if self.ranks > 1 and self.num_gpus != int(self.num_gpus):
+            raise ValueError(f"ranks: {self.ranks} ranks need whole GPUs each (num_gpus is {self.num_gpus:g})")
+        return self
 
 
 class TrackingSpec(Strict):

@@ -121,3 +121,53 @@ def failure_reason(err: BaseException) -> str:
     if isinstance(err, rex.OutOfMemoryError):
         return "out of host memory (killed by Ray's memory monitor)"
     return f"{type(err).__name__}: {err}"[:500]
+
+
+class Gang:
+    """`count` actors of `cls`, one per bundle of a placement group packed onto as few nodes as possible: the
+    ranks of one data-parallel variant. `close` kills them and frees the bundles."""
+
+    def __init__(self, cls: type, count: int, bundle: dict[str, float], init_args: tuple[Any, ...],
+                 timeout_s: float = 600):
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = {k: v for k, v in bundle.items() if v}
+        self.pg = placement_group([bundle] * count, strategy="PACK")
+        ready, _ = ray.wait([self.pg.ready()], timeout=timeout_s)
+        if not ready:
+            remove_placement_group(self.pg)
+            raise RuntimeError(f"a placement group of {count} x {bundle} was not placed within {timeout_s:.0f} s")
+        options = {"num_cpus": bundle.get("CPU", 1), "num_gpus": bundle.get("GPU", 0), "max_restarts": 0,
+                   "max_task_retries": 0, **({"memory": bundle["memory"]} if "memory" in bundle else {})}
+        self.actors: list[Any] = [
+            ray.remote(cls).options(**options, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.pg, placement_group_bundle_index=i)).remote(*init_args)
+            for i in range(count)
+        ]
+
+    def call(self, method: str, *args: Any) -> Any:
+        """Call `method` on rank 0 and wait for its value (the rendezvous address, say)."""
+        import ray
+
+        return ray.get(getattr(self.actors[0], method).remote(*args))
+
+    def close(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.actors:
+            ray.kill(actor)
+        remove_placement_group(self.pg)
+
+
+def gang_unfit(nodes: list[dict[str, float]], bundle: dict[str, float], count: int) -> str | None:
+    """Why the cluster can never hold `count` bundles of this shape at once, or None when it can."""
+    fits = 0
+    for node in nodes:
+        fits += int(min(node.get(k, 0) / v for k, v in bundle.items() if v) + 1e-9) if any(bundle.values()) else 0
+    if fits >= count:
+        return None
+    shape = ", ".join(f"{v:g} {k}" if k != "memory" else f"{v / 2**30:.1f} GiB" for k, v in bundle.items() if v)
+    return f"resources: {count} ranks of ({shape}) need more than the cluster holds ({fits} such bundles fit)"

@@ -9,6 +9,7 @@ whose driver died - only builds what is missing.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import time
@@ -22,6 +23,7 @@ from farm.calibration import TextIdentity
 from farm.errors import SpecError, TrackingError
 from farm.plan import BaseEval, ModelInfo, Plan, Variant, make_plan
 from farm.runtime import cluster
+from farm.runtime.ddp import Rank
 from farm.runtime.workers import BaseTask, Tracking, VariantTask, Worker, library_versions
 from farm.secrets import redact
 from farm.spec import JobSpec
@@ -131,8 +133,13 @@ class Driver:
         with cluster.connect(self.ray_address, self.verbose) if work else contextlib.nullcontext():
             if work:  # a variant no node can hold is bad input: say so before any run is created
                 memory = max(v.resources.memory_bytes for v in todo) if todo else 0
-                problem = resources.unfit(cluster.nodes(), self.spec.resources.num_cpus,
-                                          self.spec.resources.num_gpus, memory)
+                nodes = cluster.nodes()
+                problem = resources.unfit(nodes, self.spec.resources.num_cpus, self.spec.resources.num_gpus, memory)
+                gangs = [v.resources for v in todo if v.resources.ranks > 1]
+                if not problem and gangs:
+                    r = max(gangs, key=lambda r: r.memory_bytes)
+                    problem = cluster.gang_unfit(nodes, {"CPU": r.num_cpus, "GPU": r.num_gpus,
+                                                         "memory": r.memory_bytes}, r.ranks)
                 if problem:
                     raise SpecError(problem)
             return self._record(plan, outcome, cached, todo, bases_todo, base_ppl, t0)
@@ -215,36 +222,70 @@ class Driver:
         slowest_first = sorted(todo, key=lambda v: COST_RANK.get(v.method.method, 9))
         queue: deque[BaseEval | Variant] = deque([*bases, *slowest_first])
         idle: list[Any] = []
-        pending: dict[Any, tuple[BaseEval | Variant, Any, str]] = {}  # ref -> (item, worker, run_id)
+        pending: dict[Any, tuple[BaseEval | Variant, Any, str]] = {}  # ref -> (item, worker or gang, run_id)
+        followers: dict[Any, Any] = {}  # ref of a rank > 0 -> ref of its rank 0
+        rank_errors: dict[Any, str] = {}  # rank-0 ref -> why another rank of its gang failed
+        rank_info: dict[Any, list[dict[str, Any]]] = {}  # rank-0 ref -> where the other ranks ran
         waiting: list[tuple[Variant, str, dict[str, Any]]] = []  # variants done before their base
         bases_left = {b.id for b in bases}
         attempts: dict[str, int] = {}
         self.say(f"  {size} worker(s) of {res.num_cpus:g} CPU / {res.num_gpus:g} GPU each")
+
+        def slots(item: BaseEval | Variant) -> int:
+            return min(item.resources.ranks, size) if isinstance(item, Variant) else 1
+
         try:
             while queue or pending:
-                while queue and len(pending) < size:
+                while queue and sum(slots(p[0]) for p in pending.values()) + slots(queue[0]) <= size:
                     item = queue.popleft()
                     attempt = attempts[item.id] = attempts.get(item.id, 0) + 1
-                    worker = idle.pop() if idle else cluster.remote_actor(Worker, worker_opts).remote(res.num_cpus)
                     if isinstance(item, BaseEval):
+                        worker = idle.pop() if idle else cluster.remote_actor(Worker, worker_opts).remote(res.num_cpus)
                         run_id = self._start(f"base:{item.model_name}", {
                             TAG + "role": "base", TAG + "job_id": plan.job_id, TAG + "base_eval_id": item.id,
                             TAG + "model": item.model_name, TAG + "model_identity": item.identity,
                             TAG + "attempt": str(attempt)}, parent)
                         ref = worker.evaluate_base.remote(BaseTask(plan.job_name, item, self.spec.evaluation))
+                        pending[ref] = (item, worker, run_id)
+                        continue
+                    run_id = self._start(item.label, {**self._variant_tags(plan, item),
+                                                      TAG + "attempt": str(attempt)}, parent)
+                    self.store.log(run_id, params=self._variant_params(item))
+                    task = VariantTask(plan.job_name, item, run_id, self.spec.evaluation, self.spec.output.root,
+                                       tracking)
+                    if item.resources.ranks > 1:
+                        for w in idle:  # idle workers hold CPUs/GPUs the placement group needs
+                            cluster.kill(w)
+                        idle.clear()
+                        gang, refs = self._start_gang(item, task)
+                        ref = refs[0]
+                        followers.update({r: ref for r in refs[1:]})
+                        pending[ref] = (item, gang, run_id)
                     else:
-                        run_id = self._start(item.label, {**self._variant_tags(plan, item),
-                                                          TAG + "attempt": str(attempt)}, parent)
-                        self.store.log(run_id, params=self._variant_params(item))
-                        task = VariantTask(plan.job_name, item, run_id, self.spec.evaluation, self.spec.output.root,
-                                           tracking)
+                        worker = idle.pop() if idle else cluster.remote_actor(Worker, worker_opts).remote(res.num_cpus)
                         ref = worker.build.remote(task)
-                        self.say(f"  started  {item.label}  (variant {item.id}, run {run_id[:12]})")
-                    pending[ref] = (item, worker, run_id)
-                ref = cluster.wait_one(list(pending))
+                        pending[ref] = (item, worker, run_id)
+                    self.say(f"  started  {item.label}  (variant {item.id}, run {run_id[:12]})")
+                ref = cluster.wait_one(list(pending) + list(followers))
+                if ref in followers:
+                    lead = followers.pop(ref)
+                    value, error, _ = cluster.result(ref)
+                    rank_info.setdefault(lead, []).append(value)
+                    if error is not None and lead in pending:  # one rank failed: the collective cannot finish
+                        rank_errors[lead] = f"a data-parallel rank failed: {error}"
+                        pending[lead][1].close()
+                    continue
                 item, worker, run_id = pending.pop(ref)
                 result, error, worker_lost = cluster.result(ref)
-                if worker_lost:
+                if isinstance(worker, cluster.Gang):
+                    worker.close()
+                    for r in [r for r, lead in followers.items() if lead == ref]:
+                        followers.pop(r)
+                    error = rank_errors.pop(ref, error) if error is not None else None
+                    others = rank_info.pop(ref, [])
+                    if result is not None and result.get("ddp"):
+                        result["ddp"]["ranks"] = [{"rank": 0, **result["ddp"]["rank0"]}, *filter(None, others)]
+                elif worker_lost:
                     cluster.kill(worker)
                 else:
                     idle.append(worker)
@@ -269,7 +310,19 @@ class Driver:
                     waiting.append((item, run_id, result))
         finally:
             for worker in idle + [p[1] for p in pending.values()]:
-                cluster.kill(worker)
+                if isinstance(worker, cluster.Gang):
+                    worker.close()
+                else:
+                    cluster.kill(worker)
+
+    def _start_gang(self, v: Variant, task: VariantTask) -> tuple[Any, list[Any]]:
+        """A placement group of `ranks` workers; rank 0 names the rendezvous, every rank joins it."""
+        r = v.resources
+        gang = cluster.Gang(Worker, r.ranks, {"CPU": r.num_cpus, "GPU": r.num_gpus, "memory": r.memory_bytes},
+                            (r.num_cpus,))
+        addr, port = gang.call("rendezvous")
+        refs = [actor.build.remote(task, Rank(i, r.ranks, addr, port)) for i, actor in enumerate(gang.actors)]
+        return gang, refs
 
     def _finish_base(self, b: BaseEval, run_id: str, result: dict[str, Any] | None, error: str | None,
                      base_ppl: dict[str, float]) -> None:
@@ -295,6 +348,9 @@ class Driver:
         limit = self.spec.evaluation.thresholds.max_perplexity_delta
         tags = {TAG + "artifact_uri": result["artifact_uri"], TAG + "generation": e["generation"],
                 TAG + "recipe_sha256": manifest["recipe_sha256"], TAG + "device": q["device"]}
+        if result.get("ddp"):
+            tags[TAG + "ddp_world_size"] = str(result["ddp"]["world"])
+            tags[TAG + "ddp_ranks"] = json.dumps(sorted(result["ddp"].get("ranks", []), key=lambda r: r["rank"]))
         if q["notes"]:
             tags[TAG + "notes"] = "; ".join(q["notes"])
         if limit is not None and base is not None:

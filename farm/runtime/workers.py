@@ -18,6 +18,8 @@ from typing import Any
 from farm import sources
 from farm.artifacts import ArtifactStore, file_table
 from farm.plan import BaseEval, Variant
+from farm.runtime import ddp
+from farm.runtime.ddp import Rank
 from farm.secrets import redact
 from farm.spec import EvaluationSpec
 
@@ -79,14 +81,17 @@ def gpu_budget_bytes(num_gpus: float) -> int:
     return int(free if num_gpus >= 1 else min(free, total * num_gpus))
 
 
-def tune(v: Variant, model: sources.ResolvedModel, frugal: bool = False) -> Any:
+def tune(v: Variant, model: sources.ResolvedModel, frugal: bool = False, world: int = 1) -> Any:
     from farm.stages.modelio import pick_device
     from farm.stages.tuning import choose
 
     cfg = model.config
-    return choose(pick_device(), gpu_budget_bytes(v.resources.num_gpus), v.calibration.num_samples,
+    on_disk = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
+    loaded_bytes = model.weights_bytes // 2 if on_disk == "float32" else model.weights_bytes  # loaded as bf16
+    return choose(pick_device(), gpu_budget_bytes(v.resources.num_gpus), -(-v.calibration.num_samples // world),
                   v.calibration.max_seq_length, int(cfg.get("hidden_size") or 0),
-                  int(cfg.get("intermediate_size") or 0), int(cfg.get("num_attention_heads") or 32), frugal)
+                  int(cfg.get("intermediate_size") or 0), int(cfg.get("num_attention_heads") or 32), frugal,
+                  weights_bytes=0 if world > 1 else loaded_bytes)
 
 
 def is_device_oom(err: BaseException) -> bool:
@@ -122,40 +127,49 @@ class Worker:
             release_device_memory()  # the worker is reused; give its GPU share back to packed neighbours
         return {"evaluation": asdict(result)}
 
-    def build(self, task: VariantTask) -> dict[str, Any]:
+    def build(self, task: VariantTask, rank: Rank | None = None) -> dict[str, Any]:
+        """Quantize, evaluate and publish one variant. With `rank`, this worker is one rank of a data-parallel
+        variant: every rank calibrates on its share; rank 0 alone evaluates, publishes and reports."""
         from farm.stages.evaluate import evaluate
         from farm.stages.quantize import CalibrationDraw, QuantizeRequest, quantize
         from farm.tracking.mlflow_store import MlflowStore
 
         v = task.variant
         tr = task.tracking
+        me = {"worker": f"{socket.gethostname()}:{os.getpid()}",
+              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+        lead = rank is None or rank.rank == 0
         mlflow = MlflowStore(tr.uri, tr.experiment, tr.artifact_location)
-        mlflow.log(task.run_id, tags={"farm.worker": f"{socket.gethostname()}:{os.getpid()}",
-                                      "farm.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
+        if lead:
+            mlflow.log(task.run_id, tags={"farm.worker": me["worker"],
+                                          "farm.cuda_visible_devices": me["cuda_visible_devices"]})
         model = sources.resolve(v.model.source, v.model.revision, identify=False, allow_pickle=v.model.allow_pickle)
         scratch = tempfile.mkdtemp(prefix=f"farm-{v.id}-")
         try:
             out = f"{scratch}/model"
             cal = v.calibration
             t0 = time.perf_counter()
-            tuned = tune(v, model)
+            world = rank.world if rank else 1
+            tuned = tune(v, model, world=world)
             request = QuantizeRequest(
                 model_dir=model.local_dir, method=v.method,
                 calibration=CalibrationDraw(cal.source, cal.num_samples, cal.max_seq_length, cal.seed),
                 out_dir=out, trust_remote_code=v.model.trust_remote_code,
-                batch_size=tuned.batch_size, offload_device=tuned.offload_device,
+                batch_size=tuned.batch_size, offload_device=tuned.offload_device, load_device=tuned.load_device,
+                rank=rank.rank if rank else 0, world=world,
             )
-            try:
-                q = quantize(request)
-                q.notes.append(f"tuning: {tuned.reason}")
-            except Exception as err:
-                if not is_device_oom(err) or tuned.offload_device is None:
-                    raise
-                # One retry with the frugal settings (llm-compressor's defaults: activations on the host, batch 1).
-                release_device_memory()
-                frugal = tune(v, model, frugal=True)
-                q = quantize(replace(request, batch_size=frugal.batch_size, offload_device=frugal.offload_device))
-                q.notes.append(f"GPU out of memory with {tuned.reason}; retried with {frugal.reason}")
+            if rank is not None:
+                backend = ddp.init(rank)
+                try:
+                    q = quantize(request)
+                finally:
+                    ddp.destroy()
+                if not lead:
+                    return {"rank": rank.rank, **me}
+                q.notes.append(f"data-parallel calibration: {world} ranks ({backend}); tuning per rank: "
+                               f"{tuned.reason}")
+            else:
+                q = self._quantize_with_retry(v, model, request, tuned)
             e = evaluate(_eval_request(out, task.evaluation, v.model.trust_remote_code))
             t_manifest = time.perf_counter()
             manifest = {
@@ -190,7 +204,44 @@ class Worker:
                 "seconds_publish": t2 - t1,
                 "seconds_mlflow_upload": time.perf_counter() - t2,
                 "seconds_total": time.perf_counter() - t0,
+                "ddp": {"world": world, "rank0": me} if rank else None,
             }
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
             release_device_memory()
+
+    @staticmethod
+    def _quantize_with_retry(v: Variant, model: sources.ResolvedModel, request: Any, tuned: Any) -> Any:
+        from farm.stages.quantize import quantize
+
+        try:
+            q = quantize(request)
+            q.notes.append(f"tuning: {tuned.reason}")
+            return q
+        except Exception as err:
+            if not is_device_oom(err) or tuned.offload_device is None:
+                raise
+        # One retry with the frugal settings (llm-compressor's defaults: activations on the host, batch 1).
+        release_device_memory()
+        frugal = tune(v, model, frugal=True)
+        q = quantize(replace(request, batch_size=frugal.batch_size, offload_device=frugal.offload_device,
+                             load_device=frugal.load_device))
+        q.notes.append(f"GPU out of memory with {tuned.reason}; retried with {frugal.reason}")
+        return q
+
+    def rendezvous(self) -> tuple[str, int]:
+        """(this node's address as other nodes see it, a free port) for rank 0 of a data-parallel variant."""
+        return node_address(), ddp.free_port()
+
+
+def node_address() -> str:
+    """The address other nodes reach this one at: Ray's node IP when set, else the outbound interface's."""
+    for key in ("RAY_NODE_IP_ADDRESS", "RAY_NODE_IP"):
+        if os.environ.get(key):
+            return os.environ[key]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # no packet is sent; picks the interface of the default route
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"

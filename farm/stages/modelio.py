@@ -34,6 +34,21 @@ def load_model(path: str | Path, device: str, trust_remote_code: bool = False) -
     return model.eval()
 
 
+def load_shared_model(path: str | Path, device: str, trust_remote_code: bool = False) -> Any:
+    """For distributed calibration: rank 0 reads the checkpoint into host memory and the other ranks share it
+    through compressed-tensors' offloading (instead of N copies); llm-compressor onloads layer by layer."""
+    import torch
+    from compressed_tensors.offload import load_offloaded_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    with load_offloaded_model():
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, trust_remote_code=trust_remote_code, device_map="auto_offload"
+        )
+    return model.eval()
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 

@@ -10,7 +10,7 @@ from typing import Any
 from farm.calibration import read_text, sample_windows
 from farm.methods import MethodConfig
 from farm.stages.compat import cpu_safe_pinning
-from farm.stages.modelio import load_model, load_tokenizer, pick_device
+from farm.stages.modelio import load_model, load_shared_model, load_tokenizer, pick_device
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,9 @@ class QuantizeRequest:
     trust_remote_code: bool = False
     batch_size: int = 1
     offload_device: str | None = None  # where sequential calibration keeps activations (None: llm-compressor's)
+    load_device: str | None = None  # where the weights live: None = the worker's device; "cpu" = onload per layer
+    rank: int = 0  # data-parallel rank and world size (world > 1: a process group is already initialised)
+    world: int = 1
 
 
 @dataclass
@@ -48,6 +51,7 @@ def _dataset(req: QuantizeRequest, tokenizer: Any) -> Any:
 
     cal = req.calibration
     windows = sample_windows(read_text(cal.source), tokenizer, cal.num_samples, cal.max_seq_length, cal.seed)
+    windows = windows[req.rank::req.world]  # disjoint shares whose union is the single-process draw
     return Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
 
 
@@ -57,14 +61,18 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
     device = pick_device()
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
-    model = load_model(req.model_dir, device, req.trust_remote_code)
+    if req.world > 1:
+        model = load_shared_model(req.model_dir, device, req.trust_remote_code)
+    else:
+        model = load_model(req.model_dir, req.load_device or device, req.trust_remote_code)
     t1 = time.perf_counter()
     kwargs: dict[str, Any] = {}
     notes: list[str] = []
     if req.method.requires_calibration:
+        dataset = _dataset(req, tokenizer)
         kwargs |= {
-            "dataset": _dataset(req, tokenizer),
-            "num_calibration_samples": req.calibration.num_samples,
+            "dataset": dataset,
+            "num_calibration_samples": len(dataset),
             "max_seq_length": req.calibration.max_seq_length,
             "shuffle_calibration_samples": False,  # the draw is already seeded
             "batch_size": req.batch_size,
@@ -77,7 +85,7 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
         notes.append(f"no accelerator: skipped {guard.skipped} llm-compressor activation pin(s) (stages/compat.py)")
     t2 = time.perf_counter()
     out = Path(req.out_dir)
-    model.save_pretrained(out, save_compressed=True)
+    model.save_pretrained(out, save_compressed=True)  # collective when distributed: every rank calls it
     tokenizer.save_pretrained(out)
     recipe_file = out / "recipe.yaml"
     recipe = recipe_file.read_text() if recipe_file.exists() else ""

@@ -18,6 +18,7 @@ class Tuning:
     offload_device: str | None  # None: llm-compressor's default (host)
     batch_size: int
     reason: str
+    load_device: str | None = None  # "cpu": weights stay on the host, llm-compressor onloads a layer at a time
 
 
 def activation_bytes(num_samples: int, seq_len: int, hidden_size: int, dtype_bytes: int = 2) -> int:
@@ -33,10 +34,20 @@ def batch_element_bytes(seq_len: int, hidden_size: int, intermediate_size: int, 
 
 
 def choose(device: str, gpu_budget_bytes: int, num_samples: int, seq_len: int,
-           hidden_size: int, intermediate_size: int, num_heads: int = 32, frugal: bool = False) -> Tuning:
-    """Settings for one variant. `gpu_budget_bytes` is this worker's share of its GPU (free memory x fraction)."""
-    if device != "cuda" or frugal:
-        return Tuning(None, 1, "defaults (no GPU)" if device != "cuda" else "activations on host, batch 1 (frugal)")
+           hidden_size: int, intermediate_size: int, num_heads: int = 32, frugal: bool = False,
+           weights_bytes: int = 0) -> Tuning:
+    """Settings for one variant. `gpu_budget_bytes` is this worker's share of its GPU (free memory x fraction);
+    `weights_bytes` the checkpoint in the dtype it is loaded in. A model that does not fit 70% of the budget
+    stays on the host and is onloaded layer by layer (llm-compressor's sequential pipeline), so a model larger
+    than the GPU still quantizes on it."""
+    if device != "cuda":
+        return Tuning(None, 1, "defaults (no GPU)")
+    if weights_bytes > 0.7 * gpu_budget_bytes:
+        return Tuning(None, 1, f"weights {weights_bytes / GIB:.1f} GiB exceed 70% of the GPU budget "
+                      f"({gpu_budget_bytes / GIB:.1f} GiB): kept on host, onloaded layer by layer", "cpu")
+    gpu_budget_bytes -= weights_bytes
+    if frugal:
+        return Tuning(None, 1, "activations on host, batch 1 (frugal)")
     cached = 2 * activation_bytes(num_samples, seq_len, hidden_size)  # inputs + outputs of the layer
     # one decoder layer's weights onloaded (~12 h^2 + 3 h i params in bf16) and the GPTQ Hessians (fp32, in^2)
     layer = 2 * (4 * hidden_size**2 + 3 * hidden_size * intermediate_size) + 4 * (hidden_size**2 + intermediate_size**2)

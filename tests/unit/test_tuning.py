@@ -31,3 +31,16 @@ def test_quarter_gpu_still_fits_1b() -> None:
 def test_frugal_retry_uses_defaults() -> None:
     t = choose("cuda", 78 * GIB, num_samples=128, seq_len=2048, frugal=True, **LLAMA_8B)
     assert (t.offload_device, t.batch_size) == (None, 1)
+
+
+def test_model_larger_than_the_gpu_stays_on_host_and_is_onloaded() -> None:
+    # a 70B-class checkpoint (140 GB bf16) on one 80 GB card
+    t = choose("cuda", 78 * GIB, num_samples=128, seq_len=2048, weights_bytes=140 * 10**9, hidden_size=8192,
+               intermediate_size=28672)
+    assert t.load_device == "cpu" and t.offload_device is None and "onloaded" in t.reason
+
+
+def test_weights_on_the_gpu_leave_less_room_for_activations() -> None:
+    roomy = choose("cuda", 40 * GIB, num_samples=128, seq_len=2048, **LLAMA_8B)
+    loaded = choose("cuda", 40 * GIB, num_samples=128, seq_len=2048, weights_bytes=16 * 10**9, **LLAMA_8B)
+    assert loaded.load_device is None and loaded.batch_size <= roomy.batch_size
