@@ -4,6 +4,8 @@ Workloads (comma-separated in --workloads):
   bare    load + GPTQ W4A16 oneshot + save with llm-compressor's defaults, in a fresh process
   farm    the same variant through `farm run` (embedded Ray, MLflow sqlite, artifact publish, evaluation)
   pack4   four different models x GPTQ through farm with num_gpus=0.25 (packed on one GPU), against 4x bare
+  ddp4    the `farm` variant with resources.ranks=4 (data-parallel calibration over 4 GPUs), against `farm`
+  spread4 four different models x GPTQ through farm with num_gpus=1 (one GPU each), against 4x `farm`
 Random-init Llama shapes (bf16 safetensors) are built once under --work. Prints a table and writes JSON.
 
   python bench/quantize_bench.py --shape llama-1b --workloads bare,farm,pack4 --json out.json
@@ -85,7 +87,8 @@ def run_bare(model: Path, text: Path, n: int, seq: int, work: Path) -> dict:
     return json.loads(line[0][5:])
 
 
-def run_farm(models: list[Path], text: Path, n: int, seq: int, num_gpus: float, work: Path, name: str) -> dict:
+def run_farm(models: list[Path], text: Path, n: int, seq: int, num_gpus: float, work: Path, name: str,
+             ranks: int = 1) -> dict:
     spec = {
         "name": name,
         "models": [{"source": str(m), "name": m.name} for m in models],
@@ -93,7 +96,7 @@ def run_farm(models: list[Path], text: Path, n: int, seq: int, num_gpus: float, 
         "calibration": {"source": str(text), "num_samples": n, "max_seq_length": seq},
         "evaluation": {"perplexity": {"source": str(text), "max_tokens": 2048, "seq_len": 512},
                        "generation": {"max_new_tokens": 8}},
-        "resources": {"num_gpus": num_gpus, "num_cpus": 2},
+        "resources": {"num_gpus": num_gpus, "num_cpus": 2, "ranks": ranks},
         "tracking": {"experiment": name},
         "output": {"root": str(work / f"farm-{name}")},
     }
@@ -112,7 +115,8 @@ def run_farm(models: list[Path], text: Path, n: int, seq: int, num_gpus: float, 
     runs = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'")
     per = [{k: r.data.metrics.get(k) for k in ("seconds_quantize_load", "seconds_oneshot", "seconds_save",
                                                 "seconds_total", "seconds_eval_load", "seconds_perplexity",
-                                                "seconds_generate")} | {"notes": r.data.tags.get("farm.notes")}
+                                                "seconds_generate", "perplexity")}
+           | {"notes": r.data.tags.get("farm.notes"), "model": r.data.tags.get("farm.model")}
            for r in runs]
     return {"wall": wall, "variants": per, "stdout_tail": res.stdout[-1500:]}
 
@@ -167,9 +171,35 @@ def main() -> None:
                      p["variants"][0]["notes"]])
         if "bare" in results:
             results["pack4_vs_serial_bare"] = 4 * results["bare"]["total"] / p["wall"]
+    if "ddp4" in wl:
+        d = results["ddp4"] = run_farm([m0], args.text, args.samples, args.seq, whole, args.work, "ddp4", ranks=4)
+        v = d["variants"][0]
+        q = v["seconds_quantize_load"] + v["seconds_oneshot"] + v["seconds_save"]
+        rows.append(["farm, 1 variant over 4 GPUs (ranks 4)", 1, f"{v['seconds_quantize_load']:.1f}",
+                     f"{v['seconds_oneshot']:.1f}", f"{v['seconds_save']:.1f}", f"{q:.1f} (wall {d['wall']:.1f})",
+                     v["notes"]])
+        if "farm" in results:
+            f1 = results["farm"]["variants"][0]
+            q1 = f1["seconds_quantize_load"] + f1["seconds_oneshot"] + f1["seconds_save"]
+            results["ddp4_speedup_quantize"] = q1 / q
+            results["ddp4_ppl"] = [f1["perplexity"], v["perplexity"]]
+    if "spread4" in wl:
+        models = [m0] + [build_model(args.shape, s, args.tokenizer, args.work) for s in (1, 2, 3)]
+        p = results["spread4"] = run_farm(models, args.text, args.samples, args.seq, whole, args.work, "spread4")
+        slowest = max(v["seconds_total"] for v in p["variants"])
+        rows.append(["farm 4 models, 1 GPU each", 4, "", "", "", f"wall {p['wall']:.1f} (slowest {slowest:.1f})",
+                     p["variants"][0]["notes"]])
+        if "farm" in results:
+            results["spread4_throughput_vs_one_gpu"] = 4 * results["farm"]["wall"] / p["wall"]
+            results["spread4_throughput_vs_one_gpu_in_worker"] = 4 * results["farm"]["variants"][0][
+                "seconds_total"] / slowest
     from farm.report import table
 
     print(table(["workload", "variants", "load s", "oneshot s", "save s", "total s", "peak GiB / notes"], rows))
+    for key in ("ddp4_speedup_quantize", "ddp4_ppl", "spread4_throughput_vs_one_gpu",
+                "spread4_throughput_vs_one_gpu_in_worker"):
+        if key in results:
+            print(f"{key}: {results[key]}")
     if "pack4_vs_serial_bare" in results:
         print(f"pack4 throughput vs 4 x bare serial: {results['pack4_vs_serial_bare']:.2f}x")
     if args.json:

@@ -91,3 +91,18 @@ def test_unfit_names_the_shortfall() -> None:
     assert "largest node has 16 CPU, 2 GPU" in unfit(nodes, 1, 4, 2**30)
     assert unfit(nodes, 32, 0, 0) is not None
     assert unfit([], 1, 0, 0) == "the Ray cluster has no live nodes"
+
+
+def test_ranks_apply_to_calibrated_methods_and_keep_ids() -> None:
+    one = plan(spec(resources={"num_gpus": 1}))
+    four = plan(spec(resources={"num_gpus": 1, "ranks": 4}))
+    assert [v.id for v in one.variants] == [v.id for v in four.variants]
+    assert {v.method.method: v.resources.ranks for v in four.variants} == {"gptq": 4, "fp8": 1}
+
+
+def test_gang_unfit_counts_bundles_across_nodes() -> None:
+    from farm.runtime.cluster import gang_unfit
+
+    nodes = [{"CPU": 8, "GPU": 2, "memory": 64e9}, {"CPU": 8, "GPU": 2, "memory": 64e9}]
+    assert gang_unfit(nodes, {"CPU": 2, "GPU": 1, "memory": 8e9}, 4) is None
+    assert "5 ranks" in gang_unfit(nodes, {"CPU": 2, "GPU": 1, "memory": 8e9}, 5)

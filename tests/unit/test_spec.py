@@ -105,3 +105,15 @@ def test_relative_paths_resolve_against_spec_dir(tmp_path: Path) -> None:
     spec = load_spec(p)
     assert spec.models[0].source == str(tmp_path / "models" / "m")
     assert spec.output.root == "s3://bucket/prefix"
+
+
+def test_ranks_need_whole_gpus(fixture_paths: dict, tmp_path) -> None:
+    import pytest
+
+    from farm.errors import SpecError
+    from farm.spec import parse_spec
+    from tests.conftest import tiny_spec
+
+    with pytest.raises(SpecError, match="ranks: 2 ranks need whole GPUs"):
+        parse_spec(tiny_spec(fixture_paths, str(tmp_path), resources={"num_gpus": 0.5, "ranks": 2}))
+    assert parse_spec(tiny_spec(fixture_paths, str(tmp_path), resources={"num_gpus": 1, "ranks": 4})).resources.ranks == 4
