@@ -115,7 +115,7 @@ def failure_reason(err: BaseException) -> str:
 
     if isinstance(err, rex.RayTaskError):
         cause = err.cause if getattr(err, "cause", None) is not None else err
-        return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"[:500]
+        return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"[:500]
     if isinstance(err, rex.ActorDiedError | rex.ActorUnavailableError):
         return f"worker died: {str(err).strip().splitlines()[0]}"[:500]
     if isinstance(err, rex.OutOfMemoryError):
@@ -124,8 +124,9 @@ def failure_reason(err: BaseException) -> str:
 
 
 class Gang:
-    """`count` actors of `cls`, one per bundle of a placement group packed onto as few nodes as possible: the
-    ranks of one data-parallel variant. `close` kills them and frees the bundles."""
+    """`count` actors of `cls`, one per bundle of a placement group on one node (STRICT_PACK: compressed-tensors
+    maps process rank to device index, a one-node layout): the ranks of one data-parallel variant. `close`
+    kills them and frees the bundles."""
 
     def __init__(self, cls: type, count: int, bundle: dict[str, float], init_args: tuple[Any, ...],
                  timeout_s: float = 600):
@@ -134,7 +135,7 @@ class Gang:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         bundle = {k: v for k, v in bundle.items() if v}
-        self.pg = placement_group([bundle] * count, strategy="PACK")
+        self.pg = placement_group([bundle] * count, strategy="STRICT_PACK")
         ready, _ = ray.wait([self.pg.ready()], timeout=timeout_s)
         if not ready:
             remove_placement_group(self.pg)
@@ -153,6 +154,11 @@ class Gang:
 
         return ray.get(getattr(self.actors[0], method).remote(*args))
 
+    def call_each(self, method: str) -> list[Any]:
+        import ray
+
+        return list(ray.get([getattr(a, method).remote() for a in self.actors]))
+
     def close(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
@@ -163,11 +169,11 @@ class Gang:
 
 
 def gang_unfit(nodes: list[dict[str, float]], bundle: dict[str, float], count: int) -> str | None:
-    """Why the cluster can never hold `count` bundles of this shape at once, or None when it can."""
-    fits = 0
-    for node in nodes:
-        fits += int(min(node.get(k, 0) / v for k, v in bundle.items() if v) + 1e-9) if any(bundle.values()) else 0
+    """Why no node can hold `count` bundles of this shape at once (a gang lives on one node), or None."""
+    need = {k: v for k, v in bundle.items() if v}
+    fits = max((int(min(n.get(k, 0) / v for k, v in need.items()) + 1e-9) if need else count for n in nodes),
+               default=0)
     if fits >= count:
         return None
-    shape = ", ".join(f"{v:g} {k}" if k != "memory" else f"{v / 2**30:.1f} GiB" for k, v in bundle.items() if v)
-    return f"resources: {count} ranks of ({shape}) need more than the cluster holds ({fits} such bundles fit)"
+    shape = ", ".join(f"{v:g} {k}" if k != "memory" else f"{v / 2**30:.1f} GiB" for k, v in need.items())
+    return f"resources: {count} ranks of ({shape}) must share one node, and the largest holds {fits}"

@@ -20,6 +20,20 @@ class Rank:
     world: int
     master_addr: str
     master_port: int
+    visible_devices: str = ""  # every rank's GPU, in rank order (the gang is packed on one node)
+
+
+def use_devices(rank: Rank) -> None:
+    """Before CUDA is touched: see the whole gang's GPUs and pick our own as device `rank`. compressed-tensors
+    takes device index == process rank (torchrun's one-node layout), so each rank must see all of them; Ray
+    alone would show each actor only its own GPU, as device 0."""
+    if rank.visible_devices:
+        os.environ["CUDA_VISIBLE_DEVICES"] = rank.visible_devices
+    os.environ["LOCAL_RANK"] = str(rank.rank)
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(rank.rank)
 
 
 def free_port() -> int:
@@ -29,19 +43,16 @@ def free_port() -> int:
 
 
 def init(rank: Rank, timeout_s: float = 1800) -> str:
-    """Join the group; returns the backend. Every rank sees its own GPU as device 0 (Ray sets
-    CUDA_VISIBLE_DEVICES per bundle)."""
+    """Join the group (after `use_devices`); returns the backend."""
     import torch
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR=rank.master_addr, MASTER_PORT=str(rank.master_port), RANK=str(rank.rank),
-                      WORLD_SIZE=str(rank.world), LOCAL_RANK="0")
+                      WORLD_SIZE=str(rank.world))
     cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
-    if cuda:
-        torch.cuda.set_device(0)
-    dist.init_process_group(backend, rank=rank.rank, world_size=rank.world,
-                            timeout=dt.timedelta(seconds=timeout_s), device_id=torch.device("cuda:0") if cuda else None)
+    dist.init_process_group(backend, rank=rank.rank, world_size=rank.world, timeout=dt.timedelta(seconds=timeout_s),
+                            device_id=torch.device("cuda", rank.rank) if cuda else None)
     dist.barrier()
     return backend
 

@@ -321,7 +321,8 @@ class Driver:
         gang = cluster.Gang(Worker, r.ranks, {"CPU": r.num_cpus, "GPU": r.num_gpus, "memory": r.memory_bytes},
                             (r.num_cpus,))
         addr, port = gang.call("rendezvous")
-        refs = [actor.build.remote(task, Rank(i, r.ranks, addr, port)) for i, actor in enumerate(gang.actors)]
+        visible = ",".join(gang.call_each("visible_devices"))
+        refs = [actor.build.remote(task, Rank(i, r.ranks, addr, port, visible)) for i, actor in enumerate(gang.actors)]
         return gang, refs
 
     def _finish_base(self, b: BaseEval, run_id: str, result: dict[str, Any] | None, error: str | None,

@@ -134,10 +134,12 @@ class Worker:
         from farm.stages.quantize import CalibrationDraw, QuantizeRequest, quantize
         from farm.tracking.mlflow_store import MlflowStore
 
+        me = {"worker": f"{socket.gethostname()}:{os.getpid()}",
+              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}  # the GPU Ray gave this worker
+        if rank is not None:
+            ddp.use_devices(rank)
         v = task.variant
         tr = task.tracking
-        me = {"worker": f"{socket.gethostname()}:{os.getpid()}",
-              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
         lead = rank is None or rank.rank == 0
         mlflow = MlflowStore(tr.uri, tr.experiment, tr.artifact_location)
         if lead:
@@ -228,6 +230,9 @@ class Worker:
                              load_device=frugal.load_device))
         q.notes.append(f"GPU out of memory with {tuned.reason}; retried with {frugal.reason}")
         return q
+
+    def visible_devices(self) -> str:
+        return os.environ.get("CUDA_VISIBLE_DEVICES", "")
 
     def rendezvous(self) -> tuple[str, int]:
         """(this node's address as other nodes see it, a free port) for rank 0 of a data-parallel variant."""

@@ -100,9 +100,9 @@ def test_ranks_apply_to_calibrated_methods_and_keep_ids() -> None:
     assert {v.method.method: v.resources.ranks for v in four.variants} == {"gptq": 4, "fp8": 1}
 
 
-def test_gang_unfit_counts_bundles_across_nodes() -> None:
+def test_a_gang_must_fit_one_node() -> None:
     from farm.runtime.cluster import gang_unfit
 
-    nodes = [{"CPU": 8, "GPU": 2, "memory": 64e9}, {"CPU": 8, "GPU": 2, "memory": 64e9}]
+    nodes = [{"CPU": 8, "GPU": 2, "memory": 64e9}, {"CPU": 16, "GPU": 4, "memory": 64e9}]
     assert gang_unfit(nodes, {"CPU": 2, "GPU": 1, "memory": 8e9}, 4) is None
-    assert "5 ranks" in gang_unfit(nodes, {"CPU": 2, "GPU": 1, "memory": 8e9}, 5)
+    assert "largest holds 4" in gang_unfit(nodes, {"CPU": 2, "GPU": 1, "memory": 8e9}, 5)

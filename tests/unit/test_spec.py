@@ -116,4 +116,5 @@ def test_ranks_need_whole_gpus(fixture_paths: dict, tmp_path) -> None:
 
     with pytest.raises(SpecError, match="ranks: 2 ranks need whole GPUs"):
         parse_spec(tiny_spec(fixture_paths, str(tmp_path), resources={"num_gpus": 0.5, "ranks": 2}))
-    assert parse_spec(tiny_spec(fixture_paths, str(tmp_path), resources={"num_gpus": 1, "ranks": 4})).resources.ranks == 4
+    ok = parse_spec(tiny_spec(fixture_paths, str(tmp_path), resources={"num_gpus": 1, "ranks": 4}))
+    assert ok.resources.ranks == 4
