@@ -119,6 +119,9 @@ def make_plan(spec: JobSpec, models: dict[str, ModelInfo], calibration_sha: str,
             if method.requires_calibration and spec.resources.ranks > 1:
                 # each rank holds a layer's activations for its share only; the checkpoint is shared on the host
                 res = replace(res, ranks=spec.resources.ranks)
+            elif getattr(method, "engine", "") == "model_free" and spec.resources.ranks > 1:
+                # one worker holding `ranks` GPUs: model_free_ptq spreads the shards over them
+                res = replace(res, num_gpus=res.num_gpus * spec.resources.ranks)
             vid = _hash("variant", info.identity, method.config_hash(), cal_id)  # ranks change speed, not output
             variants.append(Variant(vid, model, name, info.identity, method, cal, res, base_id))
     ids = [v.id for v in variants]

@@ -14,9 +14,13 @@ class FP8Config(MethodConfig):
 
     method: Literal["fp8"] = "fp8"
     scheme: Literal["FP8_DYNAMIC", "FP8_BLOCK"] = Field("FP8_DYNAMIC", description="compressed-tensors preset")
+    engine: Literal["oneshot", "model_free"] = Field(
+        "oneshot", description="oneshot builds the model in transformers; model_free quantizes the safetensors "
+        "shards directly (no model definition, shards spread over the worker's GPUs: resources.ranks GPUs)")
 
     def default_label(self) -> str:
-        return "fp8-dynamic" if self.scheme == "FP8_DYNAMIC" else "fp8-block"
+        base = "fp8-dynamic" if self.scheme == "FP8_DYNAMIC" else "fp8-block"
+        return base + ("-mf" if self.engine == "model_free" else "")
 
     def check_model(self, model_config: dict[str, Any]) -> list[str]:
         if self.scheme != "FP8_BLOCK":

@@ -253,7 +253,7 @@ class Driver:
                     self.store.log(run_id, params=self._variant_params(item))
                     task = VariantTask(plan.job_name, item, run_id, self.spec.evaluation, self.spec.output.root,
                                        tracking)
-                    if item.resources.ranks > 1:
+                    if item.resources.ranks > 1 or item.resources.num_gpus != res.num_gpus:
                         for w in idle:  # idle workers hold CPUs/GPUs the placement group needs
                             cluster.kill(w)
                         idle.clear()
@@ -316,10 +316,13 @@ class Driver:
                     cluster.kill(worker)
 
     def _start_gang(self, v: Variant, task: VariantTask) -> tuple[Any, list[Any]]:
-        """A placement group of `ranks` workers; rank 0 names the rendezvous, every rank joins it."""
+        """A placement group of `ranks` workers; rank 0 names the rendezvous, every rank joins it. A variant of
+        another shape than the pool's (one worker, several GPUs) is a gang of one."""
         r = v.resources
         gang = cluster.Gang(Worker, r.ranks, {"CPU": r.num_cpus, "GPU": r.num_gpus, "memory": r.memory_bytes},
                             (r.num_cpus,))
+        if r.ranks == 1:
+            return gang, [gang.actors[0].build.remote(task)]
         addr, port = gang.call("rendezvous")
         visible = ",".join(gang.call_each("visible_devices"))
         refs = [actor.build.remote(task, Rank(i, r.ranks, addr, port, visible)) for i, actor in enumerate(gang.actors)]

@@ -29,3 +29,24 @@ def test_method_round_trip(name: str, fixture_paths: dict, tmp_path: Path) -> No
     e = evaluate(EvaluateRequest(str(tmp_path / "q"), str(text / "heldout.txt"), 256, 128, "Hello", 4))
     assert e.perplexity > 1 and e.ppl_tokens == 254 and e.weights_bytes > 0
     assert isinstance(e.generation, str)
+
+
+def test_fp8_model_free_matches_oneshot(fixture_paths: dict, tmp_path: Path) -> None:
+    """model_free_ptq works from the shards without building the model; its FP8 weights are the same as
+    oneshot's (same scheme, same ignore list) and the checkpoint reloads and evaluates the same."""
+    from safetensors.torch import load_file
+
+    text = fixture_paths["shakespeare"]
+    outs = {}
+    for engine in ("oneshot", "model_free"):
+        q = quantize(QuantizeRequest(
+            model_dir=str(fixture_paths["tiny-llama"]), method=build_method({"method": "fp8", "engine": engine}),
+            calibration=CalibrationDraw(str(text / "calibration.txt"), 4, 64, 0), out_dir=str(tmp_path / engine),
+        ))
+        e = evaluate(EvaluateRequest(str(tmp_path / engine), str(text / "heldout.txt"), 256, 128, "Hello", 4))
+        outs[engine] = (load_file(tmp_path / engine / "model.safetensors"), e.perplexity, q)
+    (a, ppl_a, _), (b, ppl_b, q_mf) = outs["oneshot"], outs["model_free"]
+    assert "model_free_ptq" in q_mf.notes[0] and "model_free_ptq" in q_mf.recipe
+    weights = [k for k in a if k.endswith(".weight") and a[k].dtype.itemsize == 1]
+    assert weights and all(k in b and (a[k].view(dtype=a[k].dtype).float() == b[k].float()).all() for k in weights)
+    assert abs(ppl_a - ppl_b) / ppl_a < 1e-3
