@@ -203,3 +203,20 @@ def test_a_watch_cycle_imports_no_torch(setup) -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_long_running_mode_cycles_on_the_injected_clock(setup) -> None:
+    tmp, _, store = setup
+    hub = Hub({"org/model@main": "1" * 40})
+    runner, slept, reports = Recorder(), [], []
+    w = make(tmp, store, runner, hub, interval_s=600)
+
+    def sleep(seconds: float) -> None:  # the "interval": a new hub commit appears while the watcher sleeps
+        slept.append(seconds)
+        hub.heads["org/model@main"] = str(len(slept) + 1) * 40
+
+    w.run(cycles=3, sleep=sleep, report=reports.append)
+    assert slept == [600, 600] and len(reports) == 3
+    assert [r.action for r in reports[1] if r.base == "hub"] == ["built"]
+    assert [r.action for r in reports[1] if r.base == "tiny"] == ["unchanged"]
+    assert len(runner.jobs) == 4  # tiny once, the hub base once per commit
