@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -72,6 +72,50 @@ class GenerationSpec(Strict):
     max_new_tokens: int = Field(24, gt=0, le=4096)
 
 
+DEFAULT_PROMPTS = [
+    "The capital of France is",
+    "Write one sentence about the sea.",
+    "List three colours:",
+    "To be, or not to be,",
+    "The quickest way to learn a language is",
+    "Question: What is 12 plus 7? Answer:",
+    "Once upon a time, in a small village,",
+    "def fibonacci(n):",
+]
+
+
+class LatencySpec(Strict):
+    prompt_tokens: int = Field(64, gt=0, le=32_768, description="prompt length for time to first token")
+    new_tokens: int = Field(32, gt=0, le=4096, description="tokens generated for tokens/s")
+    batch_size: int = Field(8, gt=1, le=1024, description="the batched tokens/s measurement")
+    repeats: int = Field(3, gt=0, le=50, description="warm measurements (median reported)")
+
+
+class MemorySpec(Strict):
+    budget_gb: float = Field(1.0, gt=0, le=4096, description="memory for KV cache and activations beyond the "
+                             "weights, in which the largest batch and context are searched")
+    context: int = Field(256, gt=0, le=1_048_576, description="context length at which the largest batch is searched")
+    max_batch: int = Field(256, gt=0, le=65_536, description="search ceiling for batch size")
+    max_context: int | None = Field(None, gt=0, description="search ceiling for context (default: the model's)")
+
+
+class OutputsSpec(Strict):
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1, max_length=256,
+                               description="fixed prompts: determinism, reference diff against the base")
+    max_new_tokens: int = Field(24, gt=0, le=1024)
+    seed: int = Field(0, ge=0, description="sampling seed for the determinism check")
+
+
+class SafetySpec(Strict):
+    suite: str | None = Field(None, description="JSONL of {prompt, expect: refuse|answer} (default: farm's suite)")
+    max_new_tokens: int = Field(40, gt=0, le=1024)
+
+
+class SpeculativeSpec(Strict):
+    draft_tokens: int = Field(4, gt=0, le=64, description="tokens the quantized variant drafts per step")
+    max_new_tokens: int = Field(32, gt=0, le=4096)
+
+
 class Thresholds(Strict):
     max_perplexity_delta: float | None = Field(None, ge=0, description="flag variants above this ppl increase")
 
@@ -80,6 +124,27 @@ class EvaluationSpec(Strict):
     perplexity: PerplexitySpec
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     thresholds: Thresholds = Field(default_factory=Thresholds)
+    latency: LatencySpec | None = Field(None, description="time to first token (cold, warm), tokens/s")
+    memory: MemorySpec | None = Field(None, description="weights in memory, peak, largest batch and context")
+    outputs: OutputsSpec | None = Field(None, description="determinism and reference diff against the base")
+    safety: SafetySpec | None = Field(None, description="refusal accuracy and toxicity of generations")
+    speculative: SpeculativeSpec | None = Field(None, description="acceptance rate drafting for the base")
+
+
+class GateRule(Strict):
+    metric: str = Field(pattern=r"^[a-z0-9_]{1,64}$", description="a variant metric (see README)")
+    op: Literal["<=", ">=", "<", ">", "=="] = Field(description="comparison")
+    threshold: float
+    versus_base: Literal["none", "delta", "ratio"] = Field(
+        "none", description="compare the metric itself, variant - base, or variant / base")
+    required: bool = Field(True, description="a failing required rule rejects; an advisory one only warns")
+
+
+class GateSpec(Strict):
+    rules: list[GateRule] | None = Field(None, max_length=100, description="the evaluation matrix (default: "
+                                         "farm's, for the checks the job enables)")
+    alias: str = Field("candidate", pattern=r"^[a-z][a-z0-9-]{0,40}$", description="registry alias prefix for "
+                       "promoted variants (@candidate = the smallest promoted variant of a base)")
 
 
 class ResourceSpec(Strict):
@@ -130,6 +195,7 @@ class JobSpec(Strict):
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    gate: GateSpec | None = Field(None, description="promotion gate: evaluation matrix -> decision per variant")
 
     @model_validator(mode="after")
     def _unique(self) -> JobSpec:
@@ -184,7 +250,9 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
             "models": [m.model_copy(update={"source": _resolve(m.source, base)}) for m in spec.models],
             "calibration": spec.calibration.model_copy(update={"source": _resolve(spec.calibration.source, base)}),
             "evaluation": ev.model_copy(
-                update={"perplexity": ev.perplexity.model_copy(update={"source": _resolve(ev.perplexity.source, base)})}
+                update={"perplexity": ev.perplexity.model_copy(update={"source": _resolve(ev.perplexity.source, base)}),
+                        "safety": ev.safety.model_copy(update={"suite": _resolve(ev.safety.suite, base)})
+                        if ev.safety and ev.safety.suite else ev.safety}
             ),
             "output": spec.output.model_copy(update={"root": _resolve(spec.output.root, base)}),
         }
