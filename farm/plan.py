@@ -98,6 +98,9 @@ def make_plan(spec: JobSpec, models: dict[str, ModelInfo], calibration_sha: str,
     """`models` maps each model's display name to its resolved info; raises SpecError on any mismatch."""
     ev = spec.evaluation
     eval_key = [ev.perplexity.model_dump(exclude={"source"}), heldout_sha, ev.generation.model_dump()]
+    checks = ev.model_dump(mode="json", include={"latency", "memory", "outputs", "safety", "speculative"})
+    if any(checks.values()):  # jobs without checks keep the ids they always had
+        eval_key.append(checks)
     variants, bases = [], []
     for mi, model in enumerate(spec.models):
         name = model.display_name()

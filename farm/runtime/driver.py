@@ -26,7 +26,7 @@ from farm.runtime import cluster
 from farm.runtime.ddp import Rank
 from farm.runtime.workers import BaseTask, Tracking, VariantTask, Worker, library_versions
 from farm.secrets import redact
-from farm.spec import JobSpec
+from farm.spec import GateSpec, JobSpec
 from farm.tracking.mlflow_store import TAG, MlflowStore, default_local_uri, environ_uri, is_tracking_failure
 
 Printer = Callable[[str], None]
@@ -45,6 +45,8 @@ class VariantOutcome:
     artifact_uri: str | None = None
     model_version: str | None = None
     reason: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # what the gate reads
+    gate: str | None = None  # promoted | rejected
 
     @property
     def delta(self) -> float | None:
@@ -120,10 +122,13 @@ class Driver:
         self.store.check_reachable()
         outcome = JobOutcome(plan, None, redact(self.uri))
         self._reap_orphans(plan)
-        cached = {v.id: self.store.finished("variant", "variant_id", v.id) for v in plan.variants}
+        # a variant is reused only if it was judged the same way (base_eval_id hashes the evaluation settings)
+        cached = {v.id: self.store.finished("variant", "variant_id", v.id, {"base_eval_id": v.base_eval_id})
+                  for v in plan.variants}
         todo = [v for v in plan.variants if cached[v.id] is None]
         base_cached = {b.id: self.store.finished("base", "base_eval_id", b.id) for b in plan.base_evals}
         base_ppl = {b: float(r.metrics["perplexity"]) for b, r in base_cached.items() if r is not None}
+        self.base_metrics = {b: dict(r.metrics) for b, r in base_cached.items() if r is not None}
         bases_todo = [b for b in plan.base_evals if b.id not in base_ppl and any(v.base_eval_id == b.id for v in todo)]
         self.say(
             f"job {plan.job_name} ({plan.job_id}): {len(plan.variants)} variants, {len(todo)} to build, "
@@ -166,6 +171,8 @@ class Driver:
                     self._print_variant(outcome.variants[-1], len(outcome.variants), len(plan.variants))
             if todo or bases_todo:
                 self._execute(plan, todo, bases_todo, base_ppl, parent, outcome)
+            if self.spec.gate is not None:
+                self._gate(outcome, self.spec.gate)
             outcome.seconds = time.perf_counter() - t0
             built = [v for v in outcome.variants if v.status == "built"]
             self.store.log(parent, metrics={"variants_built": len(built), "variants_failed": sum(
@@ -204,7 +211,43 @@ class Driver:
         return VariantOutcome(
             v, "cached", row.run_id, row.metrics.get("perplexity"), base, int(row.metrics.get("weights_bytes", 0)),
             row.metrics.get("seconds_total"), row.tags.get(TAG + "artifact_uri"), row.tags.get(TAG + "model_version"),
+            metrics=dict(row.metrics),
         )
+
+    def _log_checks(self, run_id: str, checks: dict[str, Any] | None) -> dict[str, float]:
+        if not checks:
+            return {}
+        self.store.log(run_id, metrics=checks["metrics"])
+        for name, content in checks["artifacts"].items():
+            self.store.log_json(run_id, content, f"checks/{name}")
+        return dict(checks["metrics"])
+
+    def _gate(self, outcome: JobOutcome, gate: GateSpec) -> None:
+        """Apply the evaluation matrix to every variant of the job (built now or reused), record each decision
+        on its run and model version, and point the registry aliases at the promoted ones."""
+        from farm.promote import aliases, decide, default_rules
+
+        rules = gate.rules if gate.rules is not None else default_rules(self.spec.evaluation)
+        promoted: dict[str, list[tuple[str, str, float]]] = {}
+        for o in outcome.variants:
+            if o.status == "failed" or o.run_id is None:
+                continue
+            d = decide(rules, o.metrics, self.base_metrics.get(o.variant.base_eval_id, {}))
+            o.gate = d.outcome
+            self.store.log(o.run_id, tags={TAG + "gate": d.outcome, TAG + "gate_reasons": "; ".join(d.reasons),
+                                           TAG + "gate_warnings": "; ".join(d.warnings)})
+            self.store.log_json(o.run_id, {"decision": d.outcome, "reasons": d.reasons, "warnings": d.warnings,
+                                           "matrix": d.rows}, "gate.json")
+            name = registered_name(self.spec, o.variant.model_name)
+            if o.model_version:
+                self.store.tag_version(name, o.model_version, {"gate": d.outcome, "gate_reasons": "; ".join(d.reasons)})
+                if d.outcome == "promoted":
+                    promoted.setdefault(name, []).append((o.variant.method.label(), o.model_version,
+                                                          float(o.weights_bytes or 0)))
+            why = f": {'; '.join(d.reasons)}" if d.reasons else ""
+            self.say(f"  gate     {o.variant.label}: {d.outcome}{why}")
+        for name, versions in promoted.items():
+            self.store.set_aliases(name, aliases(versions, gate.alias))
 
     def _execute(self, plan: Plan, todo: list[Variant], bases: list[BaseEval], base_ppl: dict[str, float],
                  parent: str, outcome: JobOutcome) -> None:
@@ -337,6 +380,7 @@ class Driver:
         e = result["evaluation"]
         self.store.log(run_id, metrics=_eval_metrics(e), params={"model_source": redact(b.model.source)},
                        tags={TAG + "generation": e["generation"]})
+        self.base_metrics[b.id] = {**_eval_metrics(e), **self._log_checks(run_id, result.get("checks"))}
         self._end(run_id, ok=True)
         base_ppl[b.id] = e["perplexity"]
         self.say(f"  base     {b.model_name}: ppl {e['perplexity']:.2f}, {e['weights_bytes'] / 1e6:.1f} MB")
@@ -360,6 +404,7 @@ class Driver:
         if limit is not None and base is not None:
             tags[TAG + "within_threshold"] = str(e["perplexity"] - base <= limit).lower()
         self.store.log(run_id, metrics=metrics, tags=tags)
+        metrics |= self._log_checks(run_id, result.get("checks"))
         self.store.log_json(run_id, manifest, "manifest.json")
         self.store.log_text(run_id, manifest["recipe"], "recipe.yaml")
         version = None
@@ -371,7 +416,8 @@ class Driver:
             self.store.log(run_id, tags={TAG + "model_version": version})
         self._end(run_id, ok=True)
         outcome.variants.append(VariantOutcome(v, "built", run_id, e["perplexity"], base, e["weights_bytes"],
-                                               result["seconds_total"], result["artifact_uri"], version))
+                                               result["seconds_total"], result["artifact_uri"], version,
+                                               metrics=metrics))
         self._print_variant(outcome.variants[-1], len(outcome.variants), len(outcome.plan.variants))
 
     # -- records ---------------------------------------------------------------------------------------------

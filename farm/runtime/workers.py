@@ -117,19 +117,24 @@ class Worker:
         set_threads(num_cpus)
 
     def evaluate_base(self, task: BaseTask) -> dict[str, Any]:
+        from farm.stages.checks import enabled, run_checks
         from farm.stages.evaluate import evaluate
 
         model = sources.resolve(task.base.model.source, task.base.model.revision, identify=False,
                                 allow_pickle=task.base.model.allow_pickle)
+        trust = task.base.model.trust_remote_code
         try:
-            result = evaluate(_eval_request(model.local_dir, task.evaluation, task.base.model.trust_remote_code))
+            result = evaluate(_eval_request(model.local_dir, task.evaluation, trust))
+            checks = asdict(run_checks(model.local_dir, task.evaluation, None, trust)) if enabled(
+                task.evaluation) else None
         finally:
             release_device_memory()  # the worker is reused; give its GPU share back to packed neighbours
-        return {"evaluation": asdict(result)}
+        return {"evaluation": asdict(result), "checks": checks}
 
     def build(self, task: VariantTask, rank: Rank | None = None) -> dict[str, Any]:
         """Quantize, evaluate and publish one variant. With `rank`, this worker is one rank of a data-parallel
         variant: every rank calibrates on its share; rank 0 alone evaluates, publishes and reports."""
+        from farm.stages.checks import enabled, run_checks
         from farm.stages.evaluate import evaluate
         from farm.stages.quantize import CalibrationDraw, QuantizeRequest, quantize
         from farm.tracking.mlflow_store import MlflowStore
@@ -173,6 +178,8 @@ class Worker:
             else:
                 q = self._quantize_with_retry(v, model, request, tuned)
             e = evaluate(_eval_request(out, task.evaluation, v.model.trust_remote_code))
+            checks = asdict(run_checks(out, task.evaluation, model.local_dir, v.model.trust_remote_code)) if enabled(
+                task.evaluation) else None
             t_manifest = time.perf_counter()
             manifest = {
                 "variant_id": v.id,
@@ -199,6 +206,7 @@ class Worker:
             return {
                 "quantize": {k: val for k, val in asdict(q).items() if k != "recipe"},
                 "evaluation": asdict(e),
+                "checks": checks,
                 "manifest": manifest,
                 "artifact_uri": artifact_uri,
                 "model_uri": model_uri,

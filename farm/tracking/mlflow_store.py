@@ -156,9 +156,11 @@ class MlflowStore:
         )
         return [_row(r) for r in runs]
 
-    def finished(self, role: str, key_tag: str, value: str) -> RunRow | None:
-        """The newest FINISHED run of this role with tag `key_tag` = value, for dedup and resume."""
-        rows = self.find_runs([f"tags.`{TAG}role` = '{role}'", f"tags.`{TAG}{key_tag}` = '{value}'"],
+    def finished(self, role: str, key_tag: str, value: str, also: dict[str, str] | None = None) -> RunRow | None:
+        """The newest FINISHED run of this role with tag `key_tag` = value (and the `also` tags), for dedup and
+        resume."""
+        extra = [f"tags.`{TAG}{k}` = '{v}'" for k, v in (also or {}).items()]
+        rows = self.find_runs([f"tags.`{TAG}role` = '{role}'", f"tags.`{TAG}{key_tag}` = '{value}'", *extra],
                               status="FINISHED", max_results=1)
         return rows[0] if rows else None
 
@@ -186,6 +188,25 @@ class MlflowStore:
         source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
         mv = self.client.create_model_version(name, source, run_id=run_id, tags=tags, description=description)
         return str(mv.version)
+
+    def set_aliases(self, name: str, aliases: dict[str, str]) -> None:
+        for alias, version in aliases.items():
+            self.client.set_registered_model_alias(name, alias, version)
+
+    def tag_version(self, name: str, version: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version, key, value[:MAX_PARAM])
+
+    def version_run(self, name: str, ref: str) -> tuple[str, str]:
+        """(version, run id) of a registered model version given as a number or an @alias."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = (self.client.get_model_version_by_alias(name, ref[1:]) if ref.startswith("@")
+                  else self.client.get_model_version(name, ref))
+        except MlflowException as err:
+            raise TrackingError(f"no model version {name} {ref} ({err.error_code})") from None
+        return str(mv.version), str(mv.run_id)
 
     # -- claims: exclusive markers (the release watcher's ledger) -----------------------------------------------
     def claim(self, name: str, tags: dict[str, str]) -> bool:
