@@ -1,0 +1,77 @@
+"""The evaluation matrix end to end against real servers: every check runs for the base and each variant and
+lands in MLflow as metrics and artifacts; the gate's decision and reasons are tags on each run and model
+version; promoted variants get registry aliases; `farm promote` moves an alias by hand, with a reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import tiny_spec, write_spec
+from tests.integration.conftest import Stack
+from tests.integration.test_end_to_end import farm
+
+pytestmark = pytest.mark.integration
+
+CHECKS = {"latency": {"prompt_tokens": 32, "new_tokens": 8, "batch_size": 4, "repeats": 2},
+          "memory": {"budget_gb": 0.25, "context": 128, "max_batch": 32, "max_context": 512},
+          "outputs": {"max_new_tokens": 12}, "safety": {"max_new_tokens": 16}, "speculative": {"max_new_tokens": 12}}
+PER_CHECK = {"latency": ["ttft_cold_s", "ttft_warm_s", "tokens_per_s_batch1", "tokens_per_s_batch4"],
+             "memory": ["weights_in_memory_bytes", "peak_generation_bytes", "max_batch_at_128", "max_context_batch1"],
+             "outputs": ["determinism"], "safety": ["refusal_accuracy", "toxicity"]}
+PAIRED = ["reference_exact_match", "reference_similarity", "spec_acceptance"]
+
+
+def test_checks_gate_aliases_and_manual_promotion(stack: Stack, stack_env: dict, fixture_paths: dict,
+                                                  tmp_path: Path) -> None:
+    spec = tiny_spec(fixture_paths, str(tmp_path / "out"), methods=[{"method": "gptq", "group_size": 64},
+                                                                   {"method": "fp8"}],
+                     tracking={"experiment": "gate", "registered_model_prefix": "gate-"})
+    spec["evaluation"] |= CHECKS
+    # GPTQ lowers this random-init model's perplexity, FP8 raises it a little: one passes, one fails
+    spec["gate"] = {"rules": [{"metric": "perplexity", "op": "<=", "threshold": 0, "versus_base": "delta"},
+                              {"metric": "determinism", "op": ">=", "threshold": 1},
+                              {"metric": "spec_acceptance", "op": ">=", "threshold": 0.999, "required": False}]}
+    path = write_spec(tmp_path / "job.yaml", spec)
+    res = farm("run", str(path), "--ray-address", stack.ray_address, "--tracking-uri", stack.mlflow_uri,
+               env=stack_env, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    client = MlflowClient(stack.mlflow_uri)
+    exp = client.get_experiment_by_name("gate")
+    base = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'base'")[0]
+    variants = {r.data.tags["farm.label"]: r for r in
+                client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'")}
+    for names in PER_CHECK.values():
+        for m in names:
+            assert m in base.data.metrics and all(m in v.data.metrics for v in variants.values()), m
+    for v in variants.values():
+        assert all(m in v.data.metrics for m in PAIRED)
+        assert 0 <= v.data.metrics["spec_acceptance"] <= 1 and v.data.metrics["max_batch_at_128"] >= 1
+        files = {a.path for a in client.list_artifacts(v.info.run_id, "checks")}
+        assert files == {"checks/reference_outputs.json", "checks/safety_transcript.json"}
+
+    gptq, fp8 = variants["gptq-w4a16-g64"], variants["fp8-dynamic"]
+    assert gptq.data.tags["farm.gate"] == "promoted"
+    assert fp8.data.tags["farm.gate"] == "rejected" and "perplexity - base <= 0" in fp8.data.tags["farm.gate_reasons"]
+    gate = json.loads(Path(client.download_artifacts(fp8.info.run_id, "gate.json", str(tmp_path))).read_text())
+    assert gate["decision"] == "rejected" and len(gate["matrix"]) == 3
+    model = client.get_registered_model("gate-tiny-llama")
+    promoted = gptq.data.tags["farm.model_version"]
+    assert model.aliases == {"candidate": promoted, "candidate-gptq-w4a16-g64": promoted}
+    assert client.get_model_version("gate-tiny-llama", fp8.data.tags["farm.model_version"]).tags["gate"] == "rejected"
+
+    # a person promotes the candidate to production, with a reason
+    res = farm("promote", "gate-tiny-llama", "@candidate", "--alias", "production-int4", "--reason",
+               "signed off by the eval team", "--tracking-uri", stack.mlflow_uri, env=stack_env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    version = client.get_model_version_by_alias("gate-tiny-llama", "production-int4")
+    assert version.version == promoted and version.tags["promotion_reason"] == "signed off by the eval team"
+    record = json.loads(client.get_run(gptq.info.run_id).data.tags["farm.manual_promotion"])
+    assert record["alias"] == "production-int4"
+    bad = farm("promote", "gate-tiny-llama", "99", "--alias", "x", "--reason", "r", "--tracking-uri",
+               stack.mlflow_uri, env=stack_env, cwd=tmp_path)
+    assert bad.returncode == 3 and bad.stderr.startswith("farm: error: no model version")
