@@ -78,10 +78,27 @@ def decide(rules: Sequence[GateRule], variant: Mapping[str, float], base: Mappin
     return d
 
 
-def aliases(promoted: Sequence[tuple[str, str, float]], prefix: str) -> dict[str, str]:
+def aliases(promoted: Sequence[tuple[str, str, float]], prefix: str,
+            tiers: Mapping[str, Sequence[str]] | None = None) -> dict[str, str]:
     """alias -> model version for one registered model (one base): `<prefix>-<label>` for every promoted
-    variant, and `<prefix>` alone for the smallest one. `promoted` holds (label, version, weights_bytes)."""
+    variant, `<prefix>` alone for the smallest one, and `<prefix>-<tier>` for the smallest promoted variant of
+    each tier (premium/bulk). `promoted` holds (label, version, weights_bytes)."""
     out = {f"{prefix}-{label}": version for label, version, _ in promoted}
     if promoted:
         out[prefix] = min(promoted, key=lambda p: p[2])[1]
+    for tier, labels in (tiers or {}).items():
+        members = [p for p in promoted if p[0] in labels]
+        if members:
+            out[f"{prefix}-{tier}"] = min(members, key=lambda p: p[2])[1]
+    return out
+
+
+def rungs(labels: Sequence[str], ladder: Sequence[Sequence[str]] | None) -> list[list[str]]:
+    """Method labels grouped into the order they run: the ladder's rungs; labels outside the ladder join the
+    first rung. Without a ladder, one rung holds everything."""
+    if not ladder:
+        return [list(labels)]
+    laddered = {x for rung in ladder for x in rung}
+    out = [[x for x in labels if x in rung] for rung in ladder]
+    out[0] = [x for x in labels if x not in laddered] + out[0]
     return out

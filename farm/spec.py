@@ -145,6 +145,12 @@ class GateSpec(Strict):
                                          "farm's, for the checks the job enables)")
     alias: str = Field("candidate", pattern=r"^[a-z][a-z0-9-]{0,40}$", description="registry alias prefix for "
                        "promoted variants (@candidate = the smallest promoted variant of a base)")
+    ladder: list[list[str]] | None = Field(None, max_length=16, description="rungs of method labels, cheapest "
+                                           "risk first (e.g. [[gptq-w8a16-g128], [gptq-w4a16-g128]]): a rung runs "
+                                           "for a base only if every variant of the rung below was promoted")
+    tiers: dict[str, list[str]] = Field(default_factory=dict, description="tier -> method labels (e.g. premium: "
+                                        "[fp8-dynamic], bulk: [gptq-w4a16-g64]); the smallest promoted variant of "
+                                        "each tier gets @<alias>-<tier>")
 
 
 class ResourceSpec(Strict):
@@ -206,6 +212,14 @@ class JobSpec(Strict):
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise ValueError(f"{what}: duplicate name(s) {', '.join(dup)}; give each a distinct `name`")
+        if self.gate:
+            labels = {m.label() for m in self.methods}
+            named = [x for rung in self.gate.ladder or [] for x in rung] + [
+                x for group in self.gate.tiers.values() for x in group]
+            unknown = sorted(set(named) - labels)
+            if unknown:
+                raise ValueError(f"gate: unknown method label(s) {', '.join(unknown)}; "
+                                 f"labels: {', '.join(sorted(labels))}")
         return self
 
 

@@ -36,7 +36,7 @@ DRIVER_ID = f"{socket.gethostname()}:{os.getpid()}"
 @dataclass
 class VariantOutcome:
     variant: Variant
-    status: str  # "built" | "cached" | "failed"
+    status: str  # "built" | "cached" | "failed" | "skipped" (a ladder stopped below it)
     run_id: str | None = None
     perplexity: float | None = None
     base_perplexity: float | None = None
@@ -170,7 +170,7 @@ class Driver:
                     outcome.variants.append(self._reused(v, row, base_ppl.get(v.base_eval_id)))
                     self._print_variant(outcome.variants[-1], len(outcome.variants), len(plan.variants))
             if todo or bases_todo:
-                self._execute(plan, todo, bases_todo, base_ppl, parent, outcome)
+                self._run_rungs(plan, todo, bases_todo, base_ppl, parent, outcome)
             if self.spec.gate is not None:
                 self._gate(outcome, self.spec.gate)
             outcome.seconds = time.perf_counter() - t0
@@ -214,6 +214,31 @@ class Driver:
             metrics=dict(row.metrics),
         )
 
+    def _run_rungs(self, plan: Plan, todo: list[Variant], bases: list[BaseEval], base_ppl: dict[str, float],
+                   parent: str, outcome: JobOutcome) -> None:
+        """Run the variants rung by rung (one rung without a ladder): a base climbs to the next rung only if
+        every variant of the rung below passed the gate; the rest of its ladder is skipped, and says why."""
+        from farm.promote import decide, default_rules, rungs
+
+        gate = self.spec.gate
+        order = rungs([m.label() for m in self.spec.methods], gate.ladder if gate else None)
+        rules = (gate.rules if gate and gate.rules is not None else default_rules(self.spec.evaluation))
+        stopped: dict[str, str] = {}  # model -> why its ladder stopped
+        for i, labels in enumerate(order):
+            rung = [v for v in todo if v.method.label() in labels]
+            for v in [v for v in rung if v.model_name in stopped]:
+                outcome.variants.append(VariantOutcome(v, "skipped", reason=stopped[v.model_name]))
+                self._print_variant(outcome.variants[-1], len(outcome.variants), len(plan.variants))
+            self._execute(plan, [v for v in rung if v.model_name not in stopped], bases if i == 0 else [], base_ppl,
+                          parent, outcome)
+            if not gate or not gate.ladder:
+                continue
+            for o in [o for o in outcome.variants if o.variant.method.label() in labels and o.status != "skipped"]:
+                verdict = "failed" if o.status == "failed" else decide(
+                    rules, o.metrics, self.base_metrics.get(o.variant.base_eval_id, {})).outcome
+                if verdict != "promoted" and o.variant.model_name not in stopped:
+                    stopped[o.variant.model_name] = f"ladder stopped: {o.variant.method.label()} was {verdict}"
+
     def _log_checks(self, run_id: str, checks: dict[str, Any] | None) -> dict[str, float]:
         if not checks:
             return {}
@@ -230,7 +255,7 @@ class Driver:
         rules = gate.rules if gate.rules is not None else default_rules(self.spec.evaluation)
         promoted: dict[str, list[tuple[str, str, float]]] = {}
         for o in outcome.variants:
-            if o.status == "failed" or o.run_id is None:
+            if o.status in {"failed", "skipped"} or o.run_id is None:
                 continue
             d = decide(rules, o.metrics, self.base_metrics.get(o.variant.base_eval_id, {}))
             o.gate = d.outcome
@@ -247,7 +272,7 @@ class Driver:
             why = f": {'; '.join(d.reasons)}" if d.reasons else ""
             self.say(f"  gate     {o.variant.label}: {d.outcome}{why}")
         for name, versions in promoted.items():
-            self.store.set_aliases(name, aliases(versions, gate.alias))
+            self.store.set_aliases(name, aliases(versions, gate.alias, gate.tiers))
 
     def _execute(self, plan: Plan, todo: list[Variant], bases: list[BaseEval], base_ppl: dict[str, float],
                  parent: str, outcome: JobOutcome) -> None:
@@ -446,6 +471,9 @@ class Driver:
     def _print_variant(self, o: VariantOutcome, n: int, total: int) -> None:
         if o.status == "failed":
             self.say(f"[{n}/{total}] {o.variant.label}: FAILED {o.reason} (run {o.run_id})")
+            return
+        if o.status == "skipped":
+            self.say(f"[{n}/{total}] {o.variant.label}: skipped ({o.reason})")
             return
         delta = f"{o.delta:+.2f}" if o.delta is not None else "n/a"
         size = f"{o.weights_bytes / 1e6:.1f} MB" if o.weights_bytes else "?"

@@ -75,3 +75,25 @@ def test_checks_gate_aliases_and_manual_promotion(stack: Stack, stack_env: dict,
     bad = farm("promote", "gate-tiny-llama", "99", "--alias", "x", "--reason", "r", "--tracking-uri",
                stack.mlflow_uri, env=stack_env, cwd=tmp_path)
     assert bad.returncode == 3 and bad.stderr.startswith("farm: error: no model version")
+
+
+def test_ladder_stops_at_the_first_rung_that_fails(stack: Stack, stack_env: dict, fixture_paths: dict,
+                                                   tmp_path: Path) -> None:
+    spec = tiny_spec(fixture_paths, str(tmp_path / "out"),
+                     methods=[{"method": "gptq", "scheme": "W8A16", "group_size": 64},
+                              {"method": "gptq", "group_size": 64}],
+                     tracking={"experiment": "ladder", "registered_model_prefix": "ladder-"})
+    # an SLO the INT8 rung cannot meet: the 4-bit rung must not be built at all
+    spec["gate"] = {"ladder": [["gptq-w8a16-g64"], ["gptq-w4a16-g64"]],
+                    "rules": [{"metric": "perplexity", "op": "<=", "threshold": -1e9, "versus_base": "delta"}]}
+    path = write_spec(tmp_path / "job.yaml", spec)
+    res = farm("run", str(path), "--ray-address", stack.ray_address, "--tracking-uri", stack.mlflow_uri,
+               env=stack_env, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "gptq-w4a16-g64: skipped (ladder stopped: gptq-w8a16-g64 was rejected)" in res.stdout
+    client = MlflowClient(stack.mlflow_uri)
+    exp = client.get_experiment_by_name("ladder")
+    runs = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'")
+    assert [r.data.tags["farm.label"] for r in runs] == ["gptq-w8a16-g64"]
+    assert runs[0].data.tags["farm.gate"] == "rejected"
+    assert client.get_registered_model("ladder-tiny-llama").aliases == {}

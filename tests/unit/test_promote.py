@@ -58,3 +58,28 @@ def test_aliases_name_every_promoted_variant_and_the_smallest() -> None:
     assert aliases([("gptq", "3", 100.0), ("fp8", "1", 200.0)], "candidate") == {
         "candidate-gptq": "3", "candidate-fp8": "1", "candidate": "3"}
     assert aliases([], "candidate") == {}
+
+
+def test_rungs_follow_the_ladder() -> None:
+    from farm.promote import rungs
+
+    labels = ["fp8-dynamic", "gptq-w8a16-g64", "gptq-w4a16-g64"]
+    assert rungs(labels, None) == [labels]
+    assert rungs(labels, [["gptq-w8a16-g64"], ["gptq-w4a16-g64"]]) == [["fp8-dynamic", "gptq-w8a16-g64"],
+                                                                       ["gptq-w4a16-g64"]]
+
+
+def test_tiers_get_their_smallest_promoted_variant() -> None:
+    got = aliases([("fp8", "1", 200.0), ("gptq4", "2", 100.0), ("gptq8", "3", 150.0)], "c",
+                  {"premium": ["fp8"], "bulk": ["gptq4", "gptq8"], "empty": ["awq"]})
+    assert got["c-premium"] == "1" and got["c-bulk"] == "2" and "c-empty" not in got
+
+
+def test_gate_labels_must_exist() -> None:
+    from farm.errors import SpecError
+    from farm.spec import parse_spec
+
+    base = {"name": "t", "models": [{"source": "/m"}], "methods": [{"method": "fp8"}],
+            "calibration": {"source": "/c"}, "evaluation": {"perplexity": {"source": "/h"}}}
+    with pytest.raises(SpecError, match="unknown method label.*gptq-w4a16; labels: fp8-dynamic"):
+        parse_spec({**base, "gate": {"ladder": [["gptq-w4a16"]]}})
