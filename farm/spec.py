@@ -92,11 +92,12 @@ class LatencySpec(Strict):
 
 
 class MemorySpec(Strict):
-    budget_gb: float = Field(1.0, gt=0, le=4096, description="memory for KV cache and activations beyond the "
+    budget_gb: float = Field(0.25, gt=0, le=4096, description="memory for KV cache and activations beyond the "
                              "weights, in which the largest batch and context are searched")
-    context: int = Field(256, gt=0, le=1_048_576, description="context length at which the largest batch is searched")
-    max_batch: int = Field(256, gt=0, le=65_536, description="search ceiling for batch size")
-    max_context: int | None = Field(None, gt=0, description="search ceiling for context (default: the model's)")
+    context: int = Field(128, gt=0, le=1_048_576, description="context length at which the largest batch is searched")
+    max_batch: int = Field(32, gt=0, le=65_536, description="search ceiling for batch size")
+    max_context: int | None = Field(None, gt=0, description="search ceiling for context (default: the model's "
+                                    "maximum, capped at 2048 to bound the search's cost)")
 
 
 class OutputsSpec(Strict):

@@ -146,7 +146,7 @@ def memory(model: Any, tokenizer: Any, spec: MemorySpec, device: str, new_tokens
     with _peak_bytes(device) as peak:
         _generate(model, _prompt_ids(tokenizer, min(spec.context, 128), device), new_tokens, device)
     generation_peak = peak()
-    ceiling = spec.max_context or int(getattr(model.config, "max_position_embeddings", 2048))
+    ceiling = spec.max_context or min(2048, int(getattr(model.config, "max_position_embeddings", 2048)))
     probes: dict[tuple[int, int], int | None] = {}
 
     def fits(batch: int, context: int) -> bool:
