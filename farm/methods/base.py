@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import abstractmethod
-from typing import Any, ClassVar
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,7 +28,6 @@ class MethodConfig(BaseModel):
     """Base of every method config in the registry."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    requires_calibration: ClassVar[bool] = True
 
     method: str
     name: str | None = Field(
@@ -39,6 +38,11 @@ class MethodConfig(BaseModel):
         description="modules kept in high precision (names or 're:' regexes)",
     )
     calibration: CalibrationOverride | None = Field(None, description="override of the job's calibration size")
+
+    @property
+    def requires_calibration(self) -> bool:
+        """Whether the recipe reads calibration data (data-free methods get the same variant for any set)."""
+        return True
 
     def label(self) -> str:
         return self.name or self.default_label()

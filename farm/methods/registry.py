@@ -10,15 +10,21 @@ from pydantic import Field
 
 from farm.methods.awq import AWQConfig
 from farm.methods.base import MethodConfig
-from farm.methods.fp8 import FP8Config
+from farm.methods.fp8 import FP8Config, FP8StaticConfig, KVCacheFP8Config
 from farm.methods.gptq import GPTQConfig
+from farm.methods.int8 import INT8Config
+from farm.methods.rtn import RTNConfig
 from farm.methods.smoothquant import SmoothQuantConfig
 
 REGISTRY: dict[str, type[MethodConfig]] = {
     "gptq": GPTQConfig,
     "awq": AWQConfig,
     "fp8": FP8Config,
+    "fp8_static": FP8StaticConfig,
+    "kv_fp8": KVCacheFP8Config,
     "smoothquant": SmoothQuantConfig,
+    "int8": INT8Config,
+    "rtn": RTNConfig,
 }
 
 

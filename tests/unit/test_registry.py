@@ -12,12 +12,12 @@ def test_entry_builds_modifiers(name: str) -> None:
     cfg = build_method({"method": name})
     mods = cfg.modifiers()
     assert mods and all(type(m).__module__.startswith("llmcompressor") for m in mods)
-    assert cfg.label().startswith(name)
+    assert cfg.label().startswith(name.replace("_", "-"))
     assert len(cfg.config_hash()) == 64
 
 
 def test_unknown_method() -> None:
-    with pytest.raises(KeyError, match="available: awq, fp8, gptq, smoothquant"):
+    with pytest.raises(KeyError, match="available: awq, fp8, fp8_static, gptq, int8, kv_fp8, rtn, smoothquant"):
         get_method("nf5")
 
 
