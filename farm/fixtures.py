@@ -8,6 +8,7 @@ under one directory, so `make run` / `make test` need no manual step. Heavy impo
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -146,13 +147,54 @@ def build_tiny_llama(root: Path, tokenizer_dir: Path) -> Path:
     return out
 
 
+def _verse(line: str) -> bool:
+    words = line.split()
+    return 6 <= len(words) <= 14 and 25 <= len(line) <= 90 and not line.isupper() and not line.endswith(".]")
+
+
+def build_tasks(root: Path, shakespeare: Path, items: int = 200) -> Path:
+    """Two lm-eval tasks from the held-out play (real text the calibration never saw): `shakespeare_next_line`
+    (multiple choice: which of four lines follows this one) and `shakespeare_last_word` (generation: the
+    line's last word). Deterministic (seed 0)."""
+    import random
+
+    out = root / "tasks"
+    if (out / DONE).exists():
+        return out
+    lines = [ln.strip() for ln in (shakespeare / "heldout.txt").read_text(encoding="utf-8").splitlines()]
+    verse = [ln for ln in lines if _verse(ln)]
+    pairs = [(a, b) for a, b in itertools.pairwise(lines) if _verse(a) and _verse(b)]
+    rng = random.Random(0)
+    mc = []
+    for context, answer in rng.sample(pairs, min(items, len(pairs))):
+        options = [answer, *rng.sample([v for v in verse if v != answer], 3)]
+        rng.shuffle(options)
+        mc.append({"context": context, "choices": options, "label": options.index(answer)})
+    gen = []
+    for previous, line in rng.sample(pairs, min(items, len(pairs))):
+        *head, last = line.split()
+        target = last.strip(".,;:!?'\"-").lower()
+        if target:
+            gen.append({"context": f"{previous}\n{' '.join(head)}", "target": target})
+    tmp = root / "tasks.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, rows in (("shakespeare_next_line", mc), ("shakespeare_last_word", gen)):
+        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (tmp / DONE).write_text(json.dumps({"source": "heldout.txt", "seed": 0, "items": items}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
 def ensure_all(root: Path | None = None) -> dict[str, Path]:
     root = (root or default_root()).resolve()
     root.mkdir(parents=True, exist_ok=True)
     text = build_shakespeare(root)
     smol = build_smollm2(root)
     tiny = build_tiny_llama(root, smol)
-    return {"shakespeare": text, "smollm2": smol, "tiny-llama": tiny}
+    tasks = build_tasks(root, text)
+    return {"shakespeare": text, "smollm2": smol, "tiny-llama": tiny, "tasks": tasks}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,10 @@ OPS: dict[str, Callable[[float, float], bool]] = {
 }
 
 
+FARM_TASKS = {"shakespeare_next_line": "task_shakespeare_next_line_acc",
+              "shakespeare_last_word": "task_shakespeare_last_word_exact_match_first_word"}
+
+
 def default_rules(ev: EvaluationSpec) -> list[GateRule]:
     """farm's matrix for the checks a job enables: quality and safety are required, speed and similarity
     advisory (a quantized model on CPU can be slower and still be the right one to ship)."""
@@ -32,6 +36,9 @@ def default_rules(ev: EvaluationSpec) -> list[GateRule]:
                            required=False)]
     if ev.speculative:
         rules += [GateRule(metric="spec_acceptance", op=">=", threshold=0.5, required=False)]
+    if ev.tasks:  # farm's own tasks; rules for your tasks go in the job's matrix
+        rules += [GateRule(metric=FARM_TASKS[name], op=">=", threshold=0.97, versus_base="ratio")
+                  for name in ev.tasks.names if name in FARM_TASKS]
     return rules
 
 
@@ -54,7 +61,9 @@ def _value(rule: GateRule, variant: Mapping[str, float], base: Mapping[str, floa
         return None
     if rule.versus_base == "delta":
         return v - b
-    return v / b if b else None
+    if b == 0:  # x% of nothing: equal is 1.0, anything more is infinitely more
+        return 1.0 if v == 0 else float("inf") if v > 0 else float("-inf")
+    return v / b
 
 
 def describe(rule: GateRule) -> str:

@@ -112,6 +112,15 @@ class SafetySpec(Strict):
     max_new_tokens: int = Field(40, gt=0, le=1024)
 
 
+class TasksSpec(Strict):
+    names: list[str] = Field(default_factory=lambda: ["shakespeare_next_line", "shakespeare_last_word"],
+                             min_length=1, max_length=64, description="lm-eval task names (farm's, or yours)")
+    data_dir: str = Field("../.fixtures/tasks", description="where farm's task JSONL lives (built by fixtures)")
+    include_path: str | None = Field(None, description="a directory of your own lm-eval task YAMLs")
+    limit: int | None = Field(100, gt=0, description="documents per task (null: all)")
+    batch_size: int = Field(8, gt=0, le=1024)
+
+
 class SpeculativeSpec(Strict):
     draft_tokens: int = Field(4, gt=0, le=64, description="tokens the quantized variant drafts per step")
     max_new_tokens: int = Field(32, gt=0, le=4096)
@@ -130,6 +139,7 @@ class EvaluationSpec(Strict):
     outputs: OutputsSpec | None = Field(None, description="determinism and reference diff against the base")
     safety: SafetySpec | None = Field(None, description="refusal accuracy and toxicity of generations")
     speculative: SpeculativeSpec | None = Field(None, description="acceptance rate drafting for the base")
+    tasks: TasksSpec | None = Field(None, description="task accuracy through lm-eval-harness (local tasks)")
 
 
 class GateRule(Strict):
@@ -267,7 +277,11 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
             "evaluation": ev.model_copy(
                 update={"perplexity": ev.perplexity.model_copy(update={"source": _resolve(ev.perplexity.source, base)}),
                         "safety": ev.safety.model_copy(update={"suite": _resolve(ev.safety.suite, base)})
-                        if ev.safety and ev.safety.suite else ev.safety}
+                        if ev.safety and ev.safety.suite else ev.safety,
+                        "tasks": ev.tasks.model_copy(update={
+                            "data_dir": _resolve(ev.tasks.data_dir, base),
+                            "include_path": _resolve(ev.tasks.include_path, base) if ev.tasks.include_path else None,
+                        }) if ev.tasks else None}
             ),
             "output": spec.output.model_copy(update={"root": _resolve(spec.output.root, base)}),
         }

@@ -22,7 +22,7 @@ class ChecksResult:
 
 
 def enabled(ev: EvaluationSpec) -> bool:
-    return any((ev.latency, ev.memory, ev.outputs, ev.safety, ev.speculative))
+    return any((ev.latency, ev.memory, ev.outputs, ev.safety, ev.speculative, ev.tasks))
 
 
 def run_checks(model_dir: str, ev: EvaluationSpec, base_dir: str | None = None,
@@ -53,6 +53,12 @@ def run_checks(model_dir: str, ev: EvaluationSpec, base_dir: str | None = None,
         s = timed("safety", lambda: behaviour.safety(model, tokenizer, ev.safety, device))
         res.metrics |= s["metrics"]
         res.artifacts["safety_transcript.json"] = s["transcript"]
+    if ev.tasks:
+        from farm.stages.tasks import accuracy
+
+        t = timed("tasks", lambda: accuracy(model, tokenizer, ev.tasks, device))
+        res.metrics |= t["metrics"]
+        res.artifacts["tasks.json"] = t["results"]
     if base_dir and (ev.outputs or ev.speculative):
         base = load_model(base_dir, device, trust_remote_code)
         if ev.outputs and greedy is not None:

@@ -8,17 +8,19 @@ from farm.promote import aliases, decide, default_rules
 from farm.spec import EvaluationSpec, GateRule
 
 ALL = EvaluationSpec.model_validate({"perplexity": {"source": "/h.txt"}, "latency": {}, "memory": {},
-                                     "outputs": {}, "safety": {}, "speculative": {}})
+                                     "outputs": {}, "safety": {}, "speculative": {}, "tasks": {}})
 BASE = {"perplexity": 40.0, "refusal_accuracy": 0.6, "toxicity": 0.0, "tokens_per_s_batch1": 20.0,
-        "weights_in_memory_bytes": 500.0}
+        "weights_in_memory_bytes": 500.0, "task_shakespeare_next_line_acc": 0.40,
+        "task_shakespeare_last_word_exact_match_first_word": 0.0}
 GOOD = {"perplexity": 40.3, "determinism": 1.0, "reference_similarity": 0.93, "refusal_accuracy": 0.6,
-        "toxicity": 0.0, "tokens_per_s_batch1": 18.0, "weights_in_memory_bytes": 200.0, "spec_acceptance": 0.8}
+        "toxicity": 0.0, "tokens_per_s_batch1": 18.0, "weights_in_memory_bytes": 200.0, "spec_acceptance": 0.8,
+        "task_shakespeare_next_line_acc": 0.39, "task_shakespeare_last_word_exact_match_first_word": 0.0}
 
 
 def test_a_good_variant_is_promoted() -> None:
     d = decide(default_rules(ALL), GOOD, BASE)
     assert d.outcome == "promoted" and not d.reasons and not d.warnings
-    assert all(r["passed"] for r in d.rows) and len(d.rows) == 8
+    assert all(r["passed"] for r in d.rows) and len(d.rows) == 10
 
 
 @pytest.mark.parametrize("metric,value,required", [
@@ -30,6 +32,7 @@ def test_a_good_variant_is_promoted() -> None:
     ("tokens_per_s_batch1", 5.0, False),
     ("weights_in_memory_bytes", 600.0, False),
     ("spec_acceptance", 0.1, False),
+    ("task_shakespeare_next_line_acc", 0.36, True),  # 90% of the base < 97%
 ])
 def test_each_check_can_fail_the_gate(metric: str, value: float, required: bool) -> None:
     d = decide(default_rules(ALL), {**GOOD, metric: value}, BASE)
@@ -81,5 +84,5 @@ def test_gate_labels_must_exist() -> None:
 
     base = {"name": "t", "models": [{"source": "/m"}], "methods": [{"method": "fp8"}],
             "calibration": {"source": "/c"}, "evaluation": {"perplexity": {"source": "/h"}}}
-    with pytest.raises(SpecError, match="unknown method label.*gptq-w4a16; labels: fp8-dynamic"):
+    with pytest.raises(SpecError, match=r"unknown method label.*gptq-w4a16; labels: fp8-dynamic"):
         parse_spec({**base, "gate": {"ladder": [["gptq-w4a16"]]}})
