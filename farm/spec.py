@@ -121,6 +121,24 @@ class TasksSpec(Strict):
     batch_size: int = Field(8, gt=0, le=1024)
 
 
+DEFAULT_TURNS = [
+    "Hello! I am planning a trip to the seaside. Can you help me?",
+    "What should I pack for a week by the sea?",
+    "Which of those things matters most if it rains?",
+    "Suggest a short walk I could take on the first morning.",
+    "What could I cook for dinner with fresh fish?",
+    "How long should I grill it?",
+    "Remind me: what was the first thing you told me to pack?",
+    "Thank you. Summarise our plan in two sentences.",
+]
+
+
+class KVCacheSpec(Strict):
+    turns: list[str] = Field(default_factory=lambda: list(DEFAULT_TURNS), min_length=2, max_length=64,
+                             description="user turns of one long conversation")
+    max_new_tokens: int = Field(40, gt=0, le=1024, description="tokens per assistant reply")
+
+
 class SpeculativeSpec(Strict):
     draft_tokens: int = Field(4, gt=0, le=64, description="tokens the quantized variant drafts per step")
     max_new_tokens: int = Field(32, gt=0, le=4096)
@@ -140,6 +158,7 @@ class EvaluationSpec(Strict):
     safety: SafetySpec | None = Field(None, description="refusal accuracy and toxicity of generations")
     speculative: SpeculativeSpec | None = Field(None, description="acceptance rate drafting for the base")
     tasks: TasksSpec | None = Field(None, description="task accuracy through lm-eval-harness (local tasks)")
+    kv_cache: KVCacheSpec | None = Field(None, description="a long conversation with and without an FP8 KV cache")
 
 
 class GateRule(Strict):

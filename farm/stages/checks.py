@@ -22,7 +22,7 @@ class ChecksResult:
 
 
 def enabled(ev: EvaluationSpec) -> bool:
-    return any((ev.latency, ev.memory, ev.outputs, ev.safety, ev.speculative, ev.tasks))
+    return any((ev.latency, ev.memory, ev.outputs, ev.safety, ev.speculative, ev.tasks, ev.kv_cache))
 
 
 def run_checks(model_dir: str, ev: EvaluationSpec, base_dir: str | None = None,
@@ -59,6 +59,12 @@ def run_checks(model_dir: str, ev: EvaluationSpec, base_dir: str | None = None,
         t = timed("tasks", lambda: accuracy(model, tokenizer, ev.tasks, device))
         res.metrics |= t["metrics"]
         res.artifacts["tasks.json"] = t["results"]
+    if ev.kv_cache:
+        from farm.stages.kvcache import ab
+
+        kv = timed("kv_cache", lambda: ab(model, tokenizer, ev.kv_cache, device))
+        res.metrics |= kv["metrics"]
+        res.artifacts["kv_cache_ab.json"] = kv["transcript"]
     if base_dir and (ev.outputs or ev.speculative):
         base = load_model(base_dir, device, trust_remote_code)
         if ev.outputs and greedy is not None:

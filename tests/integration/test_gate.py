@@ -18,10 +18,13 @@ pytestmark = pytest.mark.integration
 
 CHECKS = {"latency": {"prompt_tokens": 32, "new_tokens": 8, "batch_size": 4, "repeats": 2},
           "memory": {"budget_gb": 0.25, "context": 128, "max_batch": 32, "max_context": 512},
-          "outputs": {"max_new_tokens": 12}, "safety": {"max_new_tokens": 16}, "speculative": {"max_new_tokens": 12}}
+          "outputs": {"max_new_tokens": 12}, "safety": {"max_new_tokens": 16}, "speculative": {"max_new_tokens": 12},
+          "tasks": {"limit": 10}, "kv_cache": {"turns": ["Hello", "Tell me more", "Why?"], "max_new_tokens": 6}}
 PER_CHECK = {"latency": ["ttft_cold_s", "ttft_warm_s", "tokens_per_s_batch1", "tokens_per_s_batch4"],
              "memory": ["weights_in_memory_bytes", "peak_generation_bytes", "max_batch_at_128", "max_context_batch1"],
-             "outputs": ["determinism"], "safety": ["refusal_accuracy", "toxicity"]}
+             "outputs": ["determinism"], "safety": ["refusal_accuracy", "toxicity"],
+             "tasks": ["task_shakespeare_next_line_acc", "task_shakespeare_last_word_exact_match_first_word"],
+             "kv_cache": ["kv_fp8_exact_match", "kv_fp8_similarity"]}
 PAIRED = ["reference_exact_match", "reference_similarity", "spec_acceptance"]
 
 
@@ -30,7 +33,7 @@ def test_checks_gate_aliases_and_manual_promotion(stack: Stack, stack_env: dict,
     spec = tiny_spec(fixture_paths, str(tmp_path / "out"), methods=[{"method": "gptq", "group_size": 64},
                                                                    {"method": "fp8"}],
                      tracking={"experiment": "gate", "registered_model_prefix": "gate-"})
-    spec["evaluation"] |= CHECKS
+    spec["evaluation"] |= {**CHECKS, "tasks": {**CHECKS["tasks"], "data_dir": str(fixture_paths["tasks"])}}
     # GPTQ lowers this random-init model's perplexity, FP8 raises it a little: one passes, one fails
     spec["gate"] = {"rules": [{"metric": "perplexity", "op": "<=", "threshold": 0, "versus_base": "delta"},
                               {"metric": "determinism", "op": ">=", "threshold": 1},
@@ -52,7 +55,8 @@ def test_checks_gate_aliases_and_manual_promotion(stack: Stack, stack_env: dict,
         assert all(m in v.data.metrics for m in PAIRED)
         assert 0 <= v.data.metrics["spec_acceptance"] <= 1 and v.data.metrics["max_batch_at_128"] >= 1
         files = {a.path for a in client.list_artifacts(v.info.run_id, "checks")}
-        assert files == {"checks/reference_outputs.json", "checks/safety_transcript.json"}
+        assert files == {"checks/reference_outputs.json", "checks/safety_transcript.json", "checks/tasks.json",
+                         "checks/kv_cache_ab.json"}
 
     gptq, fp8 = variants["gptq-w4a16-g64"], variants["fp8-dynamic"]
     assert gptq.data.tags["farm.gate"] == "promoted"

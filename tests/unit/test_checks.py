@@ -69,3 +69,27 @@ def test_run_checks_returns_every_metric(fixture_paths: dict) -> None:
         assert m in r.metrics, m
     assert r.metrics["reference_exact_match"] == 1.0 and r.metrics["determinism"] == 1.0
     assert r.artifacts["reference_outputs.json"]["base_greedy"] == r.artifacts["reference_outputs.json"]["greedy"]
+
+
+def test_fp8_kv_cache_rounds_what_it_stores(fixture_paths: dict) -> None:
+    import torch
+
+    from farm.spec import KVCacheSpec
+    from farm.stages import kvcache
+    from farm.stages.modelio import load_model, load_tokenizer
+
+    x = torch.randn(1, 2, 5, 8) * 3
+    y = kvcache.fp8_round(x)
+    assert not torch.equal(x, y) and float(((x - y).abs() / x.abs().amax()).max()) < 1 / 16
+    calls = []
+    base = kvcache.fp8_cache_class()
+
+    class Counting(base):  # type: ignore[misc,valid-type]
+        def update(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            calls.append(args[2])
+            return super().update(*args, **kwargs)
+
+    path = fixture_paths["tiny-llama"]
+    spec = KVCacheSpec(turns=["Hi there", "And then?"], max_new_tokens=3)
+    kvcache.converse(load_model(path, "cpu"), load_tokenizer(path), spec, "cpu", Counting)
+    assert calls and set(calls) == {0, 1}  # both layers of the tiny model stored FP8-rounded keys/values
