@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.farm-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup fixtures run test test-unit test-integration lint bench clean
+.PHONY: setup fixtures browser run test test-unit test-integration lint bench clean
 
 setup: $(STAMP)
 
@@ -25,8 +25,15 @@ fixtures: setup
 run: fixtures
 	$(VENV)/bin/farm run jobs/quickstart.yaml
 
-test: fixtures
+test: fixtures browser
 	$(PY) -m pytest -q -ra tests
+
+# Headless Chromium for the report's browser test (Debian's package; skipped with a reason where apt is absent)
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  (command -v apt-get >/dev/null && (DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
+	   || (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1))) \
+	  || echo "no chromium: the report's browser test will be skipped"
 
 test-unit: fixtures
 	$(PY) -m pytest -q tests/unit

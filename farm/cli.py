@@ -70,6 +70,38 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from farm.report_html import Point, render
+    from farm.tracking.mlflow_store import TAG, MlflowStore, default_local_uri
+
+    uri = args.tracking_uri or default_local_uri(args.root)[0]
+    store = MlflowStore(uri, args.experiment)
+    store.check_reachable()
+    runs = store.runs_of_job(args.job)
+    variants = sorted((r for r in runs if r.tags.get(TAG + "role") == "variant" and r.status == "FINISHED"),
+                      key=lambda r: r.tags.get(TAG + "label", ""))
+    if not variants:
+        raise FarmError(f"no finished variants for job or experiment {args.job!r} at {uri}")
+    base_ids = {r.tags.get(TAG + "base_eval_id") for r in variants}
+    bases = store.find_runs([f"tags.`{TAG}role` = 'base'"], status="FINISHED",
+                            experiment_ids=[store.experiment_of(variants[0].run_id)])
+    base = next((dict(b.metrics) for b in bases if b.tags.get(TAG + "base_eval_id") in base_ids), {})
+    points = [Point(f"{r.tags.get(TAG + 'model')}/{r.tags.get(TAG + 'label')}", dict(r.metrics),
+                    r.tags.get(TAG + "gate", ""), r.tags.get(TAG + "gate_reasons", ""),
+                    r.tags.get(TAG + "gate_warnings", "")) for r in variants]
+    job_id = variants[0].tags.get(TAG + "job_id", args.job)
+    page = render(job_id, base, points)
+    out = Path(args.out or f"report-{job_id}.html")
+    out.write_text(page, encoding="utf-8")
+    parents = [r for r in runs if r.tags.get(TAG + "role") == "job"]
+    if parents:
+        store.log_text(parents[0].run_id, page, "report.html")
+    print(f"{out} ({len(points)} variants){'; logged to run ' + parents[0].run_id if parents else ''}")
+    return 0
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     from farm.runtime import submit
     from farm.spec import load_spec
@@ -183,6 +215,13 @@ def parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--experiment", default="farm", help="experiment searched for a job id")
     cmp_.add_argument("--root", default=".farm", help="local farm root of the default sqlite store")
     cmp_.set_defaults(func=_cmd_compare)
+    rp = sub.add_parser("report", help="HTML report of a job (plots, Pareto front, gate outcomes), logged to MLflow")
+    rp.add_argument("job", help="job id or experiment name (newest job in it)")
+    rp.add_argument("--out", default=None, help="output file (default: report-<job id>.html)")
+    rp.add_argument("--tracking-uri", default=None)
+    rp.add_argument("--experiment", default="farm", help="experiment searched for a job id")
+    rp.add_argument("--root", default=".farm", help="local farm root of the default sqlite store")
+    rp.set_defaults(func=_cmd_report)
     from farm.runtime.submit import default_address
 
     sb = sub.add_parser("submit", help="submit a job spec to a Ray cluster (Ray Jobs API); prints the job id")

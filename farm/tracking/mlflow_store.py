@@ -164,6 +164,9 @@ class MlflowStore:
                               status="FINISHED", max_results=1)
         return rows[0] if rows else None
 
+    def experiment_of(self, run_id: str) -> str:
+        return str(self.client.get_run(run_id).info.experiment_id)
+
     def runs_of_job(self, job: str) -> list[RunRow]:
         """Variant and base runs of a job id, or of the newest job in an experiment of that name."""
         exp_ids = [self.experiment_id]

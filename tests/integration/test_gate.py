@@ -101,3 +101,23 @@ def test_ladder_stops_at_the_first_rung_that_fails(stack: Stack, stack_env: dict
     assert [r.data.tags["farm.label"] for r in runs] == ["gptq-w8a16-g64"]
     assert runs[0].data.tags["farm.gate"] == "rejected"
     assert client.get_registered_model("ladder-tiny-llama").aliases == {}
+
+
+def test_report_renders_in_a_headless_browser(stack: Stack, stack_env: dict, tmp_path: Path) -> None:
+    """Runs after the gate test (same experiment): the HTML report of that job, rendered by Chromium."""
+    from PIL import Image
+
+    from tests.browser import render
+
+    out = tmp_path / "report.html"
+    res = farm("report", "gate", "--out", str(out), "--tracking-uri", stack.mlflow_uri, env=stack_env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    shot, dom = render(out, tmp_path)
+    assert 'id="plot-size-ppl"' in dom and 'id="plot-speed-quality"' in dom and dom.count("<svg") >= 2
+    assert "gptq-w4a16-g64" in dom and "promoted" in dom and "rejected" in dom and "Pareto front" in dom
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1300, 1800) and len(image.getcolors(maxcolors=1 << 20) or []) > 50  # not blank
+    client = MlflowClient(stack.mlflow_uri)
+    exp = client.get_experiment_by_name("gate")
+    parent = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'job'")[0]
+    assert "report.html" in {a.path for a in client.list_artifacts(parent.info.run_id)}

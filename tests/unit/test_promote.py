@@ -86,3 +86,10 @@ def test_gate_labels_must_exist() -> None:
             "calibration": {"source": "/c"}, "evaluation": {"perplexity": {"source": "/h"}}}
     with pytest.raises(SpecError, match=r"unknown method label.*gptq-w4a16; labels: fp8-dynamic"):
         parse_spec({**base, "gate": {"ladder": [["gptq-w4a16"]]}})
+
+
+def test_pareto_front_minimises_size_and_delta() -> None:
+    from farm.report_html import pareto
+
+    pts = [("fp8", 200, 1.5), ("w8a8", 210, 0.9), ("gptq", 100, 8.0), ("awq", 100, 7.5), ("bad", 220, 9)]
+    assert pareto(pts) == ["fp8", "w8a8", "awq"]

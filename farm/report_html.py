@@ -1,0 +1,111 @@
+"""`farm report`: one self-contained HTML page per job - size vs perplexity delta with the Pareto front,
+tokens/s vs task accuracy, the gate's decisions with reasons, and every metric - logged to MLflow beside
+the job. Plots are inline SVG drawn by matplotlib; no torch, no network, nothing to fetch when opened."""
+
+from __future__ import annotations
+
+import html
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Point:
+    label: str
+    metrics: dict[str, float]
+    gate: str = ""
+    reasons: str = ""
+    warnings: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def pareto(points: Sequence[tuple[str, float, float]]) -> list[str]:
+    """Labels on the front when both coordinates are to be minimised (size, perplexity delta): no other point
+    is at least as good on both and better on one."""
+    front = []
+    for label, x, y in points:
+        dominated = any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for _, x2, y2 in points)
+        if not dominated:
+            front.append(label)
+    return front
+
+
+def _svg(fig: object) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")  # type: ignore[attr-defined]
+    text = buf.getvalue()
+    return text[text.index("<svg"):]
+
+
+def _scatter(points: list[Point], x: str, y: str, title: str, xlabel: str, ylabel: str,
+             front: list[str] | None = None, plot_id: str = "") -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colours = {"promoted": "tab:green", "rejected": "tab:red"}
+    have = [p for p in points if x in p.metrics and y in p.metrics]
+    for p in have:
+        ax.scatter(p.metrics[x], p.metrics[y], s=60, color=colours.get(p.gate, "tab:blue"), zorder=3)
+        ax.annotate(p.label, (p.metrics[x], p.metrics[y]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if front:
+        f = sorted((p.metrics[x], p.metrics[y]) for p in have if p.label in front)
+        ax.plot([a for a, _ in f], [b for _, b in f], "--", color="grey", label="Pareto front", zorder=2)
+        ax.legend(fontsize=8)
+    if not have:
+        ax.text(0.5, 0.5, f"no variant has {x} and {y}", ha="center", transform=ax.transAxes)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    svg = _svg(fig)
+    plt.close(fig)
+    return f'<figure id="{plot_id}" class="plot">{svg}</figure>'
+
+
+def render(job: str, base: dict[str, float], points: list[Point]) -> str:
+    for p in points:
+        p.metrics.setdefault("size_mb", p.metrics.get("weights_bytes", 0) / 1e6)
+    sized = [(p.label, p.metrics["size_mb"], p.metrics["perplexity_delta"]) for p in points
+             if "perplexity_delta" in p.metrics]
+    front = pareto(sized)
+    task = next((k for p in points for k in sorted(p.metrics) if k.startswith("task_") and k.endswith("_acc")), None)
+    plots = [
+        _scatter(points, "size_mb", "perplexity_delta", "Size vs perplexity delta", "weights (MB)",
+                 "perplexity - base", front, "plot-size-ppl"),
+        _scatter(points, "tokens_per_s_batch1", task or "perplexity_delta",
+                 "Tokens/s vs " + ("task accuracy" if task else "perplexity delta"), "tokens/s (batch 1)",
+                 task or "perplexity - base", None, "plot-speed-quality"),
+    ]
+    e = html.escape
+    gate_rows = "".join(
+        f"<tr class='{e(p.gate or 'none')}'><td>{e(p.label)}</td><td>{e(p.gate or '-')}</td>"
+        f"<td>{e(p.reasons)}</td><td>{e(p.warnings)}</td><td>{'yes' if p.label in front else ''}</td></tr>"
+        for p in points)
+    keys = sorted({k for p in points for k in p.metrics if not k.startswith("seconds_")})
+    metric_rows = "".join(
+        f"<tr><td>{e(k)}</td><td>{_num(base.get(k))}</td>" + "".join(f"<td>{_num(p.metrics.get(k))}</td>"
+                                                                      for p in points) + "</tr>" for k in keys)
+    heads = "".join(f"<th>{e(p.label)}</th>" for p in points)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>farm report: {e(job)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1300px}} table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}} tr.promoted td{{background:#e6f4ea}}
+tr.rejected td{{background:#fce8e6}} .plots{{display:flex;flex-wrap:wrap;gap:1em}} figure{{margin:0}}</style>
+</head><body>
+<h1>farm report: {e(job)}</h1>
+<p>{len(points)} variant(s); green = promoted by the gate, red = rejected; dashed = Pareto front (smaller and
+closer to the base's perplexity is better).</p>
+<div class="plots">{''.join(plots)}</div>
+<h2>Gate</h2>
+<table id="gate"><tr><th>variant</th><th>decision</th><th>reasons</th><th>warnings</th><th>Pareto</th></tr>
+{gate_rows}</table>
+<h2>Metrics</h2>
+<table id="metrics"><tr><th>metric</th><th>base</th>{heads}</tr>{metric_rows}</table>
+</body></html>
+"""
+
+
+def _num(v: float | None) -> str:
+    return "" if v is None else f"{v:.6g}"
