@@ -85,7 +85,7 @@ def test_fp8_kv_cache_rounds_what_it_stores(fixture_paths: dict) -> None:
     base = kvcache.fp8_cache_class()
 
     class Counting(base):  # type: ignore[misc,valid-type]
-        def update(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        def update(self, *args, **kwargs):
             calls.append(args[2])
             return super().update(*args, **kwargs)
 
