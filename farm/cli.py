@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from farm.errors import FarmError
+from farm.errors import FarmError, SpecError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -56,17 +56,24 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or default_local_uri(args.root)[0]
     store = MlflowStore(uri, args.experiment)
     store.check_reachable()
-    runs = store.runs_of_job(args.job)
+    if bool(args.job) == bool(args.model):
+        raise SpecError("compare: give a job id / experiment name, or --model NAME (across jobs)")
+    if args.model:
+        runs = store.find_runs([f"tags.`{TAG}role` = 'variant'", f"tags.`{TAG}model` = '{args.model}'"],
+                               status="FINISHED", experiment_ids=store.all_experiment_ids())
+    else:
+        runs = store.runs_of_job(args.job)
     variants = [r for r in runs if r.tags.get(TAG + "role") == "variant"]
     if not variants:
-        raise FarmError(f"no variants found for job or experiment {args.job!r} at {uri}")
-    rows = [[r.tags.get(TAG + "model"), r.tags.get(TAG + "label"), r.status,
+        raise FarmError(f"no variants found for {args.model or args.job!r} at {uri}")
+    rows = [[r.tags.get(TAG + "job_id", "")[:8], r.tags.get(TAG + "model"), r.tags.get(TAG + "label"), r.status,
              fmt(r.metrics.get("weights_bytes", 0) / 1e6, ".1f"), fmt(r.metrics.get("base_perplexity"), ".2f"),
              fmt(r.metrics.get("perplexity"), ".2f"), fmt(r.metrics.get("perplexity_delta"), "+.2f"),
-             fmt(r.metrics.get("seconds_total"), ".0f"), r.tags.get(TAG + "model_version", ""), r.run_id]
+             fmt(r.metrics.get("seconds_total"), ".0f"), r.tags.get(TAG + "gate", ""),
+             r.tags.get(TAG + "model_version", ""), r.run_id]
             for r in sorted(variants, key=lambda r: (r.tags.get(TAG + "model", ""), r.tags.get(TAG + "label", "")))]
-    print(table(["model", "variant", "status", "MB", "base ppl", "ppl", "delta", "s", "version", "mlflow run"],
-                rows))
+    print(table(["job", "model", "variant", "status", "MB", "base ppl", "ppl", "delta", "s", "gate", "version",
+                 "mlflow run"], rows))
     return 0
 
 
@@ -210,7 +217,8 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("spec")
     plan.set_defaults(func=_cmd_plan)
     cmp_ = sub.add_parser("compare", help="table of a job's variants against their base, from MLflow")
-    cmp_.add_argument("job", help="job id or experiment name (newest job in it)")
+    cmp_.add_argument("job", nargs="?", help="job id or experiment name (newest job in it)")
+    cmp_.add_argument("--model", default=None, help="every finished variant of this base model, across jobs")
     cmp_.add_argument("--tracking-uri", default=None)
     cmp_.add_argument("--experiment", default="farm", help="experiment searched for a job id")
     cmp_.add_argument("--root", default=".farm", help="local farm root of the default sqlite store")

@@ -164,6 +164,10 @@ class MlflowStore:
                               status="FINISHED", max_results=1)
         return rows[0] if rows else None
 
+    def all_experiment_ids(self) -> list[str]:
+        return [e.experiment_id for e in self.client.search_experiments(max_results=1000)
+                if not e.name.startswith("farm-watch/")]
+
     def experiment_of(self, run_id: str) -> str:
         return str(self.client.get_run(run_id).info.experiment_id)
 

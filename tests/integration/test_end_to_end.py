@@ -80,6 +80,8 @@ def test_job_end_to_end(stack: Stack, stack_env: dict, fixture_paths: dict, tmp_
     cmp_ = farm("compare", "e2e", "--tracking-uri", stack.mlflow_uri, env=stack_env, cwd=tmp_path)
     assert cmp_.returncode == 0, cmp_.stderr
     assert cmp_.stdout.count("tiny-llama") >= 4
+    across = farm("compare", "--model", "tiny-llama", "--tracking-uri", stack.mlflow_uri, env=stack_env, cwd=tmp_path)
+    assert across.returncode == 0 and across.stdout.count("FINISHED") >= 4, across.stderr
 
 
 def test_unreachable_tracking_server_fails_before_work(stack: Stack, stack_env: dict, fixture_paths: dict,
