@@ -7,6 +7,7 @@ on different text or a different draw is a different variant.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -26,12 +27,43 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def read_text(source: str) -> str:
-    """A .txt file as one document, or a JSONL file's 'text' fields joined by blank lines."""
+MIX = "mix:"
+
+
+def mixture_source(items: list[tuple[str, float]]) -> str:
+    """One source string for a weighted mixture, so a mixture travels (and is hashed) like a single source."""
+    return MIX + json.dumps([[src, float(w)] for src, w in items])
+
+
+def parts(source: str) -> list[tuple[str, float]]:
+    if source.startswith(MIX):
+        return [(str(src), float(w)) for src, w in json.loads(source[len(MIX):])]
+    return [(source, 1.0)]
+
+
+def _read_bytes(source: str) -> bytes:
+    if source.startswith("s3://"):
+        import s3fs
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return bytes(s3fs.S3FileSystem(skip_instance_cache=True).cat(source.removeprefix("s3://")))
+        except FileNotFoundError:
+            raise SpecError(f"text source {source}: no such object") from None
+        except (OSError, BotoCoreError, ClientError) as err:
+            raise SpecError(f"text source {source}: cannot read ({type(err).__name__}: {err})") from None
     path = Path(source)
     if not path.is_file():
         raise SpecError(f"text source {source}: no such file")
-    raw = path.read_text(encoding="utf-8", errors="strict")
+    return path.read_bytes()
+
+
+def read_text(source: str) -> str:
+    """A .txt file (local or s3://) as one document, or a JSONL file's 'text' fields joined by blank lines."""
+    if source.startswith(MIX):
+        return "\n\n".join(read_text(src) for src, _ in parts(source))
+    raw = _read_bytes(source).decode("utf-8", errors="strict")
+    path = Path(source)
     if path.suffix == ".jsonl":
         texts = []
         for n, line in enumerate(raw.splitlines(), 1):
@@ -55,13 +87,17 @@ class TextIdentity:
     def of(cls, source: str) -> TextIdentity:
         """Hash a text source after checking it is readable, UTF-8 and non-empty (so bad text fails in
         preflight, not in a worker minutes later)."""
+        if source.startswith(MIX):  # a mixture's identity: its parts' contents and weights, in order
+            blob = json.dumps([[cls.of(src).sha256, w] for src, w in parts(source)])
+            return cls(source=source, sha256=hashlib.sha256(blob.encode()).hexdigest())
         try:
             read_text(source)
         except UnicodeDecodeError as err:
             raise SpecError(f"text source {source}: not UTF-8 (byte {err.start})") from None
         except OSError as err:
             raise SpecError(f"text source {source}: unreadable ({err.strerror or err})") from None
-        return cls(source=source, sha256=file_sha256(source))
+        sha = hashlib.sha256(_read_bytes(source)).hexdigest() if source.startswith("s3://") else file_sha256(source)
+        return cls(source=source, sha256=sha)
 
 
 def calibration_hash(content_sha256: str, num_samples: int, max_seq_length: int, seed: int) -> str:
@@ -95,3 +131,40 @@ def heldout_windows(text: str, tokenizer: Any, max_tokens: int, seq_len: int) ->
     if not windows:
         raise SpecError(f"held-out text has {len(ids)} tokens; one {seq_len}-token window needs more")
     return windows
+
+
+def allocate(weights: list[float], n: int) -> list[int]:
+    """n samples split in proportion to weights (largest remainder: sums to n, deterministic)."""
+    total = sum(weights)
+    exact = [n * w / total for w in weights]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(weights)), key=lambda i: (counts[i] - exact[i], i))[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def draw(source: str, tokenizer: Any, num_samples: int, seq_len: int, seed: int) -> list[list[int]]:
+    """The calibration windows of a source or a mixture: each part contributes its share, drawn with its own
+    seed (seed + part index), in the mixture's order. Same inputs, same windows."""
+    items = parts(source)
+    counts = allocate([w for _, w in items], num_samples)
+    windows: list[list[int]] = []
+    for i, ((src, _), n) in enumerate(zip(items, counts, strict=True)):
+        if n:
+            windows += sample_windows(read_text(src), tokenizer, n, seq_len, seed + i)
+    return windows
+
+
+def diversity(source: str, windows: list[list[int]]) -> dict[str, Any]:
+    """A short report on what calibration saw: tokens, unique-token ratio, per-part shares, and a histogram of
+    the source documents' lengths in words (paragraphs of text, records of JSONL)."""
+    tokens = [t for w in windows for t in w]
+    docs = [d for src, _ in parts(source) for d in read_text(src).split("\n\n") if d.strip()]
+    lengths = [len(d.split()) for d in docs]
+    edges = [0, 10, 50, 200, 1000, 10**9]
+    hist = {f"{a}-{b - 1 if b < 10**9 else 'inf'}": sum(a <= n < b for n in lengths)
+            for a, b in itertools.pairwise(edges)}
+    return {"tokens": len(tokens), "unique_tokens": len(set(tokens)),
+            "unique_token_ratio": len(set(tokens)) / max(1, len(tokens)), "windows": len(windows),
+            "parts": [{"source": src, "weight": w} for src, w in parts(source)], "documents": len(docs),
+            "doc_words_histogram": hist}

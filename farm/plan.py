@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -83,19 +84,27 @@ class Plan:
     base_evals: tuple[BaseEval, ...]
 
 
-def _calibration_for(spec: JobSpec, method: MethodConfig, text_sha: str) -> Calibration:
-    cal, over = spec.calibration, method.calibration
+def _calibration_for(spec: JobSpec, method: MethodConfig, text_shas: Mapping[str, str]) -> Calibration:
+    over = method.calibration
+    name = over.set if over and over.set else ""
+    cal = spec.calibration_sets[name] if name else spec.calibration
+    if name not in text_shas:
+        raise SpecError(f"calibration set {name or '(job default)'} was not hashed")
     return Calibration(
         source=cal.source,
-        sha256=text_sha,
+        sha256=text_shas[name],
         num_samples=(over.num_samples if over and over.num_samples else cal.num_samples),
         max_seq_length=(over.max_seq_length if over and over.max_seq_length else cal.max_seq_length),
         seed=cal.seed,
     )
 
 
-def make_plan(spec: JobSpec, models: dict[str, ModelInfo], calibration_sha: str, heldout_sha: str) -> Plan:
-    """`models` maps each model's display name to its resolved info; raises SpecError on any mismatch."""
+def make_plan(spec: JobSpec, models: dict[str, ModelInfo], calibration_sha: str | Mapping[str, str],
+              heldout_sha: str) -> Plan:
+    """`models` maps each model's display name to its resolved info; `calibration_sha` is the content hash of
+    the job's calibration text, or a map of set name -> hash ("" = the job's own). Raises SpecError on any
+    mismatch."""
+    shas = {"": calibration_sha} if isinstance(calibration_sha, str) else dict(calibration_sha)
     ev = spec.evaluation
     eval_key = [ev.perplexity.model_dump(exclude={"source"}), heldout_sha, ev.generation.model_dump()]
     checks = ev.model_dump(mode="json", include={"latency", "memory", "outputs", "safety", "speculative"})
@@ -113,7 +122,7 @@ def make_plan(spec: JobSpec, models: dict[str, ModelInfo], calibration_sha: str,
             problems = method.check_model(info.config)
             if problems:
                 raise SpecError(f"methods.{ki} ({method.label()}) on model {name}: {problems[0]}")
-            cal = _calibration_for(spec, method, calibration_sha)
+            cal = _calibration_for(spec, method, shas)
             cal_id = cal.hash if method.requires_calibration else "data-free"
             res = resources.request(
                 spec.resources.num_gpus, spec.resources.num_cpus, spec.resources.memory_gb, info.weights_bytes,

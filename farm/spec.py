@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from farm.calibration import MIX, mixture_source
 from farm.errors import SpecError
 from farm.methods import REGISTRY, AnyMethod, MethodConfig
 
@@ -54,11 +55,36 @@ class ModelSpec(Strict):
         return re.sub(r"[^A-Za-z0-9_.-]", "-", tail)[:64] or "model"
 
 
+class MixtureItem(Strict):
+    source: str = Field(description="text file (.txt / JSONL with 'text'), local or s3://")
+    weight: float = Field(gt=0, le=1e6, description="share of the samples, relative to the other parts")
+
+
 class CalibrationSpec(Strict):
-    source: str = Field(description="text file (.txt) or JSONL with a 'text' field")
+    source: str = Field("", description="text file (.txt) or JSONL with a 'text' field, local or s3:// (or use "
+                        "`mixture`)")
+    mixture: list[MixtureItem] | None = Field(None, min_length=1, max_length=64,
+                                              description="weighted mixture of sources instead of `source`")
     num_samples: int = Field(128, gt=0, le=100_000, description="number of calibration samples")
     max_seq_length: int = Field(2048, gt=0, le=131_072, description="tokens per sample")
     seed: int = Field(0, ge=0, description="sampling seed: same seed, same samples")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CalibrationSpec:
+        if self.mixture and self.source and not self.source.startswith(MIX):
+            raise ValueError("give `source` or `mixture`, not both")
+        if not self.mixture and not self.source:
+            raise ValueError("`source` or `mixture` is required")
+        if self.mixture and not self.source:  # the mixture travels as one canonical source string
+            object.__setattr__(self, "source", mixture_source([(m.source, m.weight) for m in self.mixture]))
+        return self
+
+    def with_paths(self, base: Path) -> CalibrationSpec:
+        if not self.mixture:
+            return self.model_copy(update={"source": _resolve(self.source, base)})
+        items = [m.model_copy(update={"source": _resolve(m.source, base)}) for m in self.mixture]
+        return self.model_copy(update={"mixture": items,
+                                       "source": mixture_source([(m.source, m.weight) for m in items])})
 
 
 class PerplexitySpec(Strict):
@@ -227,6 +253,9 @@ class JobSpec(Strict):
     models: list[ModelSpec] = Field(min_length=1, max_length=256)
     methods: list[MethodField] = Field(min_length=1, max_length=256)
     calibration: CalibrationSpec
+    calibration_sets: dict[str, CalibrationSpec] = Field(
+        default_factory=dict, max_length=64, description="named calibration sets a method can pick "
+        "(`calibration: {set: name}`); a variant calibrated on a different set is a different variant")
     evaluation: EvaluationSpec
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
@@ -242,6 +271,11 @@ class JobSpec(Strict):
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise ValueError(f"{what}: duplicate name(s) {', '.join(dup)}; give each a distinct `name`")
+        for i, m in enumerate(self.methods):
+            wanted = m.calibration.set if m.calibration else None
+            if wanted and wanted not in self.calibration_sets:
+                raise ValueError(f"methods.{i}.calibration.set: unknown set {wanted!r}; defined: "
+                                 f"{', '.join(sorted(self.calibration_sets)) or 'none'}")
         if self.gate:
             labels = {m.label() for m in self.methods}
             named = [x for rung in self.gate.ladder or [] for x in rung] + [
@@ -292,7 +326,8 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
     return spec.model_copy(
         update={
             "models": [m.model_copy(update={"source": _resolve(m.source, base)}) for m in spec.models],
-            "calibration": spec.calibration.model_copy(update={"source": _resolve(spec.calibration.source, base)}),
+            "calibration": spec.calibration.with_paths(base),
+            "calibration_sets": {k: v.with_paths(base) for k, v in spec.calibration_sets.items()},
             "evaluation": ev.model_copy(
                 update={"perplexity": ev.perplexity.model_copy(update={"source": _resolve(ev.perplexity.source, base)}),
                         "safety": ev.safety.model_copy(update={"suite": _resolve(ev.safety.suite, base)})

@@ -22,6 +22,8 @@ class CalibrationOverride(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     num_samples: int | None = Field(None, gt=0, le=100_000, description="calibration samples for this method")
     max_seq_length: int | None = Field(None, gt=0, le=131_072, description="tokens per calibration sample")
+    set: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="a named set from the job's "
+                            "calibration_sets (default: the job's calibration)")
 
 
 class MethodConfig(BaseModel):

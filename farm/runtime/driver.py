@@ -73,9 +73,10 @@ def preflight(spec: JobSpec) -> Plan:
     resolved = {m.display_name(): sources.resolve(m.source, m.revision, allow_pickle=m.allow_pickle)
                 for m in spec.models}
     infos = {n: ModelInfo(r.identity, r.config, r.weights_bytes) for n, r in resolved.items()}
-    cal = TextIdentity.of(spec.calibration.source)
+    shas = {"": TextIdentity.of(spec.calibration.source).sha256}
+    shas |= {name: TextIdentity.of(s.source).sha256 for name, s in spec.calibration_sets.items()}
     heldout = TextIdentity.of(spec.evaluation.perplexity.source)
-    return make_plan(spec, infos, cal.sha256, heldout.sha256)
+    return make_plan(spec, infos, shas, heldout.sha256)
 
 
 def tracking_target(spec: JobSpec, override: str | None) -> tuple[str, str | None]:
@@ -428,6 +429,11 @@ class Driver:
             tags[TAG + "notes"] = "; ".join(q["notes"])
         if limit is not None and base is not None:
             tags[TAG + "within_threshold"] = str(e["perplexity"] - base <= limit).lower()
+        report = q.get("calibration_report") or {}
+        if report:
+            metrics |= {"calibration_tokens": report["tokens"], "calibration_unique_token_ratio":
+                        report["unique_token_ratio"]}
+            self.store.log_json(run_id, report, "calibration_report.json")
         self.store.log(run_id, metrics=metrics, tags=tags)
         metrics |= self._log_checks(run_id, result.get("checks"))
         self.store.log_json(run_id, manifest, "manifest.json")

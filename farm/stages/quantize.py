@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from farm.calibration import read_text, sample_windows
+from farm.calibration import diversity, draw
 from farm.methods import MethodConfig
 from farm.stages.compat import cpu_safe_pinning
 from farm.stages.modelio import load_model, load_shared_model, load_tokenizer, pick_device
@@ -33,6 +33,7 @@ class QuantizeRequest:
     load_device: str | None = None  # where the weights live: None = the worker's device; "cpu" = onload per layer
     rank: int = 0  # data-parallel rank and world size (world > 1: a process group is already initialised)
     world: int = 1
+    report: dict[str, Any] = field(default_factory=dict, compare=False)  # filled: the calibration's diversity
 
 
 @dataclass
@@ -44,13 +45,16 @@ class QuantizeResult:
     seconds_save: float
     recipe: str
     notes: list[str] = field(default_factory=list)
+    calibration_report: dict[str, Any] = field(default_factory=dict)
 
 
 def _dataset(req: QuantizeRequest, tokenizer: Any) -> Any:
     from datasets import Dataset
 
     cal = req.calibration
-    windows = sample_windows(read_text(cal.source), tokenizer, cal.num_samples, cal.max_seq_length, cal.seed)
+    windows = draw(cal.source, tokenizer, cal.num_samples, cal.max_seq_length, cal.seed)
+    if req.rank == 0:
+        req.report.update(diversity(cal.source, windows))
     windows = windows[req.rank::req.world]  # disjoint shares whose union is the single-process draw
     return Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
 
@@ -125,4 +129,5 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
         seconds_save=t3 - t2,
         recipe=recipe,
         notes=notes,
+        calibration_report=dict(req.report),
     )

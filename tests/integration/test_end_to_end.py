@@ -46,6 +46,8 @@ def test_job_end_to_end(stack: Stack, stack_env: dict, fixture_paths: dict, tmp_
         assert r.data.params["method.method"] == r.data.tags["farm.method"]
         names = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert {"manifest.json", "recipe.yaml", "model"} <= names
+        if r.data.tags["farm.method"] != "fp8":  # what calibration saw: 4 windows x 64 tokens
+            assert "calibration_report.json" in names and m["calibration_tokens"] == 256
 
     versions = client.search_model_versions("name = 'tiny-llama'")
     assert len(versions) == 4

@@ -44,3 +44,18 @@ def test_s3_source_without_credentials_is_one_line(stack: Stack, monkeypatch: py
     with pytest.raises(SourceError, match=r"cannot read \(NoCredentialsError") as err:
         sources.resolve(f"s3://{BUCKET}/models/tiny")
     assert "\n" not in str(err.value)
+
+
+def test_s3_calibration_text_has_the_local_identity(stack: Stack, stack_env: dict, fixture_paths: dict) -> None:
+    from farm.calibration import TextIdentity, mixture_source
+
+    local = fixture_paths["shakespeare"] / "heldout.txt"
+    s3fs_client(stack).put(str(local), f"{BUCKET}/text/heldout.txt")
+    remote = f"s3://{BUCKET}/text/heldout.txt"
+    assert TextIdentity.of(remote).sha256 == TextIdentity.of(str(local)).sha256
+    assert TextIdentity.of(mixture_source([(remote, 1.0)])).sha256 == TextIdentity.of(
+        mixture_source([(str(local), 1.0)])).sha256
+    from farm.errors import SpecError
+
+    with pytest.raises(SpecError, match="no such object"):
+        TextIdentity.of(f"s3://{BUCKET}/text/absent.txt")

@@ -1,0 +1,87 @@
+"""The calibration registry: mixtures with weights, named sets, deterministic draws by seed, content hashes
+that key variants, and the diversity report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from farm.calibration import TextIdentity, allocate, diversity, draw, mixture_source, parts
+from farm.errors import SpecError
+from farm.plan import ModelInfo, make_plan
+from farm.spec import parse_spec
+
+
+@pytest.fixture
+def texts(tmp_path: Path, fixture_paths: dict) -> dict[str, Path]:
+    play = (fixture_paths["shakespeare"] / "calibration.txt").read_text()[:200_000]
+    a, b = tmp_path / "a.txt", tmp_path / "b.jsonl"
+    a.write_text(play[:100_000])
+    b.write_text("".join(f'{{"text": "{line}"}}\n' for line in play[100_000:].replace('"', "'").splitlines()
+                         if line.strip()))
+    return {"a": a, "b": b}
+
+
+def test_allocate_is_proportional_and_exact() -> None:
+    assert allocate([1, 1], 5) == [3, 2] and allocate([3, 1], 8) == [6, 2] and sum(allocate([1, 2, 7], 13)) == 13
+
+
+def test_mixture_draw_is_deterministic_and_weighted(texts: dict, fixture_paths: dict) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(fixture_paths["tiny-llama"])
+    mix = mixture_source([(str(texts["a"]), 3.0), (str(texts["b"]), 1.0)])
+    one, two = draw(mix, tok, 8, 32, 0), draw(mix, tok, 8, 32, 0)
+    assert one == two and len(one) == 8 and all(len(w) == 32 for w in one)
+    assert draw(mix, tok, 8, 32, 1) != one  # another seed, another draw
+    report = diversity(mix, one)
+    assert report["tokens"] == 256 and 0 < report["unique_token_ratio"] <= 1
+    assert [p["weight"] for p in report["parts"]] == [3.0, 1.0] and sum(report["doc_words_histogram"].values()) > 0
+
+
+def test_mixture_identity_follows_content_and_weights(texts: dict) -> None:
+    a, b = str(texts["a"]), str(texts["b"])
+    base = TextIdentity.of(mixture_source([(a, 3.0), (b, 1.0)])).sha256
+    assert TextIdentity.of(mixture_source([(a, 3.0), (b, 1.0)])).sha256 == base
+    assert TextIdentity.of(mixture_source([(a, 1.0), (b, 1.0)])).sha256 != base
+    texts["b"].write_text(texts["b"].read_text() + '{"text": "one more line"}\n')
+    assert TextIdentity.of(mixture_source([(a, 3.0), (b, 1.0)])).sha256 != base
+    assert parts(a) == [(a, 1.0)]
+
+
+def _spec(**over: object):
+    data = {"name": "t", "models": [{"source": "/m", "name": "m"}],
+            "methods": [{"method": "gptq", "group_size": 64},
+                        {"method": "gptq", "group_size": 64, "name": "g-code", "calibration": {"set": "code"}},
+                        {"method": "fp8", "calibration": {"set": "code"}}],
+            "calibration": {"mixture": [{"source": "/a.txt", "weight": 3}, {"source": "/b.jsonl", "weight": 1}]},
+            "calibration_sets": {"code": {"source": "/code.txt", "num_samples": 16}},
+            "evaluation": {"perplexity": {"source": "/h.txt"}}}
+    data.update(over)
+    return parse_spec(data)
+
+
+def test_named_sets_make_different_variants() -> None:
+    spec = _spec()
+    assert spec.calibration.source.startswith("mix:")
+    info = {"m": ModelInfo("sha256:x", {"hidden_size": 128, "intermediate_size": 256}, 1000)}
+    plan = make_plan(spec, info, {"": "sha-mix", "code": "sha-code"}, "h")
+    by = {v.method.label(): v for v in plan.variants}
+    assert by["g-code"].calibration.source == "/code.txt" and by["g-code"].calibration.num_samples == 16
+    assert by["g-code"].id != by["gptq-w4a16-g64"].id  # same method, different set
+    other = make_plan(spec, info, {"": "sha-mix", "code": "sha-code-v2"}, "h")
+    assert {v.method.label(): v.id for v in other.variants}["g-code"] != by["g-code"].id
+    assert {v.method.label(): v.id for v in other.variants}["gptq-w4a16-g64"] == by["gptq-w4a16-g64"].id
+    assert {v.method.label(): v.id for v in other.variants}["fp8-dynamic"] == by["fp8-dynamic"].id  # data-free
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"calibration": {}}, "`source` or `mixture` is required"),
+    ({"calibration": {"source": "/a", "mixture": [{"source": "/b", "weight": 1}]}}, "not both"),
+    ({"calibration": {"mixture": [{"source": "/b", "weight": 0}]}}, "weight"),
+    ({"calibration_sets": {}}, "unknown set 'code'"),
+])
+def test_bad_calibration_specs(over: dict, needle: str) -> None:
+    with pytest.raises(SpecError, match=needle):
+        _spec(**over)
