@@ -118,15 +118,18 @@ class Worker:
 
     def evaluate_base(self, task: BaseTask) -> dict[str, Any]:
         from farm.stages.checks import enabled, run_checks
-        from farm.stages.evaluate import evaluate
+        from farm.stages.evaluate import evaluate, load
 
         model = sources.resolve(task.base.model.source, task.base.model.revision, identify=False,
                                 allow_pickle=task.base.model.allow_pickle)
         trust = task.base.model.trust_remote_code
         try:
-            result = evaluate(_eval_request(model.local_dir, task.evaluation, trust))
-            checks = asdict(run_checks(model.local_dir, task.evaluation, None, trust)) if enabled(
-                task.evaluation) else None
+            request = _eval_request(model.local_dir, task.evaluation, trust)
+            loaded = load(request)  # once for the checks and the evaluation; the checks go first (cold latency)
+            checks = asdict(run_checks(model.local_dir, task.evaluation, None, trust,
+                                       (loaded.model, loaded.tokenizer))) if enabled(task.evaluation) else None
+            result = evaluate(request, loaded)
+            del loaded
         finally:
             release_device_memory()  # the worker is reused; give its GPU share back to packed neighbours
         return {"evaluation": asdict(result), "checks": checks}
@@ -135,7 +138,7 @@ class Worker:
         """Quantize, evaluate and publish one variant. With `rank`, this worker is one rank of a data-parallel
         variant: every rank calibrates on its share; rank 0 alone evaluates, publishes and reports."""
         from farm.stages.checks import enabled, run_checks
-        from farm.stages.evaluate import evaluate
+        from farm.stages.evaluate import evaluate, load
         from farm.stages.quantize import CalibrationDraw, QuantizeRequest, quantize
         from farm.tracking.mlflow_store import MlflowStore
 
@@ -177,9 +180,12 @@ class Worker:
                                f"{tuned.reason}")
             else:
                 q = self._quantize_with_retry(v, model, request, tuned)
-            e = evaluate(_eval_request(out, task.evaluation, v.model.trust_remote_code))
-            checks = asdict(run_checks(out, task.evaluation, model.local_dir, v.model.trust_remote_code)) if enabled(
-                task.evaluation) else None
+            request_eval = _eval_request(out, task.evaluation, v.model.trust_remote_code)
+            loaded = load(request_eval)  # once for the checks and the evaluation; checks first (cold latency)
+            checks = asdict(run_checks(out, task.evaluation, model.local_dir, v.model.trust_remote_code,
+                                       (loaded.model, loaded.tokenizer))) if enabled(task.evaluation) else None
+            e = evaluate(request_eval, loaded)
+            del loaded
             t_manifest = time.perf_counter()
             manifest = {
                 "variant_id": v.id,

@@ -26,10 +26,12 @@ def enabled(ev: EvaluationSpec) -> bool:
 
 
 def run_checks(model_dir: str, ev: EvaluationSpec, base_dir: str | None = None,
-               trust_remote_code: bool = False) -> ChecksResult:
+               trust_remote_code: bool = False, loaded: tuple[Any, Any] | None = None) -> ChecksResult:
+    """`loaded` = (model, tokenizer) already in memory (loaded once for evaluation and checks); call this
+    before anything else runs on it, so the cold latency is the first request after load."""
     device = pick_device()
-    tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    model = load_model(model_dir, device, trust_remote_code)
+    tokenizer = loaded[1] if loaded else load_tokenizer(model_dir, trust_remote_code)
+    model = loaded[0] if loaded else load_model(model_dir, device, trust_remote_code)
     res = ChecksResult()
 
     def timed(name: str, fn: Any) -> Any:

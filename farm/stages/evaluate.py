@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from farm.calibration import heldout_windows, read_text
 from farm.stages.modelio import dir_bytes, load_model, load_tokenizer, pick_device, weights_bytes
@@ -53,13 +54,29 @@ def perplexity(model: object, windows: list[list[int]], device: str) -> tuple[fl
     return math.exp(nll / count), count
 
 
-def evaluate(req: EvaluateRequest) -> EvaluateResult:
-    import torch
+@dataclass
+class Loaded:
+    """A checkpoint loaded once for every measurement of it (evaluation and the checks)."""
 
+    model: Any
+    tokenizer: Any
+    device: str
+    seconds: float
+
+
+def load(req: EvaluateRequest) -> Loaded:
     device = pick_device()
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
     model = load_model(req.model_dir, device, req.trust_remote_code)
+    return Loaded(model, tokenizer, device, time.perf_counter() - t0)
+
+
+def evaluate(req: EvaluateRequest, loaded: Loaded | None = None) -> EvaluateResult:
+    import torch
+
+    loaded = loaded or load(req)
+    model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
     t1 = time.perf_counter()
     windows = heldout_windows(read_text(req.ppl_source), tokenizer, req.ppl_max_tokens, req.ppl_seq_len)
     ppl, tokens = perplexity(model, windows, device)
@@ -76,7 +93,7 @@ def evaluate(req: EvaluateRequest) -> EvaluateResult:
         dir_bytes=dir_bytes(req.model_dir),
         generation=text,
         device=device,
-        seconds_load=t1 - t0,
+        seconds_load=loaded.seconds,
         seconds_perplexity=t2 - t1,
         seconds_generate=t3 - t2,
     )
