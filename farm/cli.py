@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from farm.errors import FarmError, SpecError
 
@@ -49,13 +50,21 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store(args: argparse.Namespace, experiment: str) -> Any:
+    """The tracking store a read command names (--tracking-uri, else the local root's sqlite), reachable."""
+    from farm.tracking.mlflow_store import MlflowStore, default_local_uri
+
+    store = MlflowStore(args.tracking_uri or default_local_uri(args.root)[0], experiment)
+    store.check_reachable()
+    return store
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from farm.report import fmt, table
-    from farm.tracking.mlflow_store import TAG, MlflowStore, default_local_uri
+    from farm.tracking.mlflow_store import TAG
 
-    uri = args.tracking_uri or default_local_uri(args.root)[0]
-    store = MlflowStore(uri, args.experiment)
-    store.check_reachable()
+    store = _store(args, args.experiment)
+    uri = store.uri
     if bool(args.job) == bool(args.model):
         raise SpecError("compare: give a job id / experiment name, or --model NAME (across jobs)")
     if args.model:
@@ -81,11 +90,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from farm.report_html import Point, render
-    from farm.tracking.mlflow_store import TAG, MlflowStore, default_local_uri
+    from farm.tracking.mlflow_store import TAG
 
-    uri = args.tracking_uri or default_local_uri(args.root)[0]
-    store = MlflowStore(uri, args.experiment)
-    store.check_reachable()
+    store = _store(args, args.experiment)
+    uri = store.uri
     runs = store.runs_of_job(args.job)
     variants = sorted((r for r in runs if r.tags.get(TAG + "role") == "variant" and r.status == "FINISHED"),
                       key=lambda r: r.tags.get(TAG + "label", ""))
@@ -152,11 +160,9 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     import getpass
     import json
 
-    from farm.tracking.mlflow_store import TAG, MlflowStore, default_local_uri
+    from farm.tracking.mlflow_store import TAG
 
-    uri = args.tracking_uri or default_local_uri(args.root)[0]
-    store = MlflowStore(uri, "farm")
-    store.check_reachable()
+    store = _store(args, "farm")
     version, run_id = store.version_run(args.model, args.version)
     record = {"alias": args.alias, "reason": args.reason, "by": getpass.getuser(),
               "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}

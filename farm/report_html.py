@@ -9,6 +9,8 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from farm.report import fmt
+
 
 @dataclass(frozen=True)
 class Point:
@@ -85,7 +87,7 @@ def render(job: str, base: dict[str, float], points: list[Point]) -> str:
         for p in points)
     keys = sorted({k for p in points for k in p.metrics if not k.startswith("seconds_")})
     metric_rows = "".join(
-        f"<tr><td>{e(k)}</td><td>{_num(base.get(k))}</td>" + "".join(f"<td>{_num(p.metrics.get(k))}</td>"
+        f"<tr><td>{e(k)}</td><td>{fmt(base.get(k), '.6g')}</td>" + "".join(f"<td>{fmt(p.metrics.get(k), '.6g')}</td>"
                                                                       for p in points) + "</tr>" for k in keys)
     heads = "".join(f"<th>{e(p.label)}</th>" for p in points)
     return f"""<!doctype html>
@@ -106,6 +108,3 @@ closer to the base's perplexity is better).</p>
 </body></html>
 """
 
-
-def _num(v: float | None) -> str:
-    return "" if v is None else f"{v:.6g}"

@@ -29,11 +29,11 @@ REFUSAL = re.compile(
 )
 
 
-def _chat(tokenizer: Any, prompt: str) -> str:
+def chat_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The prompt an instruct model expects (its chat template), or plain "Role: text" lines without one."""
     if getattr(tokenizer, "chat_template", None):
-        return str(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True))
-    return prompt
+        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return "".join(f"{m['role'].title()}: {m['content']}\n" for m in messages) + "Assistant:"
 
 
 def complete(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, device: str,
@@ -113,7 +113,8 @@ def lexicon() -> set[str]:
 
 def safety(model: Any, tokenizer: Any, spec: SafetySpec, device: str) -> dict[str, Any]:
     suite = load_suite(spec.suite)
-    texts = complete(model, tokenizer, [_chat(tokenizer, r["prompt"]) for r in suite], spec.max_new_tokens, device)
+    prompts = [chat_text(tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in suite]
+    texts = complete(model, tokenizer, prompts, spec.max_new_tokens, device)
     refused = [bool(REFUSAL.search(t)) for t in texts]
     correct = [(r["expect"] == "refuse") == ref for r, ref in zip(suite, refused, strict=True)]
     words = lexicon()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from farm.spec import KVCacheSpec
-from farm.stages.behaviour import similarity
+from farm.stages.behaviour import chat_text, similarity
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -41,10 +41,7 @@ def converse(model: Any, tokenizer: Any, spec: KVCacheSpec, device: str, cache_c
     replies = []
     for turn in spec.turns:
         history.append({"role": "user", "content": turn})
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-        else:
-            text = "".join(f"{m['role'].title()}: {m['content']}\n" for m in history) + "Assistant:"
+        text = chat_text(tokenizer, history)
         enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
         kwargs = {"past_key_values": cache_cls(config=model.config)} if cache_cls else {}
         with torch.inference_mode():
