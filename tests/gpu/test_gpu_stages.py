@@ -14,8 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 ROOT = Path(__file__).resolve().parents[2]
-TOKENIZER = Path(os.environ.get("FARM_GPU_TOKENIZER", ROOT / ".fixtures" / "models" / "tiny-llama"))
-TEXT = Path(os.environ.get("FARM_GPU_TEXT", ROOT / ".fixtures" / "shakespeare" / "calibration.txt"))
+TOKENIZER = Path(os.environ.get("FARM_GPU_TOKENIZER", ROOT / ".fixtures" / "models" / "tiny-llama")).resolve()
+TEXT = Path(os.environ.get("FARM_GPU_TEXT", ROOT / ".fixtures" / "shakespeare" / "calibration.txt")).resolve()
 
 
 @pytest.fixture(scope="module")
