@@ -294,6 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("farm: interrupted; open MLflow runs were marked FAILED", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `farm compare | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
