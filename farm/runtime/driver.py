@@ -248,6 +248,24 @@ class Driver:
             self.store.log_json(run_id, content, f"checks/{name}")
         return dict(checks["metrics"])
 
+    def _diff_promoted(self, v: Variant, run_id: str, outputs: dict[str, Any], alias: str) -> dict[str, float]:
+        """Greedy outputs of the fixed prompts against those of the variant the registry last promoted for this
+        base (`@<alias>`): the nightly question "does the new build still answer like the one we ship?"."""
+        try:
+            _, promoted_run = self.store.version_run(registered_name(self.spec, v.model_name), "@" + alias)
+        except TrackingError:
+            return {}  # nothing promoted yet
+        before = self.store.load_json(promoted_run, "checks/reference_outputs.json")
+        if not before or before.get("prompts") != outputs["prompts"]:
+            return {}
+        pairs = list(zip(before["greedy"], outputs["greedy"], strict=True))
+        rate = sum(a == b for a, b in pairs) / len(pairs)
+        self.store.log(run_id, metrics={"promoted_exact_match": rate}, tags={TAG + "promoted_run": promoted_run})
+        self.store.log_json(run_id, [{"prompt": p, "promoted": a, "this": b, "same": a == b}
+                                     for p, (a, b) in zip(outputs["prompts"], pairs, strict=True)],
+                            "checks/diff_vs_promoted.json")
+        return {"promoted_exact_match": rate}
+
     def _gate(self, outcome: JobOutcome, gate: GateSpec) -> None:
         """Apply the evaluation matrix to every variant of the job (built now or reused), record each decision
         on its run and model version, and point the registry aliases at the promoted ones."""
@@ -436,6 +454,9 @@ class Driver:
             self.store.log_json(run_id, report, "calibration_report.json")
         self.store.log(run_id, metrics=metrics, tags=tags)
         metrics |= self._log_checks(run_id, result.get("checks"))
+        outputs = ((result.get("checks") or {}).get("artifacts") or {}).get("reference_outputs.json")
+        if outputs and self.spec.gate is not None:
+            metrics |= self._diff_promoted(v, run_id, outputs, self.spec.gate.alias)
         self.store.log_json(run_id, manifest, "manifest.json")
         self.store.log_text(run_id, manifest["recipe"], "recipe.yaml")
         version = None

@@ -133,6 +133,20 @@ class MlflowStore:
     def log_json(self, run_id: str, obj: Any, artifact_file: str) -> None:
         self.client.log_dict(run_id, obj, artifact_file)
 
+    def load_json(self, run_id: str, artifact_file: str) -> Any:
+        """A JSON artifact of a run, or None when the run has no such file."""
+        import json
+        import tempfile
+
+        from mlflow.exceptions import MlflowException
+
+        with tempfile.TemporaryDirectory(prefix="farm-artifact-") as tmp:
+            try:
+                path = self.client.download_artifacts(run_id, artifact_file, tmp)
+            except (MlflowException, OSError):
+                return None
+            return json.loads(Path(path).read_text())
+
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
 

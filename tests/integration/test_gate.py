@@ -80,6 +80,22 @@ def test_checks_gate_aliases_and_manual_promotion(stack: Stack, stack_env: dict,
                stack.mlflow_uri, env=stack_env, cwd=tmp_path)
     assert bad.returncode == 3 and bad.stderr.startswith("farm: error: no model version")
 
+    # the nightly rebuild (another calibration draw) is diffed against what @candidate ships
+    spec["methods"] = [{"method": "gptq", "group_size": 64}]
+    spec["calibration"]["seed"] = 1
+    spec["evaluation"] = {k: v for k, v in spec["evaluation"].items() if k in {"perplexity", "generation", "outputs"}}
+    spec["gate"] = {"rules": spec["gate"]["rules"][:2]}
+    res = farm("run", str(write_spec(tmp_path / "nightly.yaml", spec)), "--ray-address", stack.ray_address,
+               "--tracking-uri", stack.mlflow_uri, env=stack_env, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    newest = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'",
+                                order_by=["attributes.start_time DESC"])[0]
+    assert newest.data.tags["farm.promoted_run"] == gptq.info.run_id
+    assert 0 <= newest.data.metrics["promoted_exact_match"] <= 1
+    diff = json.loads(Path(client.download_artifacts(newest.info.run_id, "checks/diff_vs_promoted.json",
+                                                     str(tmp_path))).read_text())
+    assert len(diff) == 8 and {"prompt", "promoted", "this", "same"} <= set(diff[0])
+
 
 def test_ladder_stops_at_the_first_rung_that_fails(stack: Stack, stack_env: dict, fixture_paths: dict,
                                                    tmp_path: Path) -> None:

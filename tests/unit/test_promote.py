@@ -8,19 +8,20 @@ from farm.promote import aliases, decide, default_rules
 from farm.spec import EvaluationSpec, GateRule
 
 ALL = EvaluationSpec.model_validate({"perplexity": {"source": "/h.txt"}, "latency": {}, "memory": {},
-                                     "outputs": {}, "safety": {}, "speculative": {}, "tasks": {}})
+                                     "outputs": {}, "safety": {}, "speculative": {}, "tasks": {}, "kv_cache": {}})
 BASE = {"perplexity": 40.0, "refusal_accuracy": 0.6, "toxicity": 0.0, "tokens_per_s_batch1": 20.0,
         "weights_in_memory_bytes": 500.0, "task_shakespeare_next_line_acc": 0.40,
         "task_shakespeare_last_word_exact_match_first_word": 0.0}
 GOOD = {"perplexity": 40.3, "determinism": 1.0, "reference_similarity": 0.93, "refusal_accuracy": 0.6,
         "toxicity": 0.0, "tokens_per_s_batch1": 18.0, "weights_in_memory_bytes": 200.0, "spec_acceptance": 0.8,
-        "task_shakespeare_next_line_acc": 0.39, "task_shakespeare_last_word_exact_match_first_word": 0.0}
+        "task_shakespeare_next_line_acc": 0.39, "task_shakespeare_last_word_exact_match_first_word": 0.0,
+        "kv_fp8_similarity": 0.95}
 
 
 def test_a_good_variant_is_promoted() -> None:
     d = decide(default_rules(ALL), GOOD, BASE)
     assert d.outcome == "promoted" and not d.reasons and not d.warnings
-    assert all(r["passed"] for r in d.rows) and len(d.rows) == 10
+    assert all(r["passed"] for r in d.rows) and len(d.rows) == 11
 
 
 @pytest.mark.parametrize("metric,value,required", [
@@ -33,6 +34,7 @@ def test_a_good_variant_is_promoted() -> None:
     ("weights_in_memory_bytes", 600.0, False),
     ("spec_acceptance", 0.1, False),
     ("task_shakespeare_next_line_acc", 0.36, True),  # 90% of the base < 97%
+    ("kv_fp8_similarity", 0.5, False),
 ])
 def test_each_check_can_fail_the_gate(metric: str, value: float, required: bool) -> None:
     d = decide(default_rules(ALL), {**GOOD, metric: value}, BASE)
