@@ -5,6 +5,7 @@
 #   mlflow/postgres-local.sh stop DIR
 # PostgreSQL refuses to run as root: as root, the server runs as the `postgres` user (DIR is chowned to it).
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"  # runuser lives there; minimal environments (cron, CI) leave it out
 cmd=${1:?start|stop}; dir=${2:?data directory}; port=${3:-5432}; password=${4:-mlflow}
 pg_ctl=$(command -v pg_ctl 2>/dev/null || ls -d /usr/lib/postgresql/*/bin/pg_ctl | sort -V | tail -1)
 bin=$(dirname "$(readlink -f "$pg_ctl")")

@@ -53,9 +53,11 @@ def load_watch(path: str | Path) -> tuple[WatchSpec, JobSpec]:
 
 
 def recipe_hash(template: JobSpec) -> str:
-    """What a release is quantized with: methods, calibration (by content), evaluation and resources. The same
-    release with the same recipe is never built twice; changing any of these is a new recipe."""
-    body: dict[str, Any] = template.model_dump(mode="json", include={"methods", "calibration", "evaluation"})
+    """What a release is quantized with (methods, calibration by content, evaluation, gate) and where it is
+    recorded (experiment, registry prefix, artifact root). The same release with the same recipe is never built
+    twice; changing any of these is a new recipe."""
+    body: dict[str, Any] = template.model_dump(mode="json", include={"methods", "calibration", "evaluation", "gate"})
+    body["where"] = [template.tracking.experiment, template.tracking.registered_model_prefix, template.output.root]
     body["calibration"]["source"] = TextIdentity.of(template.calibration.source).sha256
     body["evaluation"]["perplexity"]["source"] = TextIdentity.of(template.evaluation.perplexity.source).sha256
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

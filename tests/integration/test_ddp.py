@@ -36,7 +36,7 @@ def test_ddp_variant_matches_single_process(stack: Stack, stack_env: dict, fixtu
     for ranks in (2, 1):
         spec = tiny_spec(fixture_paths, str(tmp_path / f"out{ranks}"), methods=[{"method": "gptq", "group_size": 64}],
                          resources={"num_cpus": 1, "num_gpus": 1, "ranks": ranks},
-                         tracking={"experiment": f"ddp-{ranks}"})
+                         tracking={"experiment": f"ddp-{ranks}", "registered_model_prefix": f"ddp{ranks}-"})
         spec["calibration"]["num_samples"] = 8
         path = write_spec(tmp_path / f"ddp{ranks}.yaml", spec)
         res = farm("run", str(path), "--ray-address", stack.ray_address, "--tracking-uri", stack.mlflow_uri,

@@ -24,7 +24,8 @@ def farm(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProc
 
 def test_job_end_to_end(stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path) -> None:
     spec = write_spec(tmp_path / "job.yaml", tiny_spec(fixture_paths, f"s3://{BUCKET}/variants",
-                                                       tracking={"experiment": "e2e"}))
+                                                       tracking={"experiment": "e2e",
+                                                                 "registered_model_prefix": "e2e-"}))
     args = ["run", str(spec), "--ray-address", stack.ray_address, "--tracking-uri", stack.mlflow_uri]
     first = farm(*args, env=stack_env, cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -49,7 +50,7 @@ def test_job_end_to_end(stack: Stack, stack_env: dict, fixture_paths: dict, tmp_
         if r.data.tags["farm.method"] != "fp8":  # what calibration saw: 4 windows x 64 tokens
             assert "calibration_report.json" in names and m["calibration_tokens"] == 256
 
-    versions = client.search_model_versions("name = 'tiny-llama'")
+    versions = client.search_model_versions("name = 'e2e-tiny-llama'")
     assert len(versions) == 4
     for v in versions:
         for tag in ("base_model_hash", "method", "recipe_hash", "calibration_hash", "date", "version.llmcompressor",
@@ -77,7 +78,7 @@ def test_job_end_to_end(stack: Stack, stack_env: dict, fixture_paths: dict, tmp_
     for label in ("gptq-w4a16-g64", "fp8-dynamic"):
         assert ppl_and_delta(first.stdout, label) == ppl_and_delta(second.stdout, label)
     assert len(client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'")) == 4
-    assert len(client.search_model_versions("name = 'tiny-llama'")) == 4
+    assert len(client.search_model_versions("name = 'e2e-tiny-llama'")) == 4
 
     cmp_ = farm("compare", "e2e", "--tracking-uri", stack.mlflow_uri, env=stack_env, cwd=tmp_path)
     assert cmp_.returncode == 0, cmp_.stderr

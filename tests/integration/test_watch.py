@@ -42,14 +42,15 @@ def test_watch_builds_each_release_once(stack: Stack, stack_env: dict, fixture_p
     first = farm(*cycle, env=env, cwd=tmp_path)
     assert first.returncode == 1, first.stdout + first.stderr  # the absent base failed, and says so
     lines = {line.split()[0]: line for line in first.stdout.splitlines() if line.startswith(("tiny", "absent"))}
-    assert " built " in lines["tiny"] and " failed " in lines["absent"] and "no such prefix" in lines["absent"]
+    assert lines["tiny"].split()[1] == "built" and lines["absent"].split()[1] == "failed"
+    assert "no such prefix" in lines["absent"]
     runs = _variants(client, "watched")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     release = runs[0].data.tags["farm.release"]
     assert release == runs[0].data.tags["farm.model_identity"] and runs[0].data.tags["farm.watch"] == "nightly"
 
     second = farm(*cycle, env=env, cwd=tmp_path)
-    assert " unchanged " in second.stdout, second.stdout + second.stderr
+    assert [ln.split()[1] for ln in second.stdout.splitlines() if ln.startswith("tiny")] == ["unchanged"], second.stdout
     assert len(_variants(client, "watched")) == 1
 
     # a new checkpoint at the same prefix (here: a changed config) is a new release, built once
@@ -57,7 +58,7 @@ def test_watch_builds_each_release_once(stack: Stack, stack_env: dict, fixture_p
     config["rms_norm_eps"] = 1e-5 if config.get("rms_norm_eps") != 1e-5 else 1e-6
     fs.pipe(f"{prefix}/config.json", json.dumps(config).encode())
     third = farm(*cycle, env=env, cwd=tmp_path)
-    assert " built " in third.stdout, third.stdout + third.stderr
+    assert [ln.split()[1] for ln in third.stdout.splitlines() if ln.startswith("tiny")] == ["built"], third.stdout
     runs = _variants(client, "watched")
     assert len(runs) == 2 and len({r.data.tags["farm.release"] for r in runs}) == 2
     everything = client.search_runs([e.experiment_id for e in client.search_experiments()], "")
