@@ -207,6 +207,14 @@ def _cmd_fixtures(args: argparse.Namespace) -> int:
     return fixtures.main(["--root", args.root] if args.root else [])
 
 
+def _store_args(p: argparse.ArgumentParser, experiment: bool = True) -> None:
+    """Where the read commands find MLflow: --tracking-uri, else the sqlite store under --root."""
+    p.add_argument("--tracking-uri", default=None)
+    if experiment:
+        p.add_argument("--experiment", default="farm", help="experiment searched for a job id")
+    p.add_argument("--root", default=".farm", help="local farm root of the default sqlite store")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="farm", description="Distributed batch quantization of LLMs on Ray, "
                                 "recorded in MLflow.")
@@ -225,16 +233,12 @@ def parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser("compare", help="table of a job's variants against their base, from MLflow")
     cmp_.add_argument("job", nargs="?", help="job id or experiment name (newest job in it)")
     cmp_.add_argument("--model", default=None, help="every finished variant of this base model, across jobs")
-    cmp_.add_argument("--tracking-uri", default=None)
-    cmp_.add_argument("--experiment", default="farm", help="experiment searched for a job id")
-    cmp_.add_argument("--root", default=".farm", help="local farm root of the default sqlite store")
+    _store_args(cmp_)
     cmp_.set_defaults(func=_cmd_compare)
     rp = sub.add_parser("report", help="HTML report of a job (plots, Pareto front, gate outcomes), logged to MLflow")
     rp.add_argument("job", help="job id or experiment name (newest job in it)")
     rp.add_argument("--out", default=None, help="output file (default: report-<job id>.html)")
-    rp.add_argument("--tracking-uri", default=None)
-    rp.add_argument("--experiment", default="farm", help="experiment searched for a job id")
-    rp.add_argument("--root", default=".farm", help="local farm root of the default sqlite store")
+    _store_args(rp)
     rp.set_defaults(func=_cmd_report)
     from farm.runtime.submit import default_address
 
@@ -258,8 +262,7 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("version", help="version number or @alias (e.g. @candidate)")
     pr.add_argument("--alias", required=True, help="alias to set, e.g. production-int8")
     pr.add_argument("--reason", required=True, help="why (recorded on the version and the run)")
-    pr.add_argument("--tracking-uri", default=None)
-    pr.add_argument("--root", default=".farm", help="local farm root of the default sqlite store")
+    _store_args(pr, experiment=False)
     pr.set_defaults(func=_cmd_promote)
     wt = sub.add_parser("watch", help="re-quantize bases when a new release appears (watermarks in MLflow)")
     wt.add_argument("spec", help="watch spec YAML")
