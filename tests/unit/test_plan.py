@@ -115,3 +115,12 @@ def test_calibration_matters_only_where_a_method_reads_it() -> None:
     same = {va.method.label(): va.id == vb.id for va, vb in zip(a.variants, b.variants, strict=True)}
     assert same == {"int8-w8a8-dynamic-rtn": True, "int8-w8a8-static-rtn": False, "rtn-w8a16": True,
                     "fp8-static-kv": False, "kv-fp8": False}
+
+
+def test_every_check_setting_is_part_of_the_base_evaluation_id() -> None:
+    base = plan(spec()).base_evals[0].id
+    seen = {base}
+    for key in ("latency", "memory", "outputs", "safety", "speculative", "tasks", "kv_cache"):
+        ev = {"perplexity": {"source": "/h.txt"}, key: {}}
+        seen.add(plan(spec(evaluation=ev)).base_evals[0].id)
+    assert len(seen) == 8  # each check changes what a finished base/variant evaluation means
