@@ -121,6 +121,24 @@ def run_farm(models: list[Path], text: Path, n: int, seq: int, num_gpus: float, 
     return {"wall": wall, "variants": per, "stdout_tail": res.stdout[-1500:]}
 
 
+def quantize_seconds(v: dict) -> float:
+    return v["seconds_quantize_load"] + v["seconds_oneshot"] + v["seconds_save"]
+
+
+def single_row(label: str, run: dict) -> list:
+    """A table row for a one-variant farm run: its quantize stage split, and the wall time of `farm run`."""
+    v = run["variants"][0]
+    return [label, 1, f"{v['seconds_quantize_load']:.1f}", f"{v['seconds_oneshot']:.1f}", f"{v['seconds_save']:.1f}",
+            f"{quantize_seconds(v):.1f} (wall {run['wall']:.1f})", v["notes"]]
+
+
+def multi_row(label: str, run: dict) -> tuple[list, float]:
+    """A table row for a several-variant farm run, and its slowest variant's time in the worker."""
+    slowest = max(v["seconds_total"] for v in run["variants"])
+    return [label, len(run["variants"]), "", "", "", f"wall {run['wall']:.1f} (slowest {slowest:.1f})",
+            run["variants"][0]["notes"]], slowest
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
@@ -158,37 +176,28 @@ def main() -> None:
                      f"{b['total']:.1f}", f"{b['peak_gib']:.1f}"])
     if "farm" in wl:
         f = results["farm"] = run_farm([m0], args.text, args.samples, args.seq, whole, args.work, "farm1")
-        v = f["variants"][0]
-        print("farm:", json.dumps(v), f"wall {f['wall']:.1f}", flush=True)
-        q = v["seconds_quantize_load"] + v["seconds_oneshot"] + v["seconds_save"]
-        rows.append(["farm (1 variant)", 1, f"{v['seconds_quantize_load']:.1f}", f"{v['seconds_oneshot']:.1f}",
-                     f"{v['seconds_save']:.1f}", f"{q:.1f} (wall {f['wall']:.1f})", v["notes"]])
+        print("farm:", json.dumps(f["variants"][0]), f"wall {f['wall']:.1f}", flush=True)
+        rows.append(single_row("farm (1 variant)", f))
+
+    def four_models() -> list[Path]:
+        return [m0] + [build_model(args.shape, s, args.tokenizer, args.work) for s in (1, 2, 3)]
+
     if "pack4" in wl:
-        models = [m0] + [build_model(args.shape, s, args.tokenizer, args.work) for s in (1, 2, 3)]
-        p = results["pack4"] = run_farm(models, args.text, args.samples, args.seq, quarter, args.work, "pack4")
-        slowest = max(v["seconds_total"] for v in p["variants"])
-        rows.append(["farm 4 models, 0.25 GPU each", 4, "", "", "", f"wall {p['wall']:.1f} (slowest {slowest:.1f})",
-                     p["variants"][0]["notes"]])
+        p = results["pack4"] = run_farm(four_models(), args.text, args.samples, args.seq, quarter, args.work, "pack4")
+        rows.append(multi_row("farm 4 models, 0.25 GPU each", p)[0])
         if "bare" in results:
             results["pack4_vs_serial_bare"] = 4 * results["bare"]["total"] / p["wall"]
     if "ddp4" in wl:
         d = results["ddp4"] = run_farm([m0], args.text, args.samples, args.seq, whole, args.work, "ddp4", ranks=4)
-        v = d["variants"][0]
-        q = v["seconds_quantize_load"] + v["seconds_oneshot"] + v["seconds_save"]
-        rows.append(["farm, 1 variant over 4 GPUs (ranks 4)", 1, f"{v['seconds_quantize_load']:.1f}",
-                     f"{v['seconds_oneshot']:.1f}", f"{v['seconds_save']:.1f}", f"{q:.1f} (wall {d['wall']:.1f})",
-                     v["notes"]])
+        rows.append(single_row("farm, 1 variant over 4 GPUs (ranks 4)", d))
         if "farm" in results:
-            f1 = results["farm"]["variants"][0]
-            q1 = f1["seconds_quantize_load"] + f1["seconds_oneshot"] + f1["seconds_save"]
-            results["ddp4_speedup_quantize"] = q1 / q
+            f1, v = results["farm"]["variants"][0], d["variants"][0]
+            results["ddp4_speedup_quantize"] = quantize_seconds(f1) / quantize_seconds(v)
             results["ddp4_ppl"] = [f1["perplexity"], v["perplexity"]]
     if "spread4" in wl:
-        models = [m0] + [build_model(args.shape, s, args.tokenizer, args.work) for s in (1, 2, 3)]
-        p = results["spread4"] = run_farm(models, args.text, args.samples, args.seq, whole, args.work, "spread4")
-        slowest = max(v["seconds_total"] for v in p["variants"])
-        rows.append(["farm 4 models, 1 GPU each", 4, "", "", "", f"wall {p['wall']:.1f} (slowest {slowest:.1f})",
-                     p["variants"][0]["notes"]])
+        p = results["spread4"] = run_farm(four_models(), args.text, args.samples, args.seq, whole, args.work, "spread4")
+        row, slowest = multi_row("farm 4 models, 1 GPU each", p)
+        rows.append(row)
         if "farm" in results:
             results["spread4_throughput_vs_one_gpu"] = 4 * results["farm"]["wall"] / p["wall"]
             results["spread4_throughput_vs_one_gpu_in_worker"] = 4 * results["farm"]["variants"][0][
