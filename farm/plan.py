@@ -129,6 +129,9 @@ def make_plan(spec: JobSpec, models: dict[str, ModelInfo], calibration_sha: str 
                 spec.resources.num_gpus, spec.resources.num_cpus, spec.resources.memory_gb, info.weights_bytes,
                 cal.num_samples, cal.max_seq_length, int(info.config.get("hidden_size") or 0),
             )
+            if spec.resources.ranks > 1 and not method.distributable:
+                raise SpecError(f"methods.{ki} ({method.label()}): {method.method} runs in one process; "
+                                f"resources.ranks must be 1 (got {spec.resources.ranks})")
             if method.requires_calibration and spec.resources.ranks > 1:
                 # each rank holds a layer's activations for its share only; the checkpoint is shared on the host
                 res = replace(res, ranks=spec.resources.ranks)

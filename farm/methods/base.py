@@ -46,6 +46,11 @@ class MethodConfig(BaseModel):
         """Whether the recipe reads calibration data (data-free methods get the same variant for any set)."""
         return True
 
+    @property
+    def distributable(self) -> bool:
+        """Whether calibration can be spread over ranks (a DDP gang); searches that reload the model cannot."""
+        return True
+
     def label(self) -> str:
         return self.name or self.default_label()
 

@@ -452,6 +452,9 @@ class Driver:
             metrics |= {"calibration_tokens": report["tokens"], "calibration_unique_token_ratio":
                         report["unique_token_ratio"]}
             self.store.log_json(run_id, report, "calibration_report.json")
+        metrics |= q.get("metrics") or {}
+        for name, doc in (q.get("documents") or {}).items():
+            self.store.log_json(run_id, doc, name)
         self.store.log(run_id, metrics=metrics, tags=tags)
         metrics |= self._log_checks(run_id, result.get("checks"))
         outputs = ((result.get("checks") or {}).get("artifacts") or {}).get("reference_outputs.json")

@@ -46,6 +46,8 @@ class QuantizeResult:
     recipe: str
     notes: list[str] = field(default_factory=list)
     calibration_report: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # method-specific numbers for the variant's run
+    documents: dict[str, Any] = field(default_factory=dict)  # method-specific JSON artifacts, by file name
 
 
 def _dataset(req: QuantizeRequest, tokenizer: Any) -> Any:
@@ -83,24 +85,15 @@ def yaml_recipe(method: MethodConfig) -> str:
     return yaml.safe_dump({"model_free_ptq": method.identity()}, sort_keys=True)
 
 
-def quantize(req: QuantizeRequest) -> QuantizeResult:
+def calibrate(req: QuantizeRequest, model: Any, tokenizer: Any, recipe: list[Any],
+              dataset: Any | None = None) -> list[str]:
+    """llm-compressor's oneshot with farm's calibration draw and tuned settings; returns notes for the run."""
     from llmcompressor import oneshot
 
-    if getattr(req.method, "engine", "oneshot") == "model_free":
-        return quantize_model_free(req)
-
-    device = pick_device()
-    t0 = time.perf_counter()
-    tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
-    if req.world > 1:
-        model = load_shared_model(req.model_dir, device, req.trust_remote_code)
-    else:
-        model = load_model(req.model_dir, req.load_device or device, req.trust_remote_code)
-    t1 = time.perf_counter()
     kwargs: dict[str, Any] = {}
     notes: list[str] = []
     if req.method.requires_calibration:
-        dataset = _dataset(req, tokenizer)
+        dataset = dataset if dataset is not None else _dataset(req, tokenizer)
         kwargs |= {
             "dataset": dataset,
             "num_calibration_samples": len(dataset),
@@ -111,18 +104,43 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
         if req.offload_device:
             kwargs["sequential_offload_device"] = req.offload_device
     with cpu_safe_pinning() as guard:
-        oneshot(model=model, recipe=req.method.modifiers(), tokenizer=tokenizer, **kwargs)
+        oneshot(model=model, recipe=recipe, tokenizer=tokenizer, **kwargs)
     if guard.skipped:
         notes.append(f"no accelerator: skipped {guard.skipped} llm-compressor activation pin(s) (stages/compat.py)")
-    t2 = time.perf_counter()
-    out = Path(req.out_dir)
-    model.save_pretrained(out, save_compressed=True)  # collective when distributed: every rank calls it
+    return notes
+
+
+def save(model: Any, tokenizer: Any, out_dir: str | Path) -> str:
+    """Write the compressed checkpoint (collective when distributed: every rank calls it); returns the recipe."""
+    out = Path(out_dir)
+    model.save_pretrained(out, save_compressed=True)
     tokenizer.save_pretrained(out)
     recipe_file = out / "recipe.yaml"
-    recipe = recipe_file.read_text() if recipe_file.exists() else ""
+    return recipe_file.read_text() if recipe_file.exists() else ""
+
+
+def quantize(req: QuantizeRequest) -> QuantizeResult:
+    if getattr(req.method, "engine", "oneshot") == "model_free":
+        return quantize_model_free(req)
+    if req.method.method == "mixed":
+        from farm.stages.mixed import quantize_mixed
+
+        return quantize_mixed(req)
+
+    device = pick_device()
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
+    if req.world > 1:
+        model = load_shared_model(req.model_dir, device, req.trust_remote_code)
+    else:
+        model = load_model(req.model_dir, req.load_device or device, req.trust_remote_code)
+    t1 = time.perf_counter()
+    notes = calibrate(req, model, tokenizer, req.method.modifiers())
+    t2 = time.perf_counter()
+    recipe = save(model, tokenizer, req.out_dir)
     t3 = time.perf_counter()
     return QuantizeResult(
-        out_dir=str(out),
+        out_dir=req.out_dir,
         device=device,
         seconds_load=t1 - t0,
         seconds_oneshot=t2 - t1,

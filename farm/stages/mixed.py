@@ -1,0 +1,93 @@
+"""The mixed-precision quantize stage: profile the base, rank its layers, then bisect over real quantizations
+(GPTQ or RTN, with the variant's own calibration draw) for the fewest layers kept at the high grid that hold
+the perplexity delta on the calibration probe text within the budget. Only passing probes are written, the
+best one becomes the variant; the profile and every probe are returned as documents for MLflow."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from farm.methods.mixed import MixedConfig
+from farm.methods.precision import Search, quantized_bytes, rank_layers, smallest_meeting
+from farm.stages.evaluate import perplexity
+from farm.stages.modelio import load_model, load_tokenizer, pick_device
+from farm.stages.quantize import QuantizeRequest, QuantizeResult, _dataset, calibrate, save
+from farm.stages.sensitivity import decoder_layers, probe_windows, profile_model
+
+
+def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
+    method = req.method
+    if not isinstance(method, MixedConfig):
+        raise TypeError(f"quantize_mixed needs a MixedConfig, got {type(method).__name__}")
+    if req.world > 1:
+        raise ValueError("the mixed method calibrates in one process (ranks: 1)")
+    device = pick_device()
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
+    windows = probe_windows(req.calibration.source, tokenizer, method.probe_tokens, method.probe_seq_len)
+    dataset = _dataset(req, tokenizer)
+    base = load_model(req.model_dir, req.load_device or device, req.trust_remote_code)
+    layers = decoder_layers(base)
+    if not layers:
+        raise ValueError("no decoder layers (modules named '...layers.<i>' holding Linear modules) to assign")
+    low, high = method.low.grid(), method.high.grid()
+    profile = profile_model(base, windows, low, device)
+    del base
+    order = rank_layers(profile.layers, layers, low, high)
+    t1 = time.perf_counter()
+
+    out = Path(req.out_dir)
+    kept: dict[str, Any] = {}
+    notes: list[str] = []
+
+    def probe(k: int, keep: bool = False) -> float:
+        """Quantize with the k most fragile layers high; write it if it is the best passing one so far (or
+        `keep`: a fixed assignment, or every layer high when even that misses the budget)."""
+        model = load_model(req.model_dir, req.load_device or device, req.trust_remote_code)
+        notes[:] = calibrate(req, model, tokenizer, method.modifiers_for(layers, set(order[:k])), dataset)
+        delta = perplexity(model, windows, device)[0] - profile.base_perplexity
+        if keep or k == len(order) or (delta <= method.budget and k < kept.get("k", len(order) + 1)):
+            shutil.rmtree(out, ignore_errors=True)
+            kept.update(k=k, recipe=save(model, tokenizer, out))
+        return delta
+
+    if method.high_layers is not None:
+        unknown = sorted(set(method.high_layers) - set(order))
+        if unknown:
+            raise ValueError(f"high_layers {unknown} are not decoder layers of this model "
+                             f"(it has {order and min(order)}..{order and max(order)})")
+        fixed = sorted(set(method.high_layers))
+        order = fixed + [i for i in order if i not in fixed]
+        delta = probe(len(fixed), keep=True)
+        search = Search(len(fixed), delta <= method.budget, {len(fixed): delta})
+    else:
+        search = smallest_meeting(probe, len(order), method.budget)
+    t2 = time.perf_counter()
+    chosen = sorted(order[: search.upgraded])
+    size = quantized_bytes(layers, set(chosen), low, high)
+    uniform = quantized_bytes(layers, set(), low, high)
+    params = sum(layer.params for layer in layers)
+    if not search.met:
+        notes.append(f"budget {method.budget:g} not met even with every layer at {high.bits} bits")
+    notes.append(f"mixed precision: {len(chosen)} of {len(layers)} decoder layers at {high.bits} bits "
+                 f"({', '.join(map(str, chosen)) or 'none'}); {len(search.probes)} probe quantizations")
+    search_doc = {"order": order, "high_layers": chosen, "budget": method.budget, "met": search.met,
+                  "probes": [{"upgraded": k, "high_layers": sorted(order[:k]), "perplexity_delta": d,
+                              "quantized_bytes": quantized_bytes(layers, set(order[:k]), low, high)}
+                             for k, d in sorted(search.probes.items())],
+                  "base_perplexity_on_probe": profile.base_perplexity, "probe_tokens": profile.tokens}
+    t3 = time.perf_counter()
+    return QuantizeResult(
+        out_dir=req.out_dir, device=device, seconds_load=t1 - t0, seconds_oneshot=t2 - t1, seconds_save=t3 - t2,
+        recipe=kept["recipe"], notes=notes, calibration_report=dict(req.report),
+        metrics={"mixed.high_layers": float(len(chosen)), "mixed.decoder_layers": float(len(layers)),
+                 "mixed.avg_weight_bits": 8 * size / params, "mixed.size_vs_uniform_low": size / uniform,
+                 "mixed.probe_perplexity_delta": search.probes.get(search.upgraded, float("nan")),
+                 "mixed.probes": float(len(search.probes)), "sensitivity.seconds": profile.seconds,
+                 **profile.metrics()},
+        documents={"sensitivity.json": profile.to_json(), "mixed_search.json": search_doc},
+    )
+
