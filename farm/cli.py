@@ -201,6 +201,27 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_sensitivity(args: argparse.Namespace) -> int:
+    from farm.methods.precision import Grid
+    from farm.report import table
+    from farm.runtime.sensitivity import profile_job
+    from farm.spec import load_spec
+
+    if args.bits not in (4, 8):
+        raise SpecError(f"sensitivity: --bits must be 4 or 8 (got {args.bits})")
+    grid = Grid(args.bits, args.group_size or None)
+    for rec in profile_job(load_spec(args.spec), grid, args.tokens, args.seq_len, args.model, args.tracking_uri):
+        p = rec.profile
+        worst = max(max(p.layers.values(), default=0.0), 1e-9)
+        rows = [[f"layer {i}", f"{d:+.3f}", "#" * max(0, round(30 * d / worst))] for i, d in sorted(p.layers.items())]
+        rows += [[k, f"{d:+.3f}", ""] for k, d in p.extra.items()]
+        print(f"{rec.model}: perplexity {p.base_perplexity:.2f} on {p.tokens} calibration tokens; each row alone "
+              f"at W{grid.bits}{f' g{grid.group_size}' if grid.group_size else ''} (round-to-nearest)")
+        print(table(["module", "ppl delta", ""], rows))
+        print(f"MLflow run {rec.run_id} ({p.seconds:.0f} s)")
+    return 0
+
+
 def _cmd_fixtures(args: argparse.Namespace) -> int:
     from farm import fixtures
 
@@ -271,6 +292,16 @@ def parser() -> argparse.ArgumentParser:
     wt.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the watch spec's, then the job's)")
     wt.add_argument("--ray-address", default=None, help="Ray cluster for in-process jobs")
     wt.set_defaults(func=_cmd_watch)
+    se = sub.add_parser("sensitivity", help="perplexity cost of quantizing each decoder layer alone, per model of "
+                        "a job (recorded in MLflow; the mixed method's input)")
+    se.add_argument("spec", help="job spec YAML (its models and calibration text)")
+    se.add_argument("--model", default=None, help="only this model (display name)")
+    se.add_argument("--bits", type=int, default=4, help="weight bits of the probe grid (4 or 8)")
+    se.add_argument("--group-size", type=int, default=128, help="weights per scale (0 = per output channel)")
+    se.add_argument("--tokens", type=int, default=4096, help="calibration tokens each probe is scored on")
+    se.add_argument("--seq-len", type=int, default=512)
+    se.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: spec, then local sqlite)")
+    se.set_defaults(func=_cmd_sensitivity)
     fx = sub.add_parser("fixtures", help="fetch and build the offline fixtures (SmolLM2, Shakespeare, tiny Llama)")
     fx.add_argument("--root", default=None)
     fx.set_defaults(func=_cmd_fixtures)
