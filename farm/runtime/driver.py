@@ -91,7 +91,7 @@ def registered_name(spec: JobSpec, model_name: str) -> str:
 
 
 # Longest first: the makespan of a packed job is shortest when slow methods start early.
-COST_RANK = {"mixed": -1, "awq": 0, "smoothquant": 1, "gptq": 2, "fp8": 3}
+COST_RANK = {"mixed": -2, "qat": -1, "awq": 0, "smoothquant": 1, "gptq": 2, "fp8": 3}
 
 
 class Driver:

@@ -126,6 +126,10 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
         from farm.stages.mixed import quantize_mixed
 
         return quantize_mixed(req)
+    if req.method.method == "qat":
+        from farm.stages.qat import quantize_qat
+
+        return quantize_qat(req)
 
     device = pick_device()
     t0 = time.perf_counter()

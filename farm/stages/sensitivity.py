@@ -12,6 +12,7 @@ from typing import Any
 from farm.calibration import heldout_windows, read_text
 from farm.methods.precision import Grid, Layer
 from farm.stages.evaluate import perplexity
+from farm.stages.fakequant import round_to_grid
 from farm.stages.modelio import load_model, load_tokenizer, pick_device
 
 _LAYER = re.compile(r"^(?P<prefix>.*\blayers)\.(?P<index>\d+)$")
@@ -53,18 +54,6 @@ def decoder_layers(model: Any) -> list[Layer]:
             found[int(m["index"])] = Layer(int(m["index"]), tuple(s for s, _ in linears),
                                            sum(mod.weight.numel() for _, mod in linears))
     return [found[i] for i in sorted(found)]
-
-
-def round_to_grid(weight: Any, grid: Grid) -> Any:
-    """Symmetric round-to-nearest onto the grid (per group along the input dimension, or per output row)."""
-    import torch
-
-    rows, cols = weight.shape
-    g = grid.group_size if grid.group_size and cols % grid.group_size == 0 else cols
-    w = weight.float().reshape(rows, cols // g, g)
-    q = 2 ** (grid.bits - 1) - 1
-    scale = w.abs().amax(-1, keepdim=True).clamp(min=1e-12) / q
-    return (torch.clamp(torch.round(w / scale), -q - 1, q) * scale).reshape(rows, cols).to(weight.dtype)
 
 
 def _with_rounded(model: Any, names: list[str], grid: Grid, score: Any) -> float:
