@@ -43,9 +43,9 @@ def profile_job(spec: JobSpec, grid: Grid, tokens: int, seq_len: int, model: str
         resolved = sources.resolve(m.source, m.revision, allow_pickle=m.allow_pickle)
         from farm.stages.sensitivity import measure
 
-        run_id = store.start_run(f"sensitivity/{name}", {**spec.tracking.tags, TAG + "role": "sensitivity",
-                                                         TAG + "model": name, TAG + "model_identity": resolved.identity},
-                                 None)
+        tags = {**spec.tracking.tags, TAG + "role": "sensitivity", TAG + "model": name,
+                TAG + "model_identity": resolved.identity}
+        run_id = store.start_run(f"sensitivity/{name}", tags, None)
         try:
             t0 = time.perf_counter()
             prof = measure(resolved.local_dir, calibration, grid, tokens, seq_len, m.trust_remote_code)

@@ -26,8 +26,8 @@ def _request(paths: dict, out: Path, **method: object) -> QuantizeRequest:
 def test_round_to_grid_and_layers(fixture_paths: dict) -> None:
     import torch
 
-    from farm.stages.modelio import load_model
     from farm.stages.fakequant import round_to_grid
+    from farm.stages.modelio import load_model
     from farm.stages.sensitivity import decoder_layers
 
     model = load_model(fixture_paths["tiny-llama"], "cpu")

@@ -8,8 +8,15 @@ import pytest
 
 from farm.errors import SpecError
 from farm.methods import build_method
-from farm.methods.precision import (Grid, Layer, config_groups, layer_targets, quantized_bytes, rank_layers,
-                                    smallest_meeting)
+from farm.methods.precision import (
+    Grid,
+    Layer,
+    config_groups,
+    layer_targets,
+    quantized_bytes,
+    rank_layers,
+    smallest_meeting,
+)
 
 LINEARS = ("self_attn.q_proj", "mlp.down_proj")
 LAYERS = [Layer(i, LINEARS, 1000) for i in range(4)]
