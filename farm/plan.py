@@ -100,7 +100,7 @@ def _calibration_for(spec: JobSpec, method: MethodConfig, text_shas: Mapping[str
 
 
 def make_plan(spec: JobSpec, models: dict[str, ModelInfo], calibration_sha: str | Mapping[str, str],
-              heldout_sha: str) -> Plan:
+              heldout_sha: str, adapter_shas: Mapping[str, str] | None = None) -> Plan:
     """`models` maps each model's display name to its resolved info; `calibration_sha` is the content hash of
     the job's calibration text, or a map of set name -> hash ("" = the job's own). Raises SpecError on any
     mismatch."""
@@ -111,6 +111,9 @@ def make_plan(spec: JobSpec, models: dict[str, ModelInfo], calibration_sha: str 
                                                  "kv_cache"})
     if any(checks.values()):  # jobs without checks keep the ids they always had
         eval_key.append(checks)
+    if ev.adapters:  # an adapter is judged by its content, not its path
+        eval_key.append([[a.model_dump(exclude={"source"}), (adapter_shas or {}).get(a.name, a.source)]
+                         for a in ev.adapters])
     variants, bases = [], []
     for mi, model in enumerate(spec.models):
         name = model.display_name()

@@ -38,6 +38,8 @@ def default_rules(ev: EvaluationSpec) -> list[GateRule]:
         rules += [GateRule(metric="spec_acceptance", op=">=", threshold=0.5, required=False)]
     if ev.kv_cache:
         rules += [GateRule(metric="kv_fp8_similarity", op=">=", threshold=0.8, required=False)]
+    rules += [GateRule(metric=f"adapter_{a.name}_perplexity", op="<=", threshold=0.5 if limit is None else limit,
+                       versus_base="delta") for a in ev.adapters]  # the adapter must survive quantization too
     if ev.tasks:  # farm's own tasks; rules for your tasks go in the job's matrix
         rules += [GateRule(metric=FARM_TASKS[name], op=">=", threshold=0.97, versus_base="ratio")
                   for name in ev.tasks.names if name in FARM_TASKS]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.calibration import file_sha256
-from farm.errors import SourceError
+from farm.errors import SourceError, SpecError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 HASHED = ("config.json",)
@@ -169,3 +169,14 @@ def resolve(source: str, revision: str | None = None, identify: bool = True, all
     config = check_checkpoint(path, source, allow_pickle)
     identity = content_identity(path, allow_pickle) if identify else ""
     return ResolvedModel(source, "local", str(path.resolve()), identity, None, config)
+
+
+def adapter_identity(path: str) -> str:
+    """Content hash of an adapter directory (config + weights); a retrained adapter is a new evaluation."""
+    root = Path(path)
+    if not (root / "adapter_config.json").is_file():
+        raise SpecError(f"adapter {path}: no adapter_config.json (not a PEFT adapter directory)")
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in {".json", ".safetensors"}):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()

@@ -170,6 +170,14 @@ class SpeculativeSpec(Strict):
     max_new_tokens: int = Field(32, gt=0, le=4096)
 
 
+class AdapterSpec(Strict):
+    name: str = Field(pattern=r"^[a-z0-9_]{1,32}$", description="short name; metrics are adapter_<name>_perplexity")
+    source: str = Field(description="directory of a PEFT LoRA adapter trained on the base (adapter_config.json)")
+    eval_source: str | None = Field(None, description="text the adapter is judged on (default: the held-out text)")
+    max_tokens: int = Field(4096, gt=0, le=10_000_000, description="tokens scored")
+    seq_len: int = Field(512, gt=1, le=131_072)
+
+
 class Thresholds(Strict):
     max_perplexity_delta: float | None = Field(None, ge=0, description="flag variants above this ppl increase")
 
@@ -185,6 +193,17 @@ class EvaluationSpec(Strict):
     speculative: SpeculativeSpec | None = Field(None, description="acceptance rate drafting for the base")
     tasks: TasksSpec | None = Field(None, description="task accuracy through lm-eval-harness (local tasks)")
     kv_cache: KVCacheSpec | None = Field(None, description="a long conversation with and without an FP8 KV cache")
+    adapters: list[AdapterSpec] = Field(default_factory=list, max_length=16, description="LoRA adapters of the "
+                                        "base, each evaluated on the base and on every quantized variant (QLoRA)")
+
+    @field_validator("adapters")
+    @classmethod
+    def _unique_adapters(cls, v: list[AdapterSpec]) -> list[AdapterSpec]:
+        names = [a.name for a in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"adapter names must be unique: {', '.join(dup)}")
+        return v
 
 
 class GateRule(Strict):
@@ -335,7 +354,11 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
                         "tasks": ev.tasks.model_copy(update={
                             "data_dir": _resolve(ev.tasks.data_dir, base),
                             "include_path": _resolve(ev.tasks.include_path, base) if ev.tasks.include_path else None,
-                        }) if ev.tasks else None}
+                        }) if ev.tasks else None,
+                        "adapters": [a.model_copy(update={
+                            "source": _resolve(a.source, base),
+                            "eval_source": _resolve(a.eval_source, base) if a.eval_source else None,
+                        }) for a in ev.adapters]}
             ),
             "output": spec.output.model_copy(update={"root": _resolve(spec.output.root, base)}),
         }

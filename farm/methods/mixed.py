@@ -44,7 +44,8 @@ class MixedConfig(MethodConfig):
 
     def default_label(self) -> str:
         g = f"g{self.low.group_size}" if self.low.group_size else "ch"
-        return f"mixed-w{self.low.bits}{g}-w{self.high.bits}-d{self.budget:g}"
+        budget = f"{self.budget:g}".replace("+", "")  # labels become registry aliases: [a-z0-9_.-] only
+        return f"mixed-w{self.low.bits}{g}-w{self.high.bits}-d{budget}"
 
     def group_sizes(self) -> list[int]:
         return [g.group_size for g in (self.low, self.high) if g.group_size]

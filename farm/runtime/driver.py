@@ -76,7 +76,11 @@ def preflight(spec: JobSpec) -> Plan:
     shas = {"": TextIdentity.of(spec.calibration.source).sha256}
     shas |= {name: TextIdentity.of(s.source).sha256 for name, s in spec.calibration_sets.items()}
     heldout = TextIdentity.of(spec.evaluation.perplexity.source)
-    return make_plan(spec, infos, shas, heldout.sha256)
+    adapters = {a.name: sources.adapter_identity(a.source) for a in spec.evaluation.adapters}
+    for a in spec.evaluation.adapters:
+        if a.eval_source:
+            TextIdentity.of(a.eval_source)  # a missing adapter text is bad input: say so before anything runs
+    return make_plan(spec, infos, shas, heldout.sha256, adapters)
 
 
 def tracking_target(spec: JobSpec, override: str | None) -> tuple[str, str | None]:

@@ -22,7 +22,8 @@ class ChecksResult:
 
 
 def enabled(ev: EvaluationSpec) -> bool:
-    return any((ev.latency, ev.memory, ev.outputs, ev.safety, ev.speculative, ev.tasks, ev.kv_cache))
+    return any((ev.latency, ev.memory, ev.outputs, ev.safety, ev.speculative, ev.tasks, ev.kv_cache,
+                ev.adapters))
 
 
 def run_checks(model_dir: str, ev: EvaluationSpec, base_dir: str | None = None,
@@ -80,4 +81,8 @@ def run_checks(model_dir: str, ev: EvaluationSpec, base_dir: str | None = None,
             res.metrics |= timed("speculative", lambda: behaviour.speculative(model, base, tokenizer, prompts, spec,
                                                                               device))
         del base
+    if ev.adapters:  # last: each adapter loads its own dense copy of the checkpoint
+        from farm.stages.adapters import evaluate_adapters
+
+        res.metrics |= evaluate_adapters(model_dir, ev, trust_remote_code)
     return res

@@ -71,6 +71,7 @@ def test_mixed_config_is_typed_and_single_process(tmp_path) -> None:
     m = build_method({"method": "mixed", "low": {"bits": 4, "group_size": 64}, "budget": 0.5})
     assert m.label() == "mixed-w4g64-w8-d0.5" and m.requires_calibration and not m.distributable
     assert m.group_sizes() == [64]
+    assert build_method({"method": "mixed", "budget": 1e9}).label() == "mixed-w4g128-w8-d1e09"
     with pytest.raises(ValueError, match="bits"):
         build_method({"method": "mixed", "low": {"bits": 3}})
     with pytest.raises(TypeError, match="modifiers_for"):

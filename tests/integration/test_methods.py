@@ -1,0 +1,53 @@
+"""The newer methods through a real job (Ray, MLflow server, S3): mixed precision records its profile and
+search, QAT its training, and a LoRA adapter is judged on the base and on every variant (the QLoRA path),
+with the default gate holding each adapter to the perplexity budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import tiny_spec, write_spec
+from tests.integration.conftest import Stack
+from tests.integration.test_end_to_end import farm
+
+pytestmark = pytest.mark.integration
+
+
+def test_mixed_qat_and_adapter_through_a_job(stack: Stack, stack_env: dict, fixture_paths: dict,
+                                             tmp_path: Path) -> None:
+    from farm.stages.adapters import train_lora
+
+    adapter = tmp_path / "adapter"
+    train_lora(str(fixture_paths["tiny-llama"]), str(fixture_paths["shakespeare"] / "calibration.txt"),
+               str(adapter), steps=4, seq_len=64, batch_size=2, learning_rate=1e-2)
+    spec = tiny_spec(fixture_paths, str(tmp_path / "out"), methods=[
+        {"method": "mixed", "low": {"bits": 4, "group_size": 64}, "budget": 1e9, "probe_tokens": 256,
+         "probe_seq_len": 128},
+        {"method": "qat", "group_size": 64, "steps": 3, "batch_size": 2, "train_samples": 8}],
+        tracking={"experiment": "methods", "registered_model_prefix": "methods-"})
+    spec["evaluation"]["adapters"] = [{"name": "play", "source": str(adapter), "max_tokens": 256, "seq_len": 128}]
+    spec["gate"] = {}
+    res = farm("run", str(write_spec(tmp_path / "job.yaml", spec)), "--ray-address", stack.ray_address,
+               "--tracking-uri", stack.mlflow_uri, env=stack_env, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    client = MlflowClient(stack.mlflow_uri)
+    exp = client.get_experiment_by_name("methods")
+    base = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'base'")[0]
+    runs = {r.data.tags["farm.method"]: r for r in
+            client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'")}
+    assert set(runs) == {"mixed", "qat"} and "adapter_play_perplexity" in base.data.metrics
+    for r in runs.values():
+        assert r.info.status == "FINISHED" and "adapter_play_perplexity" in r.data.metrics
+        assert r.data.tags.get("farm.gate") in {"promoted", "rejected"}
+    gate_rules = client.download_artifacts(runs["qat"].info.run_id, "gate.json", str(tmp_path))
+    assert "adapter_play_perplexity" in Path(gate_rules).read_text()
+    mixed = runs["mixed"]
+    assert mixed.data.metrics["mixed.high_layers"] == 0 and "sensitivity.layer_001" in mixed.data.metrics
+    files = {a.path for a in client.list_artifacts(mixed.info.run_id)}
+    assert {"sensitivity.json", "mixed_search.json"} <= files
+    assert "qat_losses.json" in {a.path for a in client.list_artifacts(runs["qat"].info.run_id)}
+    assert runs["qat"].data.metrics["qat.steps"] == 3
