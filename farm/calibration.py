@@ -41,7 +41,45 @@ def parts(source: str) -> list[tuple[str, float]]:
     return [(source, 1.0)]
 
 
+HF_DATASET = "hf-dataset://"
+
+
+def _hf_dataset_text(source: str) -> str:
+    """`hf-dataset://org/name[@revision][?split=train&column=text&config=NAME]`: a Hugging Face dataset from
+    the local hub cache (`hf download --repo-type dataset ...`; fetched if the hub is reachable and
+    HF_HUB_OFFLINE is unset), its column's rows joined by blank lines."""
+    from urllib.parse import parse_qs, urlsplit
+
+    url = urlsplit(source)
+    repo, _, revision = (url.netloc + url.path).partition("@")
+    query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+    unknown = set(query) - {"split", "column", "config"}
+    if unknown or not repo.count("/") == 1:
+        raise SpecError(f"text source {source}: expected hf-dataset://org/name[@rev][?split=&column=&config=]"
+                        + (f" (unknown option {sorted(unknown)[0]!r})" if unknown else ""))
+    import datasets
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        local = snapshot_download(repo, repo_type="dataset", revision=revision or None,
+                                  local_files_only=constants.HF_HUB_OFFLINE)
+    except (LocalEntryNotFoundError, OSError) as err:
+        raise SpecError(f"text source {source}: not in the local hub cache and not downloadable "
+                        f"({type(err).__name__})") from None
+    split, column = query.get("split", "train"), query.get("column", "text")
+    try:
+        ds = datasets.load_dataset(local, query.get("config"), split=split)
+    except ValueError as err:  # e.g. Unknown split "validation". Should be one of ['train'].
+        raise SpecError(f"text source {source}: {str(err).splitlines()[0]}") from None
+    if column not in ds.column_names:
+        raise SpecError(f"text source {source}: no column {column!r}; it has {', '.join(ds.column_names)}")
+    return "\n\n".join(str(t) for t in ds[column] if t)
+
+
 def _read_bytes(source: str) -> bytes:
+    if source.startswith(HF_DATASET):
+        return _hf_dataset_text(source).encode()
     if source.startswith("s3://"):
         import s3fs
         from botocore.exceptions import BotoCoreError, ClientError
@@ -59,7 +97,8 @@ def _read_bytes(source: str) -> bytes:
 
 
 def read_text(source: str) -> str:
-    """A .txt file (local or s3://) as one document, or a JSONL file's 'text' fields joined by blank lines."""
+    """A .txt file (local or s3://) as one document, a JSONL file's 'text' fields or a Hugging Face dataset's
+    column joined by blank lines."""
     if source.startswith(MIX):
         return "\n\n".join(read_text(src) for src, _ in parts(source))
     raw = _read_bytes(source).decode("utf-8", errors="strict")
@@ -96,7 +135,8 @@ class TextIdentity:
             raise SpecError(f"text source {source}: not UTF-8 (byte {err.start})") from None
         except OSError as err:
             raise SpecError(f"text source {source}: unreadable ({err.strerror or err})") from None
-        sha = hashlib.sha256(_read_bytes(source)).hexdigest() if source.startswith("s3://") else file_sha256(source)
+        remote = source.startswith(("s3://", HF_DATASET))
+        sha = hashlib.sha256(_read_bytes(source)).hexdigest() if remote else file_sha256(source)
         return cls(source=source, sha256=sha)
 
 

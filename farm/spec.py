@@ -56,13 +56,13 @@ class ModelSpec(Strict):
 
 
 class MixtureItem(Strict):
-    source: str = Field(description="text file (.txt / JSONL with 'text'), local or s3://")
+    source: str = Field(description="text file (.txt / JSONL with 'text'), local, s3:// or hf-dataset://")
     weight: float = Field(gt=0, le=1e6, description="share of the samples, relative to the other parts")
 
 
 class CalibrationSpec(Strict):
-    source: str = Field("", description="text file (.txt) or JSONL with a 'text' field, local or s3:// (or use "
-                        "`mixture`)")
+    source: str = Field("", description="text file (.txt) or JSONL with a 'text' field, local or s3://, or "
+                        "hf-dataset://org/name[@rev]?split=&column= from the hub cache (or use `mixture`)")
     mixture: list[MixtureItem] | None = Field(None, min_length=1, max_length=64,
                                               description="weighted mixture of sources instead of `source`")
     num_samples: int = Field(128, gt=0, le=100_000, description="number of calibration samples")

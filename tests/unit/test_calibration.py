@@ -85,3 +85,35 @@ def test_named_sets_make_different_variants() -> None:
 def test_bad_calibration_specs(over: dict, needle: str) -> None:
     with pytest.raises(SpecError, match=needle):
         _spec(**over)
+
+
+def test_hf_dataset_source_from_the_hub_cache(tmp_path, monkeypatch) -> None:
+    """A dataset downloaded into the hub cache (`hf download --repo-type dataset`) is read offline, its column
+    joined; the hash is its content; bad split/column/repo are one line each."""
+    import huggingface_hub.constants as c
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from farm.calibration import TextIdentity, read_text
+    from farm.errors import SpecError
+
+    commit = "b" * 40
+    snap = tmp_path / "hub" / "datasets--farm-test--plays" / "snapshots" / commit / "data"
+    snap.mkdir(parents=True)
+    pq.write_table(pa.table({"body": ["To be, or not to be.", "", "All the world's a stage."]}),
+                   snap / "train-00000-of-00001.parquet")
+    (tmp_path / "hub" / "datasets--farm-test--plays" / "refs").mkdir()
+    (tmp_path / "hub" / "datasets--farm-test--plays" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    src = "hf-dataset://farm-test/plays?split=train&column=body"
+    assert read_text(src) == "To be, or not to be.\n\nAll the world's a stage."
+    assert TextIdentity.of(src).sha256 == TextIdentity.of(src + "&split=train").sha256
+    for bad, msg in [("hf-dataset://farm-test/plays?split=test&column=body", "Unknown split"),
+                     ("hf-dataset://farm-test/plays", "no column 'text'; it has body"),
+                     ("hf-dataset://farm-test/absent", "not in the local hub cache"),
+                     ("hf-dataset://plays?colum=body", "unknown option 'colum'")]:
+        with pytest.raises(SpecError, match=msg) as err:
+            TextIdentity.of(bad)
+        assert "\n" not in str(err.value)
