@@ -1,10 +1,9 @@
 """QAT: a short quantization-aware fine-tune, then conversion to the same integer scheme as the PTQ variants.
 
-The decoder's Linear weights are fake-quantized in the forward pass (compressed-tensors' own rounding, a
-straight-through gradient) while AdamW updates full-precision master weights on the calibration text; the trained
-weights are then rounded by llm-compressor exactly as in training, so the artifact has the same format and size
-as `rtn`/`gptq` at this scheme. torchao's QAT is not installable here (no wheel in the package index, nor on the
-GPU image), so farm carries this small loop itself (stages/qat.py)."""
+The decoder's Linear weights are fake-quantized in the forward pass by torchao's QAT (straight-through
+gradients, full-precision master weights) while AdamW trains on the calibration text; the trained weights are
+then rounded by llm-compressor to the same grid, so the artifact has the same format and size as `rtn`/`gptq`
+at this scheme and a job can compare them at equal size."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""The QAT quantize stage: fake-quantized fine-tune (straight-through), then llm-compressor's round-to-nearest
-conversion of the trained weights into a compressed-tensors checkpoint like every other variant."""
+"""The QAT quantize stage: torchao's fake-quantized fine-tune, then llm-compressor's round-to-nearest
+conversion of the trained weights into a compressed-tensors checkpoint like every other variant. Both use
+symmetric min-max scales (max |w| / 7.5 for int4); they differ only where a group's largest weight is negative
+and lands exactly on -7.5 steps (compressed-tensors rounds it to -8, torchao to -7)."""
 
 from __future__ import annotations
 
@@ -9,39 +11,31 @@ from typing import Any
 
 from farm.calibration import draw
 from farm.methods.qat import QATConfig
-from farm.stages.fakequant import round_to_grid
 from farm.stages.modelio import load_model, load_tokenizer, pick_device
 from farm.stages.quantize import QuantizeRequest, QuantizeResult, calibrate, save
-from farm.stages.sensitivity import decoder_layers
-
-
-class _StraightThrough:
-    """A parametrization: the forward sees the rounded weight, the gradient reaches the master weight as is."""
-
-    def __new__(cls, grid: Any) -> Any:
-        import torch
-
-        class Module(torch.nn.Module):
-            def forward(self, w: torch.Tensor) -> torch.Tensor:
-                return w + (round_to_grid(w, grid) - w).detach()
-
-        return Module()
 
 
 def train(model: Any, windows: list[list[int]], method: QATConfig, device: str) -> list[float]:
-    """Fine-tune the decoder layers with their Linear weights fake-quantized; returns the loss per step.
-    Embeddings, lm_head and norms stay frozen (they are not quantized, and the tied table is most of a small
-    model's optimizer state)."""
+    """torchao's QAT: `prepare` swaps the decoder's Linear modules for fake-quantized ones (straight-through
+    gradients into full-precision master weights), AdamW trains the decoder layers, `convert` puts plain Linear
+    modules holding the trained weights back. Embeddings, lm_head and norms stay frozen (they are not
+    quantized, and the tied table is most of a small model's optimizer state). Returns the loss per step."""
     import torch
-    from torch.nn.utils import parametrize
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+    from torchao.quantization.qat import QATConfig as TorchaoQAT
 
     prefix = next(n.rsplit(".", 1)[0] for n, _ in model.named_modules() if n.endswith("layers.0"))
-    linears = [f"{prefix}.{layer.index}.{s}" for layer in decoder_layers(model) for s in layer.linears]
-    modules = dict(model.named_modules())
+    grid = method.grid
+    shape = {"group_size": grid.group_size} if grid.group_size else {"granularity": "per_channel"}
+    fake = IntxFakeQuantizeConfig(getattr(torch, f"int{grid.bits}"), is_symmetric=True, **shape)
+
+    def in_decoder(module: Any, fqn: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and fqn.startswith(prefix + ".")
+
+    quantize_(model, TorchaoQAT(weight_config=fake, step="prepare"), filter_fn=in_decoder)
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in linears:
-        parametrize.register_parametrization(modules[name], "weight", _StraightThrough(method.grid))
     layer_params = [p for n, p in model.named_parameters() if n.startswith(prefix + ".")]
     for p in layer_params:
         p.requires_grad_(True)
@@ -63,8 +57,7 @@ def train(model: Any, windows: list[list[int]], method: QATConfig, device: str) 
             losses.append(float(loss.detach()))
     finally:
         model.eval()
-        for name in linears:  # keep the trained master weights; the conversion rounds them the same way
-            parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=False)
+        quantize_(model, TorchaoQAT(step="convert"), filter_fn=in_decoder)
         for p in model.parameters():
             p.requires_grad_(False)
     return losses
