@@ -14,6 +14,7 @@ from farm.methods.fp8 import FP8Config, FP8StaticConfig, KVCacheFP8Config
 from farm.methods.gptq import GPTQConfig
 from farm.methods.int8 import INT8Config
 from farm.methods.mixed import MixedConfig
+from farm.methods.nf4 import NF4Config
 from farm.methods.qat import QATConfig
 from farm.methods.rtn import RTNConfig
 from farm.methods.smoothquant import SmoothQuantConfig
@@ -29,6 +30,7 @@ REGISTRY: dict[str, type[MethodConfig]] = {
     "rtn": RTNConfig,
     "mixed": MixedConfig,
     "qat": QATConfig,
+    "nf4": NF4Config,
 }
 
 

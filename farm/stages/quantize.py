@@ -79,10 +79,32 @@ def quantize_model_free(req: QuantizeRequest) -> QuantizeResult:
                           notes=[f"model_free_ptq over {n or 1} device(s)"])
 
 
-def yaml_recipe(method: MethodConfig) -> str:
+def quantize_bitsandbytes(req: QuantizeRequest) -> QuantizeResult:
+    """bitsandbytes quantizes while transformers loads the checkpoint; saving writes its 4-bit serialization."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = pick_device()
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(req.model_dir, dtype=dtype, device_map=device,
+                                                 trust_remote_code=req.trust_remote_code,
+                                                 quantization_config=req.method.quantization_config(device))
+    t1 = time.perf_counter()
+    model.save_pretrained(req.out_dir)
+    tokenizer.save_pretrained(req.out_dir)
+    recipe = yaml_recipe(req.method, "bitsandbytes")
+    (Path(req.out_dir) / "recipe.yaml").write_text(recipe)
+    return QuantizeResult(out_dir=req.out_dir, device=device, seconds_load=0.0, seconds_oneshot=t1 - t0,
+                          seconds_save=time.perf_counter() - t1, recipe=recipe,
+                          notes=["bitsandbytes quantized the weights at load (data-free)"])
+
+
+def yaml_recipe(method: MethodConfig, engine: str = "model_free_ptq") -> str:
     import yaml
 
-    return yaml.safe_dump({"model_free_ptq": method.identity()}, sort_keys=True)
+    return yaml.safe_dump({engine: method.identity()}, sort_keys=True)
 
 
 def calibrate(req: QuantizeRequest, model: Any, tokenizer: Any, recipe: list[Any],
@@ -126,6 +148,8 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
         from farm.stages.mixed import quantize_mixed
 
         return quantize_mixed(req)
+    if req.method.method == "nf4":
+        return quantize_bitsandbytes(req)
     if req.method.method == "qat":
         from farm.stages.qat import quantize_qat
 

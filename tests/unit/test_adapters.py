@@ -33,14 +33,15 @@ def test_adapter_on_base_and_on_a_quantized_variant(fixture_paths: dict, tiny_ad
     ev = EvaluationSpec.model_validate({"perplexity": {"source": str(text / "heldout.txt")},
                                         "adapters": [{"name": "play", "source": str(tiny_adapter),
                                                       "max_tokens": 256, "seq_len": 128}]})
-    q = tmp_path / "q"
-    quantize(QuantizeRequest(model_dir=str(fixture_paths["tiny-llama"]), method=build_method(
-        {"method": "gptq", "group_size": 64}), calibration=CalibrationDraw(str(text / "calibration.txt"), 4, 64, 0),
-        out_dir=str(q)))
     base = evaluate_adapters(str(fixture_paths["tiny-llama"]), ev)
-    variant = evaluate_adapters(str(q), ev)
-    assert math.isfinite(base["adapter_play_perplexity"]) and math.isfinite(variant["adapter_play_perplexity"])
-    assert variant["adapter_play_perplexity"] != base["adapter_play_perplexity"]  # W4 weights under the adapter
+    assert math.isfinite(base["adapter_play_perplexity"])
+    for method in ({"method": "gptq", "group_size": 64}, {"method": "nf4"}):  # compressed-tensors, bitsandbytes
+        q = tmp_path / method["method"]
+        quantize(QuantizeRequest(model_dir=str(fixture_paths["tiny-llama"]), method=build_method(method),
+                                 calibration=CalibrationDraw(str(text / "calibration.txt"), 4, 64, 0), out_dir=str(q)))
+        variant = evaluate_adapters(str(q), ev)
+        assert math.isfinite(variant["adapter_play_perplexity"])
+        assert variant["adapter_play_perplexity"] != base["adapter_play_perplexity"]  # 4-bit weights under it
 
 
 def test_adapter_identity_is_content(tiny_adapter: Path, tmp_path: Path) -> None:

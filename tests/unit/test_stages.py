@@ -25,7 +25,8 @@ def test_method_round_trip(name: str, fixture_paths: dict, tmp_path: Path) -> No
     assert (tmp_path / "q" / "recipe.yaml").exists() and q.recipe
     assert any("pin" in n for n in q.notes) == (name == "awq")  # only AWQ needs the CPU fix
     config = (tmp_path / "q" / "config.json").read_text()
-    assert "quantization_config" in config and "compressed-tensors" in config
+    fmt = "bitsandbytes" if name == "nf4" else "compressed-tensors"  # NF4 is bitsandbytes' own format
+    assert "quantization_config" in config and fmt in config
     e = evaluate(EvaluateRequest(str(tmp_path / "q"), str(text / "heldout.txt"), 256, 128, "Hello", 4))
     assert e.perplexity > 1 and e.ppl_tokens == 254 and e.weights_bytes > 0
     assert isinstance(e.generation, str)
