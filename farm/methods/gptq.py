@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from farm.methods.base import MethodConfig, int_weight_group
 
@@ -19,6 +19,31 @@ class GPTQConfig(MethodConfig):
     actorder: Literal["static", "group", "weight"] | None = Field(
         "static", description="activation ordering (llm-compressor's default; null turns it off)"
     )
+    backend: Literal["llmcompressor", "gptqmodel"] = Field(
+        "llmcompressor", description="llmcompressor (compressed-tensors format) or gptqmodel (GPTQ format, run "
+        "in its own Ray runtime environment)")
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> GPTQConfig:
+        if self.backend == "gptqmodel" and self.actorder == "weight":
+            raise ValueError("actorder 'weight' is llm-compressor's; gptqmodel has static, group or null")
+        return self
+
+    @property
+    def distributable(self) -> bool:
+        return self.backend == "llmcompressor"
+
+    def identity(self) -> dict[str, Any]:
+        out = super().identity()
+        if out["backend"] == "llmcompressor":  # variants made before backends existed keep their ids
+            out.pop("backend")
+        return out
+
+    def gptqmodel_config(self) -> dict[str, Any]:
+        """GPTQModel's QuantizeConfig arguments for the same settings (actorder -> desc_act/static_groups)."""
+        return {"bits": self.bits, "group_size": self.group_size or -1, "sym": self.symmetric,
+                "desc_act": self.actorder is not None, "static_groups": self.actorder == "static",
+                "damp_percent": self.dampening_frac}
 
     @property
     def bits(self) -> int:
@@ -26,7 +51,8 @@ class GPTQConfig(MethodConfig):
 
     def default_label(self) -> str:
         g = f"-g{self.group_size}" if self.group_size else ""
-        return f"gptq-{self.scheme.lower()}{g}"
+        b = "" if self.backend == "llmcompressor" else f"-{self.backend}"
+        return f"gptq-{self.scheme.lower()}{g}{b}"
 
     def group_sizes(self) -> list[int]:
         return [self.group_size] if self.group_size else []

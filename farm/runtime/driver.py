@@ -21,6 +21,7 @@ from typing import Any
 from farm import resources, sources
 from farm.calibration import TextIdentity
 from farm.errors import SpecError, TrackingError
+from farm.methods.backends import BACKENDS
 from farm.plan import BaseEval, ModelInfo, Plan, Variant, make_plan
 from farm.runtime import cluster
 from farm.runtime.ddp import Rank
@@ -312,7 +313,7 @@ class Driver:
                             self.spec.tracking.log_model)
         slowest_first = sorted(todo, key=lambda v: COST_RANK.get(v.method.method, 9))
         queue: deque[BaseEval | Variant] = deque([*bases, *slowest_first])
-        idle: list[Any] = []
+        idle: dict[str, list[Any]] = {}  # reusable workers by runtime environment ("" = the worker's own)
         pending: dict[Any, tuple[BaseEval | Variant, Any, str]] = {}  # ref -> (item, worker or gang, run_id)
         followers: dict[Any, Any] = {}  # ref of a rank > 0 -> ref of its rank 0
         rank_errors: dict[Any, str] = {}  # rank-0 ref -> why another rank of its gang failed
@@ -325,13 +326,25 @@ class Driver:
         def slots(item: BaseEval | Variant) -> int:
             return min(item.resources.ranks, size) if isinstance(item, Variant) else 1
 
+        def take(item: BaseEval | Variant) -> Any:
+            """An idle worker of the item's runtime environment, or a new one (a backend's own virtualenv)."""
+            env = backend_env(item)
+            pool = idle.setdefault(env_key(env), [])
+            if pool:
+                return pool.pop()
+            other = next((p for p in idle.values() if p), None)
+            if other:  # an idle worker of another environment holds the slot this one needs
+                cluster.kill(other.pop())
+            return cluster.remote_actor(Worker, {**worker_opts, **({"runtime_env": env} if env else {})}).remote(
+                res.num_cpus)
+
         try:
             while queue or pending:
                 while queue and sum(slots(p[0]) for p in pending.values()) + slots(queue[0]) <= size:
                     item = queue.popleft()
                     attempt = attempts[item.id] = attempts.get(item.id, 0) + 1
                     if isinstance(item, BaseEval):
-                        worker = idle.pop() if idle else cluster.remote_actor(Worker, worker_opts).remote(res.num_cpus)
+                        worker = take(item)
                         run_id = self._start(f"base:{item.model_name}", {
                             TAG + "role": "base", TAG + "job_id": plan.job_id, TAG + "base_eval_id": item.id,
                             TAG + "model": item.model_name, TAG + "model_identity": item.identity,
@@ -345,7 +358,7 @@ class Driver:
                     task = VariantTask(plan.job_name, item, run_id, self.spec.evaluation, self.spec.output.root,
                                        tracking)
                     if item.resources.ranks > 1 or item.resources.num_gpus != res.num_gpus:
-                        for w in idle:  # idle workers hold CPUs/GPUs the placement group needs
+                        for w in [w for pool in idle.values() for w in pool]:  # they hold what the group needs
                             cluster.kill(w)
                         idle.clear()
                         gang, refs = self._start_gang(item, task)
@@ -353,7 +366,7 @@ class Driver:
                         followers.update({r: ref for r in refs[1:]})
                         pending[ref] = (item, gang, run_id)
                     else:
-                        worker = idle.pop() if idle else cluster.remote_actor(Worker, worker_opts).remote(res.num_cpus)
+                        worker = take(item)
                         ref = worker.build.remote(task)
                         pending[ref] = (item, worker, run_id)
                     self.say(f"  started  {item.label}  (variant {item.id}, run {run_id[:12]})")
@@ -379,7 +392,7 @@ class Driver:
                 elif worker_lost:
                     cluster.kill(worker)
                 else:
-                    idle.append(worker)
+                    idle.setdefault(env_key(backend_env(item)), []).append(worker)
                 if error is not None and worker_lost and attempts[item.id] <= res.max_retries:
                     self._end(run_id, ok=False, reason=f"{error} (attempt {attempts[item.id]}; retried)")
                     self.say(f"  retry    {getattr(item, 'label', getattr(item, 'model_name', ''))}: {error}")
@@ -400,7 +413,7 @@ class Driver:
                 else:
                     waiting.append((item, run_id, result))
         finally:
-            for worker in idle + [p[1] for p in pending.values()]:
+            for worker in [w for pool in idle.values() for w in pool] + [p[1] for p in pending.values()]:
                 if isinstance(worker, cluster.Gang):
                     worker.close()
                 else:
@@ -515,6 +528,17 @@ class Driver:
         ppl = f"{o.perplexity:.2f}" if o.perplexity is not None else "?"
         self.say(f"[{n}/{total}] {o.variant.label}: {o.status}, {size}, ppl {ppl} ({delta}), {secs}, "
                  f"run {o.run_id}, {o.artifact_uri}")
+
+
+def backend_env(item: BaseEval | Variant) -> dict[str, Any] | None:
+    """The Ray runtime_env a variant's backend needs (None: the worker's own packages)."""
+    if not isinstance(item, Variant):
+        return None
+    return BACKENDS[getattr(item.method, "backend", "llmcompressor")].runtime_env()
+
+
+def env_key(env: dict[str, Any] | None) -> str:
+    return json.dumps(env, sort_keys=True) if env else ""
 
 
 def _alive(pid: int) -> bool:

@@ -3,6 +3,7 @@ results back to the driver. It knows nothing of Ray: `cluster.remote_actor` make
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import os
@@ -24,6 +25,7 @@ from farm.secrets import redact
 from farm.spec import EvaluationSpec
 
 VERSIONED = ("farm", "llmcompressor", "compressed-tensors", "transformers", "torch", "ray", "mlflow")
+OPTIONAL = ("gptqmodel", "bitsandbytes", "torchao", "peft")  # recorded where installed (backends, NF4, QAT, LoRA)
 
 
 def library_versions() -> dict[str, str]:
@@ -33,6 +35,9 @@ def library_versions() -> dict[str, str]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = "absent"
+    for name in OPTIONAL:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
     return out
 
 

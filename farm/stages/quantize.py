@@ -148,6 +148,10 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
         from farm.stages.mixed import quantize_mixed
 
         return quantize_mixed(req)
+    if getattr(req.method, "backend", "llmcompressor") == "gptqmodel":
+        from farm.stages.gptqmodel import quantize_gptqmodel
+
+        return quantize_gptqmodel(req)
     if req.method.method == "nf4":
         return quantize_bitsandbytes(req)
     if req.method.method == "qat":
