@@ -73,6 +73,7 @@ def quantize_qat(req: QuantizeRequest) -> QuantizeResult:
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
     model = load_model(req.model_dir, device, req.trust_remote_code)
+    dtype = model.dtype
     model.to(torch.float32)  # full-precision master weights, also on GPUs
     cal = req.calibration
     windows = draw(cal.source, tokenizer, method.train_samples, cal.max_seq_length, cal.seed)
@@ -81,6 +82,7 @@ def quantize_qat(req: QuantizeRequest) -> QuantizeResult:
     if not all(math.isfinite(x) for x in losses):
         raise FloatingPointError(f"QAT loss diverged (last {losses[-1]}); lower learning_rate")
     t2 = time.perf_counter()
+    model.to(dtype)  # unquantized parts (embeddings, norms) are saved as the base has them, like other variants
     notes = calibrate(req, model, tokenizer, method.modifiers())
     recipe = save(model, tokenizer, req.out_dir)
     t3 = time.perf_counter()
