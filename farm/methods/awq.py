@@ -16,9 +16,27 @@ class AWQConfig(MethodConfig):
     symmetric: bool = Field(False, description="AWQ defaults to an asymmetric grid (zero points)")
     duo_scaling: bool = Field(True, description="use weight as well as activation magnitudes for the scales")
     n_grid: int = Field(20, gt=0, le=1000, description="grid points searched per scale")
+    backend: Literal["llmcompressor", "autoawq"] = Field(
+        "llmcompressor", description="llmcompressor (compressed-tensors) or autoawq (AutoAWQ 0.2.9, GEMM format, "
+        "in its own Ray runtime environment; archived upstream)")
+
+    @property
+    def distributable(self) -> bool:
+        return self.backend == "llmcompressor"
+
+    def identity(self) -> dict[str, Any]:
+        out = super().identity()
+        if out["backend"] == "llmcompressor":  # variants made before backends existed keep their ids
+            out.pop("backend")
+        return out
 
     def default_label(self) -> str:
-        return f"awq-{self.scheme.lower()}-g{self.group_size}"
+        b = "" if self.backend == "llmcompressor" else f"-{self.backend}"
+        return f"awq-{self.scheme.lower()}-g{self.group_size}{b}"
+
+    def autoawq_config(self) -> dict[str, Any]:
+        """AutoAWQ's quant_config for the same settings (its grid search has no n_grid/duo_scaling knobs)."""
+        return {"zero_point": not self.symmetric, "q_group_size": self.group_size, "w_bit": 4, "version": "GEMM"}
 
     def group_sizes(self) -> list[int]:
         return [self.group_size]

@@ -17,6 +17,8 @@ class Backend:
     packages: tuple[str, ...] = ()  # pip requirements of the isolated environment (empty: the worker's own)
     env_vars: dict[str, str] = field(default_factory=dict)
     keep: tuple[str, ...] = ()  # distributions pinned at the worker's versions so pip cannot move them
+    quantize_in: str | None = None  # another backend whose environment runs only the quantize step
+    stage: str | None = None  # "module:function" of that quantize step (returns QuantizeResult's fields)
 
     def runtime_env(self) -> dict[str, Any] | None:
         """A Ray runtime_env for this backend, or None for the default stack."""
@@ -34,10 +36,19 @@ class Backend:
         return env
 
 
+GPTQMODEL = Backend("gptqmodel", packages=("gptqmodel==7.6.0", "optimum==2.3.0"),
+                    env_vars={"GPTQMODEL_CPU_WORKERS": "2"}, keep=("torch", "transformers"))
+
 BACKENDS = {
     "llmcompressor": Backend("llmcompressor"),
     # GPTQModel 7.6.0 resolves with torch 2.13 / transformers 5.17 (7.7 needs newer); optimum lets plain
     # transformers reload its GPTQ checkpoints. It sizes a CPU thread pool from GPTQMODEL_CPU_WORKERS.
-    "gptqmodel": Backend("gptqmodel", packages=("gptqmodel==7.6.0", "optimum==2.3.0"),
-                         env_vars={"GPTQMODEL_CPU_WORKERS": "2"}, keep=("torch", "transformers")),
+    "gptqmodel": GPTQMODEL,
+    # AutoAWQ 0.2.9 (archived) imports only with transformers 4.51: it quantizes in that environment; the
+    # variant's worker evaluates in GPTQModel's (current transformers + GPTQModel's AWQ kernels), because
+    # AutoAWQ's own CPU reload needs intel_extension_for_pytorch, which refuses torch 2.13.
+    "autoawq": Backend("autoawq", packages=GPTQMODEL.packages, env_vars=GPTQMODEL.env_vars, keep=GPTQMODEL.keep,
+                       quantize_in="autoawq-quantize", stage="farm.stages.autoawq:quantize_autoawq"),
+    "autoawq-quantize": Backend("autoawq-quantize", packages=("autoawq==0.2.9", "transformers==4.51.3"),
+                                keep=("torch",)),
 }

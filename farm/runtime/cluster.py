@@ -69,6 +69,24 @@ def remote_actor(cls: type, options: dict[str, Any]) -> Any:
     return ray.remote(cls).options(**options)
 
 
+def call_in_env(path: str, runtime_env: dict[str, Any] | None, *args: Any) -> Any:
+    """Run the function at `path` ("module:function") in another runtime environment on this node, from inside a
+    worker, and return its result. It takes no resources of its own: the calling worker holds them and waits."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(_call).options(num_cpus=0, runtime_env=runtime_env, scheduling_strategy=here, max_retries=0)
+    return ray.get(task.remote(path, *args))
+
+
+def _call(path: str, *args: Any) -> Any:
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)(*args)
+
+
 def totals() -> dict[str, float]:
     """The cluster's total resources (CPU, GPU, memory in bytes)."""
     import ray

@@ -1,5 +1,6 @@
 """The worker a variant runs in. It executes one plan step (quantize -> evaluate -> publish) and hands plain
-results back to the driver. It knows nothing of Ray: `cluster.remote_actor` makes it an actor."""
+results back to the driver. `cluster.remote_actor` makes it an actor; the only Ray it touches itself is
+`cluster.call_in_env`, for a backend whose quantize step needs another environment (AutoAWQ)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from typing import Any
 
 from farm import sources
 from farm.artifacts import ArtifactStore, file_table
+from farm.methods.backends import BACKENDS
 from farm.plan import BaseEval, Variant
-from farm.runtime import ddp
+from farm.runtime import cluster, ddp
 from farm.runtime.ddp import Rank
 from farm.secrets import redact
 from farm.spec import EvaluationSpec
@@ -165,6 +167,7 @@ class Worker:
             cal = v.calibration
             t0 = time.perf_counter()
             world = rank.world if rank else 1
+            backend = BACKENDS[getattr(v.method, "backend", "llmcompressor")]
             tuned = tune(v, model, world=world)
             request = QuantizeRequest(
                 model_dir=model.local_dir, method=v.method,
@@ -183,6 +186,11 @@ class Worker:
                     return {"rank": rank.rank, **me}
                 q.notes.append(f"data-parallel calibration: {world} ranks ({backend}); tuning per rank: "
                                f"{tuned.reason}")
+            elif backend.quantize_in and backend.stage:  # an archived library in its own environment
+                from farm.stages.quantize import QuantizeResult
+
+                q = QuantizeResult(**cluster.call_in_env(backend.stage, BACKENDS[backend.quantize_in].runtime_env(),
+                                                         request))
             else:
                 q = self._quantize_with_retry(v, model, request, tuned)
             request_eval = _eval_request(out, task.evaluation, v.model.trust_remote_code)
