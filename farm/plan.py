@@ -106,7 +106,7 @@ def make_plan(spec: JobSpec, models: dict[str, ModelInfo], calibration_sha: str 
     mismatch."""
     shas = {"": calibration_sha} if isinstance(calibration_sha, str) else dict(calibration_sha)
     ev = spec.evaluation
-    eval_key = [ev.perplexity.model_dump(exclude={"source"}), heldout_sha, ev.generation.model_dump()]
+    eval_key: list[Any] = [ev.perplexity.model_dump(exclude={"source"}), heldout_sha, ev.generation.model_dump()]
     checks = ev.model_dump(mode="json", include={"latency", "memory", "outputs", "safety", "speculative", "tasks",
                                                  "kv_cache"})
     if any(checks.values()):  # jobs without checks keep the ids they always had

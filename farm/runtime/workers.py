@@ -167,7 +167,7 @@ class Worker:
             cal = v.calibration
             t0 = time.perf_counter()
             world = rank.world if rank else 1
-            backend = BACKENDS[getattr(v.method, "backend", "llmcompressor")]
+            lib = BACKENDS[getattr(v.method, "backend", "llmcompressor")]
             tuned = tune(v, model, world=world)
             request = QuantizeRequest(
                 model_dir=model.local_dir, method=v.method,
@@ -186,11 +186,10 @@ class Worker:
                     return {"rank": rank.rank, **me}
                 q.notes.append(f"data-parallel calibration: {world} ranks ({backend}); tuning per rank: "
                                f"{tuned.reason}")
-            elif backend.quantize_in and backend.stage:  # an archived library in its own environment
+            elif lib.quantize_in and lib.stage:  # an archived library in its own environment
                 from farm.stages.quantize import QuantizeResult
 
-                q = QuantizeResult(**cluster.call_in_env(backend.stage, BACKENDS[backend.quantize_in].runtime_env(),
-                                                         request))
+                q = QuantizeResult(**cluster.call_in_env(lib.stage, BACKENDS[lib.quantize_in].runtime_env(), request))
             else:
                 q = self._quantize_with_retry(v, model, request, tuned)
             request_eval = _eval_request(out, task.evaluation, v.model.trust_remote_code)

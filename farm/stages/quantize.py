@@ -84,6 +84,11 @@ def quantize_bitsandbytes(req: QuantizeRequest) -> QuantizeResult:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from farm.methods.nf4 import NF4Config
+
+    if not isinstance(req.method, NF4Config):
+        raise TypeError(f"bitsandbytes runs NF4 configs, got {type(req.method).__name__}")
+
     device = pick_device()
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
