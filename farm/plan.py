@@ -99,6 +99,11 @@ def _calibration_for(spec: JobSpec, method: MethodConfig, text_shas: Mapping[str
     )
 
 
+def merged_identity(base_identity: str, adapter_sha: str) -> str:
+    """A base with a LoRA adapter merged in is another model: its own identity, base and adapter both named."""
+    return f"{base_identity}+lora:{adapter_sha[:16]}"
+
+
 def make_plan(spec: JobSpec, models: dict[str, ModelInfo], calibration_sha: str | Mapping[str, str],
               heldout_sha: str, adapter_shas: Mapping[str, str] | None = None) -> Plan:
     """`models` maps each model's display name to its resolved info; `calibration_sha` is the content hash of

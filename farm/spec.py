@@ -37,6 +37,8 @@ class ModelSpec(Strict):
     revision: str | None = Field(None, max_length=128, description="hub revision (also accepted as @rev)")
     trust_remote_code: bool = Field(False, description="allow the model's own Python code to run")
     allow_pickle: bool = Field(False, description="accept .bin/.pt weights (unpickling can run code)")
+    merge_adapter: str | None = Field(None, description="a PEFT LoRA adapter directory merged into this base "
+                                      "before anything else: its variants ship the adapter inside")
 
     @field_validator("source")
     @classmethod
@@ -344,7 +346,8 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
     ev = spec.evaluation
     return spec.model_copy(
         update={
-            "models": [m.model_copy(update={"source": _resolve(m.source, base)}) for m in spec.models],
+            "models": [m.model_copy(update={"source": _resolve(m.source, base), "merge_adapter": _resolve(
+                m.merge_adapter, base) if m.merge_adapter else None}) for m in spec.models],
             "calibration": spec.calibration.with_paths(base),
             "calibration_sets": {k: v.with_paths(base) for k, v in spec.calibration_sets.items()},
             "evaluation": ev.model_copy(

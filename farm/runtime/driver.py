@@ -22,7 +22,7 @@ from farm import resources, sources
 from farm.calibration import TextIdentity
 from farm.errors import SpecError, TrackingError
 from farm.methods.backends import BACKENDS
-from farm.plan import BaseEval, ModelInfo, Plan, Variant, make_plan
+from farm.plan import BaseEval, ModelInfo, Plan, Variant, make_plan, merged_identity
 from farm.runtime import cluster
 from farm.runtime.ddp import Rank
 from farm.runtime.workers import BaseTask, Tracking, VariantTask, Worker, library_versions
@@ -73,7 +73,9 @@ def preflight(spec: JobSpec) -> Plan:
     """Resolve every input and plan; raises SpecError/SourceError before anything is created."""
     resolved = {m.display_name(): sources.resolve(m.source, m.revision, allow_pickle=m.allow_pickle)
                 for m in spec.models}
-    infos = {n: ModelInfo(r.identity, r.config, r.weights_bytes) for n, r in resolved.items()}
+    merged = {m.display_name(): sources.adapter_identity(m.merge_adapter) for m in spec.models if m.merge_adapter}
+    infos = {n: ModelInfo(merged_identity(r.identity, merged[n]) if n in merged else r.identity, r.config,
+                          r.weights_bytes) for n, r in resolved.items()}
     shas = {"": TextIdentity.of(spec.calibration.source).sha256}
     shas |= {name: TextIdentity.of(s.source).sha256 for name, s in spec.calibration_sets.items()}
     heldout = TextIdentity.of(spec.evaluation.perplexity.source)

@@ -117,6 +117,27 @@ def release_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def local_model(m: Any) -> sources.ResolvedModel:
+    """The checkpoint a job's model names, on this node: resolved (hf/s3/local), and with `merge_adapter` the
+    base with the adapter merged in, built once per (base, adapter) under FARM_CACHE."""
+    resolved = sources.resolve(m.source, m.revision, identify=False, allow_pickle=m.allow_pickle)
+    if not m.merge_adapter:
+        return resolved
+    from farm.stages.adapters import merge_into
+
+    key = hashlib.sha256(f"{resolved.local_dir}\0{sources.adapter_identity(m.merge_adapter)}".encode()).hexdigest()
+    dest = sources.cache_root() / "merged" / key[:32]
+    if not (dest / "config.json").exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".merge-", dir=dest.parent)
+        merge_into(resolved.local_dir, m.merge_adapter, tmp, m.trust_remote_code)
+        try:
+            os.replace(tmp, dest)  # atomic: a concurrent worker's identical merge may have won; either is fine
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return replace(resolved, local_dir=str(dest))
+
+
 class Worker:
     def __init__(self, num_cpus: float = 1):
         from farm.stages.modelio import set_threads
@@ -127,8 +148,7 @@ class Worker:
         from farm.stages.checks import enabled, run_checks
         from farm.stages.evaluate import evaluate, load
 
-        model = sources.resolve(task.base.model.source, task.base.model.revision, identify=False,
-                                allow_pickle=task.base.model.allow_pickle)
+        model = local_model(task.base.model)
         trust = task.base.model.trust_remote_code
         try:
             request = _eval_request(model.local_dir, task.evaluation, trust)
@@ -160,7 +180,7 @@ class Worker:
         if lead:
             mlflow.log(task.run_id, tags={"farm.worker": me["worker"],
                                           "farm.cuda_visible_devices": me["cuda_visible_devices"]})
-        model = sources.resolve(v.model.source, v.model.revision, identify=False, allow_pickle=v.model.allow_pickle)
+        model = local_model(v.model)
         scratch = tempfile.mkdtemp(prefix=f"farm-{v.id}-")
         try:
             out = f"{scratch}/model"

@@ -34,6 +34,21 @@ def load_dense(model_dir: str, device: str, trust_remote_code: bool = False) -> 
     return model.eval()
 
 
+def merge_into(model_dir: str, adapter_dir: str, out_dir: str, trust_remote_code: bool = False) -> str:
+    """Base + adapter merged into plain weights (PEFT's merge_and_unload), saved in the base's dtype."""
+    import torch
+    from peft import PeftModel
+
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    base = load_dense(model_dir, "cpu", trust_remote_code)  # merging is a few matmuls; the host is enough
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"))
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().to(dtype)
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
 def evaluate_adapters(model_dir: str, ev: EvaluationSpec, trust_remote_code: bool = False) -> dict[str, float]:
     """Perplexity of model + each adapter on the adapter's text (a fresh dense copy per adapter)."""
     from peft import PeftModel

@@ -62,3 +62,28 @@ def test_adapter_spec_errors() -> None:
             {"name": "a", "source": "x"}, {"name": "a", "source": "y"}]})
     with pytest.raises(ValueError, match="name"):
         EvaluationSpec.model_validate({"perplexity": {"source": "h.txt"}, "adapters": [{"name": "A-1", "source": "x"}]})
+
+
+def test_merged_adapter_is_the_base_plus_adapter(fixture_paths: dict, tiny_adapter: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`models[].merge_adapter`: the merged checkpoint computes what base + adapter computes, is built once per
+    (base, adapter) under FARM_CACHE, and is another model identity in the plan."""
+    import torch
+    from peft import PeftModel
+
+    from farm.plan import merged_identity
+    from farm.runtime.workers import local_model
+    from farm.spec import ModelSpec
+    from farm.stages.adapters import load_dense
+
+    monkeypatch.setenv("FARM_CACHE", str(tmp_path / "cache"))
+    spec = ModelSpec(source=str(fixture_paths["tiny-llama"]), merge_adapter=str(tiny_adapter))
+    merged = local_model(spec)
+    assert local_model(spec).local_dir == merged.local_dir and "merged" in merged.local_dir
+    ids = torch.tensor([[1, 5, 9, 14, 200, 31]])
+    with torch.inference_mode():
+        want = PeftModel.from_pretrained(load_dense(str(fixture_paths["tiny-llama"]), "cpu"), str(tiny_adapter))(
+            input_ids=ids).logits
+        got = load_dense(merged.local_dir, "cpu")(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert merged_identity("base", adapter_identity(str(tiny_adapter))).startswith("base+lora:")
