@@ -20,19 +20,9 @@ class AWQConfig(MethodConfig):
         "llmcompressor", description="llmcompressor (compressed-tensors) or autoawq (AutoAWQ 0.2.9, GEMM format, "
         "in its own Ray runtime environment; archived upstream)")
 
-    @property
-    def distributable(self) -> bool:
-        return self.backend == "llmcompressor"
-
-    def identity(self) -> dict[str, Any]:
-        out = super().identity()
-        if out["backend"] == "llmcompressor":  # variants made before backends existed keep their ids
-            out.pop("backend")
-        return out
 
     def default_label(self) -> str:
-        b = "" if self.backend == "llmcompressor" else f"-{self.backend}"
-        return f"awq-{self.scheme.lower()}-g{self.group_size}{b}"
+        return f"awq-{self.scheme.lower()}-g{self.group_size}"
 
     def autoawq_config(self) -> dict[str, Any]:
         """AutoAWQ's quant_config for the same settings (its grid search has no n_grid/duo_scaling knobs)."""

@@ -47,19 +47,28 @@ class MethodConfig(BaseModel):
         return True
 
     @property
+    def backend_name(self) -> str:
+        """Which library quantizes (methods with a `backend` field choose; see methods/backends.py)."""
+        return str(getattr(self, "backend", "llmcompressor"))
+
+    @property
     def distributable(self) -> bool:
-        """Whether calibration can be spread over ranks (a DDP gang); searches that reload the model cannot."""
-        return True
+        """Whether calibration can be spread over ranks (a DDP gang): llm-compressor's distributed oneshot only."""
+        return self.backend_name == "llmcompressor"
 
     def label(self) -> str:
-        return self.name or self.default_label()
+        suffix = "" if self.backend_name == "llmcompressor" else f"-{self.backend_name}"
+        return self.name or self.default_label() + suffix
 
     def default_label(self) -> str:
         return self.method
 
     def identity(self) -> dict[str, Any]:
         """Everything that changes the produced weights; the variant id hashes this."""
-        return self.model_dump(mode="json", exclude={"name"})
+        out = self.model_dump(mode="json", exclude={"name"})
+        if out.get("backend") == "llmcompressor":  # variants made before backends existed keep their ids
+            out.pop("backend")
+        return out
 
     def config_hash(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))

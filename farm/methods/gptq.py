@@ -29,15 +29,6 @@ class GPTQConfig(MethodConfig):
             raise ValueError("actorder 'weight' is llm-compressor's; gptqmodel has static, group or null")
         return self
 
-    @property
-    def distributable(self) -> bool:
-        return self.backend == "llmcompressor"
-
-    def identity(self) -> dict[str, Any]:
-        out = super().identity()
-        if out["backend"] == "llmcompressor":  # variants made before backends existed keep their ids
-            out.pop("backend")
-        return out
 
     def gptqmodel_config(self) -> dict[str, Any]:
         """GPTQModel's QuantizeConfig arguments for the same settings (actorder -> desc_act/static_groups)."""
@@ -51,8 +42,7 @@ class GPTQConfig(MethodConfig):
 
     def default_label(self) -> str:
         g = f"-g{self.group_size}" if self.group_size else ""
-        b = "" if self.backend == "llmcompressor" else f"-{self.backend}"
-        return f"gptq-{self.scheme.lower()}{g}{b}"
+        return f"gptq-{self.scheme.lower()}{g}"
 
     def group_sizes(self) -> list[int]:
         return [self.group_size] if self.group_size else []

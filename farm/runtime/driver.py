@@ -536,7 +536,7 @@ def backend_env(item: BaseEval | Variant) -> dict[str, Any] | None:
     """The Ray runtime_env a variant's backend needs (None: the worker's own packages)."""
     if not isinstance(item, Variant):
         return None
-    return BACKENDS[getattr(item.method, "backend", "llmcompressor")].runtime_env()
+    return BACKENDS[item.method.backend_name].runtime_env()
 
 
 def env_key(env: dict[str, Any] | None) -> str:

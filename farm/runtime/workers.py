@@ -187,7 +187,7 @@ class Worker:
             cal = v.calibration
             t0 = time.perf_counter()
             world = rank.world if rank else 1
-            lib = BACKENDS[getattr(v.method, "backend", "llmcompressor")]
+            lib = BACKENDS[v.method.backend_name]
             tuned = tune(v, model, world=world)
             request = QuantizeRequest(
                 model_dir=model.local_dir, method=v.method,

@@ -153,7 +153,7 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
         from farm.stages.mixed import quantize_mixed
 
         return quantize_mixed(req)
-    if getattr(req.method, "backend", "llmcompressor") == "gptqmodel":
+    if req.method.backend_name == "gptqmodel":
         from farm.stages.gptqmodel import quantize_gptqmodel
 
         return quantize_gptqmodel(req)
