@@ -1,9 +1,10 @@
 """The newer methods through a real job (Ray, MLflow server, S3): mixed precision records its profile and
-search, QAT its training, and a LoRA adapter is judged on the base and on every variant (the QLoRA path),
+search, QAT its training, NF4 its bitsandbytes checkpoint, and a LoRA adapter is judged on the base and on every variant (the QLoRA path),
 with the default gate holding each adapter to the perplexity budget."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ def test_mixed_qat_and_adapter_through_a_job(stack: Stack, stack_env: dict, fixt
     spec = tiny_spec(fixture_paths, str(tmp_path / "out"), methods=[
         {"method": "mixed", "low": {"bits": 4, "group_size": 64}, "budget": 1e9, "probe_tokens": 256,
          "probe_seq_len": 128},
-        {"method": "qat", "group_size": 64, "steps": 3, "batch_size": 2, "train_samples": 8}],
+        {"method": "qat", "group_size": 64, "steps": 3, "batch_size": 2, "train_samples": 8},
+        {"method": "nf4"}],
         tracking={"experiment": "methods", "registered_model_prefix": "methods-"})
     spec["evaluation"]["adapters"] = [{"name": "play", "source": str(adapter), "max_tokens": 256, "seq_len": 128}]
     spec["gate"] = {}
@@ -39,7 +41,7 @@ def test_mixed_qat_and_adapter_through_a_job(stack: Stack, stack_env: dict, fixt
     base = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'base'")[0]
     runs = {r.data.tags["farm.method"]: r for r in
             client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'")}
-    assert set(runs) == {"mixed", "qat"} and "adapter_play_perplexity" in base.data.metrics
+    assert set(runs) == {"mixed", "qat", "nf4"} and "adapter_play_perplexity" in base.data.metrics
     for r in runs.values():
         assert r.info.status == "FINISHED" and "adapter_play_perplexity" in r.data.metrics
         assert r.data.tags.get("farm.gate") in {"promoted", "rejected"}
@@ -51,3 +53,7 @@ def test_mixed_qat_and_adapter_through_a_job(stack: Stack, stack_env: dict, fixt
     assert {"sensitivity.json", "mixed_search.json"} <= files
     assert "qat_losses.json" in {a.path for a in client.list_artifacts(runs["qat"].info.run_id)}
     assert runs["qat"].data.metrics["qat.steps"] == 3
+    nf4 = json.loads(Path(client.download_artifacts(runs["nf4"].info.run_id, "model/config.json", str(tmp_path)))
+                     .read_text())
+    assert nf4["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert runs["nf4"].data.tags["farm.model_version"]  # registered like every variant
