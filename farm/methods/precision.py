@@ -77,11 +77,32 @@ class Search:
     probes: dict[int, float] = field(default_factory=dict)
 
 
-def smallest_meeting(probe: Callable[[int], float], n: int, budget: float) -> Search:
-    """Fewest upgrades k in [0, n] whose measured perplexity delta is within budget, by bisection.
+def predicted_upgrades(profile: dict[int, float], order: list[int], uniform_delta: float, budget: float) -> int:
+    """The fewest upgrades the profile predicts for the budget, scaled to the measured uniform-low delta:
+    delta(k) ~ uniform_delta * (fragility left at low after k upgrades) / (all fragility). Per-layer deltas are
+    measured with round-to-nearest and the variant may round with GPTQ; the scaling absorbs that, the search
+    checks it."""
+    left = [max(profile[i], 0.0) for i in order]
+    total = sum(left)
+    if total <= 0:
+        return 0
+    remaining = total
+    for k in range(len(order) + 1):
+        if uniform_delta * remaining / total <= budget:
+            return k
+        if k < len(order):
+            remaining -= left[k]
+    return len(order)
 
-    It assumes more upgrades never hurt (true of the measured profile up to noise) so it costs about
-    log2(n) + 2 quantizations instead of n. If even k = n misses the budget, k = n is returned, not met."""
+
+def smallest_meeting(probe: Callable[[int], float], n: int, budget: float,
+                     guess: Callable[[float], int] | None = None) -> Search:
+    """Fewest upgrades k in [0, n] whose measured perplexity delta is within budget.
+
+    It assumes more upgrades never hurt (true of the measured profile up to noise). After k = 0, `guess` (from
+    that delta) names a first candidate; its neighbour settles it when the guess is right (3 quantizations),
+    else bisection continues from the bracket it found (about log2(n) + 2 at worst). If even k = n misses the
+    budget, k = n is returned, not met."""
     probes: dict[int, float] = {}
 
     def ok(k: int) -> bool:
@@ -91,9 +112,25 @@ def smallest_meeting(probe: Callable[[int], float], n: int, budget: float) -> Se
 
     if ok(0):
         return Search(0, True, probes)
-    if not ok(n):
-        return Search(n, False, probes)
-    lo, hi = 0, n  # ok(lo) is False, ok(hi) is True
+    lo, hi = 0, None  # ok(lo) is False; ok(hi) is True once known
+    if guess is not None:
+        g = min(max(guess(probes[0]), 1), n)
+        if ok(g):
+            hi = g
+            if g - 1 > lo and not ok(g - 1):
+                lo = g - 1
+            elif g - 1 > lo:
+                hi = g - 1
+        else:
+            lo = g
+            if g + 1 <= n and ok(g + 1):
+                hi = g + 1
+            elif g + 1 <= n:
+                lo = g + 1
+    if hi is None:
+        if lo == n or not ok(n):
+            return Search(n, False, probes)
+        hi = n
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if ok(mid):

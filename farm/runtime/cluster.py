@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,6 +51,8 @@ def connect(address: str | None, verbose: bool = False) -> Iterator[Any]:
     # one that sets the same variables).
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     runtime_env = {"env_vars": env_vars} if env_vars and not in_job else None
+    main = threading.current_thread() is threading.main_thread()
+    on_term = signal.getsignal(signal.SIGTERM) if main else None
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose, logging_level=logging.WARNING)
     else:
@@ -56,6 +60,8 @@ def connect(address: str | None, verbose: bool = False) -> Iterator[Any]:
             num_gpus=detected_gpus(), include_dashboard=False, log_to_driver=verbose, logging_level=logging.WARNING,
             runtime_env=runtime_env, _node_ip_address="127.0.0.1",
         )
+    if callable(on_term):  # ray.init installs a C handler that kills the process on SIGTERM: give it back
+        signal.signal(signal.SIGTERM, on_term)  # to the CLI, which unwinds and marks its open runs FAILED
     try:
         yield ray
     finally:

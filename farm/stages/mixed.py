@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.methods.mixed import MixedConfig
-from farm.methods.precision import Search, quantized_bytes, rank_layers, smallest_meeting
+from farm.methods.precision import Search, predicted_upgrades, quantized_bytes, rank_layers, smallest_meeting
 from farm.stages.evaluate import perplexity
 from farm.stages.modelio import load_model, load_tokenizer, pick_device
 from farm.stages.quantize import QuantizeRequest, QuantizeResult, _dataset, calibrate, save
@@ -64,7 +64,8 @@ def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
         delta = probe(len(fixed), keep=True)
         search = Search(len(fixed), delta <= method.budget, {len(fixed): delta})
     else:
-        search = smallest_meeting(probe, len(order), method.budget)
+        search = smallest_meeting(probe, len(order), method.budget,
+                                  guess=lambda d0: predicted_upgrades(profile.layers, order, d0, method.budget))
     t2 = time.perf_counter()
     chosen = sorted(order[: search.upgraded])
     size = quantized_bytes(layers, set(chosen), low, high)

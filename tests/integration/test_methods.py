@@ -1,6 +1,6 @@
 """The newer methods through a real job (Ray, MLflow server, S3): mixed precision records its profile and
-search, QAT its training, NF4 its bitsandbytes checkpoint, and a LoRA adapter is judged on the base and on every variant (the QLoRA path),
-with the default gate holding each adapter to the perplexity budget."""
+search, QAT its training, NF4 its bitsandbytes checkpoint, and a LoRA adapter is judged on the base and on
+every variant (the QLoRA path), with the default gate holding each adapter to the perplexity budget."""
 
 from __future__ import annotations
 

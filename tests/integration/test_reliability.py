@@ -97,6 +97,27 @@ def test_driver_killed_then_resumed_builds_only_the_rest(stack: Stack, stack_env
     assert failed and all("died" in r.data.tags["farm.failure"] for r in failed)
 
 
+def test_sigterm_unwinds_the_driver(stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path) -> None:
+    """`kill PID` (SIGTERM, what schedulers and `timeout` send) mid-job: the driver, not Ray's own handler,
+    gets it; it exits 130 and the variant that was running is FAILED, none left RUNNING."""
+    spec = tiny_spec(fixture_paths, str(tmp_path / "out"), tracking={"experiment": "sigterm"},
+                     resources={"num_cpus": 2})
+    proc = start_farm(["run", str(write_spec(tmp_path / "job.yaml", spec)), "--ray-address", stack.ray_address,
+                       "--tracking-uri", stack.mlflow_uri], stack_env, tmp_path)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "started" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, "".join(seen) + (rest or "")
+    runs = variant_runs(MlflowClient(stack.mlflow_uri), "sigterm")
+    assert runs and not [r for r in runs if r.info.status == "RUNNING"]
+    assert any(r.info.status == "FAILED" for r in runs)
+
+
 def test_credentials_never_recorded(stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path) -> None:
     secret = "hunter2-s3cr3t"
     uri = stack.mlflow_uri.replace("http://", f"http://farm:{secret}@")

@@ -87,3 +87,27 @@ def test_mixed_config_is_typed_and_single_process(tmp_path) -> None:
     info = ModelInfo("id", {"hidden_size": 128, "intermediate_size": 256}, 1000)
     with pytest.raises(SpecError, match="ranks must be 1"):
         make_plan(spec, {"x": info}, "sha", "sha")
+
+
+def test_guided_search_settles_in_three_probes_when_the_profile_predicts_well() -> None:
+    from farm.methods.precision import predicted_upgrades
+
+    profile = {0: 7.0, 1: 1.0, 2: 0.5, 3: 0.5, 4: 0.0}
+    order = [0, 1, 2, 3, 4]
+    # measured uniform delta 18 = 2x the profile's sum 9: after upgrading layer 0, 2 * 2.0 = 4 > 1; after 0,1: 2
+    assert predicted_upgrades(profile, order, 18.0, 1.0) == 3 and predicted_upgrades(profile, order, 0.5, 1.0) == 0
+    assert predicted_upgrades({0: -1.0}, [0], 5.0, 1.0) == 0  # no fragility measured: nothing to upgrade
+    deltas = [18.0, 4.0, 2.0, 0.9, 0.8, 0.7]
+    calls: list[int] = []
+
+    def probe(k: int) -> float:
+        calls.append(k)
+        return deltas[k]
+
+    s = smallest_meeting(probe, 5, 1.0, guess=lambda d0: predicted_upgrades(profile, order, d0, 1.0))
+    assert s.met and s.upgraded == 3 and calls == [0, 3, 2]
+    calls.clear()  # a wrong guess still ends at the right answer, by bisection from the bracket it found
+    s = smallest_meeting(probe, 5, 1.0, guess=lambda d0: 1)
+    assert s.met and s.upgraded == 3 and calls[:3] == [0, 1, 2] and len(calls) <= 5
+    s = smallest_meeting(lambda k: 9.0, 5, 1.0, guess=lambda d0: 2)
+    assert not s.met and s.upgraded == 5
