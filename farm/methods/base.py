@@ -56,6 +56,12 @@ class MethodConfig(BaseModel):
         """Whether calibration can be spread over ranks (a DDP gang): llm-compressor's distributed oneshot only."""
         return self.backend_name == "llmcompressor"
 
+    def stage(self) -> str | None:
+        """"module:function" of the quantize stage for this config; None = llm-compressor's oneshot with
+        `modifiers()` (stages/quantize.py). A method with its own engine names it here, so adding one touches
+        neither the quantize stage nor the driver."""
+        return None
+
     def label(self) -> str:
         suffix = "" if self.backend_name == "llmcompressor" else f"-{self.backend_name}"
         return self.name or self.default_label() + suffix

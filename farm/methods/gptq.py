@@ -30,6 +30,9 @@ class GPTQConfig(MethodConfig):
         return self
 
 
+    def stage(self) -> str | None:
+        return "farm.stages.gptqmodel:quantize_gptqmodel" if self.backend == "gptqmodel" else None
+
     def gptqmodel_config(self) -> dict[str, Any]:
         """GPTQModel's QuantizeConfig arguments for the same settings (actorder -> desc_act/static_groups)."""
         return {"bits": self.bits, "group_size": self.group_size or -1, "sym": self.symmetric,

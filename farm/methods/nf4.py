@@ -39,6 +39,9 @@ class NF4Config(MethodConfig):
     def default_label(self) -> str:
         return self.quant_type + ("-dq" if self.double_quant else "")
 
+    def stage(self) -> str | None:
+        return "farm.stages.bitsandbytes:quantize_bitsandbytes"
+
     def modifiers(self) -> list[Any]:
         raise TypeError("nf4 is not an llm-compressor recipe; use quantization_config()")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,33 +80,6 @@ def quantize_model_free(req: QuantizeRequest) -> QuantizeResult:
                           notes=[f"model_free_ptq over {n or 1} device(s)"])
 
 
-def quantize_bitsandbytes(req: QuantizeRequest) -> QuantizeResult:
-    """bitsandbytes quantizes while transformers loads the checkpoint; saving writes its 4-bit serialization."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from farm.methods.nf4 import NF4Config
-
-    if not isinstance(req.method, NF4Config):
-        raise TypeError(f"bitsandbytes runs NF4 configs, got {type(req.method).__name__}")
-
-    device = pick_device()
-    t0 = time.perf_counter()
-    tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(req.model_dir, dtype=dtype, device_map=device,
-                                                 trust_remote_code=req.trust_remote_code,
-                                                 quantization_config=req.method.quantization_config(device))
-    t1 = time.perf_counter()
-    model.save_pretrained(req.out_dir)
-    tokenizer.save_pretrained(req.out_dir)
-    recipe = yaml_recipe(req.method, "bitsandbytes")
-    (Path(req.out_dir) / "recipe.yaml").write_text(recipe)
-    return QuantizeResult(out_dir=req.out_dir, device=device, seconds_load=0.0, seconds_oneshot=t1 - t0,
-                          seconds_save=time.perf_counter() - t1, recipe=recipe,
-                          notes=["bitsandbytes quantized the weights at load (data-free)"])
-
-
 def yaml_recipe(method: MethodConfig, engine: str = "model_free_ptq") -> str:
     import yaml
 
@@ -147,23 +121,12 @@ def save(model: Any, tokenizer: Any, out_dir: str | Path) -> str:
 
 
 def quantize(req: QuantizeRequest) -> QuantizeResult:
-    if getattr(req.method, "engine", "oneshot") == "model_free":
-        return quantize_model_free(req)
-    if req.method.method == "mixed":
-        from farm.stages.mixed import quantize_mixed
-
-        return quantize_mixed(req)
-    if req.method.backend_name == "gptqmodel":
-        from farm.stages.gptqmodel import quantize_gptqmodel
-
-        return quantize_gptqmodel(req)
-    if req.method.method == "nf4":
-        return quantize_bitsandbytes(req)
-    if req.method.method == "qat":
-        from farm.stages.qat import quantize_qat
-
-        return quantize_qat(req)
-
+    """The method's own stage if it names one (model_free, mixed, QAT, NF4, GPTQModel), else oneshot."""
+    path = req.method.stage()
+    if path:
+        module, _, name = path.partition(":")
+        result: QuantizeResult = getattr(importlib.import_module(module), name)(req)
+        return result
     device = pick_device()
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
