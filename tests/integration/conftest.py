@@ -48,3 +48,14 @@ def s3fs_client(stack: Stack):
 
 
 __all__ = ["BUCKET", "Path", "Stack", "s3fs_client"]
+
+
+def recorded(stack: Stack, experiment: str, key: str = "farm.label") -> tuple[object | None, dict[str, object]]:
+    """A job's base run (or None) and its variant runs keyed by a tag, straight from the MLflow server."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(stack.mlflow_uri)
+    exp = client.get_experiment_by_name(experiment)
+    bases = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'base'")
+    variants = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'")
+    return (bases[0] if bases else None), {r.data.tags[key]: r for r in variants}

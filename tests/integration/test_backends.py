@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import tiny_spec, write_spec
-from tests.integration.conftest import Stack
+from tests.integration.conftest import Stack, recorded
 from tests.integration.test_end_to_end import farm
 
 pytestmark = pytest.mark.integration
@@ -27,9 +27,7 @@ def test_gptqmodel_backend_in_its_own_runtime_env(stack: Stack, stack_env: dict,
                "--tracking-uri", stack.mlflow_uri, env=stack_env, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     client = MlflowClient(stack.mlflow_uri)
-    exp = client.get_experiment_by_name("backends")
-    runs = {r.data.tags["farm.label"]: r for r in
-            client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'")}
+    _, runs = recorded(stack, "backends")
     gm, lc = runs["gptq-w4a16-g64-gptqmodel"], runs["gptq-w4a16-g64"]
     assert "backend gptqmodel 7.6.0 (gptq format)" in gm.data.tags["farm.notes"]
     manifest = json.loads(Path(client.download_artifacts(gm.info.run_id, "manifest.json", str(tmp_path))).read_text())
@@ -56,8 +54,7 @@ def test_autoawq_quantizes_in_its_env_and_evaluates_in_gptqmodels(stack: Stack, 
                "--tracking-uri", stack.mlflow_uri, env=stack_env, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     client = MlflowClient(stack.mlflow_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("autoawq").experiment_id],
-                                "tags.`farm.role` = 'variant'")
+    (run,) = recorded(stack, "autoawq")[1].values()
     assert run.data.tags["farm.label"] == "awq-w4a16-g64-autoawq"
     assert "backend autoawq 0.2.9 (GEMM format, transformers 4.51.3)" in run.data.tags["farm.notes"]
     config = json.loads(Path(client.download_artifacts(run.info.run_id, "model/config.json", str(tmp_path)))

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import tiny_spec, write_spec
-from tests.integration.conftest import Stack
+from tests.integration.conftest import Stack, recorded
 from tests.integration.test_end_to_end import farm
 
 pytestmark = pytest.mark.integration
@@ -44,10 +44,7 @@ def test_checks_gate_aliases_and_manual_promotion(stack: Stack, stack_env: dict,
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     client = MlflowClient(stack.mlflow_uri)
-    exp = client.get_experiment_by_name("gate")
-    base = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'base'")[0]
-    variants = {r.data.tags["farm.label"]: r for r in
-                client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'")}
+    base, variants = recorded(stack, "gate")
     for names in PER_CHECK.values():
         for m in names:
             assert m in base.data.metrics and all(m in v.data.metrics for v in variants.values()), m
@@ -88,7 +85,7 @@ def test_checks_gate_aliases_and_manual_promotion(stack: Stack, stack_env: dict,
     res = farm("run", str(write_spec(tmp_path / "nightly.yaml", spec)), "--ray-address", stack.ray_address,
                "--tracking-uri", stack.mlflow_uri, env=stack_env, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    newest = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'",
+    newest = client.search_runs([client.get_experiment_by_name("gate").experiment_id], "tags.`farm.role` = 'variant'",
                                 order_by=["attributes.start_time DESC"])[0]
     assert newest.data.tags["farm.promoted_run"] == gptq.info.run_id
     assert 0 <= newest.data.metrics["promoted_exact_match"] <= 1

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import tiny_spec, write_spec
-from tests.integration.conftest import Stack
+from tests.integration.conftest import Stack, recorded
 from tests.integration.test_end_to_end import farm
 
 pytestmark = pytest.mark.integration
@@ -37,10 +37,7 @@ def test_mixed_qat_and_adapter_through_a_job(stack: Stack, stack_env: dict, fixt
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     client = MlflowClient(stack.mlflow_uri)
-    exp = client.get_experiment_by_name("methods")
-    base = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'base'")[0]
-    runs = {r.data.tags["farm.method"]: r for r in
-            client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'")}
+    base, runs = recorded(stack, "methods", key="farm.method")
     assert set(runs) == {"mixed", "qat", "nf4"} and "adapter_play_perplexity" in base.data.metrics
     for r in runs.values():
         assert r.info.status == "FINISHED" and "adapter_play_perplexity" in r.data.metrics
