@@ -15,7 +15,7 @@ from farm.methods.precision import Search, predicted_upgrades, quantized_bytes, 
 from farm.stages.evaluate import perplexity
 from farm.stages.modelio import load_model, load_tokenizer, pick_device
 from farm.stages.quantize import QuantizeRequest, QuantizeResult, _dataset, calibrate, save
-from farm.stages.sensitivity import decoder_layers, probe_windows, profile_model
+from farm.stages.sensitivity import decoder_layers, probe_windows, profile_cached
 
 
 def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
@@ -34,7 +34,7 @@ def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
     if not layers:
         raise ValueError("no decoder layers (modules named '...layers.<i>' holding Linear modules) to assign")
     low, high = method.low.grid(), method.high.grid()
-    profile = profile_model(base, windows, low, device)
+    profile = profile_cached(base, req.model_dir, windows, low, device)
     del base
     order = rank_layers(profile.layers, layers, low, high)
     t1 = time.perf_counter()
@@ -73,6 +73,8 @@ def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
     params = sum(layer.params for layer in layers)
     if not search.met:
         notes.append(f"budget {method.budget:g} not met even with every layer at {high.bits} bits")
+    if profile.cached:
+        notes.append("sensitivity profile reused from FARM_CACHE (same checkpoint, grid and probe tokens)")
     notes.append(f"mixed precision: {len(chosen)} of {len(layers)} decoder layers at {high.bits} bits "
                  f"({', '.join(map(str, chosen)) or 'none'}); {len(search.probes)} probe quantizations")
     search_doc = {"order": order, "high_layers": chosen, "budget": method.budget, "met": search.met,

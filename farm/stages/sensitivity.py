@@ -4,13 +4,18 @@ perplexity pass per layer, no checkpoint written, so a 30-layer model is profile
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from farm.calibration import heldout_windows, read_text
 from farm.methods.precision import Grid, Layer
+from farm.sources import cache_root
 from farm.stages.evaluate import perplexity
 from farm.stages.fakequant import round_to_grid
 from farm.stages.modelio import load_model, load_tokenizer, pick_device
@@ -28,12 +33,18 @@ class Profile:
     layers: dict[int, float]
     extra: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    cached: bool = False  # read back from FARM_CACHE instead of measured now
 
     def to_json(self) -> dict[str, Any]:
         return {"grid": {"bits": self.grid.bits, "group_size": self.grid.group_size},
                 "base_perplexity": self.base_perplexity, "tokens": self.tokens,
                 "layers": {str(i): d for i, d in sorted(self.layers.items())}, "extra": self.extra,
                 "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Profile:
+        return cls(Grid(d["grid"]["bits"], d["grid"]["group_size"]), d["base_perplexity"], d["tokens"],
+                   {int(i): float(x) for i, x in d["layers"].items()}, dict(d["extra"]), d["seconds"], cached=True)
 
     def metrics(self) -> dict[str, float]:
         out = {f"sensitivity.layer_{i:03d}": d for i, d in self.layers.items()}
@@ -98,10 +109,28 @@ def probe_windows(source: str, tokenizer: Any, tokens: int, seq_len: int) -> lis
     return heldout_windows(read_text(source), tokenizer, tokens, seq_len)
 
 
+def profile_cached(model: Any, model_dir: str, windows: list[list[int]], grid: Grid, device: str) -> Profile:
+    """`profile_model`, remembered under FARM_CACHE by (checkpoint files, grid, probe tokens): a profile is
+    minutes of perplexity passes on a CPU, and the same base is profiled again by `farm sensitivity`, by a mixed
+    variant with another budget, by a re-run."""
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(model_dir).glob("*.safetensors"))
+    key = hashlib.sha256(json.dumps([str(Path(model_dir).resolve()), files, [grid.bits, grid.group_size],
+                                     windows]).encode()).hexdigest()
+    path = cache_root() / "sensitivity" / f"{key[:32]}.json"
+    if path.exists():
+        return Profile.from_json(json.loads(path.read_text()))
+    prof = profile_model(model, windows, grid, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(prof.to_json()))
+    os.replace(tmp, path)
+    return prof
+
+
 def measure(model_dir: str, source: str, grid: Grid, tokens: int = 4096, seq_len: int = 512,
             trust_remote_code: bool = False) -> Profile:
     """Load a checkpoint and profile it on `source` (the `farm sensitivity` command's stage)."""
     device = pick_device()
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     model = load_model(model_dir, device, trust_remote_code)
-    return profile_model(model, probe_windows(source, tokenizer, tokens, seq_len), grid, device)
+    return profile_cached(model, model_dir, probe_windows(source, tokenizer, tokens, seq_len), grid, device)

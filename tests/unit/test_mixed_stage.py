@@ -15,6 +15,13 @@ from farm.stages.quantize import CalibrationDraw, QuantizeRequest, quantize
 from tests.conftest import tiny_spec, write_spec
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test profiles afresh (profiles are cached under FARM_CACHE)."""
+    monkeypatch.setenv("FARM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 def _request(paths: dict, out: Path, **method: object) -> QuantizeRequest:
     text = paths["shakespeare"] / "calibration.txt"
     return QuantizeRequest(model_dir=str(paths["tiny-llama"]), out_dir=str(out),
@@ -59,11 +66,16 @@ def test_fixed_assignment_writes_two_grids(fixture_paths: dict, tmp_path: Path) 
         quantize(_request(fixture_paths, tmp_path / "bad", high_layers=[7]))
 
 
-def test_search_stops_at_zero_upgrades_when_uniform_meets_budget(fixture_paths: dict, tmp_path: Path) -> None:
+def test_search_stops_at_zero_upgrades_when_uniform_meets_budget(fixture_paths: dict, tmp_path: Path,
+                                                                  own_cache: Path) -> None:
     q = quantize(_request(fixture_paths, tmp_path / "q", algorithm="rtn", budget=1e9))
     search = q.documents["mixed_search.json"]
     assert search["met"] and search["high_layers"] == [] and [p["upgraded"] for p in search["probes"]] == [0]
     assert (tmp_path / "q" / "model.safetensors").exists()
+    assert len(list((own_cache / "sensitivity").glob("*.json"))) == 1 and not any("reused" in n for n in q.notes)
+    again = quantize(_request(fixture_paths, tmp_path / "q2", algorithm="rtn", budget=1e8))  # another budget
+    assert any("profile reused" in n for n in again.notes)
+    assert again.documents["sensitivity.json"] == q.documents["sensitivity.json"]
 
 
 def test_sensitivity_command_records_the_profile(fixture_paths: dict, tmp_path: Path, capsys) -> None:
