@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -11,6 +11,7 @@ from farm.methods.base import MethodConfig, int_weight_group
 
 class AWQConfig(MethodConfig):
     method: Literal["awq"] = "awq"
+    cost_rank: ClassVar[int] = 0
     scheme: Literal["W4A16"] = Field("W4A16", description="weight bits / activation bits")
     group_size: int = Field(128, gt=0, le=8192, description="weights per scale")
     symmetric: bool = Field(False, description="AWQ defaults to an asymmetric grid (zero points)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import abstractmethod
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,6 +55,9 @@ class MethodConfig(BaseModel):
     def distributable(self) -> bool:
         """Whether calibration can be spread over ranks (a DDP gang): llm-compressor's distributed oneshot only."""
         return self.backend_name == "llmcompressor"
+
+    # Start order in a job: lower runs first (a packed job finishes soonest when its slowest variants start early).
+    cost_rank: ClassVar[int] = 9
 
     def stage(self) -> str | None:
         """"module:function" of the quantize stage for this config; None = llm-compressor's oneshot with

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -11,6 +11,7 @@ from farm.methods.base import MethodConfig
 
 class FP8Config(MethodConfig):
     method: Literal["fp8"] = "fp8"
+    cost_rank: ClassVar[int] = 3
     scheme: Literal["FP8_DYNAMIC", "FP8_BLOCK"] = Field("FP8_DYNAMIC", description="compressed-tensors preset")
     engine: Literal["oneshot", "model_free"] = Field(
         "oneshot", description="oneshot builds the model in transformers; model_free quantizes the safetensors "

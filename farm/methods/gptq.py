@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -11,6 +11,7 @@ from farm.methods.base import MethodConfig, int_weight_group
 
 class GPTQConfig(MethodConfig):
     method: Literal["gptq"] = "gptq"
+    cost_rank: ClassVar[int] = 2
     scheme: Literal["W4A16", "W8A16"] = Field("W4A16", description="weight bits / activation bits")
     group_size: int | None = Field(128, gt=0, le=8192, description="weights per scale; null = per output channel")
     symmetric: bool = Field(True, description="symmetric int grid (no zero point)")

@@ -7,7 +7,7 @@ Which layers were kept high depends on the model, so the recipe is built per mod
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,6 +26,7 @@ class GridSpec(BaseModel):
 
 class MixedConfig(MethodConfig):
     method: Literal["mixed"] = "mixed"
+    cost_rank: ClassVar[int] = -2
     low: GridSpec = Field(GridSpec(bits=4, group_size=128), description="grid for most layers")
     high: GridSpec = Field(GridSpec(bits=8, group_size=None), description="grid for the fragile layers")
     algorithm: Literal["gptq", "rtn"] = Field("gptq", description="how weights are rounded (GPTQ reads calibration)")

@@ -7,7 +7,7 @@ at this scheme and a job can compare them at equal size."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -17,6 +17,7 @@ from farm.methods.precision import Grid
 
 class QATConfig(MethodConfig):
     method: Literal["qat"] = "qat"
+    cost_rank: ClassVar[int] = -1
     scheme: Literal["W4A16", "W8A16"] = Field("W4A16", description="weight bits / activation bits")
     group_size: int | None = Field(128, gt=0, le=8192, description="weights per scale; null = per output channel")
     steps: int = Field(100, gt=0, le=1_000_000, description="optimizer steps")

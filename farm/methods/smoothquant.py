@@ -3,7 +3,7 @@ per channel) with dynamic per-token int8 activations."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -12,6 +12,7 @@ from farm.methods.base import MethodConfig
 
 class SmoothQuantConfig(MethodConfig):
     method: Literal["smoothquant"] = "smoothquant"
+    cost_rank: ClassVar[int] = 1
     scheme: Literal["W8A8"] = Field("W8A8", description="int8 weights and activations")
     smoothing_strength: float = Field(0.8, gt=0, lt=1, description="alpha: how much difficulty moves to weights")
     weights: Literal["gptq", "rtn"] = Field("gptq", description="how int8 weights are rounded after smoothing")

@@ -82,15 +82,10 @@ def call_in_env(path: str, runtime_env: dict[str, Any] | None, *args: Any) -> An
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    task = ray.remote(_call).options(num_cpus=0, runtime_env=runtime_env, scheduling_strategy=here, max_retries=0)
+    from farm.stages import call
+
+    task = ray.remote(call).options(num_cpus=0, runtime_env=runtime_env, scheduling_strategy=here, max_retries=0)
     return ray.get(task.remote(path, *args))
-
-
-def _call(path: str, *args: Any) -> Any:
-    import importlib
-
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)(*args)
 
 
 def totals() -> dict[str, float]:

@@ -97,8 +97,6 @@ def registered_name(spec: JobSpec, model_name: str) -> str:
     return f"{spec.tracking.registered_model_prefix}{model_name}"
 
 
-# Longest first: the makespan of a packed job is shortest when slow methods start early.
-COST_RANK = {"mixed": -2, "qat": -1, "awq": 0, "smoothquant": 1, "gptq": 2, "fp8": 3}
 
 
 class Driver:
@@ -313,7 +311,7 @@ class Driver:
         size = resources.pool_size(cluster.totals(), res.num_cpus, res.num_gpus, memory or 0, len(todo) + len(bases))
         tracking = Tracking(self.store.uri, self.spec.tracking.experiment, self.artifact_location,
                             self.spec.tracking.log_model)
-        slowest_first = sorted(todo, key=lambda v: COST_RANK.get(v.method.method, 9))
+        slowest_first = sorted(todo, key=lambda v: v.method.cost_rank)
         queue: deque[BaseEval | Variant] = deque([*bases, *slowest_first])
         idle: dict[str, list[Any]] = {}  # reusable workers by runtime environment ("" = the worker's own)
         pending: dict[Any, tuple[BaseEval | Variant, Any, str]] = {}  # ref -> (item, worker or gang, run_id)

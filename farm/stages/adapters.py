@@ -50,19 +50,21 @@ def merge_into(model_dir: str, adapter_dir: str, out_dir: str, trust_remote_code
 
 
 def evaluate_adapters(model_dir: str, ev: EvaluationSpec, trust_remote_code: bool = False) -> dict[str, float]:
-    """Perplexity of model + each adapter on the adapter's text (a fresh dense copy per adapter)."""
+    """Perplexity of model + each adapter on the adapter's text: one dense load, each adapter attached and then
+    taken off again (PEFT's `unload` restores the plain modules)."""
     from peft import PeftModel
 
     device = pick_device()
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    model = load_dense(model_dir, device, trust_remote_code)
     metrics: dict[str, float] = {}
     for a in ev.adapters:
         windows = _windows(a, ev, tokenizer)
         t0 = time.perf_counter()
-        model = PeftModel.from_pretrained(load_dense(model_dir, device, trust_remote_code), a.source).eval()
-        metrics[f"adapter_{a.name}_perplexity"] = perplexity(model, windows, device)[0]
+        wrapped = PeftModel.from_pretrained(model, a.source).eval()
+        metrics[f"adapter_{a.name}_perplexity"] = perplexity(wrapped, windows, device)[0]
         metrics[f"seconds_check_adapter_{a.name}"] = time.perf_counter() - t0
-        del model
+        model = wrapped.unload()
     return metrics
 
 

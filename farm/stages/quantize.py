@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 from farm.calibration import diversity, draw
 from farm.methods import MethodConfig
+from farm.stages import call
 from farm.stages.compat import cpu_safe_pinning
 from farm.stages.modelio import load_model, load_shared_model, load_tokenizer, pick_device
 
@@ -124,8 +124,7 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
     """The method's own stage if it names one (model_free, mixed, QAT, NF4, GPTQModel), else oneshot."""
     path = req.method.stage()
     if path:
-        module, _, name = path.partition(":")
-        result: QuantizeResult = getattr(importlib.import_module(module), name)(req)
+        result: QuantizeResult = call(path, req)
         return result
     device = pick_device()
     t0 = time.perf_counter()
