@@ -16,6 +16,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
@@ -26,13 +27,24 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-def file_table(directory: str | Path) -> dict[str, dict[str, Any]]:
+def file_table(directory: str | Path, workers: int = 8) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file, hashed on `workers` threads (hashlib and reads release the GIL, so a
+    checkpoint saved in several shards hashes at several times one core's speed)."""
     root = Path(directory)
-    return {
-        str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
+    files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files)))) as pool:
+        shas = list(pool.map(file_sha256, files))
+    return {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha}
+            for p, sha in zip(files, shas, strict=True)}
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """Hard-link where the artifact root shares the scratch directory's filesystem (a checkpoint of many GB is
+    published without copying a byte), copy otherwise."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 # Errors that retrying cannot fix: missing files, refused credentials, programming errors.
@@ -116,7 +128,7 @@ class ArtifactStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         try:
-            shutil.copytree(local_dir, staging, dirs_exist_ok=True)
+            shutil.copytree(local_dir, staging, dirs_exist_ok=True, copy_function=link_or_copy)
             (staging / MANIFEST).write_text(body)
             if final.exists():
                 old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")

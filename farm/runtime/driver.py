@@ -449,7 +449,8 @@ class Driver:
     def _finish_variant(self, v: Variant, run_id: str, result: dict[str, Any], base: float | None,
                         outcome: JobOutcome) -> None:
         e, q, manifest = result["evaluation"], result["quantize"], result["manifest"]
-        timings = ("seconds_total", "seconds_manifest", "seconds_publish", "seconds_mlflow_upload")
+        timings = ("seconds_total", "seconds_manifest", "seconds_publish", "seconds_mlflow_upload",
+                   "seconds_artifact_wait")
         metrics = {**_eval_metrics(e), **{k: result[k] for k in timings}, "seconds_quantize_load": q["seconds_load"],
                    "seconds_oneshot": q["seconds_oneshot"], "seconds_save": q["seconds_save"]}
         if base is not None:

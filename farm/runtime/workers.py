@@ -13,6 +13,8 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from typing import Any
@@ -98,7 +100,7 @@ def tune(v: Variant, model: sources.ResolvedModel, frugal: bool = False, world: 
     return choose(pick_device(), gpu_budget_bytes(v.resources.num_gpus), -(-v.calibration.num_samples // world),
                   v.calibration.max_seq_length, int(cfg.get("hidden_size") or 0),
                   int(cfg.get("intermediate_size") or 0), int(cfg.get("num_attention_heads") or 32), frugal,
-                  weights_bytes=0 if world > 1 else loaded_bytes)
+                  weights_bytes=loaded_bytes)  # DDP ranks replicate a model that fits, share one that does not
 
 
 def is_device_oom(err: BaseException) -> bool:
@@ -212,13 +214,21 @@ class Worker:
                 q = QuantizeResult(**cluster.call_in_env(lib.stage, BACKENDS[lib.quantize_in].runtime_env(), request))
             else:
                 q = self._quantize_with_retry(v, model, request, tuned)
-            request_eval = _eval_request(out, task.evaluation, v.model.trust_remote_code)
-            loaded = load(request_eval)  # once for the checks and the evaluation; checks first (cold latency)
-            checks = asdict(run_checks(out, task.evaluation, model.local_dir, v.model.trust_remote_code,
-                                       (loaded.model, loaded.tokenizer))) if enabled(task.evaluation) else None
-            e = evaluate(request_eval, loaded)
-            del loaded
-            t_manifest = time.perf_counter()
+            # The checkpoint is final: hash it and upload it to MLflow while the GPU evaluates it.
+            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="farm-artifact") as background:
+                files = background.submit(_timed, file_table, out)
+                upload = background.submit(_timed, mlflow.upload_dir, task.run_id, out, "model") \
+                    if tr.log_model else None
+                request_eval = _eval_request(out, task.evaluation, v.model.trust_remote_code)
+                loaded = load(request_eval)  # once for the checks and the evaluation; checks first (cold latency)
+                checks = asdict(run_checks(out, task.evaluation, model.local_dir, v.model.trust_remote_code,
+                                           (loaded.model, loaded.tokenizer))) if enabled(task.evaluation) else None
+                e = evaluate(request_eval, loaded)
+                del loaded
+                t_wait = time.perf_counter()
+                table, seconds_hash = files.result()
+                model_uri, seconds_upload = upload.result() if upload else (None, 0.0)
+                t_manifest = time.perf_counter()
             manifest = {
                 "variant_id": v.id,
                 "job": task.job_name,
@@ -232,15 +242,11 @@ class Worker:
                                 "hash": cal.hash if v.method.requires_calibration else "data-free"},
                 "versions": library_versions(),
                 "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                "files": file_table(out),
+                "files": table,
             }
-            t1 = time.perf_counter()
             store = ArtifactStore(task.artifact_root)
             artifact_uri = store.publish(out, store.key(*v.artifact_key), manifest)
-            t2 = time.perf_counter()
-            model_uri = None
-            if tr.log_model:
-                model_uri = mlflow.upload_dir(task.run_id, out, "model")
+            t_end = time.perf_counter()
             return {
                 "quantize": {k: val for k, val in asdict(q).items() if k != "recipe"},
                 "evaluation": asdict(e),
@@ -248,10 +254,11 @@ class Worker:
                 "manifest": manifest,
                 "artifact_uri": artifact_uri,
                 "model_uri": model_uri,
-                "seconds_manifest": t1 - t_manifest,
-                "seconds_publish": t2 - t1,
-                "seconds_mlflow_upload": time.perf_counter() - t2,
-                "seconds_total": time.perf_counter() - t0,
+                "seconds_manifest": seconds_hash,  # in the background, during evaluation
+                "seconds_mlflow_upload": seconds_upload,  # likewise
+                "seconds_artifact_wait": t_manifest - t_wait,  # what hashing and uploading added after evaluation
+                "seconds_publish": t_end - t_manifest,
+                "seconds_total": t_end - t0,
                 "ddp": {"world": world, "rank0": me} if rank else None,
             }
         finally:
@@ -283,6 +290,11 @@ class Worker:
     def rendezvous(self) -> tuple[str, int]:
         """(this node's address as other nodes see it, a free port) for rank 0 of a data-parallel variant."""
         return node_address(), ddp.free_port()
+
+
+def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
 
 
 def node_address() -> str:

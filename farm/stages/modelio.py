@@ -35,8 +35,12 @@ def load_model(path: str | Path, device: str, trust_remote_code: bool = False) -
 
 
 def load_shared_model(path: str | Path, device: str, trust_remote_code: bool = False) -> Any:
-    """For distributed calibration: rank 0 reads the checkpoint into host memory and the other ranks share it
-    through compressed-tensors' offloading (instead of N copies); llm-compressor onloads layer by layer."""
+    """For distributed calibration of a model too large for one GPU (or on CPUs): rank 0 reads the checkpoint
+    into host memory and the other ranks share it through compressed-tensors' offloading (instead of N copies);
+    llm-compressor onloads layer by layer. A model that fits a GPU is instead replicated, one copy per rank's
+    GPU (`load_model`): compressed-tensors' device cache broadcasts rank 0's tensors at dispatch and the
+    compressed ones at save, which avoids the host round trips (measured 8B on 4 H100s: load 21 s, save 19 s
+    shared)."""
     import torch
     from compressed_tensors.offload import load_offloaded_model
     from transformers import AutoModelForCausalLM

@@ -11,6 +11,7 @@ from farm.calibration import diversity, draw
 from farm.methods import MethodConfig
 from farm.stages import call
 from farm.stages.compat import cpu_safe_pinning
+from farm.stages.hessian import tensor_core_hessians
 from farm.stages.modelio import load_model, load_shared_model, load_tokenizer, pick_device
 
 
@@ -104,17 +105,20 @@ def calibrate(req: QuantizeRequest, model: Any, tokenizer: Any, recipe: list[Any
         }
         if req.offload_device:
             kwargs["sequential_offload_device"] = req.offload_device
-    with cpu_safe_pinning() as guard:
+    with cpu_safe_pinning() as guard, tensor_core_hessians():
         oneshot(model=model, recipe=recipe, tokenizer=tokenizer, **kwargs)
     if guard.skipped:
         notes.append(f"no accelerator: skipped {guard.skipped} llm-compressor activation pin(s) (stages/compat.py)")
     return notes
 
 
+SHARD = "1GB"  # several shards hash, upload and load in parallel (llm-compressor's default is one 20 GB file)
+
+
 def save(model: Any, tokenizer: Any, out_dir: str | Path) -> str:
     """Write the compressed checkpoint (collective when distributed: every rank calls it); returns the recipe."""
     out = Path(out_dir)
-    model.save_pretrained(out, save_compressed=True)
+    model.save_pretrained(out, save_compressed=True, max_shard_size=SHARD)
     tokenizer.save_pretrained(out)
     recipe_file = out / "recipe.yaml"
     return recipe_file.read_text() if recipe_file.exists() else ""
@@ -129,8 +133,10 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
     device = pick_device()
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
-    if req.world > 1:
+    if req.world > 1 and (device == "cpu" or req.load_device == "cpu"):
         model = load_shared_model(req.model_dir, device, req.trust_remote_code)
+    elif req.world > 1:  # replicated: each rank reads the checkpoint straight onto its own GPU
+        model = load_model(req.model_dir, f"cuda:{req.rank}", req.trust_remote_code)
     else:
         model = load_model(req.model_dir, req.load_device or device, req.trust_remote_code)
     t1 = time.perf_counter()

@@ -1,0 +1,66 @@
+"""GPTQ Hessians from half-precision activations on tensor cores, exactly as llm-compressor defines them.
+
+llm-compressor accumulates `H += 2 X^T X` after casting the bf16/fp16 activations to fp32, so every
+calibration batch is a plain fp32 GEMM (no tensor cores: torch keeps TF32 off). For an 8B Llama at 128 x 2048
+tokens that is ~5 PFLOP, most of a GPTQ run on an H100. The product of two bf16 (or fp16) numbers is exact in
+fp32, so a half-precision GEMM that accumulates and returns fp32 (`torch.mm(..., out_dtype=torch.float32)`, a
+cuBLAS tensor-core GEMM) computes the same sums with fp32 accumulation like the fp32 GEMM; only the order of the
+fp32 additions differs. Scaling by 2 afterwards is exact, where upstream rounds sqrt(2)*x first. The Hessians agree
+to fp32 rounding (tests/unit/test_hessian.py on CPU, tests/gpu on CUDA), so GPTQ's output and recipe are
+unchanged; only where the time goes is.
+
+Scoped like stages/compat.py: `tensor_core_hessians()` swaps the function GPTQModifier's hook calls for the
+duration of one oneshot and restores it; anything it does not cover (fp32 activations, CPU tensors, Conv
+layers) goes to llm-compressor's own function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+
+def gram_fp32(x: Any) -> Any:
+    """x^T x in fp32 from a [tokens, features] half-precision matrix: fp32 accumulation of exact products."""
+    import torch
+
+    if x.is_cuda:
+        return torch.mm(x.t(), x, out_dtype=torch.float32)
+    return x.t().float() @ x.float()  # no half-in/fp32-out GEMM on CPU; same sums
+
+
+def covers(inp: Any, module: Any, hessian: Any) -> bool:
+    """The cases the tensor-core path handles; everything else keeps llm-compressor's function."""
+    import torch
+
+    return (isinstance(module, torch.nn.Linear) and inp.dtype in (torch.bfloat16, torch.float16)
+            and hessian.dtype == torch.float32 and hessian.is_cuda and inp.dim() >= 2)
+
+
+def accumulate(inp: Any, hessian: Any, num_samples: Any, gram: Callable[[Any], Any] = gram_fp32) -> tuple[Any, Any]:
+    """llm-compressor's `accumulate_hessian` for Linear inputs: unnormalised `H += 2 X^T X`, samples counted as it
+    counts them (the leading dimension of a 3-D input, 1 for a 2-D one)."""
+    inp = inp.to(device=hessian.device)
+    num_samples += 1 if inp.dim() == 2 else inp.shape[0]
+    hessian.add_(gram(inp.reshape(-1, inp.shape[-1])), alpha=2.0)
+    return hessian, num_samples
+
+
+@contextlib.contextmanager
+def tensor_core_hessians() -> Iterator[None]:
+    """Within the block, GPTQModifier accumulates half-precision Linear inputs with `accumulate`."""
+    from llmcompressor.modifiers.gptq import base
+
+    original = base.accumulate_hessian
+
+    def accumulate_hessian(inp: Any, module: Any, hessian: Any, num_samples: Any) -> tuple[Any, Any]:
+        if covers(inp, module, hessian):
+            return accumulate(inp, hessian, num_samples)
+        return original(inp, module, hessian, num_samples)
+
+    base.accumulate_hessian = accumulate_hessian  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        base.accumulate_hessian = original
