@@ -4,6 +4,7 @@ Workloads (comma-separated in --workloads):
   bare    load + GPTQ W4A16 oneshot + save with llm-compressor's defaults, in a fresh process
   farm    the same variant through `farm run` (embedded Ray, MLflow sqlite, artifact publish, evaluation)
   pack4   four different models x GPTQ through farm with num_gpus=0.25 (packed on one GPU), against 4x bare
+  queue4  the same four models with num_gpus=1 on one GPU (one worker, one after another), against 4x bare
   ddp4    the `farm` variant with resources.ranks=4 (data-parallel calibration over 4 GPUs), against `farm`
   spread4 four different models x GPTQ through farm with num_gpus=1 (one GPU each), against 4x `farm`
 Random-init Llama shapes (bf16 safetensors) are built once under --work. Prints a table and writes JSON.
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -73,8 +75,12 @@ t3 = time.perf_counter()
 model.save_pretrained(out, save_compressed=True)
 t4 = time.perf_counter()
 peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
+del model
+tok.save_pretrained(out)
+from farm.stages.evaluate import EvaluateRequest, evaluate  # scored as farm scores its variants (same tokens)
+ppl = evaluate(EvaluateRequest(out, text, 2048, 512, "Hello", 8)).perplexity
 print("BARE " + json.dumps({"load": t2 - t1, "oneshot": t3 - t2, "save": t4 - t3, "total": t4 - t1,
-                            "peak_gib": peak}))
+                            "peak_gib": peak, "perplexity": ppl}))
 """
 
 
@@ -115,7 +121,8 @@ def run_farm(models: list[Path], text: Path, n: int, seq: int, num_gpus: float, 
     runs = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'")
     per = [{k: r.data.metrics.get(k) for k in ("seconds_quantize_load", "seconds_oneshot", "seconds_save",
                                                 "seconds_total", "seconds_eval_load", "seconds_perplexity",
-                                                "seconds_generate", "perplexity")}
+                                                "seconds_generate", "perplexity", "seconds_manifest",
+                                                "seconds_mlflow_upload", "seconds_artifact_wait", "seconds_publish")}
            | {"notes": r.data.tags.get("farm.notes"), "model": r.data.tags.get("farm.model")}
            for r in runs]
     return {"wall": wall, "variants": per, "stdout_tail": res.stdout[-1500:]}
@@ -123,6 +130,16 @@ def run_farm(models: list[Path], text: Path, n: int, seq: int, num_gpus: float, 
 
 def quantize_seconds(v: dict) -> float:
     return v["seconds_quantize_load"] + v["seconds_oneshot"] + v["seconds_save"]
+
+
+def overhead(v: dict) -> dict:
+    """farm's own time inside the worker: everything but quantizing and evaluating (model resolution, tuning,
+    waiting for the artifact hash/upload after evaluation, publishing), absolute and as a share of the variant."""
+    evaluation = sum(v.get(k) or 0 for k in ("seconds_eval_load", "seconds_perplexity", "seconds_generate"))
+    rest = v["seconds_total"] - quantize_seconds(v) - evaluation
+    return {"seconds": rest, "share": rest / v["seconds_total"], "artifact_wait": v.get("seconds_artifact_wait"),
+            "publish": v.get("seconds_publish"), "hash_in_background": v.get("seconds_manifest"),
+            "upload_in_background": v.get("seconds_mlflow_upload")}
 
 
 def single_row(label: str, run: dict) -> list:
@@ -169,50 +186,58 @@ def main() -> None:
     m0 = build_model(args.shape, 0, args.tokenizer, args.work)
     results["build_s"] = time.perf_counter() - t
     rows = []
+
+    def record(key: str, value: Any) -> Any:
+        results[key] = value
+        print(f"{key}: {json.dumps(value)}", flush=True)
+        if args.json:  # after every workload, so a run cut short still leaves what it measured
+            args.json.write_text(json.dumps(results, indent=2))
+        return value
+
     if "bare" in wl:
-        b = results["bare"] = run_bare(m0, args.text, args.samples, args.seq, args.work)
-        print("bare:", json.dumps(b), flush=True)
+        b = record("bare", run_bare(m0, args.text, args.samples, args.seq, args.work))
         rows.append(["bare llm-compressor", 1, f"{b['load']:.1f}", f"{b['oneshot']:.1f}", f"{b['save']:.1f}",
                      f"{b['total']:.1f}", f"{b['peak_gib']:.1f}"])
     if "farm" in wl:
-        f = results["farm"] = run_farm([m0], args.text, args.samples, args.seq, whole, args.work, "farm1")
-        print("farm:", json.dumps(f["variants"][0]), f"wall {f['wall']:.1f}", flush=True)
+        f = record("farm", run_farm([m0], args.text, args.samples, args.seq, whole, args.work, "farm1"))
+        record("farm_overhead", overhead(f["variants"][0]))
         rows.append(single_row("farm (1 variant)", f))
+        if "bare" in results:
+            record("farm_vs_bare_quantize", quantize_seconds(f["variants"][0]) / results["bare"]["total"])
 
     def four_models() -> list[Path]:
         return [m0] + [build_model(args.shape, s, args.tokenizer, args.work) for s in (1, 2, 3)]
 
-    if "pack4" in wl:
-        p = results["pack4"] = run_farm(four_models(), args.text, args.samples, args.seq, quarter, args.work, "pack4")
-        rows.append(multi_row("farm 4 models, 0.25 GPU each", p)[0])
-        if "bare" in results:
-            results["pack4_vs_serial_bare"] = 4 * results["bare"]["total"] / p["wall"]
+    for name, gpus, label in (("pack4", quarter, "farm 4 models, 0.25 GPU each"),
+                              ("queue4", whole, "farm 4 models, 1 GPU each, one GPU")):
+        if name in wl:
+            p = record(name, run_farm(four_models(), args.text, args.samples, args.seq, gpus, args.work, name))
+            rows.append(multi_row(label, p)[0])
+            if "bare" in results:
+                record(f"{name}_vs_serial_bare", 4 * results["bare"]["total"] / p["wall"])
     if "ddp4" in wl:
-        d = results["ddp4"] = run_farm([m0], args.text, args.samples, args.seq, whole, args.work, "ddp4", ranks=4)
+        d = record("ddp4", run_farm([m0], args.text, args.samples, args.seq, whole, args.work, "ddp4", ranks=4))
         rows.append(single_row("farm, 1 variant over 4 GPUs (ranks 4)", d))
         if "farm" in results:
             f1, v = results["farm"]["variants"][0], d["variants"][0]
-            results["ddp4_speedup_quantize"] = quantize_seconds(f1) / quantize_seconds(v)
-            results["ddp4_ppl"] = [f1["perplexity"], v["perplexity"]]
+            record("ddp4_speedup_quantize", quantize_seconds(f1) / quantize_seconds(v))
+            record("ddp4_ppl", [f1["perplexity"], v["perplexity"]])
     if "spread4" in wl:
-        p = results["spread4"] = run_farm(four_models(), args.text, args.samples, args.seq, whole, args.work, "spread4")
+        p = record("spread4", run_farm(four_models(), args.text, args.samples, args.seq, whole, args.work, "spread4"))
         row, slowest = multi_row("farm 4 models, 1 GPU each", p)
         rows.append(row)
         if "farm" in results:
-            results["spread4_throughput_vs_one_gpu"] = 4 * results["farm"]["wall"] / p["wall"]
-            results["spread4_throughput_vs_one_gpu_in_worker"] = 4 * results["farm"]["variants"][0][
-                "seconds_total"] / slowest
+            record("spread4_throughput_vs_one_gpu", 4 * results["farm"]["wall"] / p["wall"])
+            record("spread4_throughput_vs_one_gpu_in_worker",
+                   4 * results["farm"]["variants"][0]["seconds_total"] / slowest)
     from farm.report import table
 
     print(table(["workload", "variants", "load s", "oneshot s", "save s", "total s", "peak GiB / notes"], rows))
-    for key in ("ddp4_speedup_quantize", "ddp4_ppl", "spread4_throughput_vs_one_gpu",
+    for key in ("farm_vs_bare_quantize", "farm_overhead", "pack4_vs_serial_bare",
+                "queue4_vs_serial_bare", "ddp4_speedup_quantize", "ddp4_ppl", "spread4_throughput_vs_one_gpu",
                 "spread4_throughput_vs_one_gpu_in_worker"):
         if key in results:
             print(f"{key}: {results[key]}")
-    if "pack4_vs_serial_bare" in results:
-        print(f"pack4 throughput vs 4 x bare serial: {results['pack4_vs_serial_bare']:.2f}x")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
