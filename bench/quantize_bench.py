@@ -199,7 +199,7 @@ def main() -> None:
         rows.append(["bare llm-compressor", 1, f"{b['load']:.1f}", f"{b['oneshot']:.1f}", f"{b['save']:.1f}",
                      f"{b['total']:.1f}", f"{b['peak_gib']:.1f}"])
     if "farm" in wl:
-        f = record("farm", run_farm([m0], args.text, args.samples, args.seq, whole, args.work, "farm1"))
+        f = record("farm", run_farm([m0], args.text, args.samples, args.seq, whole, args.work, f"farm1-{args.shape}"))
         record("farm_overhead", overhead(f["variants"][0]))
         rows.append(single_row("farm (1 variant)", f))
         if "bare" in results:
@@ -211,19 +211,22 @@ def main() -> None:
     for name, gpus, label in (("pack4", quarter, "farm 4 models, 0.25 GPU each"),
                               ("queue4", whole, "farm 4 models, 1 GPU each, one GPU")):
         if name in wl:
-            p = record(name, run_farm(four_models(), args.text, args.samples, args.seq, gpus, args.work, name))
+            p = record(name, run_farm(four_models(), args.text, args.samples, args.seq, gpus, args.work,
+                                      f"{name}-{args.shape}"))
             rows.append(multi_row(label, p)[0])
             if "bare" in results:
                 record(f"{name}_vs_serial_bare", 4 * results["bare"]["total"] / p["wall"])
     if "ddp4" in wl:
-        d = record("ddp4", run_farm([m0], args.text, args.samples, args.seq, whole, args.work, "ddp4", ranks=4))
+        d = record("ddp4", run_farm([m0], args.text, args.samples, args.seq, whole, args.work, f"ddp4-{args.shape}",
+                                    ranks=4))
         rows.append(single_row("farm, 1 variant over 4 GPUs (ranks 4)", d))
         if "farm" in results:
             f1, v = results["farm"]["variants"][0], d["variants"][0]
             record("ddp4_speedup_quantize", quantize_seconds(f1) / quantize_seconds(v))
             record("ddp4_ppl", [f1["perplexity"], v["perplexity"]])
     if "spread4" in wl:
-        p = record("spread4", run_farm(four_models(), args.text, args.samples, args.seq, whole, args.work, "spread4"))
+        p = record("spread4", run_farm(four_models(), args.text, args.samples, args.seq, whole, args.work,
+                                       f"spread4-{args.shape}"))
         row, slowest = multi_row("farm 4 models, 1 GPU each", p)
         rows.append(row)
         if "farm" in results:

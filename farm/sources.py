@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,9 +76,11 @@ def cached_file_sha256(path: Path) -> str:
 def content_identity(directory: Path, allow_pickle: bool = False) -> str:
     """sha256 over (file name, file sha256) of every weight shard and the config."""
     files = weight_files(directory, allow_pickle) + [directory / n for n in HASHED if (directory / n).exists()]
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(files)))) as pool:  # shards hash in parallel
+        shas = list(pool.map(cached_file_sha256, files))
     h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.name}\0{cached_file_sha256(f)}\n".encode())
+    for f, sha in zip(files, shas, strict=True):
+        h.update(f"{f.name}\0{sha}\n".encode())
     return "sha256:" + h.hexdigest()
 
 

@@ -15,6 +15,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,8 +72,10 @@ class JobOutcome:
 
 def preflight(spec: JobSpec) -> Plan:
     """Resolve every input and plan; raises SpecError/SourceError before anything is created."""
-    resolved = {m.display_name(): sources.resolve(m.source, m.revision, allow_pickle=m.allow_pickle)
-                for m in spec.models}
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(spec.models)))) as pool:  # hashing is I/O and hashlib
+        futures = {m.display_name(): pool.submit(sources.resolve, m.source, m.revision, allow_pickle=m.allow_pickle)
+                   for m in spec.models}
+        resolved = {name: f.result() for name, f in futures.items()}
     merged = {m.display_name(): sources.adapter_identity(m.merge_adapter) for m in spec.models if m.merge_adapter}
     infos = {n: ModelInfo(merged_identity(r.identity, merged[n]) if n in merged else r.identity, r.config,
                           r.weights_bytes) for n, r in resolved.items()}

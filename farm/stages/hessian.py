@@ -1,13 +1,15 @@
-"""GPTQ Hessians from half-precision activations on tensor cores, exactly as llm-compressor defines them.
+"""GPTQ Hessians from half-precision activations on tensor cores instead of fp32 GEMMs.
 
 llm-compressor accumulates `H += 2 X^T X` after casting the bf16/fp16 activations to fp32, so every
 calibration batch is a plain fp32 GEMM (no tensor cores: torch keeps TF32 off). For an 8B Llama at 128 x 2048
 tokens that is ~5 PFLOP, most of a GPTQ run on an H100. The product of two bf16 (or fp16) numbers is exact in
 fp32, so a half-precision GEMM that accumulates and returns fp32 (`torch.mm(..., out_dtype=torch.float32)`, a
-cuBLAS tensor-core GEMM) computes the same sums with fp32 accumulation like the fp32 GEMM; only the order of the
-fp32 additions differs. Scaling by 2 afterwards is exact, where upstream rounds sqrt(2)*x first. The Hessians agree
-to fp32 rounding (tests/unit/test_hessian.py on CPU, tests/gpu on CUDA), so GPTQ's output and recipe are
-unchanged; only where the time goes is.
+cuBLAS tensor-core GEMM) sums the same exact products; no TF32-style rounding of the inputs. What differs is
+the summation: Hopper's tensor cores accumulate with a little less precision than an fp32 FMA chain (measured
+5e-5 of the largest entry on 16k tokens against float64, tests/gpu/test_gpu_hessian.py), 200x below the 1e-2
+dampening GPTQ adds to the diagonal. GPTQ's objective (its summed layer losses) stays within the noise of
+llm-compressor's own batch-order changes, and the format and recipe are unchanged; 8B GPTQ's oneshot on one
+H100 drops from 202 s to 56 s with farm's tuning (docs/BENCHMARKS.md).
 
 Scoped like stages/compat.py: `tensor_core_hessians()` swaps the function GPTQModifier's hook calls for the
 duration of one oneshot and restores it; anything it does not cover (fp32 activations, CPU tensors, Conv

@@ -1,5 +1,5 @@
-"""On CUDA: the tensor-core Hessian equals llm-compressor's fp32 one to fp32 rounding, is faster, and GPTQ's
-output with it is what GPTQ gives without it. Skipped without CUDA; results in docs/BENCHMARKS.md."""
+"""On CUDA: the tensor-core Hessian is as close to a float64 one as fp32 accumulation allows, is faster, and
+GPTQ's objective with it matches llm-compressor's own. Skipped without CUDA; results in docs/BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ def _timed(fn, repeat: int = 3) -> float:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("features", [4096, 14336])
-def test_tensor_core_hessian_matches_fp32(features: int) -> None:
+def test_tensor_core_hessian_against_float64(features: int) -> None:
+    """Both Hessians against a float64 one: the tensor-core sum is as close as Hopper's fp32 accumulation allows
+    (measured 5e-5 of the largest entry on 16k tokens), far inside the 1e-2 dampening GPTQ adds to it."""
     from llmcompressor.modifiers.gptq.helpers import accumulate_hessian as upstream
 
     from farm.stages.hessian import accumulate, covers
@@ -36,51 +38,79 @@ def test_tensor_core_hessian_matches_fp32(features: int) -> None:
     assert covers(x, linear, ours)
     accumulate(x, ours, torch.zeros((), device="cuda"))
     upstream(x, linear, ref, torch.zeros((), device="cuda"))
-    rel = ((ours - ref).abs().max() / ref.abs().max()).item()
+    flat = x.reshape(-1, features).double()
+    exact = 2 * flat.t() @ flat
+    scale = exact.abs().max()
+    err_ours = ((ours.double() - exact).abs().max() / scale).item()
+    err_ref = ((ref.double() - exact).abs().max() / scale).item()
     fast = _timed(lambda: accumulate(x, ours, torch.zeros((), device="cuda")))
     slow = _timed(lambda: upstream(x, linear, ref, torch.zeros((), device="cuda")))
     print(f"GPU Hessian {features}^2 from 16384 tokens: fp32 GEMM {slow * 1e3:.1f} ms, tensor cores "
-          f"{fast * 1e3:.1f} ms ({slow / fast:.1f}x), max relative difference {rel:.1e}")
-    assert rel < 1e-5
+          f"{fast * 1e3:.1f} ms ({slow / fast:.1f}x); max error vs float64: fp32 GEMM {err_ref:.1e}, "
+          f"tensor cores {err_ours:.1e}")
+    assert err_ours < 2e-4
 
 
-def test_gptq_output_unchanged(small_llama: Path, tmp_path: Path) -> None:  # noqa: F811
-    """The same windows through llm-compressor's oneshot with and without the tensor-core Hessian."""
+def _gptq(model_dir: Path, ds, batch: int, out: Path, tensor_cores: bool) -> float:  # type: ignore[no-untyped-def]
+    """One oneshot; returns the sum of GPTQ's own per-module losses (read from its quantize_weight)."""
+    import contextlib
+
     from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import base
+
+    from farm.methods import build_method
+    from farm.stages.hessian import tensor_core_hessians
+    from farm.stages.modelio import load_model
+
+    losses: list[float] = []
+    original = base.quantize_weight
+
+    def observed(*args, **kwargs):  # type: ignore[no-untyped-def]
+        q, loss, fallback = original(*args, **kwargs)
+        losses.extend(loss.tolist())
+        return q, loss, fallback
+
+    model = load_model(model_dir, "cuda")
+    base.quantize_weight = observed
+    try:
+        with tensor_core_hessians() if tensor_cores else contextlib.nullcontext():
+            oneshot(model=model, dataset=ds, recipe=build_method({"method": "gptq", "group_size": 128}).modifiers(),
+                    num_calibration_samples=len(ds), max_seq_length=512, shuffle_calibration_samples=False,
+                    batch_size=batch)
+    finally:
+        base.quantize_weight = original
+    model.save_pretrained(out, save_compressed=True)
+    return sum(losses)
+
+
+def test_gptq_quality_unchanged(small_llama: Path, tmp_path: Path) -> None:  # noqa: F811
+    """GPTQ with the tensor-core Hessian against llm-compressor's, on the same windows. Bit equality is the wrong
+    yardstick: GPTQ's error feedback turns any change in fp32 summation order into different rounding choices
+    (llm-compressor itself at batch 4 vs 8 is the noise floor printed beside it). What must hold is GPTQ's own
+    objective: the summed layer losses agree within that noise."""
+    from datasets import Dataset
     from safetensors.torch import load_file
 
     from farm.calibration import read_text, sample_windows
-    from farm.methods import build_method
-    from farm.stages.hessian import tensor_core_hessians
-    from farm.stages.modelio import load_model, load_tokenizer
+    from farm.stages.modelio import load_tokenizer
 
     tok = load_tokenizer(small_llama)
     windows = sample_windows(read_text(str(TEXT)), tok, 32, 512, 0)
-    from datasets import Dataset
-
     ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
-    method = build_method({"method": "gptq", "group_size": 128})
-    outs = {}
-    for name, ctx in [("upstream", None), ("tensor_cores", tensor_core_hessians)]:
-        model = load_model(small_llama, "cuda")
-        t0 = time.perf_counter()
-        if ctx is None:
-            oneshot(model=model, dataset=ds, recipe=method.modifiers(), num_calibration_samples=32,
-                    max_seq_length=512, shuffle_calibration_samples=False, batch_size=8)
-        else:
-            with ctx():
-                oneshot(model=model, dataset=ds, recipe=method.modifiers(), num_calibration_samples=32,
-                        max_seq_length=512, shuffle_calibration_samples=False, batch_size=8)
-        print(f"GPU GPTQ oneshot ({name}): {time.perf_counter() - t0:.1f} s")
-        model.save_pretrained(tmp_path / name, save_compressed=True)
-        outs[name] = load_file(str(next((tmp_path / name).glob("*.safetensors"))))
-    a, b = outs["upstream"], outs["tensor_cores"]
-    assert a.keys() == b.keys()
-    packed = [k for k in a if k.endswith("weight_packed")]
-    same = sum(int(torch.equal(a[k], b[k])) for k in packed)
-    int_equal = sum((a[k] == b[k]).float().mean().item() for k in packed) / len(packed)
-    scales = max(((a[k].float() - b[k].float()).abs().max() / a[k].float().abs().max()).item()
-                 for k in a if k.endswith("weight_scale"))
-    print(f"GPU GPTQ with tensor-core Hessians: {same}/{len(packed)} packed tensors identical, "
-          f"{int_equal:.5f} of packed words equal, max relative scale difference {scales:.1e}")
-    assert int_equal > 0.99 and scales < 1e-2
+    runs = {"upstream b8": (8, False), "upstream b4": (4, False), "tensor cores b8": (8, True)}
+    loss, packed = {}, {}
+    for name, (batch, tc) in runs.items():
+        out = tmp_path / name.replace(" ", "-")
+        loss[name] = _gptq(small_llama, ds, batch, out, tc)
+        tensors = load_file(str(next(out.glob("*.safetensors"))))
+        packed[name] = {k: v for k, v in tensors.items() if k.endswith("weight_packed")}
+
+    def same_words(a: str, b: str) -> float:
+        return sum((packed[a][k] == packed[b][k]).float().mean().item() for k in packed[a]) / len(packed[a])
+
+    noise = abs(loss["upstream b4"] - loss["upstream b8"]) / loss["upstream b8"]
+    ours = abs(loss["tensor cores b8"] - loss["upstream b8"]) / loss["upstream b8"]
+    print(f"GPU GPTQ summed loss: {', '.join(f'{k} {v:.4f}' for k, v in loss.items())}; relative difference "
+          f"tensor cores {ours:.1e}, reorder noise {noise:.1e}; packed words equal: tensor cores "
+          f"{same_words('upstream b8', 'tensor cores b8'):.3f}, reorder {same_words('upstream b8', 'upstream b4'):.3f}")
+    assert ours <= max(3 * noise, 1e-3)
