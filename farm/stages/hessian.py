@@ -40,12 +40,19 @@ def covers(inp: Any, module: Any, hessian: Any) -> bool:
             and hessian.dtype == torch.float32 and hessian.is_cuda and inp.dim() >= 2)
 
 
-def accumulate(inp: Any, hessian: Any, num_samples: Any, gram: Callable[[Any], Any] = gram_fp32) -> tuple[Any, Any]:
+CHUNK_TOKENS = 0  # > 0: sum the tokens in chunks of this many, each chunk's product added to H in fp32
+
+
+def accumulate(inp: Any, hessian: Any, num_samples: Any, gram: Callable[[Any], Any] = gram_fp32,
+               chunk: int | None = None) -> tuple[Any, Any]:
     """llm-compressor's `accumulate_hessian` for Linear inputs: unnormalised `H += 2 X^T X`, samples counted as it
     counts them (the leading dimension of a 3-D input, 1 for a 2-D one)."""
     inp = inp.to(device=hessian.device)
     num_samples += 1 if inp.dim() == 2 else inp.shape[0]
-    hessian.add_(gram(inp.reshape(-1, inp.shape[-1])), alpha=2.0)
+    x = inp.reshape(-1, inp.shape[-1])
+    step = (chunk if chunk is not None else CHUNK_TOKENS) or x.shape[0]
+    for start in range(0, x.shape[0], step):
+        hessian.add_(gram(x[start:start + step]), alpha=2.0)
     return hessian, num_samples
 
 

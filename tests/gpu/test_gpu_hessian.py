@@ -49,9 +49,15 @@ def test_tensor_core_hessian_against_float64(features: int) -> None:
           f"{fast * 1e3:.1f} ms ({slow / fast:.1f}x); max error vs float64: fp32 GEMM {err_ref:.1e}, "
           f"tensor cores {err_ours:.1e}")
     assert err_ours < 2e-4
+    for chunk in (4096, 1024, 256):  # shorter tensor-core sums, added to H in fp32
+        h = torch.zeros(features, features, device="cuda")
+        accumulate(x, h, torch.zeros((), device="cuda"), chunk=chunk)
+        err = ((h.double() - exact).abs().max() / scale).item()
+        secs = _timed(lambda c=chunk: accumulate(x, h, torch.zeros((), device="cuda"), chunk=c))  # type: ignore[misc]
+        print(f"GPU Hessian {features}^2 chunks of {chunk} tokens: {secs * 1e3:.1f} ms, max error {err:.1e}")
 
 
-def _gptq(model_dir: Path, ds, batch: int, out: Path, tensor_cores: bool) -> float:  # type: ignore[no-untyped-def]
+def _gptq(model_dir: Path, ds, batch: int, out: Path, tensor_cores: bool | int) -> float:  # type: ignore[no-untyped-def]
     """One oneshot; returns the sum of GPTQ's own per-module losses (read from its quantize_weight)."""
     import contextlib
 
@@ -70,8 +76,12 @@ def _gptq(model_dir: Path, ds, batch: int, out: Path, tensor_cores: bool) -> flo
         losses.extend(loss.tolist())
         return q, loss, fallback
 
+    from farm.stages import hessian
+
     model = load_model(model_dir, "cuda")
     base.quantize_weight = observed
+    chunk = hessian.CHUNK_TOKENS
+    hessian.CHUNK_TOKENS = tensor_cores if not isinstance(tensor_cores, bool) else chunk
     try:
         with tensor_core_hessians() if tensor_cores else contextlib.nullcontext():
             oneshot(model=model, dataset=ds, recipe=build_method({"method": "gptq", "group_size": 128}).modifiers(),
@@ -79,6 +89,7 @@ def _gptq(model_dir: Path, ds, batch: int, out: Path, tensor_cores: bool) -> flo
                     batch_size=batch)
     finally:
         base.quantize_weight = original
+        hessian.CHUNK_TOKENS = chunk
     model.save_pretrained(out, save_compressed=True)
     return sum(losses)
 
@@ -97,7 +108,8 @@ def test_gptq_quality_unchanged(small_llama: Path, tmp_path: Path) -> None:  # n
     tok = load_tokenizer(small_llama)
     windows = sample_windows(read_text(str(TEXT)), tok, 32, 512, 0)
     ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
-    runs = {"upstream b8": (8, False), "upstream b4": (4, False), "tensor cores b8": (8, True)}
+    runs = {"upstream b8": (8, False), "upstream b4": (4, False), "tensor cores b8": (8, True),
+            "tensor cores b8 chunk 256": (8, 256)}
     loss, packed = {}, {}
     for name, (batch, tc) in runs.items():
         out = tmp_path / name.replace(" ", "-")
@@ -110,7 +122,9 @@ def test_gptq_quality_unchanged(small_llama: Path, tmp_path: Path) -> None:  # n
 
     noise = abs(loss["upstream b4"] - loss["upstream b8"]) / loss["upstream b8"]
     ours = abs(loss["tensor cores b8"] - loss["upstream b8"]) / loss["upstream b8"]
+    chunked = abs(loss["tensor cores b8 chunk 256"] - loss["upstream b8"]) / loss["upstream b8"]
     print(f"GPU GPTQ summed loss: {', '.join(f'{k} {v:.4f}' for k, v in loss.items())}; relative difference "
-          f"tensor cores {ours:.1e}, reorder noise {noise:.1e}; packed words equal: tensor cores "
+          f"tensor cores {ours:.1e} (chunked {chunked:.1e}), reorder noise {noise:.1e}; packed words equal: "
+          f"tensor cores "
           f"{same_words('upstream b8', 'tensor cores b8'):.3f}, reorder {same_words('upstream b8', 'upstream b4'):.3f}")
     assert ours <= max(3 * noise, 1e-3)
