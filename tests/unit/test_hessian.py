@@ -47,3 +47,12 @@ def test_inside_the_block_other_inputs_still_reach_upstream() -> None:
     with tensor_core_hessians():
         got, got_n = base.accumulate_hessian(x, linear, torch.zeros(16, 16), torch.zeros(()))
     assert torch.equal(got, ref) and got_n.item() == ref_n.item()
+
+
+def test_chunked_sums_equal_one_product() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(3, 50, 24).to(torch.bfloat16)
+    one, _ = accumulate(x, torch.zeros(24, 24), torch.zeros(()), chunk=0)
+    chunked, n = accumulate(x, torch.zeros(24, 24), torch.zeros(()), chunk=16)  # 150 tokens in 10 chunks
+    torch.testing.assert_close(chunked, one, rtol=1e-5, atol=1e-4)
+    assert n.item() == 3
