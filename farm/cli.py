@@ -31,7 +31,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print()
     print(table(["variant", "method", "status", "MB", "base ppl", "ppl", "delta", "s", "mlflow run",
                  "artifact"], rows))
-    print(f"\njob {outcome.plan.job_id} in {outcome.seconds:.0f} s; tracking {outcome.tracking_uri}, "
+    phases = ", ".join(f"{k} {v:.1f}" for k, v in outcome.phases.items())
+    print(f"\njob {outcome.plan.job_id} in {outcome.seconds:.0f} s ({phases}); tracking {outcome.tracking_uri}, "
           f"parent run {outcome.parent_run_id}")
     return 0 if outcome.ok else 1
 

@@ -64,6 +64,15 @@ class JobOutcome:
     tracking_uri: str
     variants: list[VariantOutcome] = field(default_factory=list)
     seconds: float = 0.0
+    # where the job's time went, in order: preflight (resolve + hash inputs), tracking (MLflow lookups),
+    # cluster (Ray start or connect), build (workers: base evaluations and variants), finish (gate, records)
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, phase: str, since: float) -> float:
+        """Book the time since `since` to `phase`; returns now."""
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - since
+        return now
 
     @property
     def ok(self) -> bool:
@@ -126,10 +135,12 @@ class Driver:
     def run(self) -> JobOutcome:
         t0 = time.perf_counter()
         plan = preflight(self.spec)  # bad input stops here, before anything is created
+        outcome = JobOutcome(plan, None, "")
+        t = outcome.mark("preflight", t0)
         self.uri, self.artifact_location = tracking_target(self.spec, self.tracking_override)
+        outcome.tracking_uri = redact(self.uri)
         self.store = MlflowStore(self.uri, self.spec.tracking.experiment, self.artifact_location)
         self.store.check_reachable()
-        outcome = JobOutcome(plan, None, redact(self.uri))
         self._reap_orphans(plan)
         # a variant is reused only if it was judged the same way (base_eval_id hashes the evaluation settings)
         cached = {v.id: self.store.finished("variant", "variant_id", v.id, {"base_eval_id": v.base_eval_id})
@@ -144,7 +155,9 @@ class Driver:
             f"{len(plan.variants) - len(todo)} reused; tracking {redact(self.uri)}"
         )
         work = bool(todo or bases_todo)
+        t = outcome.mark("tracking", t)
         with cluster.connect(self.ray_address, self.verbose) if work else contextlib.nullcontext():
+            outcome.mark("cluster", t)
             if work:  # a variant no node can hold is bad input: say so before any run is created
                 memory = max(v.resources.memory_bytes for v in todo) if todo else 0
                 nodes = cluster.nodes()
@@ -178,14 +191,18 @@ class Driver:
                 if row is not None:
                     outcome.variants.append(self._reused(v, row, base_ppl.get(v.base_eval_id)))
                     self._print_variant(outcome.variants[-1], len(outcome.variants), len(plan.variants))
+            t = time.perf_counter()
             if todo or bases_todo:
                 self._run_rungs(plan, todo, bases_todo, base_ppl, parent, outcome)
+            t = outcome.mark("build", t)
             if self.spec.gate is not None:
                 self._gate(outcome, self.spec.gate)
+            outcome.mark("finish", t)
             outcome.seconds = time.perf_counter() - t0
             built = [v for v in outcome.variants if v.status == "built"]
             self.store.log(parent, metrics={"variants_built": len(built), "variants_failed": sum(
-                v.status == "failed" for v in outcome.variants), "seconds": outcome.seconds})
+                v.status == "failed" for v in outcome.variants), "seconds": outcome.seconds,
+                **{f"seconds_{k}": v for k, v in outcome.phases.items()}})
             ok = outcome.ok
             return outcome
         except Exception as err:
