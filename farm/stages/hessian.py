@@ -7,8 +7,8 @@ fp32, so a half-precision GEMM that accumulates and returns fp32 (`torch.mm(...,
 cuBLAS tensor-core GEMM) sums the same exact products; no TF32-style rounding of the inputs. What differs is
 the summation: Hopper's tensor cores accumulate a long product with a little less precision than an fp32 FMA
 chain (5.9e-5 of the largest entry on 16k tokens against float64), so the tokens are summed in chunks of 4,096
-whose partial Hessians are added in fp32: 1.1e-5, as close to float64 as llm-compressor's fp32 GEMM (1.4e-5),
-11x faster (tests/gpu/test_gpu_hessian.py). The format and recipe are unchanged.
+whose partial Hessians are added in fp32: 1.1e-5, as close to float64 as llm-compressor's fp32 GEMM (1.0-1.4e-5),
+10-11x faster (tests/gpu/test_gpu_hessian.py). The format and recipe are unchanged.
 
 Scoped like stages/compat.py: `tensor_core_hessians()` swaps the function GPTQModifier's hook calls for the
 duration of one oneshot and restores it; anything it does not cover (fp32 activations, CPU tensors, Conv
@@ -40,8 +40,8 @@ def covers(inp: Any, module: Any, hessian: Any) -> bool:
 
 
 # Tokens per tensor-core product; the chunks' sums are added to H in fp32. Measured on an H100 against float64
-# (16k tokens): one product 5.9e-5 of the largest entry, chunks of 4096 1.1e-5, llm-compressor's fp32 GEMM 1.4e-5;
-# 14336^2 from 16k tokens in 12 ms in 4096-token chunks (fp32 GEMM ~130 ms). 0: one product per batch.
+# (16k tokens): one product 5.9e-5 of the largest entry, chunks of 4096 1.1e-5, llm-compressor's fp32 GEMM
+# 1.0-1.4e-5; 14336^2 from 16k tokens in 12.2 ms in 4096-token chunks (fp32 GEMM 126.7 ms). 0: one product.
 CHUNK_TOKENS = 4096
 
 
