@@ -56,3 +56,9 @@ def test_chunked_sums_equal_one_product() -> None:
     chunked, n = accumulate(x, torch.zeros(24, 24), torch.zeros(()), chunk=16)  # 150 tokens in 10 chunks
     torch.testing.assert_close(chunked, one, rtol=1e-5, atol=1e-4)
     assert n.item() == 3
+
+
+def test_without_the_upstream_hook_oneshot_runs_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(base, "accumulate_hessian")
+    with tensor_core_hessians():
+        assert not hasattr(base, "accumulate_hessian")
