@@ -124,6 +124,16 @@ def save(model: Any, tokenizer: Any, out_dir: str | Path) -> str:
     return recipe_file.read_text() if recipe_file.exists() else ""
 
 
+def placement(req: QuantizeRequest, device: str) -> str:
+    """Where this process loads the weights: a device, or "shared" (one host copy for every rank: a model too
+    large for a rank's GPU, or CPU ranks, whose results llm-compressor shares through that copy). A rank of a
+    model that fits its GPU gets a replica on its own GPU (`cuda:<rank>`: compressed-tensors takes device ==
+    rank)."""
+    if req.world > 1:
+        return "shared" if device == "cpu" or req.load_device == "cpu" else f"cuda:{req.rank}"
+    return req.load_device or device
+
+
 def quantize(req: QuantizeRequest) -> QuantizeResult:
     """The method's own stage if it names one (model_free, mixed, QAT, NF4, GPTQModel), else oneshot."""
     path = req.method.stage()
@@ -133,12 +143,11 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
     device = pick_device()
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
-    if req.world > 1 and (device == "cpu" or req.load_device == "cpu"):
+    where = placement(req, device)
+    if where == "shared":
         model = load_shared_model(req.model_dir, device, req.trust_remote_code)
-    elif req.world > 1:  # replicated: each rank reads the checkpoint straight onto its own GPU
-        model = load_model(req.model_dir, f"cuda:{req.rank}", req.trust_remote_code)
     else:
-        model = load_model(req.model_dir, req.load_device or device, req.trust_remote_code)
+        model = load_model(req.model_dir, where, req.trust_remote_code)
     t1 = time.perf_counter()
     notes = calibrate(req, model, tokenizer, req.method.modifiers())
     t2 = time.perf_counter()

@@ -44,3 +44,19 @@ def test_weights_on_the_gpu_leave_less_room_for_activations() -> None:
     roomy = choose("cuda", 40 * GIB, num_samples=128, seq_len=2048, **LLAMA_8B)
     loaded = choose("cuda", 40 * GIB, num_samples=128, seq_len=2048, weights_bytes=16 * 10**9, **LLAMA_8B)
     assert loaded.load_device is None and loaded.batch_size <= roomy.batch_size
+
+
+def test_ddp_ranks_replicate_a_model_that_fits_and_share_one_that_does_not() -> None:
+    from farm.methods import build_method
+    from farm.stages.quantize import CalibrationDraw, QuantizeRequest, placement
+
+    def req(world: int, rank: int = 0, load_device: str | None = None) -> QuantizeRequest:
+        return QuantizeRequest("m", build_method({"method": "gptq"}), CalibrationDraw("t.txt", 8, 64, 0), "out",
+                               load_device=load_device, rank=rank, world=world)
+
+    fits = choose("cuda", 80 * GIB, num_samples=32, seq_len=2048, weights_bytes=16 * GIB, **LLAMA_8B)
+    too_big = choose("cuda", 80 * GIB, num_samples=32, seq_len=2048, weights_bytes=140 * GIB, **LLAMA_8B)
+    assert placement(req(4, 2, fits.load_device), "cuda") == "cuda:2"  # a replica on rank 2's own GPU
+    assert placement(req(4, 2, too_big.load_device), "cuda") == "shared"  # one host copy, onloaded per layer
+    assert placement(req(2), "cpu") == "shared"  # CPU ranks share results through the host copy
+    assert placement(req(1), "cuda") == "cuda" and placement(req(1, load_device="cpu"), "cuda") == "cpu"
