@@ -526,7 +526,8 @@ class Driver:
         params |= {"model.source": redact(v.model.source), "model.identity": v.identity,
                    "calibration.source": redact(c.source), "calibration.num_samples": c.num_samples,
                    "calibration.max_seq_length": c.max_seq_length, "calibration.seed": c.seed,
-                   "resources.num_gpus": v.resources.num_gpus, "resources.num_cpus": v.resources.num_cpus}
+                   "resources.num_gpus": v.resources.num_gpus, "resources.num_cpus": v.resources.num_cpus,
+                   "resources.gptq_hessian": v.resources.gptq_hessian}
         return params
 
     def _version_tags(self, v: Variant, manifest: dict[str, Any]) -> dict[str, str]:

@@ -196,7 +196,7 @@ class Worker:
                 calibration=CalibrationDraw(cal.source, cal.num_samples, cal.max_seq_length, cal.seed),
                 out_dir=out, trust_remote_code=v.model.trust_remote_code,
                 batch_size=tuned.batch_size, offload_device=tuned.offload_device, load_device=tuned.load_device,
-                rank=rank.rank if rank else 0, world=world,
+                rank=rank.rank if rank else 0, world=world, gptq_hessian=v.resources.gptq_hessian,
             )
             if rank is not None:
                 backend = ddp.init(rank)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -61,24 +62,34 @@ def accumulate(inp: Any, hessian: Any, num_samples: Any, gram: Callable[[Any], A
     return hessian, num_samples
 
 
+@dataclass
+class Usage:
+    """What the swap did during one oneshot: batch accumulations it took over, and the chunk size (for the run)."""
+
+    chunk: int
+    covered: int = 0
+
+
 @contextlib.contextmanager
-def tensor_core_hessians() -> Iterator[None]:
+def tensor_core_hessians() -> Iterator[Usage]:
     """Within the block, GPTQModifier accumulates half-precision Linear inputs with `accumulate`."""
     from llmcompressor.modifiers.gptq import base
 
+    usage = Usage(CHUNK_TOKENS)
     original = getattr(base, "accumulate_hessian", None)
     if original is None:  # upstream moved it: run llm-compressor's own path rather than fail the variant
         log.warning("llm-compressor no longer calls gptq.base.accumulate_hessian; tensor-core Hessians are off")
-        yield
+        yield usage
         return
 
     def accumulate_hessian(inp: Any, module: Any, hessian: Any, num_samples: Any) -> tuple[Any, Any]:
         if covers(inp, module, hessian):
+            usage.covered += 1
             return accumulate(inp, hessian, num_samples)
         return original(inp, module, hessian, num_samples)
 
     base.accumulate_hessian = accumulate_hessian  # type: ignore[assignment]
     try:
-        yield
+        yield usage
     finally:
         base.accumulate_hessian = original

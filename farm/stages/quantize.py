@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ class QuantizeRequest:
     load_device: str | None = None  # where the weights live: None = the worker's device; "cpu" = onload per layer
     rank: int = 0  # data-parallel rank and world size (world > 1: a process group is already initialised)
     world: int = 1
+    gptq_hessian: str = "tensor_cores"  # or "fp32": llm-compressor's own Hessian GEMM (stages/hessian.py)
     report: dict[str, Any] = field(default_factory=dict, compare=False)  # filled: the calibration's diversity
 
 
@@ -105,10 +107,14 @@ def calibrate(req: QuantizeRequest, model: Any, tokenizer: Any, recipe: list[Any
         }
         if req.offload_device:
             kwargs["sequential_offload_device"] = req.offload_device
-    with cpu_safe_pinning() as guard, tensor_core_hessians():
+    fast = tensor_core_hessians() if req.gptq_hessian == "tensor_cores" else contextlib.nullcontext(None)
+    with cpu_safe_pinning() as guard, fast as hessians:
         oneshot(model=model, recipe=recipe, tokenizer=tokenizer, **kwargs)
     if guard.skipped:
         notes.append(f"no accelerator: skipped {guard.skipped} llm-compressor activation pin(s) (stages/compat.py)")
+    if hessians is not None and hessians.covered:
+        notes.append(f"GPTQ Hessians on tensor cores: {hessians.covered} batch accumulations, bf16 products summed "
+                     f"in fp32 in {hessians.chunk}-token chunks (resources.gptq_hessian: fp32 for llm-compressor's)")
     return notes
 
 

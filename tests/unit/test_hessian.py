@@ -62,3 +62,15 @@ def test_without_the_upstream_hook_oneshot_runs_unchanged(monkeypatch: pytest.Mo
     monkeypatch.delattr(base, "accumulate_hessian")
     with tensor_core_hessians():
         assert not hasattr(base, "accumulate_hessian")
+
+
+def test_a_job_can_keep_llm_compressors_fp32_hessians() -> None:
+    from farm.errors import SpecError
+    from farm.spec import ResourceSpec
+
+    assert ResourceSpec().gptq_hessian == "tensor_cores"
+    assert ResourceSpec(gptq_hessian="fp32").gptq_hessian == "fp32"
+    with pytest.raises((ValueError, SpecError)):
+        ResourceSpec(gptq_hessian="tf32")
+    with tensor_core_hessians() as usage:
+        assert usage.covered == 0 and usage.chunk > 0  # nothing on CPU is taken over
