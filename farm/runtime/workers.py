@@ -147,27 +147,16 @@ class Worker:
         set_threads(num_cpus)
 
     def evaluate_base(self, task: BaseTask) -> dict[str, Any]:
-        from farm.stages.checks import enabled, run_checks
-        from farm.stages.evaluate import evaluate, load
-
         model = local_model(task.base.model)
-        trust = task.base.model.trust_remote_code
         try:
-            request = _eval_request(model.local_dir, task.evaluation, trust)
-            loaded = load(request)  # once for the checks and the evaluation; the checks go first (cold latency)
-            checks = asdict(run_checks(model.local_dir, task.evaluation, None, trust,
-                                       (loaded.model, loaded.tokenizer))) if enabled(task.evaluation) else None
-            result = evaluate(request, loaded)
-            del loaded
+            checks, result = _evaluate(model.local_dir, task.evaluation, task.base.model.trust_remote_code, None)
         finally:
             release_device_memory()  # the worker is reused; give its GPU share back to packed neighbours
-        return {"evaluation": asdict(result), "checks": checks}
+        return {"evaluation": result, "checks": checks}
 
     def build(self, task: VariantTask, rank: Rank | None = None) -> dict[str, Any]:
         """Quantize, evaluate and publish one variant. With `rank`, this worker is one rank of a data-parallel
         variant: every rank calibrates on its share; rank 0 alone evaluates, publishes and reports."""
-        from farm.stages.checks import enabled, run_checks
-        from farm.stages.evaluate import evaluate, load
         from farm.stages.quantize import CalibrationDraw, QuantizeRequest, quantize
         from farm.tracking.mlflow_store import MlflowStore
 
@@ -219,37 +208,18 @@ class Worker:
                 files = background.submit(_timed, file_table, out)
                 upload = background.submit(_timed, mlflow.upload_dir, task.run_id, out, "model") \
                     if tr.log_model else None
-                request_eval = _eval_request(out, task.evaluation, v.model.trust_remote_code)
-                loaded = load(request_eval)  # once for the checks and the evaluation; checks first (cold latency)
-                checks = asdict(run_checks(out, task.evaluation, model.local_dir, v.model.trust_remote_code,
-                                           (loaded.model, loaded.tokenizer))) if enabled(task.evaluation) else None
-                e = evaluate(request_eval, loaded)
-                del loaded
+                checks, e = _evaluate(out, task.evaluation, v.model.trust_remote_code, model.local_dir)
                 t_wait = time.perf_counter()
                 table, seconds_hash = files.result()
                 model_uri, seconds_upload = upload.result() if upload else (None, 0.0)
                 t_manifest = time.perf_counter()
-            manifest = {
-                "variant_id": v.id,
-                "job": task.job_name,
-                "model": {"name": v.model_name, "source": redact(v.model.source), "identity": v.identity,
-                          "revision": model.revision},
-                "method": {"label": v.method.label(), **v.method.identity(), "config_sha256": v.method.config_hash()},
-                "recipe": q.recipe,
-                "recipe_sha256": hashlib.sha256(q.recipe.encode()).hexdigest(),
-                "calibration": {"source": redact(cal.source), "content_sha256": cal.sha256,
-                                "num_samples": cal.num_samples, "max_seq_length": cal.max_seq_length, "seed": cal.seed,
-                                "hash": cal.hash if v.method.requires_calibration else "data-free"},
-                "versions": library_versions(),
-                "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                "files": table,
-            }
+            manifest = variant_manifest(task, model.revision, q.recipe, table)
             store = ArtifactStore(task.artifact_root)
             artifact_uri = store.publish(out, store.key(*v.artifact_key), manifest)
             t_end = time.perf_counter()
             return {
                 "quantize": {k: val for k, val in asdict(q).items() if k != "recipe"},
-                "evaluation": asdict(e),
+                "evaluation": e,
                 "checks": checks,
                 "manifest": manifest,
                 "artifact_uri": artifact_uri,
@@ -290,6 +260,40 @@ class Worker:
     def rendezvous(self) -> tuple[str, int]:
         """(this node's address as other nodes see it, a free port) for rank 0 of a data-parallel variant."""
         return node_address(), ddp.free_port()
+
+
+def _evaluate(path: str, evaluation: EvaluationSpec, trust: bool,
+              base_dir: str | None) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The checks (a variant's against its base at `base_dir`) and the evaluation of the checkpoint at `path`,
+    from one load; the checks go first (cold latency)."""
+    from farm.stages.checks import enabled, run_checks
+    from farm.stages.evaluate import evaluate, load
+
+    request = _eval_request(path, evaluation, trust)
+    loaded = load(request)
+    checks = asdict(run_checks(path, evaluation, base_dir, trust, (loaded.model, loaded.tokenizer))) \
+        if enabled(evaluation) else None
+    return checks, asdict(evaluate(request, loaded))
+
+
+def variant_manifest(task: VariantTask, revision: str | None, recipe: str, files: dict[str, Any]) -> dict[str, Any]:
+    """What `manifest.json` says of a published variant: where it came from, how it was made, what it holds."""
+    v, cal = task.variant, task.variant.calibration
+    return {
+        "variant_id": v.id,
+        "job": task.job_name,
+        "model": {"name": v.model_name, "source": redact(v.model.source), "identity": v.identity,
+                  "revision": revision},
+        "method": {"label": v.method.label(), **v.method.identity(), "config_sha256": v.method.config_hash()},
+        "recipe": recipe,
+        "recipe_sha256": hashlib.sha256(recipe.encode()).hexdigest(),
+        "calibration": {"source": redact(cal.source), "content_sha256": cal.sha256,
+                        "num_samples": cal.num_samples, "max_seq_length": cal.max_seq_length, "seed": cal.seed,
+                        "hash": cal.hash if v.method.requires_calibration else "data-free"},
+        "versions": library_versions(),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "files": files,
+    }
 
 
 def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
