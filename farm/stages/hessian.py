@@ -52,13 +52,13 @@ CHUNK_TOKENS = 4096
 
 
 def accumulate(inp: Any, hessian: Any, num_samples: Any, gram: Callable[[Any], Any] = gram_fp32,
-               chunk: int | None = None) -> tuple[Any, Any]:
+               chunk: int = CHUNK_TOKENS) -> tuple[Any, Any]:
     """llm-compressor's `accumulate_hessian` for Linear inputs: unnormalised `H += 2 X^T X`, samples counted as it
     counts them (the leading dimension of a 3-D input, 1 for a 2-D one)."""
     inp = inp.to(device=hessian.device)
     num_samples += 1 if inp.dim() == 2 else inp.shape[0]
     x = inp.reshape(-1, inp.shape[-1])
-    step = (chunk if chunk is not None else CHUNK_TOKENS) or x.shape[0]
+    step = chunk or x.shape[0]
     for start in range(0, x.shape[0], step):
         hessian.add_(gram(x[start:start + step]), alpha=2.0)
     return hessian, num_samples
@@ -73,11 +73,11 @@ class Usage:
 
 
 @contextlib.contextmanager
-def tensor_core_hessians() -> Iterator[Usage]:
+def tensor_core_hessians(chunk: int = CHUNK_TOKENS) -> Iterator[Usage]:
     """Within the block, GPTQModifier accumulates half-precision Linear inputs with `accumulate`."""
     from llmcompressor.modifiers.gptq import base
 
-    usage = Usage(CHUNK_TOKENS)
+    usage = Usage(chunk)
     original = getattr(base, "accumulate_hessian", None)
     if original is None:  # upstream moved it: run llm-compressor's own path rather than fail the variant
         log.warning("llm-compressor no longer calls gptq.base.accumulate_hessian; tensor-core Hessians are off")
@@ -87,7 +87,7 @@ def tensor_core_hessians() -> Iterator[Usage]:
     def accumulate_hessian(inp: Any, module: Any, hessian: Any, num_samples: Any) -> tuple[Any, Any]:
         if covers(inp, module, hessian):
             usage.covered += 1
-            return accumulate(inp, hessian, num_samples)
+            return accumulate(inp, hessian, num_samples, chunk=chunk)
         return original(inp, module, hessian, num_samples)
 
     base.accumulate_hessian = accumulate_hessian  # type: ignore[assignment]

@@ -76,20 +76,18 @@ def _gptq(model_dir: Path, ds, batch: int, out: Path, tensor_cores: bool | int) 
         losses.extend(loss.tolist())
         return q, loss, fallback
 
-    from farm.stages import hessian
+    from farm.stages.hessian import CHUNK_TOKENS
 
     model = load_model(model_dir, "cuda")
     base.quantize_weight = observed
-    chunk = hessian.CHUNK_TOKENS
-    hessian.CHUNK_TOKENS = tensor_cores if not isinstance(tensor_cores, bool) else chunk
+    chunk = CHUNK_TOKENS if isinstance(tensor_cores, bool) else tensor_cores
     try:
-        with tensor_core_hessians() if tensor_cores else contextlib.nullcontext():
+        with tensor_core_hessians(chunk) if tensor_cores else contextlib.nullcontext():
             oneshot(model=model, dataset=ds, recipe=build_method({"method": "gptq", "group_size": 128}).modifiers(),
                     num_calibration_samples=len(ds), max_seq_length=512, shuffle_calibration_samples=False,
                     batch_size=batch)
     finally:
         base.quantize_weight = original
-        hessian.CHUNK_TOKENS = chunk
     model.save_pretrained(out, save_compressed=True)
     return sum(losses)
 
