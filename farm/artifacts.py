@@ -16,11 +16,10 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
-from farm.calibration import file_sha256
+from farm.calibration import sha256_many
 
 MANIFEST = "manifest.json"
 T = TypeVar("T")
@@ -28,12 +27,10 @@ log = logging.getLogger(__name__)
 
 
 def file_table(directory: str | Path, workers: int = 8) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every file, hashed on `workers` threads (hashlib and reads release the GIL, so a
-    checkpoint saved in several shards hashes at several times one core's speed)."""
+    """Size and sha256 of every file (on `workers` threads)."""
     root = Path(directory)
     files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST]
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files)))) as pool:
-        shas = list(pool.map(file_sha256, files))
+    shas = sha256_many(files, workers=workers)
     return {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha}
             for p, sha in zip(files, shas, strict=True)}
 

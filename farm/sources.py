@@ -11,12 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from farm.calibration import file_sha256
+from farm.calibration import file_sha256, sha256_many
 from farm.errors import SourceError, SpecError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -76,8 +75,7 @@ def cached_file_sha256(path: Path) -> str:
 def content_identity(directory: Path, allow_pickle: bool = False) -> str:
     """sha256 over (file name, file sha256) of every weight shard and the config."""
     files = weight_files(directory, allow_pickle) + [directory / n for n in HASHED if (directory / n).exists()]
-    with ThreadPoolExecutor(max_workers=max(1, min(8, len(files)))) as pool:  # shards hash in parallel
-        shas = list(pool.map(cached_file_sha256, files))
+    shas = sha256_many(files, cached_file_sha256)
     h = hashlib.sha256()
     for f, sha in zip(files, shas, strict=True):
         h.update(f"{f.name}\0{sha}\n".encode())
