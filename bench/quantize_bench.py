@@ -15,6 +15,7 @@ Random-init Llama shapes (bf16 safetensors) are built once under --work. Prints 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -128,6 +129,41 @@ def run_farm(models: list[Path], text: Path, n: int, seq: int, num_gpus: float, 
     return {"wall": wall, "variants": per, "stdout_tail": res.stdout[-1500:]}
 
 
+def gptq_profile(logs: Path = Path("/tmp/ray/session_latest/logs")) -> dict:
+    """Where GPTQ's time went in each worker of the last Ray session (one variant per worker: farm, ddp4), from
+    llm-compressor's own log lines ("Quantizing N module(s): [...]" then "METRIC - time X s" per solved batch):
+    per worker, the seconds spent in GPTQ solves and each layer's period (the rest of it is calibration forward
+    passes, Hessians and propagation)."""
+    import datetime as dt
+    import re
+
+    out: dict = {}
+    for f in sorted(logs.glob("worker-*.out")) + sorted(logs.glob("worker-*.err")):
+        starts: dict[int, float] = {}  # layer -> first time a module of it started solving
+        solve: dict[int, float] = {}
+        layer, pending = None, False
+        for line in f.read_text(errors="replace").splitlines():
+            stamp = re.match(r"(\d{4}-\d\d-\d\dT[\d:.]+) \|", line)
+            if "Quantizing" in line and stamp:
+                m = re.search(r"layers\.(\d+)\.", line)
+                if m:
+                    layer, pending = int(m.group(1)), True
+                    starts.setdefault(layer, dt.datetime.fromisoformat(stamp.group(1)).timestamp())
+            elif "METRIC - time" in line and pending and layer is not None:
+                solve[layer] = solve.get(layer, 0.0) + float(re.search(r"time ([\d.]+)s", line).group(1))
+                pending = False  # a batch of modules logs its one time once per module
+        if not starts:
+            continue
+        layers = sorted(starts)
+        periods = [starts[b] - starts[a] for a, b in itertools.pairwise(layers)]
+        out[f.name.split("-")[-1].split(".")[0]] = {
+            "layers": len(layers), "solve_s": round(sum(solve.values()), 2),
+            "max_layer_solve_s": round(max(solve.values(), default=0.0), 3),
+            "mean_layer_period_s": round(sum(periods) / len(periods), 3) if periods else None,
+        }
+    return out
+
+
 def quantize_seconds(v: dict) -> float:
     return v["seconds_quantize_load"] + v["seconds_oneshot"] + v["seconds_save"]
 
@@ -200,6 +236,7 @@ def main() -> None:
                      f"{b['total']:.1f}", f"{b['peak_gib']:.1f}"])
     if "farm" in wl:
         f = record("farm", run_farm([m0], args.text, args.samples, args.seq, whole, args.work, f"farm1-{args.shape}"))
+        record("farm_gptq_profile", gptq_profile())
         record("farm_overhead", overhead(f["variants"][0]))
         rows.append(single_row("farm (1 variant)", f))
         if "bare" in results:
@@ -219,6 +256,7 @@ def main() -> None:
     if "ddp4" in wl:
         d = record("ddp4", run_farm([m0], args.text, args.samples, args.seq, whole, args.work, f"ddp4-{args.shape}",
                                     ranks=4))
+        record("ddp4_gptq_profile", gptq_profile())  # one entry per rank: the owner of down_proj is the critical path
         rows.append(single_row("farm, 1 variant over 4 GPUs (ranks 4)", d))
         if "farm" in results:
             f1, v = results["farm"]["variants"][0], d["variants"][0]
