@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -126,15 +127,19 @@ def ray_head(workdir: Path, num_cpus: int, num_gpus: int, env: dict[str, str],
     # the cluster's `python` is this environment's, as on a real node image (job entrypoints run `python`)
     ray_env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **env}
-    with process(cmd, ray_env, workdir / "ray.log") as p:
-        address = f"127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            if p.poll() is not None:
-                raise RuntimeError(f"ray start exited with {p.returncode}: {(workdir / 'ray.log').read_text()[-2000:]}")
-            if "Ray runtime started" in (workdir / "ray.log").read_text(errors="replace"):
-                break
-            time.sleep(0.5)
-        else:
-            raise TimeoutError("ray head did not start")
-        yield address
+    try:
+        with process(cmd, ray_env, workdir / "ray.log") as p:
+            address = f"127.0.0.1:{port}"
+            deadline = time.time() + 90
+            while time.time() < deadline:
+                if p.poll() is not None:
+                    raise RuntimeError(
+                        f"ray start exited with {p.returncode}: {(workdir / 'ray.log').read_text()[-2000:]}")
+                if "Ray runtime started" in (workdir / "ray.log").read_text(errors="replace"):
+                    break
+                time.sleep(0.5)
+            else:
+                raise TimeoutError("ray head did not start")
+            yield address
+    finally:  # runtime-env virtualenvs under it are GBs each: leave nothing behind
+        shutil.rmtree(temp, ignore_errors=True)
