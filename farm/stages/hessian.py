@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,8 +51,7 @@ def covers(inp: Any, module: Any, hessian: Any) -> bool:
 CHUNK_TOKENS = 4096
 
 
-def accumulate(inp: Any, hessian: Any, num_samples: Any, gram: Callable[[Any], Any] = gram_fp32,
-               chunk: int = CHUNK_TOKENS) -> tuple[Any, Any]:
+def accumulate(inp: Any, hessian: Any, num_samples: Any, chunk: int = CHUNK_TOKENS) -> tuple[Any, Any]:
     """llm-compressor's `accumulate_hessian` for Linear inputs: unnormalised `H += 2 X^T X`, samples counted as it
     counts them (the leading dimension of a 3-D input, 1 for a 2-D one)."""
     inp = inp.to(device=hessian.device)
@@ -60,7 +59,7 @@ def accumulate(inp: Any, hessian: Any, num_samples: Any, gram: Callable[[Any], A
     x = inp.reshape(-1, inp.shape[-1])
     step = chunk or x.shape[0]
     for start in range(0, x.shape[0], step):
-        hessian.add_(gram(x[start:start + step]), alpha=2.0)
+        hessian.add_(gram_fp32(x[start:start + step]), alpha=2.0)
     return hessian, num_samples
 
 
