@@ -126,7 +126,11 @@ def run_farm(models: list[Path], text: Path, n: int, seq: int, num_gpus: float, 
                                                 "seconds_mlflow_upload", "seconds_artifact_wait", "seconds_publish")}
            | {"notes": r.data.tags.get("farm.notes"), "model": r.data.tags.get("farm.model")}
            for r in runs]
-    return {"wall": wall, "variants": per, "stdout_tail": res.stdout[-1500:]}
+    job = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'job'", order_by=["attributes.start_time DESC"],
+                             max_results=1)
+    phases = {k[len("seconds_"):]: round(v, 2) for k, v in job[0].data.metrics.items()
+              if k.startswith("seconds_")} if job else {}
+    return {"wall": wall, "phases": phases, "variants": per, "stdout_tail": res.stdout[-1500:]}
 
 
 def gptq_profile(logs: Path = Path("/tmp/ray/session_latest/logs")) -> dict:
