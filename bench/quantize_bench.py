@@ -130,7 +130,19 @@ def run_farm(models: list[Path], text: Path, n: int, seq: int, num_gpus: float, 
                              max_results=1)
     phases = {k[len("seconds_"):]: round(v, 2) for k, v in job[0].data.metrics.items()
               if k.startswith("seconds_")} if job else {}
-    return {"wall": wall, "phases": phases, "variants": per, "stdout_tail": res.stdout[-1500:]}
+    return {"wall": wall, "phases": phases, "variants": per, "timeline": timeline(client, exp.experiment_id),
+            "stdout_tail": res.stdout[-1500:]}
+
+
+def timeline(client: Any, experiment_id: str) -> list[list]:
+    """Every run of the job (job, base evaluations, variants) as [role, model, start s, end s] from the job run's
+    start: what ran when, and what waited."""
+    runs = client.search_runs([experiment_id], max_results=1000)
+    t0 = min(r.info.start_time for r in runs)
+    return sorted([[r.data.tags.get("farm.role", "?"), r.data.tags.get("farm.model", ""),
+                    round((r.info.start_time - t0) / 1000, 1),
+                    round(((r.info.end_time or r.info.start_time) - t0) / 1000, 1)] for r in runs],
+                  key=lambda row: row[2])
 
 
 def gptq_profile(logs: Path = Path("/tmp/ray/session_latest/logs")) -> dict:

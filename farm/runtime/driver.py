@@ -527,7 +527,8 @@ class Driver:
                    "calibration.source": redact(c.source), "calibration.num_samples": c.num_samples,
                    "calibration.max_seq_length": c.max_seq_length, "calibration.seed": c.seed,
                    "resources.num_gpus": v.resources.num_gpus, "resources.num_cpus": v.resources.num_cpus,
-                   "resources.gptq_hessian": v.resources.gptq_hessian}
+                   "resources.gptq_hessian": v.resources.gptq_hessian,
+                   "resources.calibration_attention": v.resources.calibration_attention}
         return params
 
     def _version_tags(self, v: Variant, manifest: dict[str, Any]) -> dict[str, str]:

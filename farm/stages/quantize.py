@@ -11,6 +11,7 @@ from typing import Any
 from farm.calibration import diversity, draw
 from farm.methods import MethodConfig
 from farm.stages import call
+from farm.stages.attention import sdpa_calibration
 from farm.stages.compat import cpu_safe_pinning
 from farm.stages.hessian import tensor_core_hessians
 from farm.stages.modelio import load_model, load_shared_model, load_tokenizer, pick_device
@@ -37,6 +38,7 @@ class QuantizeRequest:
     rank: int = 0  # data-parallel rank and world size (world > 1: a process group is already initialised)
     world: int = 1
     gptq_hessian: str = "tensor_cores"  # or "fp32": llm-compressor's own Hessian GEMM (stages/hessian.py)
+    calibration_attention: str = "sdpa"  # or "eager": llm-compressor's forced eager attention (stages/attention.py)
     report: dict[str, Any] = field(default_factory=dict, compare=False)  # filled: the calibration's diversity
 
 
@@ -108,13 +110,18 @@ def calibrate(req: QuantizeRequest, model: Any, tokenizer: Any, recipe: list[Any
         if req.offload_device:
             kwargs["sequential_offload_device"] = req.offload_device
     fast = tensor_core_hessians() if req.gptq_hessian == "tensor_cores" else contextlib.nullcontext(None)
-    with cpu_safe_pinning() as guard, fast as hessians:
+    fused = sdpa_calibration() if req.calibration_attention == "sdpa" else contextlib.nullcontext(None)
+    with cpu_safe_pinning() as guard, fast as hessians, fused as attention:
         oneshot(model=model, recipe=recipe, tokenizer=tokenizer, **kwargs)
     if guard.skipped:
         notes.append(f"no accelerator: skipped {guard.skipped} llm-compressor activation pin(s) (stages/compat.py)")
     if hessians is not None and hessians.covered:
         notes.append(f"GPTQ Hessians on tensor cores: {hessians.covered} batch accumulations, bf16 products summed "
                      f"in fp32 in {hessians.chunk}-token chunks (resources.gptq_hessian: fp32 for llm-compressor's)")
+    if attention is not None and attention.fused:
+        left = f"; {attention.eager} left to eager" if attention.eager else ""
+        notes.append(f"calibration attention fused (SDPA with llm-compressor's eager mask): {attention.fused} "
+                     f"calls{left} (resources.calibration_attention: eager for llm-compressor's)")
     return notes
 
 

@@ -57,9 +57,12 @@ def test_tensor_core_hessian_against_float64(features: int) -> None:
         print(f"GPU Hessian {features}^2 chunks of {chunk} tokens: {secs * 1e3:.1f} ms, max error {err:.1e}")
 
 
-def _gptq(model_dir: Path, ds, batch: int, out: Path, tensor_cores: bool | int) -> float:  # type: ignore[no-untyped-def]
+def _gptq(model_dir: Path, ds, batch: int, out: Path, tensor_cores: bool | int,  # type: ignore[no-untyped-def]
+          fused_attention: bool = False) -> float:
     """One oneshot; returns the sum of GPTQ's own per-module losses (read from its quantize_weight)."""
     import contextlib
+
+    from farm.stages.attention import sdpa_calibration
 
     from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import base
@@ -82,7 +85,8 @@ def _gptq(model_dir: Path, ds, batch: int, out: Path, tensor_cores: bool | int) 
     base.quantize_weight = observed
     chunk = CHUNK_TOKENS if isinstance(tensor_cores, bool) else tensor_cores
     try:
-        with tensor_core_hessians(chunk) if tensor_cores else contextlib.nullcontext():
+        with (tensor_core_hessians(chunk) if tensor_cores else contextlib.nullcontext(),
+              sdpa_calibration() if fused_attention else contextlib.nullcontext()):
             oneshot(model=model, dataset=ds, recipe=build_method({"method": "gptq", "group_size": 128}).modifiers(),
                     num_calibration_samples=len(ds), max_seq_length=512, shuffle_calibration_samples=False,
                     batch_size=batch)

@@ -1,0 +1,196 @@
+"""Where a GPTQ oneshot's time goes, layer phase by layer phase, as farm runs it (tuned batch, activations on
+the GPU, tensor-core Hessians).
+
+Per decoder layer the sequential pipeline runs a calibration pass (forward + Hessian hooks), the GPTQ solves
+(`sequential_epoch_end`), then a propagation pass; this prints the seconds of each summed over layers (CUDA
+synchronised at every boundary), the set-up before the first layer (tracing, cache), and, with --profile, the
+top CUDA kernels and CPU ops from torch.profiler plus how busy the GPU was. --concurrent N starts N copies at
+once (as N packed variants run) and reports each; --mps runs them again under CUDA MPS when the node has it.
+
+  python bench/profile_oneshot.py --shape llama-1b --layers 16
+  python bench/profile_oneshot.py --shape llama-1b --concurrent 4 --threads 2 --mps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.quantize_bench import ROOT, SHAPES  # noqa: E402
+
+
+def build(shape: str, layers: int, tokenizer: Path, work: Path) -> Path:
+    out = work / f"{shape}-l{layers}"
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      **(SHAPES[shape] | {"num_hidden_layers": layers}))
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+class Phases:
+    """Synchronised wall time per pipeline phase, from hooks on the decoder layers and the epoch-end callback."""
+
+    def __init__(self) -> None:
+        self.seconds = {"calibrate": 0.0, "solve": 0.0, "propagate": 0.0}
+        self.first_layer_at: float | None = None
+        self._pass = "calibrate"
+        self._t = 0.0
+        self._seen: set[int] = set()
+
+    def sync(self) -> float:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def attach(self, model) -> None:  # noqa: ANN001
+        for layer in model.model.layers:
+            layer.register_forward_pre_hook(self._pre)
+            layer.register_forward_hook(self._post)
+        from llmcompressor.core import LifecycleCallbacks
+
+        original = LifecycleCallbacks.sequential_epoch_end.__func__
+
+        def epoch_end(cls, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+            t = self.sync()
+            out = original(cls, *args, **kwargs)
+            self.seconds["solve"] += self.sync() - t
+            self._pass = "propagate"
+            return out
+
+        LifecycleCallbacks.sequential_epoch_end = classmethod(epoch_end)
+
+    def _pre(self, module, args) -> None:  # noqa: ANN001
+        self._t = self.sync()
+        if self.first_layer_at is None:
+            self.first_layer_at = self._t
+        if id(module) not in self._seen:  # a new layer starts with its calibration pass
+            self._seen.add(id(module))
+            self._pass = "calibrate"
+
+    def _post(self, module, args, output) -> None:  # noqa: ANN001
+        self.seconds[self._pass] += self.sync() - self._t
+
+
+def once(args: argparse.Namespace) -> dict:
+    import torch
+
+    from farm.methods.registry import build_method
+    from farm.stages.modelio import load_model, load_tokenizer, set_threads
+    from farm.stages.quantize import CalibrationDraw, QuantizeRequest, calibrate
+
+    if args.threads:
+        set_threads(args.threads)
+    model_dir = build(args.shape, args.layers, args.tokenizer, args.work)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    method = build_method({"method": "gptq", "group_size": 128, "ignore": ["lm_head"]})
+    req = QuantizeRequest(str(model_dir), method, CalibrationDraw(str(args.text), args.samples, args.seq, 0),
+                          str(args.work / "out"), batch_size=args.batch, offload_device="cuda" if device == "cuda"
+                          else None, gptq_hessian=args.hessian, calibration_attention=args.attention)
+    tok = load_tokenizer(model_dir)
+    t0 = time.perf_counter()
+    model = load_model(model_dir, device)
+    t1 = time.perf_counter()
+    phases = Phases()
+    phases.attach(model)
+    prof = None
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        prof = profile(activities=acts)
+        prof.__enter__()
+    t2 = phases.sync()
+    notes = calibrate(req, model, tok, method.modifiers())
+    t3 = phases.sync()
+    result = {"shape": args.shape, "layers": args.layers, "batch": args.batch, "attention": args.attention,
+              "load_s": round(t1 - t0, 2),
+              "oneshot_s": round(t3 - t2, 2), "setup_s": round((phases.first_layer_at or t3) - t2, 2),
+              **{f"{k}_s": round(v, 2) for k, v in phases.seconds.items()}, "notes": notes,
+              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else 0}
+    result["other_s"] = round(result["oneshot_s"] - result["setup_s"] - sum(phases.seconds.values()), 2)
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        events = prof.key_averages()
+        kind = "device" if device == "cuda" else "cpu"
+        busy = sum(getattr(e, f"self_{kind}_time_total") for e in events) / 1e6
+        result["gpu_busy_s"] = round(busy, 2)
+        print(events.table(sort_by=f"self_{kind}_time_total", row_limit=25), flush=True)
+        print(events.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+    return result
+
+
+def concurrent(args: argparse.Namespace, n: int) -> dict:
+    """N copies at once, each a fresh process (as N packed variants): each one's phases and the wall."""
+    argv = [sys.executable, __file__, "--shape", args.shape, "--layers", str(args.layers), "--batch", str(args.batch),
+            "--samples", str(args.samples), "--seq", str(args.seq), "--threads", str(args.threads),
+            "--attention", args.attention, "--hessian", args.hessian,
+            "--tokenizer", str(args.tokenizer), "--text", str(args.text), "--work", str(args.work)]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(n)]
+    outs = [p.communicate()[0] for p in procs]
+    wall = time.perf_counter() - t0
+    each = [json.loads(o.strip().splitlines()[-1][len("RESULT "):]) for o in outs]
+    return {"n": n, "wall_s": round(wall, 2), "each": each}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (farm sets the worker's num_cpus)")
+    ap.add_argument("--hessian", default="tensor_cores", choices=["tensor_cores", "fp32"])
+    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--concurrent", type=int, default=0)
+    ap.add_argument("--mps", action="store_true", help="with --concurrent: again under CUDA MPS if available")
+    ap.add_argument("--tokenizer", type=Path, default=ROOT / ".fixtures" / "models" / "tiny-llama")
+    ap.add_argument("--text", type=Path, default=ROOT / ".fixtures" / "shakespeare" / "calibration.txt")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/farm-profile"))
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if not args.concurrent:
+        print("RESULT " + json.dumps(once(args)), flush=True)
+        return
+    build(args.shape, args.layers, args.tokenizer, args.work)
+    print("CONCURRENT " + json.dumps(concurrent(args, args.concurrent)), flush=True)
+    control = shutil.which("nvidia-cuda-mps-control")
+    if args.mps:
+        if not control:
+            print("MPS unavailable: no nvidia-cuda-mps-control on PATH", flush=True)
+            return
+        env = os.environ | {"CUDA_MPS_PIPE_DIRECTORY": "/tmp/mps-pipe", "CUDA_MPS_LOG_DIRECTORY": "/tmp/mps-log"}
+        for d in ("/tmp/mps-pipe", "/tmp/mps-log"):
+            os.makedirs(d, exist_ok=True)
+        subprocess.run([control, "-d"], env=env, check=True)
+        os.environ.update(env)
+        try:
+            print("MPS " + json.dumps(concurrent(args, args.concurrent)), flush=True)
+        finally:
+            subprocess.run([control], input="quit\n", text=True, env=env)
+
+
+if __name__ == "__main__":
+    main()
