@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.quantize_bench import ROOT, SHAPES  # noqa: E402
+from bench.quantize_bench import ROOT, SHAPES
 
 
 def build(shape: str, layers: int, tokenizer: Path, work: Path) -> Path:
@@ -62,7 +62,7 @@ class Phases:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def attach(self, model) -> None:  # noqa: ANN001
+    def attach(self, model) -> None:
         for layer in model.model.layers:
             layer.register_forward_pre_hook(self._pre)
             layer.register_forward_hook(self._post)
@@ -70,7 +70,7 @@ class Phases:
 
         original = LifecycleCallbacks.sequential_epoch_end.__func__
 
-        def epoch_end(cls, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        def epoch_end(cls, *args, **kwargs):
             t = self.sync()
             out = original(cls, *args, **kwargs)
             self.seconds["solve"] += self.sync() - t
@@ -79,7 +79,7 @@ class Phases:
 
         LifecycleCallbacks.sequential_epoch_end = classmethod(epoch_end)
 
-    def _pre(self, module, args) -> None:  # noqa: ANN001
+    def _pre(self, module, args) -> None:
         self._t = self.sync()
         if self.first_layer_at is None:
             self.first_layer_at = self._t
@@ -87,7 +87,7 @@ class Phases:
             self._seen.add(id(module))
             self._pass = "calibrate"
 
-    def _post(self, module, args, output) -> None:  # noqa: ANN001
+    def _post(self, module, args, output) -> None:
         self.seconds[self._pass] += self.sync() - self._t
 
 

@@ -62,12 +62,11 @@ def _gptq(model_dir: Path, ds, batch: int, out: Path, tensor_cores: bool | int, 
     """One oneshot; returns the sum of GPTQ's own per-module losses (read from its quantize_weight)."""
     import contextlib
 
-    from farm.stages.attention import sdpa_calibration
-
     from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import base
 
     from farm.methods import build_method
+    from farm.stages.attention import sdpa_calibration
     from farm.stages.hessian import tensor_core_hessians
     from farm.stages.modelio import load_model
 
