@@ -64,8 +64,8 @@ class JobOutcome:
     tracking_uri: str
     variants: list[VariantOutcome] = field(default_factory=list)
     seconds: float = 0.0
-    # where the job's time went, in order: preflight (resolve + hash inputs), tracking (MLflow lookups),
-    # cluster (Ray start or connect), build (workers: base evaluations and variants), finish (gate, records)
+    # where the job's time went: preflight (resolve + hash inputs), then cluster (Ray start or connect) with
+    # tracking (MLflow lookups) alongside it, build (workers: base evaluations and variants), finish (gate, records)
     phases: dict[str, float] = field(default_factory=dict)
 
     def mark(self, phase: str, since: float) -> float:
@@ -137,8 +137,38 @@ class Driver:
         plan = preflight(self.spec)  # bad input stops here, before anything is created
         outcome = JobOutcome(plan, None, "")
         t = outcome.mark("preflight", t0)
+        # Which variants MLflow already holds is looked up while Ray starts: both take seconds (a new sqlite
+        # store's migrations, a local cluster's processes; 7-9 s each on the GPU machine) and a job that plans
+        # variants nearly always builds some. A job whose every variant is recorded gives the cluster back unused.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            lookup = pool.submit(self._lookup, plan)
+            with cluster.connect(self.ray_address, self.verbose) if plan.variants else contextlib.nullcontext():
+                outcome.mark("cluster", t)
+                cached, todo, bases_todo, base_ppl, seconds = lookup.result()
+                outcome.phases["tracking"] = seconds  # overlapped with "cluster"
+                outcome.tracking_uri = redact(self.uri)
+                self.say(
+                    f"job {plan.job_name} ({plan.job_id}): {len(plan.variants)} variants, {len(todo)} to build, "
+                    f"{len(plan.variants) - len(todo)} reused; tracking {redact(self.uri)}"
+                )
+                if todo or bases_todo:  # a variant no node can hold is bad input: say so before any run is created
+                    memory = max(v.resources.memory_bytes for v in todo) if todo else 0
+                    nodes = cluster.nodes()
+                    problem = resources.unfit(nodes, self.spec.resources.num_cpus, self.spec.resources.num_gpus,
+                                              memory)
+                    gangs = [v.resources for v in todo if v.resources.ranks > 1]
+                    if not problem and gangs:
+                        r = max(gangs, key=lambda r: r.memory_bytes)
+                        problem = cluster.gang_unfit(nodes, {"CPU": r.num_cpus, "GPU": r.num_gpus,
+                                                             "memory": r.memory_bytes}, r.ranks)
+                    if problem:
+                        raise SpecError(problem)
+                return self._record(plan, outcome, cached, todo, bases_todo, base_ppl, t0)
+
+    def _lookup(self, plan: Plan) -> tuple[dict[str, Any], list[Variant], list[BaseEval], dict[str, float], float]:
+        """The tracking store, and what it already holds: variants and base evaluations to reuse, the rest to do."""
+        t = time.perf_counter()
         self.uri, self.artifact_location = tracking_target(self.spec, self.tracking_override)
-        outcome.tracking_uri = redact(self.uri)
         self.store = MlflowStore(self.uri, self.spec.tracking.experiment, self.artifact_location)
         self.store.check_reachable()
         self._reap_orphans(plan)
@@ -150,26 +180,7 @@ class Driver:
         base_ppl = {b: float(r.metrics["perplexity"]) for b, r in base_cached.items() if r is not None}
         self.base_metrics = {b: dict(r.metrics) for b, r in base_cached.items() if r is not None}
         bases_todo = [b for b in plan.base_evals if b.id not in base_ppl and any(v.base_eval_id == b.id for v in todo)]
-        self.say(
-            f"job {plan.job_name} ({plan.job_id}): {len(plan.variants)} variants, {len(todo)} to build, "
-            f"{len(plan.variants) - len(todo)} reused; tracking {redact(self.uri)}"
-        )
-        work = bool(todo or bases_todo)
-        t = outcome.mark("tracking", t)
-        with cluster.connect(self.ray_address, self.verbose) if work else contextlib.nullcontext():
-            outcome.mark("cluster", t)
-            if work:  # a variant no node can hold is bad input: say so before any run is created
-                memory = max(v.resources.memory_bytes for v in todo) if todo else 0
-                nodes = cluster.nodes()
-                problem = resources.unfit(nodes, self.spec.resources.num_cpus, self.spec.resources.num_gpus, memory)
-                gangs = [v.resources for v in todo if v.resources.ranks > 1]
-                if not problem and gangs:
-                    r = max(gangs, key=lambda r: r.memory_bytes)
-                    problem = cluster.gang_unfit(nodes, {"CPU": r.num_cpus, "GPU": r.num_gpus,
-                                                         "memory": r.memory_bytes}, r.ranks)
-                if problem:
-                    raise SpecError(problem)
-            return self._record(plan, outcome, cached, todo, bases_todo, base_ppl, t0)
+        return cached, todo, bases_todo, base_ppl, time.perf_counter() - t
 
     def _record(self, plan: Plan, outcome: JobOutcome, cached: dict[str, Any], todo: list[Variant],
                 bases_todo: list[BaseEval], base_ppl: dict[str, float], t0: float) -> JobOutcome:
