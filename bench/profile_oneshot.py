@@ -5,10 +5,12 @@ Per decoder layer the sequential pipeline runs a calibration pass (forward + Hes
 (`sequential_epoch_end`), then a propagation pass; this prints the seconds of each summed over layers (CUDA
 synchronised at every boundary), the set-up before the first layer (tracing, cache), and, with --profile, the
 top CUDA kernels and CPU ops from torch.profiler plus how busy the GPU was. --concurrent N starts N copies at
-once (as N packed variants run) and reports each; --mps runs them again under CUDA MPS when the node has it.
+once (as N packed variants run) and reports each; --mps runs them again under CUDA MPS when the node has it;
+--ranks N runs one oneshot as N data-parallel ranks (farm's process group) and reports every rank's phases.
 
   python bench/profile_oneshot.py --shape llama-1b --layers 16
   python bench/profile_oneshot.py --shape llama-1b --concurrent 4 --threads 2 --mps
+  python bench/profile_oneshot.py --shape llama-8b --layers 8 --batch 8 --ranks 4
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.quantize_bench import ROOT, SHAPES
+from farm.runtime.ddp import free_port
 
 
 def build(shape: str, layers: int, tokenizer: Path, work: Path) -> Path:
@@ -49,7 +52,7 @@ class Phases:
     """Synchronised wall time per pipeline phase, from hooks on the decoder layers and the epoch-end callback."""
 
     def __init__(self) -> None:
-        self.seconds = {"calibrate": 0.0, "solve": 0.0, "propagate": 0.0}
+        self.seconds = {"calibrate": 0.0, "solve": 0.0, "propagate": 0.0, "own_solves": 0.0}
         self.first_layer_at: float | None = None
         self._pass = "calibrate"
         self._t = 0.0
@@ -78,6 +81,17 @@ class Phases:
             return out
 
         LifecycleCallbacks.sequential_epoch_end = classmethod(epoch_end)
+        from llmcompressor.modifiers.gptq import GPTQModifier
+
+        own = GPTQModifier.compress_module_list
+
+        def compress_module_list(modifier, modules):  # the solves of the modules this rank owns
+            t = self.sync()
+            out = own(modifier, modules)
+            self.seconds["own_solves"] += self.sync() - t
+            return out
+
+        GPTQModifier.compress_module_list = compress_module_list
 
     def _pre(self, module, args) -> None:
         self._t = self.sync()
@@ -92,11 +106,17 @@ class Phases:
 
 
 def once(args: argparse.Namespace) -> dict:
+    from farm.runtime import ddp
+
+    rank = ddp.Rank(args.rank, args.ranks, "127.0.0.1", args.port) if args.ranks > 1 else None
+    if rank is not None:  # one rank of farm's data-parallel calibration: the group farm's workers form
+        ddp.use_devices(rank)
+        ddp.init(rank)
     import torch
 
     from farm.methods.registry import build_method
-    from farm.stages.modelio import load_model, load_tokenizer, set_threads
-    from farm.stages.quantize import CalibrationDraw, QuantizeRequest, calibrate
+    from farm.stages.modelio import load_model, load_shared_model, load_tokenizer, set_threads
+    from farm.stages.quantize import CalibrationDraw, QuantizeRequest, calibrate, placement
 
     if args.threads:
         set_threads(args.threads)
@@ -105,10 +125,12 @@ def once(args: argparse.Namespace) -> dict:
     method = build_method({"method": "gptq", "group_size": 128, "ignore": ["lm_head"]})
     req = QuantizeRequest(str(model_dir), method, CalibrationDraw(str(args.text), args.samples, args.seq, 0),
                           str(args.work / "out"), batch_size=args.batch, offload_device="cuda" if device == "cuda"
-                          else None, gptq_hessian=args.hessian, calibration_attention=args.attention)
+                          else None, gptq_hessian=args.hessian, calibration_attention=args.attention,
+                          rank=args.rank, world=max(1, args.ranks))
     tok = load_tokenizer(model_dir)
     t0 = time.perf_counter()
-    model = load_model(model_dir, device)
+    where = placement(req, device)
+    model = load_shared_model(model_dir, device) if where == "shared" else load_model(model_dir, where)
     t1 = time.perf_counter()
     phases = Phases()
     phases.attach(model)
@@ -123,11 +145,13 @@ def once(args: argparse.Namespace) -> dict:
     notes = calibrate(req, model, tok, method.modifiers())
     t3 = phases.sync()
     result = {"shape": args.shape, "layers": args.layers, "batch": args.batch, "attention": args.attention,
+              "rank": args.rank, "ranks": args.ranks,
               "load_s": round(t1 - t0, 2),
               "oneshot_s": round(t3 - t2, 2), "setup_s": round((phases.first_layer_at or t3) - t2, 2),
               **{f"{k}_s": round(v, 2) for k, v in phases.seconds.items()}, "notes": notes,
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else 0}
-    result["other_s"] = round(result["oneshot_s"] - result["setup_s"] - sum(phases.seconds.values()), 2)
+    inside = sum(v for k, v in phases.seconds.items() if k != "own_solves")  # own solves are part of "solve"
+    result["other_s"] = round(result["oneshot_s"] - result["setup_s"] - inside, 2)
     if prof is not None:
         prof.__exit__(None, None, None)
         events = prof.key_averages()
@@ -139,17 +163,26 @@ def once(args: argparse.Namespace) -> dict:
     return result
 
 
-def concurrent(args: argparse.Namespace, n: int) -> dict:
-    """N copies at once, each a fresh process (as N packed variants): each one's phases and the wall."""
+def concurrent(args: argparse.Namespace, n: int, ranks: int = 0) -> dict:
+    """N copies at once, each a fresh process (as N packed variants, or the N ranks of one data-parallel
+    variant): each one's phases and the wall."""
+    port = str(free_port())
     argv = [sys.executable, __file__, "--shape", args.shape, "--layers", str(args.layers), "--batch", str(args.batch),
             "--samples", str(args.samples), "--seq", str(args.seq), "--threads", str(args.threads),
             "--attention", args.attention, "--hessian", args.hessian,
             "--tokenizer", str(args.tokenizer), "--text", str(args.text), "--work", str(args.work)]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(n)]
+    group = ["--ranks", str(ranks), "--port", port] if ranks else []
+    logs = [args.work / f"process{i}.err" for i in range(n)]
+    procs = [subprocess.Popen(argv + group + (["--rank", str(i)] if ranks else []), stdout=subprocess.PIPE,
+                              stderr=log.open("w"), text=True) for i, log in enumerate(logs)]
     outs = [p.communicate()[0] for p in procs]
     wall = time.perf_counter() - t0
-    each = [json.loads(o.strip().splitlines()[-1][len("RESULT "):]) for o in outs]
+    lines = [[x for x in o.splitlines() if x.startswith("RESULT ")] for o in outs]
+    if not all(lines):
+        failed = next(i for i, x in enumerate(lines) if not x)
+        raise SystemExit(f"process {failed} failed:\n{logs[failed].read_text()[-3000:]}")
+    each = [json.loads(x[-1][len("RESULT "):]) for x in lines]
     return {"n": n, "wall_s": round(wall, 2), "each": each}
 
 
@@ -166,11 +199,18 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--concurrent", type=int, default=0)
     ap.add_argument("--mps", action="store_true", help="with --concurrent: again under CUDA MPS if available")
+    ap.add_argument("--ranks", type=int, default=0, help="data-parallel ranks (one process each, NCCL/gloo)")
+    ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--tokenizer", type=Path, default=ROOT / ".fixtures" / "models" / "tiny-llama")
     ap.add_argument("--text", type=Path, default=ROOT / ".fixtures" / "shakespeare" / "calibration.txt")
     ap.add_argument("--work", type=Path, default=Path("/tmp/farm-profile"))
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.ranks > 1 and not args.port:  # the launcher: build once, then start every rank
+        build(args.shape, args.layers, args.tokenizer, args.work)
+        print("RANKS " + json.dumps(concurrent(args, args.ranks, args.ranks)), flush=True)
+        return
     if not args.concurrent:
         print("RESULT " + json.dumps(once(args)), flush=True)
         return
