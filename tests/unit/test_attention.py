@@ -69,3 +69,25 @@ def test_spec_default_and_choices() -> None:
     assert ResourceSpec(calibration_attention="eager").calibration_attention == "eager"
     with pytest.raises(ValueError):
         ResourceSpec(calibration_attention="flash")
+
+
+def _normalised_source(fn: object) -> str:
+    import inspect
+    import re
+
+    return re.sub(r"\s+", " ", re.sub(r"#.*", "", inspect.getsource(fn)))  # type: ignore[arg-type]
+
+
+def test_every_covered_architecture_has_llamas_plain_eager_attention() -> None:
+    """The allow-list is only safe while each architecture's eager attention is Llama's softmax(QK^T s + m)V: a
+    transformers upgrade that changes one (soft-capping, sinks, a bias) fails here instead of silently
+    calibrating with different attention."""
+    import importlib
+
+    from farm.stages.attention import PLAIN_EAGER
+
+    reference = _normalised_source(importlib.import_module("transformers.models.llama.modeling_llama")
+                                   .eager_attention_forward)
+    for arch in sorted(PLAIN_EAGER):
+        module = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+        assert _normalised_source(module.eager_attention_forward) == reference, arch
