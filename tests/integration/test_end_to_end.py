@@ -31,7 +31,7 @@ def test_job_end_to_end(stack: Stack, stack_env: dict, fixture_paths: dict, tmp_
     assert first.returncode == 0, first.stdout + first.stderr
     for label in ("gptq-w4a16-g64", "awq-w4a16-g64", "fp8-dynamic", "smoothquant-w8a8-gptq"):
         assert f"tiny-llama/{label}: built" in first.stdout
-    summary = next(x for x in first.stdout.splitlines() if x.startswith("job ") and " in " in x)
+    summary = next(x for x in first.stdout.splitlines() if x.startswith("job ") and "(preflight " in x)
     assert all(f"{phase} " in summary for phase in ("preflight", "cluster", "tracking", "build", "finish")), summary
 
     client = MlflowClient(stack.mlflow_uri)
