@@ -31,3 +31,26 @@ def test_profile_sums_solves_per_layer_and_counts_a_batch_once(tmp_path: Path) -
     (tmp_path / "worker-def-01000000-4343.out").write_text("no llm-compressor lines here\n")
     profile = _bench().gptq_profile(tmp_path)
     assert profile == {"4242": {"layers": 2, "solve_s": 0.8, "max_layer_solve_s": 0.5, "mean_layer_period_s": 2.0}}
+
+
+def test_oneshot_profiler_accounts_for_every_phase(tmp_path: Path) -> None:
+    """bench/profile_oneshot.py on the CPU (tiny shape): the phases it reports add up to the oneshot, every
+    attention call of calibration and propagation went through the fused path, and the own-solve timer ran."""
+    import json
+    import subprocess
+    import sys
+
+    tok, text = ROOT / ".fixtures" / "models" / "tiny-llama", ROOT / ".fixtures" / "shakespeare" / "calibration.txt"
+    if not tok.exists():
+        import pytest
+
+        pytest.skip("fixtures not built (make fixtures)")
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_oneshot.py"), "--shape", "tiny", "--layers",
+                          "2", "--samples", "8", "--seq", "64", "--batch", "4", "--tokenizer", str(tok), "--text",
+                          str(text), "--work", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+    assert res.returncode == 0 and line, res.stderr[-2000:]
+    r = json.loads(line[0][len("RESULT "):])
+    parts = r["setup_s"] + r["calibrate_s"] + r["solve_s"] + r["propagate_s"] + r["other_s"]
+    assert abs(parts - r["oneshot_s"]) < 0.05 and 0 < r["own_solves_s"] <= r["solve_s"] + 0.01
+    assert any("8 calls" in n for n in r["notes"])  # 2 layers x 2 batches x (calibrate + propagate)
