@@ -1,0 +1,76 @@
+"""One GPTQ solve of a given module shape, split into llm-compressor's parts: Hessian factorisation
+(dampen, Cholesky, cholesky_inverse, Cholesky of the inverse) and the rest of `quantize_weight` (activation
+ordering, block updates). Also times the same upper factor of H^-1 computed as the inverse of a Cholesky factor of
+the reversed H (one factorisation and one triangular solve instead of three factorisations), with its distance
+from llm-compressor's. This is what bounds data-parallel GPTQ: each module's whole solve runs on one rank.
+
+  python bench/gptq_solve_bench.py --rows 4096 --columns 14336   # Llama-8B down_proj
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def timed(fn, repeat: int = 3) -> float:
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / repeat
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=4096)
+    ap.add_argument("--columns", type=int, default=14336)
+    ap.add_argument("--tokens", type=int, default=16384)
+    args = ap.parse_args()
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+    from llmcompressor.modifiers.gptq.helpers import factorize_hessian
+
+    torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(args.tokens, args.columns, device=dev)
+    h = (x.t() @ x).unsqueeze(0) * (2 / args.tokens)
+    w = torch.randn(1, args.rows, args.columns, device=dev, dtype=torch.bfloat16) * 0.02
+    qargs = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=128,
+                             actorder="static")
+    groups = args.columns // 128
+    scale = (w.float().reshape(1, args.rows, groups, 128).abs().amax(-1) / 7.5).to(torch.bfloat16)
+    zero = torch.zeros_like(scale, dtype=torch.int8)
+
+    def factorise() -> torch.Tensor:
+        return factorize_hessian(w.float(), h.clone(), 0.01, torch.zeros(1, dtype=torch.bool, device=dev))
+
+    def flipped() -> torch.Tensor:
+        hd = h[0].clone()
+        hd.diagonal().add_(0.01 * hd.diagonal().mean())
+        lower = torch.linalg.cholesky(hd.flip(0, 1))  # J H J = M M^T
+        eye = torch.eye(args.columns, device=dev)
+        inv = torch.linalg.solve_triangular(lower, eye, upper=False)  # M^-1
+        return inv.flip(0, 1)  # J M^-1 J: upper, and (J M^-1 J)^T (J M^-1 J) = H^-1
+
+    ref, alt = factorise()[0], flipped()
+    out = {
+        "shape": [args.rows, args.columns],
+        "factorise_s": timed(factorise),
+        "flipped_factor_s": timed(flipped),
+        "quantize_weight_s": timed(lambda: quantize_weight(w.clone(), h.clone(), scale, zero, None, qargs)),
+        "flipped_vs_llmcompressor_max_rel": ((alt - ref).abs().max() / ref.abs().max()).item(),
+    }
+    out["device"] = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"
+    print("SOLVE " + json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
