@@ -126,7 +126,7 @@ def once(args: argparse.Namespace) -> dict:
     req = QuantizeRequest(str(model_dir), method, CalibrationDraw(str(args.text), args.samples, args.seq, 0),
                           str(args.work / "out"), batch_size=args.batch, offload_device="cuda" if device == "cuda"
                           else None, gptq_hessian=args.hessian, calibration_attention=args.attention,
-                          rank=args.rank, world=max(1, args.ranks))
+                          gptq_inverse=args.inverse, rank=args.rank, world=max(1, args.ranks))
     tok = load_tokenizer(model_dir)
     t0 = time.perf_counter()
     where = placement(req, device)
@@ -145,7 +145,7 @@ def once(args: argparse.Namespace) -> dict:
     notes = calibrate(req, model, tok, method.modifiers())
     t3 = phases.sync()
     result = {"shape": args.shape, "layers": args.layers, "batch": args.batch, "attention": args.attention,
-              "rank": args.rank, "ranks": args.ranks,
+              "inverse": args.inverse, "rank": args.rank, "ranks": args.ranks,
               "load_s": round(t1 - t0, 2),
               "oneshot_s": round(t3 - t2, 2), "setup_s": round((phases.first_layer_at or t3) - t2, 2),
               **{f"{k}_s": round(v, 2) for k, v in phases.seconds.items()}, "notes": notes,
@@ -169,7 +169,7 @@ def concurrent(args: argparse.Namespace, n: int, ranks: int = 0) -> dict:
     port = str(free_port())
     argv = [sys.executable, __file__, "--shape", args.shape, "--layers", str(args.layers), "--batch", str(args.batch),
             "--samples", str(args.samples), "--seq", str(args.seq), "--threads", str(args.threads),
-            "--attention", args.attention, "--hessian", args.hessian,
+            "--attention", args.attention, "--hessian", args.hessian, "--inverse", args.inverse,
             "--tokenizer", str(args.tokenizer), "--text", str(args.text), "--work", str(args.work)]
     t0 = time.perf_counter()
     group = ["--ranks", str(ranks), "--port", port] if ranks else []
@@ -196,6 +196,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (farm sets the worker's num_cpus)")
     ap.add_argument("--hessian", default="tensor_cores", choices=["tensor_cores", "fp32"])
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
+    ap.add_argument("--inverse", default="reversed_cholesky", choices=["reversed_cholesky", "llmcompressor"])
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--concurrent", type=int, default=0)
     ap.add_argument("--mps", action="store_true", help="with --concurrent: again under CUDA MPS if available")

@@ -137,7 +137,7 @@ def make_plan(spec: JobSpec, models: dict[str, ModelInfo], calibration_sha: str 
                 spec.resources.num_gpus, spec.resources.num_cpus, spec.resources.memory_gb, info.weights_bytes,
                 cal.num_samples, cal.max_seq_length, int(info.config.get("hidden_size") or 0),
             )
-            res = replace(res, gptq_hessian=spec.resources.gptq_hessian,
+            res = replace(res, gptq_hessian=spec.resources.gptq_hessian, gptq_inverse=spec.resources.gptq_inverse,
                           calibration_attention=spec.resources.calibration_attention)
             if spec.resources.ranks > 1 and not method.distributable:
                 raise SpecError(f"methods.{ki} ({method.label()}): {method.method} runs in one process; "

@@ -242,6 +242,10 @@ class ResourceSpec(Strict):
         "tensor_cores", description="how GPTQ's Hessians are summed on GPUs: tensor_cores (bf16 products, exact in "
         "fp32, summed in fp32 in 4096-token chunks; ~10x faster, GPTQ's loss within 0.05%) or fp32 "
         "(llm-compressor's own fp32 GEMM); the output format is the same")
+    gptq_inverse: Literal["reversed_cholesky", "llmcompressor"] = Field(
+        "reversed_cholesky", description="how GPTQ's inverse-Hessian factor is computed on GPUs: reversed_cholesky "
+        "(one Cholesky of the reversed Hessian and a triangular solve; 2x faster, same factor to 2e-6) or "
+        "llmcompressor (its three factorisations)")
     calibration_attention: Literal["sdpa", "eager"] = Field(
         "sdpa", description="attention in calibration forward passes: sdpa (transformers' fused attention with "
         "llm-compressor's eager causal mask, for architectures whose eager attention is plain softmax attention) "

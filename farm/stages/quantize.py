@@ -13,6 +13,7 @@ from farm.methods import MethodConfig
 from farm.stages import call
 from farm.stages.attention import sdpa_calibration
 from farm.stages.compat import cpu_safe_pinning
+from farm.stages.factor import one_cholesky_factor
 from farm.stages.hessian import tensor_core_hessians
 from farm.stages.modelio import load_model, load_shared_model, load_tokenizer, pick_device
 
@@ -38,6 +39,7 @@ class QuantizeRequest:
     rank: int = 0  # data-parallel rank and world size (world > 1: a process group is already initialised)
     world: int = 1
     gptq_hessian: str = "tensor_cores"  # or "fp32": llm-compressor's own Hessian GEMM (stages/hessian.py)
+    gptq_inverse: str = "reversed_cholesky"  # or "llmcompressor": its three factorisations (stages/factor.py)
     calibration_attention: str = "sdpa"  # or "eager": llm-compressor's forced eager attention (stages/attention.py)
     report: dict[str, Any] = field(default_factory=dict, compare=False)  # filled: the calibration's diversity
 
@@ -111,13 +113,17 @@ def calibrate(req: QuantizeRequest, model: Any, tokenizer: Any, recipe: list[Any
             kwargs["sequential_offload_device"] = req.offload_device
     fast = tensor_core_hessians() if req.gptq_hessian == "tensor_cores" else contextlib.nullcontext(None)
     fused = sdpa_calibration() if req.calibration_attention == "sdpa" else contextlib.nullcontext(None)
-    with cpu_safe_pinning() as guard, fast as hessians, fused as attention:
+    factor = one_cholesky_factor() if req.gptq_inverse == "reversed_cholesky" else contextlib.nullcontext(None)
+    with cpu_safe_pinning() as guard, fast as hessians, fused as attention, factor as inverse:
         oneshot(model=model, recipe=recipe, tokenizer=tokenizer, **kwargs)
     if guard.skipped:
         notes.append(f"no accelerator: skipped {guard.skipped} llm-compressor activation pin(s) (stages/compat.py)")
     if hessians is not None and hessians.covered:
         notes.append(f"GPTQ Hessians on tensor cores: {hessians.covered} batch accumulations, bf16 products summed "
                      f"in fp32 in {hessians.chunk}-token chunks (resources.gptq_hessian: fp32 for llm-compressor's)")
+    if inverse is not None and inverse.factored:
+        notes.append(f"GPTQ inverse-Hessian factors from one Cholesky each: {inverse.factored} "
+                     f"(resources.gptq_inverse: llmcompressor for its three factorisations)")
     if attention is not None and attention.fused:
         left = f"; {attention.eager} left to eager" if attention.eager else ""
         notes.append(f"calibration attention fused (SDPA with llm-compressor's eager mask): {attention.fused} "

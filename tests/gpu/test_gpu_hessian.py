@@ -58,7 +58,7 @@ def test_tensor_core_hessian_against_float64(features: int) -> None:
 
 
 def _gptq(model_dir: Path, ds, batch: int, out: Path, tensor_cores: bool | int,  # type: ignore[no-untyped-def]
-          fused_attention: bool = False) -> float:
+          fused_attention: bool = False, one_cholesky: bool = False) -> float:
     """One oneshot; returns the sum of GPTQ's own per-module losses (read from its quantize_weight)."""
     import contextlib
 
@@ -67,6 +67,7 @@ def _gptq(model_dir: Path, ds, batch: int, out: Path, tensor_cores: bool | int, 
 
     from farm.methods import build_method
     from farm.stages.attention import sdpa_calibration
+    from farm.stages.factor import one_cholesky_factor
     from farm.stages.hessian import tensor_core_hessians
     from farm.stages.modelio import load_model
 
@@ -85,7 +86,8 @@ def _gptq(model_dir: Path, ds, batch: int, out: Path, tensor_cores: bool | int, 
     chunk = CHUNK_TOKENS if isinstance(tensor_cores, bool) else tensor_cores
     try:
         with (tensor_core_hessians(chunk) if tensor_cores else contextlib.nullcontext(),
-              sdpa_calibration() if fused_attention else contextlib.nullcontext()):
+              sdpa_calibration() if fused_attention else contextlib.nullcontext(),
+              one_cholesky_factor() if one_cholesky else contextlib.nullcontext()):
             oneshot(model=model, dataset=ds, recipe=build_method({"method": "gptq", "group_size": 128}).modifiers(),
                     num_calibration_samples=len(ds), max_seq_length=512, shuffle_calibration_samples=False,
                     batch_size=batch)
