@@ -55,10 +55,10 @@ def upper_inverse_factor(weights: Any, hessians: Any, percdamp: float, used_rtn_
     return hessians
 
 
-def covers(weights: Any, hessians: Any) -> bool:
+def covers(weights: Any, hessians: Any, cpu: bool = False) -> bool:
     import torch
 
-    return bool(hessians.is_cuda and hessians.dtype == torch.float32 and weights.dtype == torch.float32)
+    return bool((hessians.is_cuda or cpu) and hessians.dtype == torch.float32 and weights.dtype == torch.float32)
 
 
 @dataclass
@@ -69,8 +69,9 @@ class Usage:
 
 
 @contextlib.contextmanager
-def one_cholesky_factor() -> Iterator[Usage]:
-    """Within the block, GPTQ's `quantize_weight` factorises CUDA fp32 Hessians with `upper_inverse_factor`."""
+def one_cholesky_factor(cpu: bool = False) -> Iterator[Usage]:
+    """Within the block, GPTQ's `quantize_weight` factorises CUDA fp32 Hessians with `upper_inverse_factor`
+    (`cpu=True`: CPU ones too, which is how CI checks GPTQ's objective with it)."""
     from llmcompressor.modifiers.gptq import gptq_quantize
 
     usage = Usage()
@@ -81,7 +82,7 @@ def one_cholesky_factor() -> Iterator[Usage]:
         return
 
     def factorize_hessian(weights: Any, hessians: Any, percdamp: float, used_rtn_fallback: Any) -> Any:
-        if covers(weights, hessians):
+        if covers(weights, hessians, cpu):
             usage.factored += hessians.shape[0]
             return upper_inverse_factor(weights, hessians, percdamp, used_rtn_fallback)
         return original(weights, hessians, percdamp, used_rtn_fallback)
