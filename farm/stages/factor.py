@@ -11,7 +11,7 @@ its whole solve before; q_proj-sized (4096) 14.1 -> 6.3 ms; the factor differs f
 its largest entry (fp32 rounding). In data-parallel GPTQ the largest module's solve is the critical path of every
 layer (one rank owns it while the others wait), so this shortens it directly.
 
-Scoped like stages/hessian.py: `one_cholesky_factor()` swaps the function `quantize_weight` calls for one
+Scoped (stages/swap.py): `one_cholesky_factor()` swaps the function `quantize_weight` calls for one
 oneshot and restores it; CPU and non-fp32 inputs keep llm-compressor's function. Same contract: dead columns
 (zero diagonal) zeroed in the weights, dampening `percdamp * mean(diag)`, a Hessian that is not positive
 definite after dampening gets the identity and is flagged for llm-compressor's round-to-nearest fallback.
@@ -21,12 +21,11 @@ definite after dampening gets the identity and is flagged for llm-compressor's r
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-log = logging.getLogger(__name__)
+from farm.stages.swap import swapped
 
 
 def upper_inverse_factor(weights: Any, hessians: Any, percdamp: float, used_rtn_fallback: Any) -> Any:
@@ -75,20 +74,15 @@ def one_cholesky_factor(cpu: bool = False) -> Iterator[Usage]:
     from llmcompressor.modifiers.gptq import gptq_quantize
 
     usage = Usage()
-    original = getattr(gptq_quantize, "factorize_hessian", None)
-    if original is None:  # upstream moved it: run llm-compressor's own path rather than fail the variant
-        log.warning("llm-compressor's quantize_weight no longer calls factorize_hessian; its own factor is used")
-        yield usage
-        return
 
-    def factorize_hessian(weights: Any, hessians: Any, percdamp: float, used_rtn_fallback: Any) -> Any:
-        if covers(weights, hessians, cpu):
-            usage.factored += hessians.shape[0]
-            return upper_inverse_factor(weights, hessians, percdamp, used_rtn_fallback)
-        return original(weights, hessians, percdamp, used_rtn_fallback)
+    def make(original: Any) -> Any:
+        def factorize_hessian(weights: Any, hessians: Any, percdamp: float, used_rtn_fallback: Any) -> Any:
+            if covers(weights, hessians, cpu):
+                usage.factored += hessians.shape[0]
+                return upper_inverse_factor(weights, hessians, percdamp, used_rtn_fallback)
+            return original(weights, hessians, percdamp, used_rtn_fallback)
 
-    gptq_quantize.factorize_hessian = factorize_hessian  # type: ignore[assignment]
-    try:
+        return factorize_hessian
+
+    with swapped(gptq_quantize, "factorize_hessian", make, "the one-Cholesky GPTQ factor"):
         yield usage
-    finally:
-        gptq_quantize.factorize_hessian = original

@@ -12,7 +12,7 @@ whose partial Hessians are added in fp32: 1.1e-5, as close to float64 as llm-com
 (llm-compressor's own batch-order change: 0.0006%; 256-token chunks: +0.002%); the format and recipe are
 unchanged. `resources.gptq_hessian: fp32` keeps llm-compressor's function for a job.
 
-Scoped like stages/compat.py: `tensor_core_hessians()` swaps the function GPTQModifier's hook calls for the
+Scoped (stages/swap.py): `tensor_core_hessians()` swaps the function GPTQModifier's hook calls for the
 duration of one oneshot and restores it; anything it does not cover (fp32 activations, CPU tensors, Conv
 layers) goes to llm-compressor's own function.
 """
@@ -20,12 +20,11 @@ layers) goes to llm-compressor's own function.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-log = logging.getLogger(__name__)
+from farm.stages.swap import swapped
 
 
 def gram_fp32(x: Any) -> Any:
@@ -77,20 +76,15 @@ def tensor_core_hessians(chunk: int = CHUNK_TOKENS) -> Iterator[Usage]:
     from llmcompressor.modifiers.gptq import base
 
     usage = Usage(chunk)
-    original = getattr(base, "accumulate_hessian", None)
-    if original is None:  # upstream moved it: run llm-compressor's own path rather than fail the variant
-        log.warning("llm-compressor no longer calls gptq.base.accumulate_hessian; tensor-core Hessians are off")
-        yield usage
-        return
 
-    def accumulate_hessian(inp: Any, module: Any, hessian: Any, num_samples: Any) -> tuple[Any, Any]:
-        if covers(inp, module, hessian):
-            usage.covered += 1
-            return accumulate(inp, hessian, num_samples, chunk=chunk)
-        return original(inp, module, hessian, num_samples)
+    def make(original: Any) -> Any:
+        def accumulate_hessian(inp: Any, module: Any, hessian: Any, num_samples: Any) -> tuple[Any, Any]:
+            if covers(inp, module, hessian):
+                usage.covered += 1
+                return accumulate(inp, hessian, num_samples, chunk=chunk)
+            return original(inp, module, hessian, num_samples)
 
-    base.accumulate_hessian = accumulate_hessian  # type: ignore[assignment]
-    try:
+        return accumulate_hessian
+
+    with swapped(base, "accumulate_hessian", make, "tensor-core Hessians"):
         yield usage
-    finally:
-        base.accumulate_hessian = original

@@ -63,36 +63,22 @@ def _gptq(model_dir: Path, ds, batch: int, out: Path, tensor_cores: bool | int, 
     import contextlib
 
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.gptq import base
 
     from farm.methods import build_method
     from farm.stages.attention import sdpa_calibration
     from farm.stages.factor import one_cholesky_factor
-    from farm.stages.hessian import tensor_core_hessians
+    from farm.stages.hessian import CHUNK_TOKENS, tensor_core_hessians
     from farm.stages.modelio import load_model
-
-    losses: list[float] = []
-    original = base.quantize_weight
-
-    def observed(*args, **kwargs):  # type: ignore[no-untyped-def]
-        q, loss, fallback = original(*args, **kwargs)
-        losses.extend(loss.tolist())
-        return q, loss, fallback
-
-    from farm.stages.hessian import CHUNK_TOKENS
+    from tests.gptq_losses import observed_losses
 
     model = load_model(model_dir, "cuda")
-    base.quantize_weight = observed
     chunk = CHUNK_TOKENS if isinstance(tensor_cores, bool) else tensor_cores
-    try:
-        with (tensor_core_hessians(chunk) if tensor_cores else contextlib.nullcontext(),
-              sdpa_calibration() if fused_attention else contextlib.nullcontext(),
-              one_cholesky_factor() if one_cholesky else contextlib.nullcontext()):
-            oneshot(model=model, dataset=ds, recipe=build_method({"method": "gptq", "group_size": 128}).modifiers(),
-                    num_calibration_samples=len(ds), max_seq_length=512, shuffle_calibration_samples=False,
-                    batch_size=batch)
-    finally:
-        base.quantize_weight = original
+    with (observed_losses() as losses, tensor_core_hessians(chunk) if tensor_cores else contextlib.nullcontext(),
+          sdpa_calibration() if fused_attention else contextlib.nullcontext(),
+          one_cholesky_factor() if one_cholesky else contextlib.nullcontext()):
+        oneshot(model=model, dataset=ds, recipe=build_method({"method": "gptq", "group_size": 128}).modifiers(),
+                num_calibration_samples=len(ds), max_seq_length=512, shuffle_calibration_samples=False,
+                batch_size=batch)
     model.save_pretrained(out, save_compressed=True)
     return sum(losses)
 

@@ -77,11 +77,11 @@ def test_gptq_objective_unchanged_on_the_tiny_model() -> None:
 
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.gptq import base
 
     from farm.calibration import read_text, sample_windows
     from farm.methods import build_method
     from farm.stages.modelio import load_model, load_tokenizer
+    from tests.gptq_losses import observed_losses
 
     root = Path(__file__).resolve().parents[2] / ".fixtures"
     model_dir, text = root / "models" / "tiny-llama", root / "shakespeare" / "calibration.txt"
@@ -92,22 +92,10 @@ def test_gptq_objective_unchanged_on_the_tiny_model() -> None:
     ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
 
     def gptq_loss(ours: bool) -> tuple[float, int]:
-        losses: list[float] = []
-        original = base.quantize_weight
-
-        def observed(*args, **kwargs):  # type: ignore[no-untyped-def]
-            q, loss, fallback = original(*args, **kwargs)
-            losses.extend(loss.tolist())
-            return q, loss, fallback
-
-        base.quantize_weight = observed
-        try:
-            with one_cholesky_factor(cpu=True) if ours else contextlib.nullcontext() as usage:
-                oneshot(model=load_model(model_dir, "cpu"), dataset=ds,
-                        recipe=build_method({"method": "gptq", "group_size": 32}).modifiers(),
-                        num_calibration_samples=len(ds), max_seq_length=64, shuffle_calibration_samples=False)
-        finally:
-            base.quantize_weight = original
+        with observed_losses() as losses, one_cholesky_factor(cpu=True) if ours else contextlib.nullcontext() as usage:
+            oneshot(model=load_model(model_dir, "cpu"), dataset=ds,
+                    recipe=build_method({"method": "gptq", "group_size": 32}).modifiers(),
+                    num_calibration_samples=len(ds), max_seq_length=64, shuffle_calibration_samples=False)
         return sum(losses), usage.factored if usage else 0
 
     ref, _ = gptq_loss(False)
