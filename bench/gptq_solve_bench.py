@@ -38,6 +38,8 @@ def main() -> None:
     from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
     from llmcompressor.modifiers.gptq.helpers import factorize_hessian
 
+    from farm.stages.factor import upper_inverse_factor
+
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.randn(args.tokens, args.columns, device=dev)
@@ -52,15 +54,10 @@ def main() -> None:
     def factorise() -> torch.Tensor:
         return factorize_hessian(w.float(), h.clone(), 0.01, torch.zeros(1, dtype=torch.bool, device=dev))
 
-    def flipped() -> torch.Tensor:
-        hd = h[0].clone()
-        hd.diagonal().add_(0.01 * hd.diagonal().mean())
-        lower = torch.linalg.cholesky(hd.flip(0, 1))  # J H J = M M^T
-        eye = torch.eye(args.columns, device=dev)
-        inv = torch.linalg.solve_triangular(lower, eye, upper=False)  # M^-1
-        return inv.flip(0, 1)  # J M^-1 J: upper, and (J M^-1 J)^T (J M^-1 J) = H^-1
+    def flipped() -> torch.Tensor:  # farm's (stages/factor.py)
+        return upper_inverse_factor(w.float(), h.clone(), 0.01, torch.zeros(1, dtype=torch.bool, device=dev))
 
-    ref, alt = factorise()[0], flipped()
+    ref, alt = factorise()[0], flipped()[0]
     out = {
         "shape": [args.rows, args.columns],
         "factorise_s": timed(factorise),

@@ -10,11 +10,12 @@ time and ~25% of an 8B's.
 The mask does not need eager attention, only the eager mask. So the mask is still built the eager way, and the
 decoder layers' attention call for "eager" goes to transformers' own `sdpa_attention_forward` with that same
 additive mask (`torch.nn.functional.scaled_dot_product_attention`, fp32 softmax inside a fused kernel): the same
-function, the same mask, no scores in memory. Scoped like stages/hessian.py: `sdpa_calibration()` registers the
-override on transformers' attention registry for one oneshot and removes it on exit. Only architectures whose
-eager attention is plain softmax(QK^T * scale + mask) V are covered (`PLAIN_EAGER`); a call with anything SDPA
-would not honour (dropout, logit soft-capping, attention sinks, training mode) goes to the model's own eager
-function. `resources.calibration_attention: eager` keeps llm-compressor's behaviour for a job.
+function, the same mask, no scores in memory. Scoped: `sdpa_calibration(model)` registers the override on
+transformers' attention registry for one oneshot and removes it on exit. Only models of architectures whose eager
+attention is plain softmax(QK^T * scale + mask) V (`PLAIN_EAGER`) get it, others keep llm-compressor's path
+untouched; a call with anything SDPA would not honour (dropout, logit soft-capping, attention sinks, training
+mode) goes to the model's own eager function. `resources.calibration_attention: eager` keeps llm-compressor's
+behaviour for a job.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ EAGER_ONLY_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "head_mask")
 
 
 def architecture(module: Any) -> str | None:
-    """The transformers model package an attention module comes from ("llama" for LlamaAttention), if any."""
+    """The transformers model package a model or module comes from ("llama" for LlamaAttention), if any."""
     name = type(module).__module__
     parts = name.split(".")
     if len(parts) >= 3 and parts[0] == "transformers" and parts[1] == "models":
@@ -71,12 +72,16 @@ class Usage:
 
 
 @contextlib.contextmanager
-def sdpa_calibration() -> Iterator[Usage]:
-    """Within the block, attention dispatched as "eager" runs through SDPA where `fusable` says it is the same."""
+def sdpa_calibration(model: Any) -> Iterator[Usage]:
+    """Within the block, `model`'s attention dispatched as "eager" runs through SDPA where `fusable` says it is
+    the same; a model of another architecture is left to llm-compressor's eager attention."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     usage = Usage()
+    if architecture(model) not in PLAIN_EAGER:
+        yield usage
+        return
     if "eager" in ALL_ATTENTION_FUNCTIONS:  # someone already overrides eager: leave theirs alone
         log.warning("transformers' attention registry already overrides 'eager'; calibration keeps it")
         yield usage

@@ -112,7 +112,7 @@ def calibrate(req: QuantizeRequest, model: Any, tokenizer: Any, recipe: list[Any
         if req.offload_device:
             kwargs["sequential_offload_device"] = req.offload_device
     fast = tensor_core_hessians() if req.gptq_hessian == "tensor_cores" else contextlib.nullcontext(None)
-    fused = sdpa_calibration() if req.calibration_attention == "sdpa" else contextlib.nullcontext(None)
+    fused = sdpa_calibration(model) if req.calibration_attention == "sdpa" else contextlib.nullcontext(None)
     factor = one_cholesky_factor() if req.gptq_inverse == "reversed_cholesky" else contextlib.nullcontext(None)
     with cpu_safe_pinning() as guard, fast as hessians, fused as attention, factor as inverse:
         oneshot(model=model, recipe=recipe, tokenizer=tokenizer, **kwargs)

@@ -33,7 +33,7 @@ def test_fused_attention_matches_eager_in_bf16(small_llama: Path) -> None:  # no
         return logits, time.perf_counter() - t0
 
     eager, t_eager = timed()
-    with sdpa_calibration() as usage:
+    with sdpa_calibration(model) as usage:
         fused, t_fused = timed()
     rel = ((fused - eager).norm() / eager.norm()).item()
     print(f"GPU attention: eager forward {t_eager * 1e3:.1f} ms, fused {t_fused * 1e3:.1f} ms; logits relative "

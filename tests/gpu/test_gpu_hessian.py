@@ -74,7 +74,7 @@ def _gptq(model_dir: Path, ds, batch: int, out: Path, tensor_cores: bool | int, 
     model = load_model(model_dir, "cuda")
     chunk = CHUNK_TOKENS if isinstance(tensor_cores, bool) else tensor_cores
     with (observed_losses() as losses, tensor_core_hessians(chunk) if tensor_cores else contextlib.nullcontext(),
-          sdpa_calibration() if fused_attention else contextlib.nullcontext(),
+          sdpa_calibration(model) if fused_attention else contextlib.nullcontext(),
           one_cholesky_factor() if one_cholesky else contextlib.nullcontext()):
         oneshot(model=model, dataset=ds, recipe=build_method({"method": "gptq", "group_size": 128}).modifiers(),
                 num_calibration_samples=len(ds), max_seq_length=512, shuffle_calibration_samples=False,

@@ -30,7 +30,7 @@ def test_same_logits_as_eager_with_the_causal_mask_and_padding() -> None:
     mask[1, :7] = 0  # a left-padded row: the eager mask carries it, SDPA gets the same mask
     with torch.no_grad():
         eager = model(ids, attention_mask=mask).logits
-        with sdpa_calibration() as usage:
+        with sdpa_calibration(model) as usage:
             fused = model(ids, attention_mask=mask).logits
     assert usage.fused == 2 and usage.eager == 0  # one call per layer
     torch.testing.assert_close(fused[mask.bool()], eager[mask.bool()], rtol=1e-5, atol=1e-5)
@@ -38,7 +38,7 @@ def test_same_logits_as_eager_with_the_causal_mask_and_padding() -> None:
 
 def test_scoped_and_undone_on_error() -> None:
     assert "eager" not in ALL_ATTENTION_FUNCTIONS
-    with pytest.raises(RuntimeError), sdpa_calibration():
+    with pytest.raises(RuntimeError), sdpa_calibration(tiny()):
         assert "eager" in ALL_ATTENTION_FUNCTIONS
         raise RuntimeError("oneshot failed")
     assert "eager" not in ALL_ATTENTION_FUNCTIONS
@@ -59,9 +59,16 @@ def test_what_sdpa_would_not_honour_stays_eager() -> None:
 
 def test_dropout_in_training_goes_to_the_models_own_eager() -> None:
     model = tiny(attention_dropout=0.5).train()
-    with sdpa_calibration() as usage:
+    with sdpa_calibration(model) as usage:
         model(torch.randint(0, 500, (1, 8)))
     assert usage.fused == 0 and usage.eager == 2
+
+
+def test_other_architectures_keep_llm_compressors_path() -> None:
+    foreign = types.new_class("RemoteCodeModel")()  # e.g. trust_remote_code, its eager function named otherwise
+    with sdpa_calibration(foreign) as usage:
+        assert "eager" not in ALL_ATTENTION_FUNCTIONS
+    assert usage.fused == usage.eager == 0
 
 
 def test_spec_default_and_choices() -> None:
