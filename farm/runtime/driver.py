@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from farm import resources, sources
 from farm.calibration import TextIdentity
@@ -29,7 +29,14 @@ from farm.runtime.ddp import Rank
 from farm.runtime.workers import BaseTask, Tracking, VariantTask, Worker, library_versions
 from farm.secrets import redact
 from farm.spec import GateSpec, JobSpec
-from farm.tracking.mlflow_store import TAG, MlflowStore, default_local_uri, environ_uri, is_tracking_failure
+from farm.tracking.mlflow_store import (
+    TAG,
+    MlflowStore,
+    default_local_uri,
+    environ_uri,
+    is_tracking_failure,
+    new_local_store,
+)
 
 Printer = Callable[[str], None]
 DRIVER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -64,8 +71,8 @@ class JobOutcome:
     tracking_uri: str
     variants: list[VariantOutcome] = field(default_factory=list)
     seconds: float = 0.0
-    # where the job's time went: preflight (resolve + hash inputs), then cluster (Ray start or connect) with
-    # tracking (MLflow lookups) alongside it, build (workers: base evaluations and variants), finish (gate, records)
+    # where the job's time went: preflight (resolve + hash inputs), tracking (MLflow lookups; alongside cluster when
+    # a new local store is created), cluster (Ray start or connect), build (base evaluations and variants), finish
     phases: dict[str, float] = field(default_factory=dict)
 
     def mark(self, phase: str, since: float) -> float:
@@ -111,6 +118,20 @@ def registered_name(spec: JobSpec, model_name: str) -> str:
 
 
 
+class Lookup(NamedTuple):
+    """What the tracking store already holds for a plan, and what is left to do."""
+
+    cached: dict[str, Any]  # variant id -> its finished run, or None
+    todo: list[Variant]
+    bases_todo: list[BaseEval]
+    base_ppl: dict[str, float]
+    seconds: float
+
+    @property
+    def work(self) -> bool:
+        return bool(self.todo or self.bases_todo)
+
+
 class Driver:
     def __init__(self, spec: JobSpec, tracking_uri: str | None = None, ray_address: str | None = None,
                  verbose: bool = False, printer: Printer = print):
@@ -137,15 +158,20 @@ class Driver:
         plan = preflight(self.spec)  # bad input stops here, before anything is created
         outcome = JobOutcome(plan, None, "")
         t = outcome.mark("preflight", t0)
-        # Which variants MLflow already holds is looked up while Ray starts: both take seconds (a new sqlite
-        # store's migrations, a local cluster's processes; 7-9 s each on the GPU machine) and a job that plans
-        # variants nearly always builds some. A job whose every variant is recorded gives the cluster back unused.
+        # A new local tracking store costs seconds of MLflow migrations and means every variant is to be built:
+        # it is created while Ray starts (7-9 s each on the GPU machine). An existing store answers quickly which
+        # variants it holds, and a rerun of a recorded job then starts no cluster at all.
+        self.uri, self.artifact_location = tracking_target(self.spec, self.tracking_override)
+        overlap = bool(plan.variants) and new_local_store(self.uri)
         with ThreadPoolExecutor(max_workers=1) as pool:
             lookup = pool.submit(self._lookup, plan)
-            with cluster.connect(self.ray_address, self.verbose) if plan.variants else contextlib.nullcontext():
+            found = None if overlap else lookup.result()
+            t = time.perf_counter() if found else t
+            with cluster.connect(self.ray_address, self.verbose) if overlap or (found and found.work) \
+                    else contextlib.nullcontext():
                 outcome.mark("cluster", t)
-                cached, todo, bases_todo, base_ppl, seconds = lookup.result()
-                outcome.phases["tracking"] = seconds  # overlapped with "cluster"
+                cached, todo, bases_todo, base_ppl, seconds = found or lookup.result()
+                outcome.phases["tracking"] = seconds  # alongside "cluster" when a new store is created
                 outcome.tracking_uri = redact(self.uri)
                 self.say(
                     f"job {plan.job_name} ({plan.job_id}): {len(plan.variants)} variants, {len(todo)} to build, "
@@ -165,10 +191,9 @@ class Driver:
                         raise SpecError(problem)
                 return self._record(plan, outcome, cached, todo, bases_todo, base_ppl, t0)
 
-    def _lookup(self, plan: Plan) -> tuple[dict[str, Any], list[Variant], list[BaseEval], dict[str, float], float]:
+    def _lookup(self, plan: Plan) -> Lookup:
         """The tracking store, and what it already holds: variants and base evaluations to reuse, the rest to do."""
         t = time.perf_counter()
-        self.uri, self.artifact_location = tracking_target(self.spec, self.tracking_override)
         self.store = MlflowStore(self.uri, self.spec.tracking.experiment, self.artifact_location)
         self.store.check_reachable()
         self._reap_orphans(plan)
@@ -180,7 +205,7 @@ class Driver:
         base_ppl = {b: float(r.metrics["perplexity"]) for b, r in base_cached.items() if r is not None}
         self.base_metrics = {b: dict(r.metrics) for b, r in base_cached.items() if r is not None}
         bases_todo = [b for b in plan.base_evals if b.id not in base_ppl and any(v.base_eval_id == b.id for v in todo)]
-        return cached, todo, bases_todo, base_ppl, time.perf_counter() - t
+        return Lookup(cached, todo, bases_todo, base_ppl, time.perf_counter() - t)
 
     def _record(self, plan: Plan, outcome: JobOutcome, cached: dict[str, Any], todo: list[Variant],
                 bases_todo: list[BaseEval], base_ppl: dict[str, float], t0: float) -> JobOutcome:

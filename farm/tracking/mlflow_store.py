@@ -280,5 +280,10 @@ def default_local_uri(root: str) -> tuple[str, str]:
     return f"sqlite:///{base / 'mlflow.db'}", (base / "mlartifacts").as_uri()
 
 
+def new_local_store(uri: str) -> bool:
+    """A sqlite tracking store that does not exist yet: creating it runs MLflow's migrations (seconds)."""
+    return uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists()
+
+
 def environ_uri() -> str | None:
     return os.environ.get("MLFLOW_TRACKING_URI")

@@ -72,6 +72,7 @@ def test_job_end_to_end(stack: Stack, stack_env: dict, fixture_paths: dict, tmp_
     second = farm(*args, env=stack_env, cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert "0 to build, 4 reused" in second.stdout
+    assert "cluster 0.0," in second.stdout  # a recorded job connects to no cluster
 
     def ppl_and_delta(out: str, label: str) -> str:
         line = next(x for x in out.splitlines() if f"tiny-llama/{label}:" in x)
