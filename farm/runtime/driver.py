@@ -166,9 +166,9 @@ class Driver:
         with ThreadPoolExecutor(max_workers=1) as pool:
             lookup = pool.submit(self._lookup, plan)
             found = None if overlap else lookup.result()
-            t = time.perf_counter() if found else t
-            with cluster.connect(self.ray_address, self.verbose) if overlap or (found and found.work) \
-                    else contextlib.nullcontext():
+            t = t if found is None else time.perf_counter()
+            needed = overlap or (found is not None and found.work)
+            with cluster.connect(self.ray_address, self.verbose) if needed else contextlib.nullcontext():
                 outcome.mark("cluster", t)
                 cached, todo, bases_todo, base_ppl, seconds = found or lookup.result()
                 outcome.phases["tracking"] = seconds  # alongside "cluster" when a new store is created
