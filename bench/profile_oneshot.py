@@ -186,6 +186,20 @@ def concurrent(args: argparse.Namespace, n: int, ranks: int = 0) -> dict:
     return {"n": n, "wall_s": round(wall, 2), "each": each}
 
 
+PHASES = ("oneshot_s", "setup_s", "calibrate_s", "solve_s", "own_solves_s", "propagate_s", "other_s", "peak_gib")
+
+
+def show(label: str, each: list[dict], wall: float | None = None) -> None:
+    """The phases as a table: one row per process (or data-parallel rank)."""
+    from farm.report import table
+
+    rows = [[f"rank {e['rank']}" if e.get("ranks") else str(i), *(e.get(k) for k in PHASES)]
+            for i, e in enumerate(each)]
+    print(f"\n{label}" + (f": wall {wall:.1f} s" if wall is not None else ""))
+    print(table(["process", *(k.removesuffix("_s") + (" s" if k.endswith("_s") else "") for k in PHASES)], rows),
+          flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
@@ -210,13 +224,20 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.ranks > 1 and not args.port:  # the launcher: build once, then start every rank
         build(args.shape, args.layers, args.tokenizer, args.work)
-        print("RANKS " + json.dumps(concurrent(args, args.ranks, args.ranks)), flush=True)
+        res = concurrent(args, args.ranks, args.ranks)
+        print("RANKS " + json.dumps(res), flush=True)
+        show(f"{args.shape}, {args.layers} layers, {args.ranks} data-parallel ranks", res["each"], res["wall_s"])
         return
     if not args.concurrent:
-        print("RESULT " + json.dumps(once(args)), flush=True)
+        one = once(args)
+        print("RESULT " + json.dumps(one), flush=True)
+        if not args.port:  # a rank reports to its launcher only
+            show(f"{args.shape}, {args.layers} layers, batch {args.batch}, {args.attention} attention", [one])
         return
     build(args.shape, args.layers, args.tokenizer, args.work)
-    print("CONCURRENT " + json.dumps(concurrent(args, args.concurrent)), flush=True)
+    res = concurrent(args, args.concurrent)
+    print("CONCURRENT " + json.dumps(res), flush=True)
+    show(f"{args.concurrent} processes at once", res["each"], res["wall_s"])
     control = shutil.which("nvidia-cuda-mps-control")
     if args.mps:
         if not control:
@@ -228,7 +249,9 @@ def main() -> None:
         subprocess.run([control, "-d"], env=env, check=True)
         os.environ.update(env)
         try:
-            print("MPS " + json.dumps(concurrent(args, args.concurrent)), flush=True)
+            res = concurrent(args, args.concurrent)
+            print("MPS " + json.dumps(res), flush=True)
+            show(f"{args.concurrent} processes at once under CUDA MPS", res["each"], res["wall_s"])
         finally:
             subprocess.run([control], input="quit\n", text=True, env=env)
 
