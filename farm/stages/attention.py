@@ -70,6 +70,13 @@ class Usage:
     fused: int = 0
     eager: int = 0
 
+    def note(self) -> str | None:
+        if not self.fused:
+            return None
+        left = f"; {self.eager} left to eager" if self.eager else ""
+        return (f"calibration attention fused (SDPA with llm-compressor's eager mask): {self.fused} calls{left} "
+                f"(resources.calibration_attention: eager for llm-compressor's)")
+
 
 @contextlib.contextmanager
 def sdpa_calibration(model: Any) -> Iterator[Usage]:

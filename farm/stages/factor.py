@@ -66,6 +66,12 @@ class Usage:
 
     factored: int = 0
 
+    def note(self) -> str | None:
+        if not self.factored:
+            return None
+        return (f"GPTQ inverse-Hessian factors from one Cholesky each: {self.factored} "
+                f"(resources.gptq_inverse: llmcompressor for its three factorisations)")
+
 
 @contextlib.contextmanager
 def one_cholesky_factor(cpu: bool = False) -> Iterator[Usage]:

@@ -69,6 +69,12 @@ class Usage:
     chunk: int
     covered: int = 0
 
+    def note(self) -> str | None:
+        if not self.covered:
+            return None
+        return (f"GPTQ Hessians on tensor cores: {self.covered} batch accumulations, bf16 products summed in fp32 in "
+                f"{self.chunk}-token chunks (resources.gptq_hessian: fp32 for llm-compressor's)")
+
 
 @contextlib.contextmanager
 def tensor_core_hessians(chunk: int = CHUNK_TOKENS) -> Iterator[Usage]:

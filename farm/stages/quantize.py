@@ -16,6 +16,7 @@ from farm.stages.compat import cpu_safe_pinning
 from farm.stages.factor import one_cholesky_factor
 from farm.stages.hessian import tensor_core_hessians
 from farm.stages.modelio import load_model, load_shared_model, load_tokenizer, pick_device
+from farm.stages.swap import Used
 
 
 @dataclass(frozen=True)
@@ -111,23 +112,18 @@ def calibrate(req: QuantizeRequest, model: Any, tokenizer: Any, recipe: list[Any
         }
         if req.offload_device:
             kwargs["sequential_offload_device"] = req.offload_device
-    fast = tensor_core_hessians() if req.gptq_hessian == "tensor_cores" else contextlib.nullcontext(None)
-    fused = sdpa_calibration(model) if req.calibration_attention == "sdpa" else contextlib.nullcontext(None)
-    factor = one_cholesky_factor() if req.gptq_inverse == "reversed_cholesky" else contextlib.nullcontext(None)
-    with cpu_safe_pinning() as guard, fast as hessians, fused as attention, factor as inverse:
+    speedups: list[contextlib.AbstractContextManager[Used] | None] = [  # farm's GPU speed-ups, each switchable
+        tensor_core_hessians() if req.gptq_hessian == "tensor_cores" else None,
+        one_cholesky_factor() if req.gptq_inverse == "reversed_cholesky" else None,
+        sdpa_calibration(model) if req.calibration_attention == "sdpa" else None,
+    ]
+    with contextlib.ExitStack() as stack:
+        guard = stack.enter_context(cpu_safe_pinning())
+        used: list[Used] = [stack.enter_context(s) for s in speedups if s is not None]
         oneshot(model=model, recipe=recipe, tokenizer=tokenizer, **kwargs)
     if guard.skipped:
         notes.append(f"no accelerator: skipped {guard.skipped} llm-compressor activation pin(s) (stages/compat.py)")
-    if hessians is not None and hessians.covered:
-        notes.append(f"GPTQ Hessians on tensor cores: {hessians.covered} batch accumulations, bf16 products summed "
-                     f"in fp32 in {hessians.chunk}-token chunks (resources.gptq_hessian: fp32 for llm-compressor's)")
-    if inverse is not None and inverse.factored:
-        notes.append(f"GPTQ inverse-Hessian factors from one Cholesky each: {inverse.factored} "
-                     f"(resources.gptq_inverse: llmcompressor for its three factorisations)")
-    if attention is not None and attention.fused:
-        left = f"; {attention.eager} left to eager" if attention.eager else ""
-        notes.append(f"calibration attention fused (SDPA with llm-compressor's eager mask): {attention.fused} "
-                     f"calls{left} (resources.calibration_attention: eager for llm-compressor's)")
+    notes += [n for n in (u.note() for u in used) if n]
     return notes
 
 

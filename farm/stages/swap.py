@@ -11,9 +11,15 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
+
+
+class Used(Protocol):
+    """What a speed-up did during one oneshot, as a line for the run's notes (None: it did nothing)."""
+
+    def note(self) -> str | None: ...
 
 
 @contextlib.contextmanager
