@@ -146,7 +146,7 @@ def timeline(client: Any, experiment_id: str) -> list[list]:
 
 
 def gptq_profile(logs: Path = Path("/tmp/ray/session_latest/logs")) -> dict:
-    """Where GPTQ's time went in each worker of the last Ray session (one variant per worker: farm, ddp4), from
+    """Where GPTQ's time went in each worker of the last Ray session (one variant per worker), from
     llm-compressor's own log lines ("Quantizing N module(s): [...]" then "METRIC - time X s" per solved batch):
     per worker, the seconds spent in GPTQ solves and each layer's period (the rest of it is calibration forward
     passes, Hessians and propagation)."""
@@ -272,7 +272,7 @@ def main() -> None:
     if "ddp4" in wl:
         d = record("ddp4", run_farm([m0], args.text, args.samples, args.seq, whole, args.work, f"ddp4-{args.shape}",
                                     ranks=4))
-        record("ddp4_gptq_profile", gptq_profile())  # one entry per rank: the owner of down_proj is the critical path
+        # per-rank phases: bench/profile_oneshot.py --ranks 4 (Ray's worker logs held no rank's GPTQ lines here)
         rows.append(single_row("farm, 1 variant over 4 GPUs (ranks 4)", d))
         if "farm" in results:
             f1, v = results["farm"]["variants"][0], d["variants"][0]
