@@ -25,27 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.quantize_bench import ROOT, SHAPES
+from bench.quantize_bench import ROOT, SHAPES, build_model
 from farm.runtime.ddp import free_port
-
-
-def build(shape: str, layers: int, tokenizer: Path, work: Path) -> Path:
-    out = work / f"{shape}-l{layers}"
-    if (out / "config.json").exists():
-        return out
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      **(SHAPES[shape] | {"num_hidden_layers": layers}))
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 class Phases:
@@ -120,7 +101,7 @@ def once(args: argparse.Namespace) -> dict:
 
     if args.threads:
         set_threads(args.threads)
-    model_dir = build(args.shape, args.layers, args.tokenizer, args.work)
+    model_dir = build_model(args.shape, 0, args.tokenizer, args.work, args.layers)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     method = build_method({"method": "gptq", "group_size": 128, "ignore": ["lm_head"]})
     req = QuantizeRequest(str(model_dir), method, CalibrationDraw(str(args.text), args.samples, args.seq, 0),
@@ -223,7 +204,7 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.ranks > 1 and not args.port:  # the launcher: build once, then start every rank
-        build(args.shape, args.layers, args.tokenizer, args.work)
+        build_model(args.shape, 0, args.tokenizer, args.work, args.layers)
         res = concurrent(args, args.ranks, args.ranks)
         print("RANKS " + json.dumps(res), flush=True)
         show(f"{args.shape}, {args.layers} layers, {args.ranks} data-parallel ranks", res["each"], res["wall_s"])
@@ -234,7 +215,7 @@ def main() -> None:
         if not args.port:  # a rank reports to its launcher only
             show(f"{args.shape}, {args.layers} layers, batch {args.batch}, {args.attention} attention", [one])
         return
-    build(args.shape, args.layers, args.tokenizer, args.work)
+    build_model(args.shape, 0, args.tokenizer, args.work, args.layers)
     res = concurrent(args, args.concurrent)
     print("CONCURRENT " + json.dumps(res), flush=True)
     show(f"{args.concurrent} processes at once", res["each"], res["wall_s"])

@@ -37,8 +37,9 @@ SHAPES = {
 }
 
 
-def build_model(shape: str, seed: int, tokenizer: Path, work: Path) -> Path:
-    out = work / f"{shape}-seed{seed}"
+def build_model(shape: str, seed: int, tokenizer: Path, work: Path, layers: int | None = None) -> Path:
+    """A random-init Llama of `shape` (optionally with fewer layers), bf16 safetensors, built once under `work`."""
+    out = work / (f"{shape}-seed{seed}" if layers is None else f"{shape}-l{layers}")
     if (out / "config.json").exists():
         return out
     import torch
@@ -47,7 +48,8 @@ def build_model(shape: str, seed: int, tokenizer: Path, work: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(tokenizer)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **SHAPES[shape])
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      **(SHAPES[shape] | ({} if layers is None else {"num_hidden_layers": layers})))
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(out)
