@@ -34,6 +34,7 @@ class Phases:
 
     def __init__(self) -> None:
         self.seconds = {"calibrate": 0.0, "solve": 0.0, "propagate": 0.0, "own_solves": 0.0}
+        self.parts: dict[str, float] = {}
         self.first_layer_at: float | None = None
         self._pass = "calibrate"
         self._t = 0.0
@@ -73,6 +74,24 @@ class Phases:
             return out
 
         GPTQModifier.compress_module_list = compress_module_list
+        from llmcompressor.modifiers.gptq import base
+
+        from farm.stages import leftgptq
+
+        for owner, name in [(leftgptq, "left_looking_quantize_weight"), (leftgptq, "hessian_factor"), (base, "prepare_batch"), (base, "update_batch_qparams"), (base, "observe"),
+                            (base, "broadcast_qparams_and_cleanup"), (GPTQModifier, "_reduce_hessian_to_target_rank")]:
+            setattr(owner, name, self._timed(name, getattr(owner, name)))
+
+    def _timed(self, name, fn):
+        """A part of the solve phase, synchronised (bench only: it serialises the GPU at every call)."""
+
+        def timed(*args, **kwargs):
+            t = self.sync()
+            out = fn(*args, **kwargs)
+            self.parts[name] = self.parts.get(name, 0.0) + self.sync() - t
+            return out
+
+        return timed
 
     def _pre(self, module, args) -> None:
         self._t = self.sync()
@@ -133,6 +152,7 @@ def once(args: argparse.Namespace) -> dict:
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else 0}
     inside = sum(v for k, v in phases.seconds.items() if k != "own_solves")  # own solves are part of "solve"
     result["other_s"] = round(result["oneshot_s"] - result["setup_s"] - inside, 2)
+    result["solve_parts_s"] = {k: round(v, 3) for k, v in phases.parts.items()}
     if prof is not None:
         prof.__exit__(None, None, None)
         events = prof.key_averages()
@@ -191,7 +211,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (farm sets the worker's num_cpus)")
     ap.add_argument("--hessian", default="tensor_cores", choices=["tensor_cores", "fp32"])
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
-    ap.add_argument("--inverse", default="reversed_cholesky", choices=["reversed_cholesky", "llmcompressor"])
+    ap.add_argument("--inverse", default="left_looking",
+                    choices=["left_looking", "reversed_cholesky", "llmcompressor"])
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--concurrent", type=int, default=0)
     ap.add_argument("--mps", action="store_true", help="with --concurrent: again under CUDA MPS if available")

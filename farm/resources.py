@@ -19,7 +19,7 @@ class Resources:
     memory_bytes: int
     ranks: int = 1  # >1: a placement group of `ranks` workers of this shape (data-parallel calibration)
     gptq_hessian: str = "tensor_cores"  # how GPTQ Hessians are summed on a GPU (stages/hessian.py)
-    gptq_inverse: str = "reversed_cholesky"  # GPTQ's inverse-Hessian factor (stages/factor.py)
+    gptq_inverse: str = "left_looking"  # how GPTQ uses H^-1 (stages/leftgptq.py, stages/factor.py)
     calibration_attention: str = "sdpa"  # attention in calibration passes (stages/attention.py)
 
     def ray_options(self) -> dict[str, float | int]:

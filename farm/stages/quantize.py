@@ -15,6 +15,7 @@ from farm.stages.attention import sdpa_calibration
 from farm.stages.compat import cpu_safe_pinning
 from farm.stages.factor import one_cholesky_factor
 from farm.stages.hessian import tensor_core_hessians
+from farm.stages.leftgptq import left_looking_solve
 from farm.stages.modelio import load_model, load_shared_model, load_tokenizer, pick_device
 from farm.stages.swap import Used
 
@@ -40,7 +41,7 @@ class QuantizeRequest:
     rank: int = 0  # data-parallel rank and world size (world > 1: a process group is already initialised)
     world: int = 1
     gptq_hessian: str = "tensor_cores"  # or "fp32": llm-compressor's own Hessian GEMM (stages/hessian.py)
-    gptq_inverse: str = "reversed_cholesky"  # or "llmcompressor": its three factorisations (stages/factor.py)
+    gptq_inverse: str = "left_looking"  # stages/leftgptq.py; or "reversed_cholesky" (factor.py), "llmcompressor"
     calibration_attention: str = "sdpa"  # or "eager": llm-compressor's forced eager attention (stages/attention.py)
     report: dict[str, Any] = field(default_factory=dict, compare=False)  # filled: the calibration's diversity
 
@@ -115,6 +116,7 @@ def calibrate(req: QuantizeRequest, model: Any, tokenizer: Any, recipe: list[Any
     speedups: list[contextlib.AbstractContextManager[Used] | None] = [  # farm's GPU speed-ups, each switchable
         tensor_core_hessians() if req.gptq_hessian == "tensor_cores" else None,
         one_cholesky_factor() if req.gptq_inverse == "reversed_cholesky" else None,
+        left_looking_solve() if req.gptq_inverse == "left_looking" else None,
         sdpa_calibration(model) if req.calibration_attention == "sdpa" else None,
     ]
     with contextlib.ExitStack() as stack:

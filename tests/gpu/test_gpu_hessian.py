@@ -58,7 +58,7 @@ def test_tensor_core_hessian_against_float64(features: int) -> None:
 
 
 def _gptq(model_dir: Path, ds, batch: int, out: Path, tensor_cores: bool | int,  # type: ignore[no-untyped-def]
-          fused_attention: bool = False, one_cholesky: bool = False) -> float:
+          fused_attention: bool = False, one_cholesky: bool = False, left_looking: bool = False) -> float:
     """One oneshot; returns the sum of GPTQ's own per-module losses (read from its quantize_weight)."""
     import contextlib
 
@@ -68,12 +68,14 @@ def _gptq(model_dir: Path, ds, batch: int, out: Path, tensor_cores: bool | int, 
     from farm.stages.attention import sdpa_calibration
     from farm.stages.factor import one_cholesky_factor
     from farm.stages.hessian import CHUNK_TOKENS, tensor_core_hessians
+    from farm.stages.leftgptq import left_looking_solve
     from farm.stages.modelio import load_model
     from tests.gptq_losses import observed_losses
 
     model = load_model(model_dir, "cuda")
     chunk = CHUNK_TOKENS if isinstance(tensor_cores, bool) else tensor_cores
-    with (observed_losses() as losses, tensor_core_hessians(chunk) if tensor_cores else contextlib.nullcontext(),
+    with (left_looking_solve() if left_looking else contextlib.nullcontext(),  # under the loss observer
+          observed_losses() as losses, tensor_core_hessians(chunk) if tensor_cores else contextlib.nullcontext(),
           sdpa_calibration(model) if fused_attention else contextlib.nullcontext(),
           one_cholesky_factor() if one_cholesky else contextlib.nullcontext()):
         oneshot(model=model, dataset=ds, recipe=build_method({"method": "gptq", "group_size": 128}).modifiers(),

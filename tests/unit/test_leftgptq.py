@@ -1,0 +1,113 @@
+"""The left-looking GPTQ solve (Cholesky factor of H only) quantizes exactly as llm-compressor's right-looking
+`quantize_weight` does, up to fp32 rounding, with the same contract (CPU, fp32)."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from compressed_tensors.quantization import QuantizationArgs  # noqa: E402
+from llmcompressor.modifiers.gptq import base  # noqa: E402
+from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight  # noqa: E402
+
+from farm.spec import ResourceSpec  # noqa: E402
+from farm.stages.leftgptq import hessian_factor, left_looking_quantize_weight, left_looking_solve  # noqa: E402
+
+
+def problem(batch: int, rows: int, n: int, group: int = 32) -> tuple:
+    torch.manual_seed(0)
+    x = torch.randn(batch, 4 * n, n) * (torch.rand(n) + 0.1)
+    h = 2 * x.transpose(1, 2) @ x / x.shape[1]
+    w = torch.randn(batch, rows, n) * 0.05
+    scale = w.reshape(batch, rows, n // group, group).abs().amax(-1) / 7.5
+    return w, h, scale, torch.zeros_like(scale, dtype=torch.int8)
+
+
+@pytest.mark.parametrize("actorder", [None, "static", "weight"])
+def test_same_quantization_as_llm_compressor(actorder: str | None) -> None:
+    w, h, scale, zero = problem(2, 16, 320)  # 2.5 blocks of 128: the last block is narrower
+    qargs = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32,
+                             actorder=actorder)
+    ref_q, ref_loss, ref_flag = quantize_weight(w.clone(), h.clone(), scale, zero, None, qargs)
+    q, loss, flag = left_looking_quantize_weight(w.clone(), h.clone(), scale, zero, None, qargs)
+    assert (q != ref_q).float().mean() < 1e-3  # a rounding tie may fall the other way, nothing more
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-6)
+    assert flag.tolist() == ref_flag.tolist() == [False, False]
+
+
+def test_factor_is_the_upper_cholesky_factor_of_h() -> None:
+    _, h, _, _ = problem(1, 4, 64)
+    v = hessian_factor(torch.zeros(1, 4, 64), h.clone(), 0.01, torch.zeros(1, dtype=torch.bool))
+    damped = h.clone()
+    damped[0].diagonal().add_(0.01 * damped[0].diagonal().mean())
+    assert torch.equal(v, v.triu())
+    torch.testing.assert_close(v @ v.transpose(1, 2), damped, rtol=1e-4, atol=1e-4)
+
+
+def test_dead_columns_and_a_hessian_that_is_not_positive_definite() -> None:
+    w, h, scale, zero = problem(2, 8, 128)
+    h[0, 5, :] = 0
+    h[0, :, 5] = 0  # a column no calibration token touched
+    h[1] = -torch.eye(128)  # not positive definite even after dampening: round to nearest
+    qargs = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
+    ref_q, ref_loss, ref_flag = quantize_weight(w.clone(), h.clone(), scale, zero, None, qargs)
+    q, loss, flag = left_looking_quantize_weight(w.clone(), h.clone(), scale, zero, None, qargs)
+    assert flag.tolist() == ref_flag.tolist() == [False, True]
+    assert (q[0, :, 5] == 0).all() and torch.equal(q[1], ref_q[1])
+    torch.testing.assert_close(q, ref_q, rtol=0, atol=1e-6)
+
+
+def test_swap_is_scoped_and_leaves_cpu_to_llm_compressor() -> None:
+    original = base.quantize_weight
+    with pytest.raises(RuntimeError), left_looking_solve():
+        assert base.quantize_weight is not original
+        raise RuntimeError("oneshot failed")
+    assert base.quantize_weight is original
+    w, h, scale, zero = problem(1, 4, 64)
+    qargs = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
+    with left_looking_solve() as usage:  # CPU tensors: llm-compressor's own function
+        base.quantize_weight(w, h, scale, zero, None, qargs)
+    assert usage.solved == 0 and usage.note() is None
+    with left_looking_solve(cpu=True) as usage:
+        base.quantize_weight(w, h, scale, zero, None, qargs)
+    assert usage.solved == 1 and "left-looking" in (usage.note() or "")
+
+
+def test_spec_choice() -> None:
+    assert ResourceSpec(gptq_inverse="left_looking").gptq_inverse == "left_looking"
+
+
+def test_gptq_objective_unchanged_on_the_tiny_model() -> None:
+    """A whole GPTQ oneshot (tiny Llama fixture, fp32 on CPU) solved left-looking: GPTQ's own summed layer loss
+    equals llm-compressor's to fp32 rounding."""
+    import contextlib
+    from pathlib import Path
+
+    from datasets import Dataset
+    from llmcompressor import oneshot
+
+    from farm.calibration import read_text, sample_windows
+    from farm.methods import build_method
+    from farm.stages.modelio import load_model, load_tokenizer
+    from tests.gptq_losses import observed_losses
+
+    root = Path(__file__).resolve().parents[2] / ".fixtures"
+    model_dir, text = root / "models" / "tiny-llama", root / "shakespeare" / "calibration.txt"
+    if not model_dir.exists():
+        pytest.skip("fixtures not built (make fixtures)")
+    tok = load_tokenizer(model_dir)
+    windows = sample_windows(read_text(str(text)), tok, 8, 64, 0)
+    ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
+
+    def gptq_loss(ours: bool) -> tuple[float, int]:
+        with (left_looking_solve(cpu=True) if ours else contextlib.nullcontext()) as usage, \
+                observed_losses() as losses:  # the observer wraps whichever solve runs
+            oneshot(model=load_model(model_dir, "cpu"), dataset=ds,
+                    recipe=build_method({"method": "gptq", "group_size": 32}).modifiers(),
+                    num_calibration_samples=len(ds), max_seq_length=64, shuffle_calibration_samples=False)
+        return sum(losses), usage.solved if usage else 0
+
+    ref, _ = gptq_loss(False)
+    ours, solved = gptq_loss(True)
+    print(f"CPU GPTQ summed loss: llm-compressor {ref:.6f}, left-looking {ours:.6f} ({solved} modules)")
+    assert solved > 0
+    assert abs(ours - ref) / ref < 1e-4, (ours, ref)
