@@ -45,7 +45,8 @@ def main() -> None:
     low = hd.flip(0, 1).contiguous()
     chol = torch.linalg.cholesky(low)
     eye = torch.eye(n, device=dev)
-    out: dict = {"shape": [r, n], "actorder": args.actorder, "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"}
+    out: dict = {"shape": [r, n], "actorder": args.actorder,
+                 "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"}
     out["flip_s"] = timed(lambda: hd.flip(0, 1).contiguous())
     out["cholesky_s"] = timed(lambda: torch.linalg.cholesky_ex(low, check_errors=False))
     out["triangular_inverse_s"] = timed(lambda: torch.linalg.solve_triangular(chol, eye, upper=False))

@@ -6,7 +6,8 @@ Per decoder layer the sequential pipeline runs a calibration pass (forward + Hes
 synchronised at every boundary), the set-up before the first layer (tracing, cache), and, with --profile, the
 top CUDA kernels and CPU ops from torch.profiler plus how busy the GPU was. --concurrent N starts N copies at
 once (as N packed variants run) and reports each; --mps runs them again under CUDA MPS when the node has it;
---ranks N runs one oneshot as N data-parallel ranks (farm's process group) and reports every rank's phases.
+--ranks N runs one oneshot as N data-parallel ranks (farm's process group) and reports every rank's phases;
+--parts splits the solve phase (Hessian reduce, factor, solve, broadcast; each call synchronised).
 
   python bench/profile_oneshot.py --shape llama-1b --layers 16
   python bench/profile_oneshot.py --shape llama-1b --concurrent 4 --threads 2 --mps
@@ -47,7 +48,7 @@ class Phases:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def attach(self, model) -> None:
+    def attach(self, model, parts: bool = False) -> None:
         for layer in model.model.layers:
             layer.register_forward_pre_hook(self._pre)
             layer.register_forward_hook(self._post)
@@ -74,11 +75,14 @@ class Phases:
             return out
 
         GPTQModifier.compress_module_list = compress_module_list
+        if not parts:
+            return
         from llmcompressor.modifiers.gptq import base
 
         from farm.stages import leftgptq
 
-        for owner, name in [(leftgptq, "left_looking_quantize_weight"), (leftgptq, "hessian_factor"), (base, "prepare_batch"), (base, "update_batch_qparams"), (base, "observe"),
+        for owner, name in [(leftgptq, "left_looking_quantize_weight"), (leftgptq, "hessian_factor"),
+                            (base, "prepare_batch"), (base, "update_batch_qparams"), (base, "observe"),
                             (base, "broadcast_qparams_and_cleanup"), (GPTQModifier, "_reduce_hessian_to_target_rank")]:
             setattr(owner, name, self._timed(name, getattr(owner, name)))
 
@@ -133,7 +137,7 @@ def once(args: argparse.Namespace) -> dict:
     model = load_shared_model(model_dir, device) if where == "shared" else load_model(model_dir, where)
     t1 = time.perf_counter()
     phases = Phases()
-    phases.attach(model)
+    phases.attach(model, args.parts)
     prof = None
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -171,6 +175,7 @@ def concurrent(args: argparse.Namespace, n: int, ranks: int = 0) -> dict:
     argv = [sys.executable, __file__, "--shape", args.shape, "--layers", str(args.layers), "--batch", str(args.batch),
             "--samples", str(args.samples), "--seq", str(args.seq), "--threads", str(args.threads),
             "--attention", args.attention, "--hessian", args.hessian, "--inverse", args.inverse,
+            *(["--parts"] if args.parts else []),
             "--tokenizer", str(args.tokenizer), "--text", str(args.text), "--work", str(args.work)]
     t0 = time.perf_counter()
     group = ["--ranks", str(ranks), "--port", port] if ranks else []
@@ -214,6 +219,8 @@ def main() -> None:
     ap.add_argument("--inverse", default="left_looking",
                     choices=["left_looking", "reversed_cholesky", "llmcompressor"])
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--parts", action="store_true",
+                    help="also time the solve phase's parts (each synchronised, so everything gets slower)")
     ap.add_argument("--concurrent", type=int, default=0)
     ap.add_argument("--mps", action="store_true", help="with --concurrent: again under CUDA MPS if available")
     ap.add_argument("--ranks", type=int, default=0, help="data-parallel ranks (one process each, NCCL/gloo)")

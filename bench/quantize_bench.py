@@ -279,6 +279,7 @@ def main() -> None:
         if "farm" in results:
             f1, v = results["farm"]["variants"][0], d["variants"][0]
             record("ddp4_speedup_quantize", quantize_seconds(f1) / quantize_seconds(v))
+            record("ddp4_speedup_oneshot", f1["seconds_oneshot"] / v["seconds_oneshot"])  # LC's DDP doc compares this
             record("ddp4_ppl", [f1["perplexity"], v["perplexity"]])
     if "spread4" in wl:
         p = record("spread4", run_farm(four_models(), args.text, args.samples, args.seq, whole, args.work,
@@ -293,7 +294,8 @@ def main() -> None:
 
     print(table(["workload", "variants", "load s", "oneshot s", "save s", "total s", "peak GiB / notes"], rows))
     for key in ("farm_vs_bare_quantize", "farm_overhead", "pack4_vs_serial_bare",
-                "queue4_vs_serial_bare", "ddp4_speedup_quantize", "ddp4_ppl", "spread4_throughput_vs_one_gpu",
+                "queue4_vs_serial_bare", "ddp4_speedup_quantize", "ddp4_speedup_oneshot", "ddp4_ppl",
+                "spread4_throughput_vs_one_gpu",
                 "spread4_throughput_vs_one_gpu_in_worker"):
         if key in results:
             print(f"{key}: {results[key]}")

@@ -1,5 +1,6 @@
 """On CUDA: GPTQ's inverse-Hessian factor from one Cholesky, and the left-looking solve that needs no inverse,
-leave GPTQ's objective where llm-compressor's puts it, and are faster. Skipped without CUDA; results in docs/BENCHMARKS.md."""
+leave GPTQ's objective where llm-compressor's puts it, and are faster. Skipped without CUDA; results in
+docs/BENCHMARKS.md."""
 
 from __future__ import annotations
 

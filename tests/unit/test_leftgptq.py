@@ -49,8 +49,8 @@ def test_dead_columns_and_a_hessian_that_is_not_positive_definite() -> None:
     h[0, :, 5] = 0  # a column no calibration token touched
     h[1] = -torch.eye(128)  # not positive definite even after dampening: round to nearest
     qargs = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
-    ref_q, ref_loss, ref_flag = quantize_weight(w.clone(), h.clone(), scale, zero, None, qargs)
-    q, loss, flag = left_looking_quantize_weight(w.clone(), h.clone(), scale, zero, None, qargs)
+    ref_q, _, ref_flag = quantize_weight(w.clone(), h.clone(), scale, zero, None, qargs)
+    q, _, flag = left_looking_quantize_weight(w.clone(), h.clone(), scale, zero, None, qargs)
     assert flag.tolist() == ref_flag.tolist() == [False, True]
     assert (q[0, :, 5] == 0).all() and torch.equal(q[1], ref_q[1])
     torch.testing.assert_close(q, ref_q, rtol=0, atol=1e-6)
