@@ -15,43 +15,56 @@ Scoped (stages/swap.py): `one_cholesky_factor()` swaps the function `quantize_we
 oneshot and restores it; CPU and non-fp32 inputs keep llm-compressor's function. Same contract: dead columns
 (zero diagonal) zeroed in the weights, dampening `percdamp * mean(diag)`, a Hessian that is not positive
 definite after dampening gets the identity and is flagged for llm-compressor's round-to-nearest fallback.
-`resources.gptq_inverse: llmcompressor` keeps llm-compressor's function.
+`resources.gptq_inverse: reversed_cholesky` selects it; the default, `left_looking` (stages/leftgptq.py), shares
+`reversed_cholesky` and drops the inverse altogether; `llmcompressor` keeps llm-compressor's function.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from farm.stages.swap import swapped
 
 
-def upper_inverse_factor(weights: Any, hessians: Any, percdamp: float, used_rtn_fallback: Any) -> Any:
+def reversed_cholesky(weights: Any, hessians: Any, percdamp: float, used_rtn_fallback: Any,
+                      finish: Callable[[Any], Any]) -> Any:
     """llm-compressor's `factorize_hessian` contract ([batch, rows, n] weights, [batch, n, n] Hessians, both
-    modified in place; returns the factors in `hessians`) with one factorisation per Hessian."""
+    modified in place: dead columns zeroed in the weights, `percdamp * mean(diag)` dampening, a Hessian that is
+    not positive definite gets the identity and is flagged for round-to-nearest); each Hessian becomes
+    `finish(M)` for M the lower Cholesky factor of J H J."""
     import torch
 
-    batch, n = hessians.shape[0], hessians.shape[-1]
     diag = torch.diagonal(hessians, dim1=-2, dim2=-1)
     dead = diag == 0
     if dead.any():
         diag.masked_fill_(dead, 1.0)
         weights.masked_fill_(dead.unsqueeze(1), 0)
-    eye = torch.eye(n, dtype=hessians.dtype, device=hessians.device)
     info = torch.empty((), dtype=torch.int32, device=hessians.device)
-    for i in range(batch):  # one at a time: a few n^2 buffers instead of a batch of them
+    for i in range(hessians.shape[0]):  # one at a time: a few n^2 buffers instead of a batch of them
         h = hessians[i]
         torch.diagonal(h).add_(percdamp * torch.diagonal(h).mean())
         lower = h.flip(0, 1)  # a copy: J H J
         torch.linalg.cholesky_ex(lower, check_errors=False, out=(lower, info))
         if info.item() != 0:
-            h.copy_(eye)
+            h.copy_(torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
             used_rtn_fallback[i] = True
             continue
-        h.copy_(torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1))  # J M^-1 J
+        h.copy_(finish(lower))
     return hessians
+
+
+def upper_inverse_factor(weights: Any, hessians: Any, percdamp: float, used_rtn_fallback: Any) -> Any:
+    """U (upper, H^-1 = U^T U) in place of each Hessian: J M^-1 J, one triangular solve after the Cholesky."""
+    import torch
+
+    def inverse(lower: Any) -> Any:
+        eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+        return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+
+    return reversed_cholesky(weights, hessians, percdamp, used_rtn_fallback, inverse)
 
 
 def covers(weights: Any, hessians: Any, cpu: bool = False) -> bool:

@@ -19,32 +19,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from farm.stages.factor import covers, reversed_cholesky
 from farm.stages.swap import swapped
 
 
 def hessian_factor(weights: Any, hessians: Any, percdamp: float, used_rtn_fallback: Any) -> Any:
-    """V with H = V V^T (upper, in place in `hessians`), under llm-compressor's `factorize_hessian` contract: dead
-    columns zeroed in the weights, `percdamp * mean(diag)` dampening, a Hessian that is not positive definite gets
-    the identity (so GPTQ rounds to nearest) and is flagged."""
-    import torch
-
-    diag = torch.diagonal(hessians, dim1=-2, dim2=-1)
-    dead = diag == 0
-    if dead.any():
-        diag.masked_fill_(dead, 1.0)
-        weights.masked_fill_(dead.unsqueeze(1), 0)
-    info = torch.empty((), dtype=torch.int32, device=hessians.device)
-    for i in range(hessians.shape[0]):
-        h = hessians[i]
-        torch.diagonal(h).add_(percdamp * torch.diagonal(h).mean())
-        lower = h.flip(0, 1)  # a copy: J H J
-        torch.linalg.cholesky_ex(lower, check_errors=False, out=(lower, info))
-        if info.item() != 0:
-            h.copy_(torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
-            used_rtn_fallback[i] = True
-            continue
-        h.copy_(lower.flip(0, 1))  # J M J
-    return hessians
+    """V with H = V V^T (upper: J M J), in place of each Hessian, under llm-compressor's `factorize_hessian`
+    contract (the identity, hence round-to-nearest, for a Hessian that is not positive definite)."""
+    return reversed_cholesky(weights, hessians, percdamp, used_rtn_fallback, lambda lower: lower.flip(0, 1))
 
 
 def left_looking_quantize_weight(weights: Any, hessians: Any, scale: Any, zero_point: Any, global_scale: Any,
@@ -102,12 +84,6 @@ def group_index(quant_args: Any, columns: int, batch: int, perm: Any, device: An
     if quant_args.actorder == ActivationOrdering.WEIGHT:
         g_idx = torch.gather(g_idx.unsqueeze(0).expand(batch, -1), 1, perm)
     return g_idx
-
-
-def covers(weights: Any, hessians: Any, cpu: bool = False) -> bool:
-    import torch
-
-    return bool((hessians.is_cuda or cpu) and hessians.dtype == torch.float32 and weights.dtype == torch.float32)
 
 
 @dataclass

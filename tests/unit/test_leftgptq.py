@@ -34,6 +34,31 @@ def test_same_quantization_as_llm_compressor(actorder: str | None) -> None:
     assert flag.tolist() == ref_flag.tolist() == [False, False]
 
 
+@pytest.mark.parametrize("kind", ["int8 channel", "int4 asymmetric channel", "fp8 tensor"])
+def test_same_quantization_for_other_strategies(kind: str) -> None:
+    """Channel-wise, asymmetric and per-tensor FP8 weights go through the same block update as llm-compressor's."""
+    w, h, _, _ = problem(2, 16, 256)
+    if kind == "fp8 tensor":
+        qargs = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor")
+        scale = w.abs().amax(dim=(1, 2)).reshape(2, 1, 1) / 448
+        zero = torch.zeros_like(scale)
+    else:
+        bits = 8 if kind.startswith("int8") else 4
+        symmetric = "asymmetric" not in kind
+        qargs = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="channel")
+        if symmetric:
+            scale = w.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 0.5)
+            zero = torch.zeros_like(scale, dtype=torch.int8)
+        else:
+            lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+            scale = (hi - lo) / (2**bits - 1)
+            zero = (-(2 ** (bits - 1)) - torch.round(lo / scale)).to(torch.int8)
+    ref_q, ref_loss, _ = quantize_weight(w.clone(), h.clone(), scale, zero, None, qargs)
+    q, loss, _ = left_looking_quantize_weight(w.clone(), h.clone(), scale, zero, None, qargs)
+    assert (q != ref_q).float().mean() < 1e-3 and (ref_loss > 0).all()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-6)
+
+
 def test_factor_is_the_upper_cholesky_factor_of_h() -> None:
     _, h, _, _ = problem(1, 4, 64)
     v = hessian_factor(torch.zeros(1, 4, 64), h.clone(), 0.01, torch.zeros(1, dtype=torch.bool))
