@@ -104,35 +104,10 @@ def test_spec_choice() -> None:
 def test_gptq_objective_unchanged_on_the_tiny_model() -> None:
     """A whole GPTQ oneshot (tiny Llama fixture, fp32 on CPU) solved left-looking: GPTQ's own summed layer loss
     equals llm-compressor's to fp32 rounding."""
-    import contextlib
-    from pathlib import Path
+    from tests.gptq_losses import tiny_oneshot_loss
 
-    from datasets import Dataset
-    from llmcompressor import oneshot
-
-    from farm.calibration import read_text, sample_windows
-    from farm.methods import build_method
-    from farm.stages.modelio import load_model, load_tokenizer
-    from tests.gptq_losses import observed_losses
-
-    root = Path(__file__).resolve().parents[2] / ".fixtures"
-    model_dir, text = root / "models" / "tiny-llama", root / "shakespeare" / "calibration.txt"
-    if not model_dir.exists():
-        pytest.skip("fixtures not built (make fixtures)")
-    tok = load_tokenizer(model_dir)
-    windows = sample_windows(read_text(str(text)), tok, 8, 64, 0)
-    ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
-
-    def gptq_loss(ours: bool) -> tuple[float, int]:
-        with (left_looking_solve(cpu=True) if ours else contextlib.nullcontext()) as usage, \
-                observed_losses() as losses:  # the observer wraps whichever solve runs
-            oneshot(model=load_model(model_dir, "cpu"), dataset=ds,
-                    recipe=build_method({"method": "gptq", "group_size": 32}).modifiers(),
-                    num_calibration_samples=len(ds), max_seq_length=64, shuffle_calibration_samples=False)
-        return sum(losses), usage.solved if usage else 0
-
-    ref, _ = gptq_loss(False)
-    ours, solved = gptq_loss(True)
-    print(f"CPU GPTQ summed loss: llm-compressor {ref:.6f}, left-looking {ours:.6f} ({solved} modules)")
-    assert solved > 0
+    ref, _ = tiny_oneshot_loss()
+    ours, usage = tiny_oneshot_loss(left_looking_solve(cpu=True))
+    print(f"CPU GPTQ summed loss: llm-compressor {ref:.6f}, left-looking {ours:.6f} ({usage.solved} modules)")
+    assert usage.solved > 0
     assert abs(ours - ref) / ref < 1e-4, (ours, ref)
