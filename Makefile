@@ -48,7 +48,8 @@ lint: setup
 # CPU smoke version of the benchmark; the H100 runs and their command are in docs/BENCHMARKS.md
 bench: fixtures
 	$(PY) bench/quantize_bench.py --shape tiny --samples 16 --seq 256 --workloads bare,farm
-	$(PY) bench/profile_oneshot.py --shape tiny --layers 2 --samples 16 --seq 256 --batch 4
+	$(PY) bench/profile_oneshot.py --shape tiny --layers 2 --samples 16 --seq 256 --batch 4 --parts
+	$(PY) bench/gptq_factor_parts.py --rows 64 --columns 1024 --tokens 4096
 
 clean:
 	rm -rf .farm

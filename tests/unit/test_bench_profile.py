@@ -47,10 +47,27 @@ def test_oneshot_profiler_accounts_for_every_phase(tmp_path: Path) -> None:
         pytest.skip("fixtures not built (make fixtures)")
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_oneshot.py"), "--shape", "tiny", "--layers",
                           "2", "--samples", "8", "--seq", "64", "--batch", "4", "--tokenizer", str(tok), "--text",
-                          str(text), "--work", str(tmp_path)], capture_output=True, text=True, timeout=300)
+                          str(text), "--work", str(tmp_path), "--parts"], capture_output=True, text=True, timeout=300)
     line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
     assert res.returncode == 0 and line, res.stderr[-2000:]
     r = json.loads(line[0][len("RESULT "):])
     parts = r["setup_s"] + r["calibrate_s"] + r["solve_s"] + r["propagate_s"] + r["other_s"]
     assert abs(parts - r["oneshot_s"]) < 0.05 and 0 < r["own_solves_s"] <= r["solve_s"] + 0.01
     assert any("8 calls" in n for n in r["notes"])  # 2 layers x 2 batches x (calibrate + propagate)
+    assert {"prepare_batch", "update_batch_qparams", "observe"} <= set(r["solve_parts_s"])  # --parts timed them
+
+
+def test_factor_parts_bench_compares_the_three_solves() -> None:
+    """bench/gptq_factor_parts.py on the CPU: llm-compressor's, the one-Cholesky and the left-looking solve of one
+    module, with their losses and how many quantized weights differ from llm-compressor's."""
+    import json
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "gptq_factor_parts.py"), "--rows", "32", "--columns",
+                          "256", "--tokens", "1024"], capture_output=True, text=True, timeout=300)
+    line = [x for x in res.stdout.splitlines() if x.startswith("FACTOR ")]
+    assert res.returncode == 0 and line, res.stderr[-2000:]
+    r = json.loads(line[0][len("FACTOR "):])
+    assert r["left_looking_changed_vs_lc"] < 0.01 and r["one_cholesky_changed_vs_lc"] < 0.01
+    assert abs(r["left_looking_loss"] - r["llmcompressor_loss"]) <= 1e-4 * r["llmcompressor_loss"]
