@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
-from farm.stages.swap import swapped
+from farm.stages.swap import Tally, taken_over
 
 
 def reversed_cholesky(weights: Any, hessians: Any, percdamp: float, used_rtn_fallback: Any,
@@ -73,35 +72,15 @@ def covers(weights: Any, hessians: Any, cpu: bool = False) -> bool:
     return bool((hessians.is_cuda or cpu) and hessians.dtype == torch.float32 and weights.dtype == torch.float32)
 
 
-@dataclass
-class Usage:
-    """Hessians factorised by the swap during one oneshot (for the run's notes)."""
-
-    factored: int = 0
-
-    def note(self) -> str | None:
-        if not self.factored:
-            return None
-        return (f"GPTQ inverse-Hessian factors from one Cholesky each: {self.factored} "
-                f"(resources.gptq_inverse: llmcompressor for its three factorisations)")
-
-
 @contextlib.contextmanager
-def one_cholesky_factor(cpu: bool = False) -> Iterator[Usage]:
+def one_cholesky_factor(cpu: bool = False) -> Iterator[Tally]:
     """Within the block, GPTQ's `quantize_weight` factorises CUDA fp32 Hessians with `upper_inverse_factor`
     (`cpu=True`: CPU ones too, which is how CI checks GPTQ's objective with it)."""
     from llmcompressor.modifiers.gptq import gptq_quantize
 
-    usage = Usage()
-
-    def make(original: Any) -> Any:
-        def factorize_hessian(weights: Any, hessians: Any, percdamp: float, used_rtn_fallback: Any) -> Any:
-            if covers(weights, hessians, cpu):
-                usage.factored += hessians.shape[0]
-                return upper_inverse_factor(weights, hessians, percdamp, used_rtn_fallback)
-            return original(weights, hessians, percdamp, used_rtn_fallback)
-
-        return factorize_hessian
-
-    with swapped(gptq_quantize, "factorize_hessian", make, "the one-Cholesky GPTQ factor"):
-        yield usage
+    with taken_over(gptq_quantize, "factorize_hessian",
+                    lambda weights, hessians, *_, **__: covers(weights, hessians, cpu), upper_inverse_factor,
+                    "the one-Cholesky GPTQ factor", "GPTQ inverse-Hessian factors from one Cholesky each: {n} "
+                    "(resources.gptq_inverse: llmcompressor for its three factorisations)",
+                    count=lambda weights, hessians, *_, **__: hessians.shape[0]) as tally:
+        yield tally

@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
-from farm.stages.swap import swapped
+from farm.stages.swap import Tally, taken_over
 
 
 def gram_fp32(x: Any) -> Any:
@@ -62,35 +61,15 @@ def accumulate(inp: Any, hessian: Any, num_samples: Any, chunk: int = CHUNK_TOKE
     return hessian, num_samples
 
 
-@dataclass
-class Usage:
-    """What the swap did during one oneshot: batch accumulations it took over, and the chunk size (for the run)."""
-
-    chunk: int
-    covered: int = 0
-
-    def note(self) -> str | None:
-        if not self.covered:
-            return None
-        return (f"GPTQ Hessians on tensor cores: {self.covered} batch accumulations, bf16 products summed in fp32 in "
-                f"{self.chunk}-token chunks (resources.gptq_hessian: fp32 for llm-compressor's)")
-
-
 @contextlib.contextmanager
-def tensor_core_hessians(chunk: int = CHUNK_TOKENS) -> Iterator[Usage]:
+def tensor_core_hessians(chunk: int = CHUNK_TOKENS) -> Iterator[Tally]:
     """Within the block, GPTQModifier accumulates half-precision Linear inputs with `accumulate`."""
     from llmcompressor.modifiers.gptq import base
 
-    usage = Usage(chunk)
-
-    def make(original: Any) -> Any:
-        def accumulate_hessian(inp: Any, module: Any, hessian: Any, num_samples: Any) -> tuple[Any, Any]:
-            if covers(inp, module, hessian):
-                usage.covered += 1
-                return accumulate(inp, hessian, num_samples, chunk=chunk)
-            return original(inp, module, hessian, num_samples)
-
-        return accumulate_hessian
-
-    with swapped(base, "accumulate_hessian", make, "tensor-core Hessians"):
-        yield usage
+    with taken_over(base, "accumulate_hessian",
+                    lambda inp, module, hessian, num_samples: covers(inp, module, hessian),
+                    lambda inp, module, hessian, num_samples: accumulate(inp, hessian, num_samples, chunk=chunk),
+                    "tensor-core Hessians", "GPTQ Hessians on tensor cores: {n} batch accumulations, bf16 products "
+                    f"summed in fp32 in {chunk}-token chunks (resources.gptq_hessian: fp32 for llm-compressor's)"
+                    ) as tally:
+        yield tally

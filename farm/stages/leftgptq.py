@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from farm.stages.factor import covers, reversed_cholesky
-from farm.stages.swap import swapped
+from farm.stages.swap import Tally, taken_over
 
 
 def hessian_factor(weights: Any, hessians: Any, percdamp: float, used_rtn_fallback: Any) -> Any:
@@ -86,35 +85,15 @@ def group_index(quant_args: Any, columns: int, batch: int, perm: Any, device: An
     return g_idx
 
 
-@dataclass
-class Usage:
-    """Modules solved by the swap during one oneshot (for the run's notes)."""
-
-    solved: int = 0
-
-    def note(self) -> str | None:
-        if not self.solved:
-            return None
-        return (f"GPTQ solved left-looking from the Hessian's Cholesky factor alone: {self.solved} modules "
-                f"(resources.gptq_inverse: llmcompressor for llm-compressor's solve)")
-
-
 @contextlib.contextmanager
-def left_looking_solve(cpu: bool = False) -> Iterator[Usage]:
+def left_looking_solve(cpu: bool = False) -> Iterator[Tally]:
     """Within the block, GPTQModifier solves CUDA fp32 batches with `left_looking_quantize_weight` (`cpu=True`: CPU
     ones too, which is how CI checks GPTQ's objective with it); anything else goes to llm-compressor's."""
     from llmcompressor.modifiers.gptq import base
 
-    usage = Usage()
-
-    def make(original: Any) -> Any:
-        def quantize_weight(weights: Any, hessians: Any, *args: Any, **kwargs: Any) -> Any:
-            if covers(weights, hessians, cpu):
-                usage.solved += weights.shape[0]
-                return left_looking_quantize_weight(weights, hessians, *args, **kwargs)
-            return original(weights, hessians, *args, **kwargs)
-
-        return quantize_weight
-
-    with swapped(base, "quantize_weight", make, "the left-looking GPTQ solve"):
-        yield usage
+    with taken_over(base, "quantize_weight",
+                    lambda weights, hessians, *_, **__: covers(weights, hessians, cpu), left_looking_quantize_weight,
+                    "the left-looking GPTQ solve", "GPTQ solved left-looking from the Hessian's Cholesky factor "
+                    "alone: {n} modules (resources.gptq_inverse: llmcompressor for llm-compressor's solve)",
+                    count=lambda weights, *_, **__: weights.shape[0]) as tally:
+        yield tally

@@ -1,5 +1,6 @@
 """A scoped replacement of one llm-compressor function: how farm's GPU speed-ups (stages/hessian.py,
-stages/factor.py) hook into oneshot without forking it.
+stages/factor.py, stages/leftgptq.py) hook into oneshot without forking it. `taken_over` is the common form: the
+calls a speed-up covers go to it and are counted for the run's notes (`Tally`), the others to upstream.
 
 The replacement is set for one block and restored on exit, also on error. When upstream no longer has the
 function, nothing is replaced and a warning says which speed-up is off: the run takes llm-compressor's own path
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
@@ -35,3 +37,35 @@ def swapped(module: Any, name: str, make: Callable[[Any], Any], what: str) -> It
         yield True
     finally:
         setattr(module, name, original)
+
+
+@dataclass
+class Tally:
+    """How much a speed-up took over during one oneshot; `line` formats it (`{n}`) for the run's notes."""
+
+    line: str
+    n: int = 0
+
+    def note(self) -> str | None:
+        return self.line.format(n=self.n) if self.n else None
+
+
+@contextlib.contextmanager
+def taken_over(module: Any, name: str, covers: Callable[..., bool], replacement: Callable[..., Any], what: str,
+               line: str, count: Callable[..., int] = lambda *args, **kwargs: 1) -> Iterator[Tally]:
+    """Within the block, calls of `module.name` that `covers` go to `replacement` (counted by `count`, for
+    the note); all others to the original. `covers` and `count` take the call's arguments under upstream's
+    parameter names (llm-compressor passes some by keyword)."""
+    tally = Tally(line)
+
+    def make(original: Any) -> Any:
+        def dispatch(*args: Any, **kwargs: Any) -> Any:
+            if covers(*args, **kwargs):
+                tally.n += count(*args, **kwargs)
+                return replacement(*args, **kwargs)
+            return original(*args, **kwargs)
+
+        return dispatch
+
+    with swapped(module, name, make, what):
+        yield tally

@@ -59,7 +59,7 @@ def test_swap_is_scoped_and_leaves_cpu_to_llm_compressor() -> None:
     with one_cholesky_factor() as usage:
         gptq_quantize.factorize_hessian(torch.zeros(1, 2, 4), torch.eye(4).unsqueeze(0), 0.01,
                                         torch.zeros(1, dtype=torch.bool))
-    assert usage.factored == 0
+    assert usage.n == 0
 
 
 def test_spec_default_and_choices() -> None:
@@ -78,6 +78,6 @@ def test_gptq_objective_unchanged_on_the_tiny_model() -> None:
     ref, _ = tiny_oneshot_loss()
     ours, usage = tiny_oneshot_loss(one_cholesky_factor(cpu=True))
     print(f"CPU GPTQ summed loss: llm-compressor's factor {ref:.6f}, one Cholesky {ours:.6f} "
-          f"({usage.factored} factors)")
-    assert usage.factored > 0
+          f"({usage.n} factors)")
+    assert usage.n > 0
     assert abs(ours - ref) / ref < 1e-4, (ours, ref)

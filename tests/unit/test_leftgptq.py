@@ -91,10 +91,10 @@ def test_swap_is_scoped_and_leaves_cpu_to_llm_compressor() -> None:
     qargs = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
     with left_looking_solve() as usage:  # CPU tensors: llm-compressor's own function
         base.quantize_weight(w, h, scale, zero, None, qargs)
-    assert usage.solved == 0 and usage.note() is None
+    assert usage.n == 0 and usage.note() is None
     with left_looking_solve(cpu=True) as usage:
         base.quantize_weight(w, h, scale, zero, None, qargs)
-    assert usage.solved == 1 and "left-looking" in (usage.note() or "")
+    assert usage.n == 1 and "left-looking" in (usage.note() or "")
 
 
 def test_spec_choice() -> None:
@@ -108,6 +108,6 @@ def test_gptq_objective_unchanged_on_the_tiny_model() -> None:
 
     ref, _ = tiny_oneshot_loss()
     ours, usage = tiny_oneshot_loss(left_looking_solve(cpu=True))
-    print(f"CPU GPTQ summed loss: llm-compressor {ref:.6f}, left-looking {ours:.6f} ({usage.solved} modules)")
-    assert usage.solved > 0
+    print(f"CPU GPTQ summed loss: llm-compressor {ref:.6f}, left-looking {ours:.6f} ({usage.n} modules)")
+    assert usage.n > 0
     assert abs(ours - ref) / ref < 1e-4, (ours, ref)
