@@ -170,26 +170,29 @@ class Driver:
             needed = overlap or (found is not None and found.work)
             with cluster.connect(self.ray_address, self.verbose) if needed else contextlib.nullcontext():
                 outcome.mark("cluster", t)
-                cached, todo, bases_todo, base_ppl, seconds = found or lookup.result()
-                outcome.phases["tracking"] = seconds  # alongside "cluster" when a new store is created
+                found = found or lookup.result()
+                outcome.phases["tracking"] = found.seconds  # alongside "cluster" when a new store is created
                 outcome.tracking_uri = redact(self.uri)
                 self.say(
-                    f"job {plan.job_name} ({plan.job_id}): {len(plan.variants)} variants, {len(todo)} to build, "
-                    f"{len(plan.variants) - len(todo)} reused; tracking {redact(self.uri)}"
+                    f"job {plan.job_name} ({plan.job_id}): {len(plan.variants)} variants, {len(found.todo)} to build, "
+                    f"{len(plan.variants) - len(found.todo)} reused; tracking {redact(self.uri)}"
                 )
-                if todo or bases_todo:  # a variant no node can hold is bad input: say so before any run is created
-                    memory = max(v.resources.memory_bytes for v in todo) if todo else 0
-                    nodes = cluster.nodes()
-                    problem = resources.unfit(nodes, self.spec.resources.num_cpus, self.spec.resources.num_gpus,
-                                              memory)
-                    gangs = [v.resources for v in todo if v.resources.ranks > 1]
-                    if not problem and gangs:
-                        r = max(gangs, key=lambda r: r.memory_bytes)
-                        problem = cluster.gang_unfit(nodes, {"CPU": r.num_cpus, "GPU": r.num_gpus,
-                                                             "memory": r.memory_bytes}, r.ranks)
-                    if problem:
-                        raise SpecError(problem)
-                return self._record(plan, outcome, cached, todo, bases_todo, base_ppl, t0)
+                if found.work:  # a variant no node can hold is bad input: say so before any run is created
+                    self._refuse_unfit(found.todo)
+                return self._record(plan, outcome, found.cached, found.todo, found.bases_todo, found.base_ppl, t0)
+
+    def _refuse_unfit(self, todo: list[Variant]) -> None:
+        """SpecError when no node (or no node's share for a data-parallel gang) can hold what is to be built."""
+        memory = max(v.resources.memory_bytes for v in todo) if todo else 0
+        nodes = cluster.nodes()
+        problem = resources.unfit(nodes, self.spec.resources.num_cpus, self.spec.resources.num_gpus, memory)
+        gangs = [v.resources for v in todo if v.resources.ranks > 1]
+        if not problem and gangs:
+            r = max(gangs, key=lambda r: r.memory_bytes)
+            problem = cluster.gang_unfit(nodes, {"CPU": r.num_cpus, "GPU": r.num_gpus, "memory": r.memory_bytes},
+                                         r.ranks)
+        if problem:
+            raise SpecError(problem)
 
     def _lookup(self, plan: Plan) -> Lookup:
         """The tracking store, and what it already holds: variants and base evaluations to reuse, the rest to do."""
