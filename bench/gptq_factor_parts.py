@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.gptq_solve_bench import timed
+from bench.gptq_solve_bench import module_problem, timed
 
 
 def main() -> None:
@@ -24,22 +24,14 @@ def main() -> None:
     ap.add_argument("--actorder", default="static", help="static (llm-compressor's default for GPTQ), weight or none")
     args = ap.parse_args()
     import torch
-    from compressed_tensors.quantization import QuantizationArgs
     from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
 
     from farm.stages.factor import one_cholesky_factor
     from farm.stages.leftgptq import left_looking_quantize_weight
 
-    torch.manual_seed(0)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
     n, r = args.columns, args.rows
-    x = torch.randn(args.tokens, n, device=dev) * (torch.rand(n, device=dev) + 0.1)
-    h = (x.t() @ x).unsqueeze(0) * (2 / args.tokens)
-    w = torch.randn(1, r, n, device=dev, dtype=torch.bfloat16) * 0.02
-    qargs = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=128,
-                             actorder=None if args.actorder == "none" else args.actorder)
-    scale = (w.float().reshape(1, r, n // 128, 128).abs().amax(-1) / 7.5).to(torch.bfloat16)
-    zero = torch.zeros_like(scale, dtype=torch.int8)
+    actorder = None if args.actorder == "none" else args.actorder
+    h, w, qargs, scale, zero, dev = module_problem(r, n, args.tokens, actorder, spread=True)
     hd = h[0].clone()
     hd.diagonal().add_(0.01 * hd.diagonal().mean())
     low = hd.flip(0, 1).contiguous()

@@ -27,6 +27,26 @@ def timed(fn, repeat: int = 3) -> float:
     return (time.perf_counter() - t0) / repeat
 
 
+def module_problem(rows: int, columns: int, tokens: int, actorder: str | None, spread: bool = False) -> tuple:
+    """One linear module's GPTQ inputs as `quantize_weight` takes them: a Hessian from `tokens` random
+    activations (with `spread`, columns of different scales, as real activations have), bf16 weights, W4A16
+    group-128 args and the weights' scales; plus the device. Seeded."""
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs
+
+    torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(tokens, columns, device=dev)
+    if spread:
+        x = x * (torch.rand(columns, device=dev) + 0.1)
+    h = (x.t() @ x).unsqueeze(0) * (2 / tokens)
+    w = torch.randn(1, rows, columns, device=dev, dtype=torch.bfloat16) * 0.02
+    qargs = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=128,
+                             actorder=actorder)
+    scale = (w.float().reshape(1, rows, columns // 128, 128).abs().amax(-1) / 7.5).to(torch.bfloat16)
+    return h, w, qargs, scale, torch.zeros_like(scale, dtype=torch.int8), dev
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=4096)
@@ -34,22 +54,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16384)
     args = ap.parse_args()
     import torch
-    from compressed_tensors.quantization import QuantizationArgs
     from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
     from llmcompressor.modifiers.gptq.helpers import factorize_hessian
 
     from farm.stages.factor import upper_inverse_factor
 
-    torch.manual_seed(0)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    x = torch.randn(args.tokens, args.columns, device=dev)
-    h = (x.t() @ x).unsqueeze(0) * (2 / args.tokens)
-    w = torch.randn(1, args.rows, args.columns, device=dev, dtype=torch.bfloat16) * 0.02
-    qargs = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=128,
-                             actorder="static")
-    groups = args.columns // 128
-    scale = (w.float().reshape(1, args.rows, groups, 128).abs().amax(-1) / 7.5).to(torch.bfloat16)
-    zero = torch.zeros_like(scale, dtype=torch.int8)
+    h, w, qargs, scale, zero, dev = module_problem(args.rows, args.columns, args.tokens, "static")
 
     def factorise() -> torch.Tensor:
         return factorize_hessian(w.float(), h.clone(), 0.01, torch.zeros(1, dtype=torch.bool, device=dev))
