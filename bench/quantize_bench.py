@@ -122,11 +122,11 @@ def run_farm(models: list[Path], text: Path, n: int, seq: int, num_gpus: float, 
     client = MlflowClient(f"sqlite:///{work / f'farm-{name}' / 'mlflow.db'}")
     exp = client.get_experiment_by_name(name)
     runs = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'")
-    per = [{k: r.data.metrics.get(k) for k in ("seconds_quantize_load", "seconds_load_tokenizer", "seconds_oneshot",
-                                                "seconds_save", "seconds_total", "seconds_eval_load",
-                                                "seconds_perplexity", "seconds_generate", "perplexity",
-                                                "seconds_manifest", "seconds_mlflow_upload", "seconds_artifact_wait",
-                                                "seconds_publish")}
+    keys = ("seconds_quantize_load", "seconds_load_tokenizer", "seconds_load_device", "seconds_oneshot",
+            "seconds_save_compress", "seconds_save", "seconds_total", "seconds_eval_load", "seconds_perplexity",
+            "seconds_generate", "perplexity", "seconds_manifest", "seconds_mlflow_upload", "seconds_artifact_wait",
+            "seconds_publish")
+    per = [{k: r.data.metrics.get(k) for k in keys}
            | {"notes": r.data.tags.get("farm.notes"), "model": r.data.tags.get("farm.model")}
            for r in runs]
     job = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'job'", order_by=["attributes.start_time DESC"],

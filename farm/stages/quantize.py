@@ -16,8 +16,16 @@ from farm.stages.compat import cpu_safe_pinning
 from farm.stages.factor import one_cholesky_factor
 from farm.stages.hessian import tensor_core_hessians
 from farm.stages.leftgptq import left_looking_solve
-from farm.stages.modelio import load_model, load_shared_model, load_tokenizer, pick_device
-from farm.stages.swap import Used
+from farm.stages.modelio import (
+    load_model,
+    load_shared_model,
+    load_tokenizer,
+    parallel_shard_writes,
+    pick_device,
+    start_device,
+)
+from farm.stages.rowsplit import rows_split_solve
+from farm.stages.swap import Used, timed
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class QuantizeRequest:
     world: int = 1
     gptq_hessian: str = "tensor_cores"  # or "fp32": llm-compressor's own Hessian GEMM (stages/hessian.py)
     gptq_inverse: str = "left_looking"  # stages/leftgptq.py; or "reversed_cholesky" (factor.py), "llmcompressor"
+    gptq_ranks: str = "rows"  # world > 1: each module's rows split over the ranks (stages/rowsplit.py), or "owner"
     calibration_attention: str = "sdpa"  # or "eager": llm-compressor's forced eager attention (stages/attention.py)
     report: dict[str, Any] = field(default_factory=dict, compare=False)  # filled: the calibration's diversity
 
@@ -117,6 +126,7 @@ def calibrate(req: QuantizeRequest, model: Any, tokenizer: Any, recipe: list[Any
         tensor_core_hessians() if req.gptq_hessian == "tensor_cores" else None,
         one_cholesky_factor() if req.gptq_inverse == "reversed_cholesky" else None,
         left_looking_solve() if req.gptq_inverse == "left_looking" else None,
+        rows_split_solve() if req.world > 1 and req.gptq_ranks == "rows" else None,
         sdpa_calibration(model) if req.calibration_attention == "sdpa" else None,
     ]
     with contextlib.ExitStack() as stack:
@@ -132,11 +142,18 @@ def calibrate(req: QuantizeRequest, model: Any, tokenizer: Any, recipe: list[Any
 SHARD = "1GB"  # several shards hash, upload and load in parallel (llm-compressor's default is one 20 GB file)
 
 
-def save(model: Any, tokenizer: Any, out_dir: str | Path) -> str:
-    """Write the compressed checkpoint (collective when distributed: every rank calls it); returns the recipe."""
+def save(model: Any, tokenizer: Any, out_dir: str | Path, phases: dict[str, float] | None = None) -> str:
+    """Write the compressed checkpoint (collective when distributed: every rank calls it); returns the recipe.
+    `phases` gets `seconds_save_compress`: compressed-tensors packing the weights, the rest of the save is
+    moving them to the host and writing the shards."""
+    from compressed_tensors.compressors import ModelCompressor
+
     out = Path(out_dir)
-    model.save_pretrained(out, save_compressed=True, max_shard_size=SHARD)
+    with parallel_shard_writes(), timed(ModelCompressor, "compress_model") as compress:
+        model.save_pretrained(out, save_compressed=True, max_shard_size=SHARD)
     tokenizer.save_pretrained(out)
+    if phases is not None:
+        phases["seconds_save_compress"] = compress.seconds
     recipe_file = out / "recipe.yaml"
     return recipe_file.read_text() if recipe_file.exists() else ""
 
@@ -162,6 +179,8 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
     tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
     t_tok = time.perf_counter()  # in a fresh worker this includes importing transformers
     where = placement(req, device)
+    start_device(where)
+    t_dev = time.perf_counter()  # a fresh worker's CUDA context (a DDP rank's exists already: its process group)
     if where == "shared":
         model = load_shared_model(req.model_dir, device, req.trust_remote_code)
     else:
@@ -169,7 +188,8 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
     t1 = time.perf_counter()
     notes = calibrate(req, model, tokenizer, req.method.modifiers())
     t2 = time.perf_counter()
-    recipe = save(model, tokenizer, req.out_dir)
+    phases = {"seconds_load_tokenizer": t_tok - t0, "seconds_load_device": t_dev - t_tok}  # parts of seconds_load
+    recipe = save(model, tokenizer, req.out_dir, phases)
     t3 = time.perf_counter()
     return QuantizeResult(
         out_dir=req.out_dir,
@@ -180,5 +200,5 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
         recipe=recipe,
         notes=notes,
         calibration_report=dict(req.report),
-        metrics={"seconds_load_tokenizer": t_tok - t0},  # of seconds_load: what is not the weights
+        metrics=phases,
     )

@@ -40,6 +40,35 @@ def swapped(module: Any, name: str, make: Callable[[Any], Any], what: str) -> It
 
 
 @dataclass
+class Stopwatch:
+    """Seconds spent inside one swapped function during a block (a phase of a stage that upstream runs inside
+    a larger call, such as compressed-tensors' compression inside `save_pretrained`)."""
+
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def timed(module: Any, name: str) -> Iterator[Stopwatch]:
+    """Within the block, time every call of `module.name` (unchanged otherwise)."""
+    import time
+
+    watch = Stopwatch()
+
+    def make(original: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                watch.seconds += time.perf_counter() - t0
+
+        return call
+
+    with swapped(module, name, make, f"timing {name}"):
+        yield watch
+
+
+@dataclass
 class Tally:
     """How much a speed-up took over during one oneshot; `line` formats it (`{n}`) for the run's notes."""
 

@@ -2,11 +2,12 @@
 to the replacement (positional or keyword, as upstream calls them), the rest to the original, and the original
 is back after the block, also on error; a function upstream no longer has leaves the speed-up off."""
 
+import time
 import types
 
 import pytest
 
-from farm.stages.swap import taken_over
+from farm.stages.swap import taken_over, timed
 
 
 def upstream() -> types.SimpleNamespace:
@@ -40,3 +41,14 @@ def test_a_function_upstream_dropped_leaves_the_speed_up_off(caplog: pytest.LogC
     with taken_over(mod, "solve", lambda *a: True, lambda *a: None, "the speed-up", "{n}") as tally:
         assert not hasattr(mod, "solve")
     assert tally.note() is None and "the speed-up is off" in caplog.text
+
+
+def test_timed_adds_up_each_call_and_restores_the_original(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = iter([1.0, 1.5, 10.0, 12.0])
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    mod = upstream()
+    original = mod.solve
+    with timed(mod, "solve") as watch:
+        assert mod.solve(1, 1) == ("original", 1)
+        assert mod.solve(1, 1, scale=2) == ("original", 2)
+    assert mod.solve is original and watch.seconds == pytest.approx(2.5)
