@@ -79,10 +79,9 @@ class Phases:
             return
         from llmcompressor.modifiers.gptq import base
 
-        from farm.stages import leftgptq, rowsplit
+        from farm.stages import leftgptq
 
         for owner, name in [(leftgptq, "left_looking_quantize_weight"), (leftgptq, "hessian_factor"),
-                            (rowsplit, "split_rows"),
                             (base, "prepare_batch"), (base, "update_batch_qparams"), (base, "observe"),
                             (base, "broadcast_qparams_and_cleanup"), (GPTQModifier, "_reduce_hessian_to_target_rank")]:
             setattr(owner, name, self._timed(name, getattr(owner, name)))
@@ -131,8 +130,7 @@ def once(args: argparse.Namespace) -> dict:
     req = QuantizeRequest(str(model_dir), method, CalibrationDraw(str(args.text), args.samples, args.seq, 0),
                           str(args.work / "out"), batch_size=args.batch, offload_device="cuda" if device == "cuda"
                           else None, gptq_hessian=args.hessian, calibration_attention=args.attention,
-                          gptq_inverse=args.inverse, gptq_ranks=args.gptq_ranks, rank=args.rank,
-                          world=max(1, args.ranks))
+                          gptq_inverse=args.inverse, rank=args.rank, world=max(1, args.ranks))
     tok = load_tokenizer(model_dir)
     t0 = time.perf_counter()
     where = placement(req, device)
@@ -177,7 +175,6 @@ def concurrent(args: argparse.Namespace, n: int, ranks: int = 0) -> dict:
     argv = [sys.executable, __file__, "--shape", args.shape, "--layers", str(args.layers), "--batch", str(args.batch),
             "--samples", str(args.samples), "--seq", str(args.seq), "--threads", str(args.threads),
             "--attention", args.attention, "--hessian", args.hessian, "--inverse", args.inverse,
-            "--gptq-ranks", args.gptq_ranks,
             *(["--parts"] if args.parts else []),
             "--tokenizer", str(args.tokenizer), "--text", str(args.text), "--work", str(args.work)]
     t0 = time.perf_counter()
@@ -221,8 +218,6 @@ def main() -> None:
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--inverse", default="left_looking",
                     choices=["left_looking", "reversed_cholesky", "llmcompressor"])
-    ap.add_argument("--gptq-ranks", default="rows", choices=["rows", "owner"],
-                    help="with --ranks: each module's rows split over the ranks (farm) or one owner rank per module")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--parts", action="store_true",
                     help="also time the solve phase's parts (each synchronised, so everything gets slower)")

@@ -9,19 +9,6 @@ from pathlib import Path
 from typing import Any
 
 
-def gptq_problem(batch: int, rows: int, n: int, group: int = 32) -> tuple[Any, Any, Any, Any]:
-    """One `quantize_weight` input: weights, a positive-definite Hessian with uneven column scales, symmetric
-    int4 group scales and zero points."""
-    import torch
-
-    torch.manual_seed(0)
-    x = torch.randn(batch, 4 * n, n) * (torch.rand(n) + 0.1)
-    h = 2 * x.transpose(1, 2) @ x / x.shape[1]
-    w = torch.randn(batch, rows, n) * 0.05
-    scale = w.reshape(batch, rows, n // group, group).abs().amax(-1) / 7.5
-    return w, h, scale, torch.zeros_like(scale, dtype=torch.int8)
-
-
 @contextlib.contextmanager
 def observed_losses() -> Iterator[list[float]]:
     from llmcompressor.modifiers.gptq import base

@@ -24,7 +24,6 @@ from farm.stages.modelio import (
     pick_device,
     start_device,
 )
-from farm.stages.rowsplit import rows_split_solve
 from farm.stages.swap import Used, timed
 
 
@@ -50,7 +49,6 @@ class QuantizeRequest:
     world: int = 1
     gptq_hessian: str = "tensor_cores"  # or "fp32": llm-compressor's own Hessian GEMM (stages/hessian.py)
     gptq_inverse: str = "left_looking"  # stages/leftgptq.py; or "reversed_cholesky" (factor.py), "llmcompressor"
-    gptq_ranks: str = "rows"  # world > 1: each module's rows split over the ranks (stages/rowsplit.py), or "owner"
     calibration_attention: str = "sdpa"  # or "eager": llm-compressor's forced eager attention (stages/attention.py)
     report: dict[str, Any] = field(default_factory=dict, compare=False)  # filled: the calibration's diversity
 
@@ -126,7 +124,6 @@ def calibrate(req: QuantizeRequest, model: Any, tokenizer: Any, recipe: list[Any
         tensor_core_hessians() if req.gptq_hessian == "tensor_cores" else None,
         one_cholesky_factor() if req.gptq_inverse == "reversed_cholesky" else None,
         left_looking_solve() if req.gptq_inverse == "left_looking" else None,
-        rows_split_solve() if req.world > 1 and req.gptq_ranks == "rows" else None,
         sdpa_calibration(model) if req.calibration_attention == "sdpa" else None,
     ]
     with contextlib.ExitStack() as stack:

@@ -11,7 +11,15 @@ from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight  # noqa: 
 
 from farm.spec import ResourceSpec  # noqa: E402
 from farm.stages.leftgptq import hessian_factor, left_looking_quantize_weight, left_looking_solve  # noqa: E402
-from tests.gptq_losses import gptq_problem as problem  # noqa: E402
+
+
+def problem(batch: int, rows: int, n: int, group: int = 32) -> tuple:
+    torch.manual_seed(0)
+    x = torch.randn(batch, 4 * n, n) * (torch.rand(n) + 0.1)
+    h = 2 * x.transpose(1, 2) @ x / x.shape[1]
+    w = torch.randn(batch, rows, n) * 0.05
+    scale = w.reshape(batch, rows, n // group, group).abs().amax(-1) / 7.5
+    return w, h, scale, torch.zeros_like(scale, dtype=torch.int8)
 
 
 @pytest.mark.parametrize("actorder", [None, "static", "weight"])
