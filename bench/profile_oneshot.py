@@ -7,7 +7,8 @@ synchronised at every boundary), the set-up before the first layer (tracing, cac
 top CUDA kernels and CPU ops from torch.profiler plus how busy the GPU was. --concurrent N starts N copies at
 once (as N packed variants run) and reports each; --mps runs them again under CUDA MPS when the node has it;
 --ranks N runs one oneshot as N data-parallel ranks (farm's process group) and reports every rank's phases;
---parts splits the solve phase (Hessian reduce, factor, solve, broadcast; each call synchronised).
+--parts splits the solve phase (Hessian reduce, factor, solve, broadcast; each call synchronised); --save then
+writes the checkpoint as farm does and prints where the save's time went (cProfile, by cumulative time).
 
   python bench/profile_oneshot.py --shape llama-1b --layers 16
   python bench/profile_oneshot.py --shape llama-1b --concurrent 4 --threads 2 --mps
@@ -157,6 +158,8 @@ def once(args: argparse.Namespace) -> dict:
     inside = sum(v for k, v in phases.seconds.items() if k != "own_solves")  # own solves are part of "solve"
     result["other_s"] = round(result["oneshot_s"] - result["setup_s"] - inside, 2)
     result["solve_parts_s"] = {k: round(v, 3) for k, v in phases.parts.items()}
+    if args.save:
+        result |= profiled_save(model, tok, args.work / f"saved{args.rank}")
     if prof is not None:
         prof.__exit__(None, None, None)
         events = prof.key_averages()
@@ -168,6 +171,29 @@ def once(args: argparse.Namespace) -> dict:
     return result
 
 
+def profiled_save(model, tokenizer, out: Path) -> dict:
+    """farm's save (stages/quantize.save) under cProfile: its seconds, the compression's share, and the calls
+    that took the most cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    from farm.stages.quantize import save
+
+    shutil.rmtree(out, ignore_errors=True)
+    phases: dict[str, float] = {}
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.runcall(save, model, tokenizer, out, phases)
+    seconds = time.perf_counter() - t0
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(30)
+    print(text.getvalue(), flush=True)
+    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    return {"save_s": round(seconds, 2), "save_compress_s": round(phases["seconds_save_compress"], 2),
+            "saved_gb": round(written / 1e9, 2)}
+
+
 def concurrent(args: argparse.Namespace, n: int, ranks: int = 0) -> dict:
     """N copies at once, each a fresh process (as N packed variants, or the N ranks of one data-parallel
     variant): each one's phases and the wall."""
@@ -175,7 +201,7 @@ def concurrent(args: argparse.Namespace, n: int, ranks: int = 0) -> dict:
     argv = [sys.executable, __file__, "--shape", args.shape, "--layers", str(args.layers), "--batch", str(args.batch),
             "--samples", str(args.samples), "--seq", str(args.seq), "--threads", str(args.threads),
             "--attention", args.attention, "--hessian", args.hessian, "--inverse", args.inverse,
-            *(["--parts"] if args.parts else []),
+            *(["--parts"] if args.parts else []), *(["--save"] if args.save else []),
             "--tokenizer", str(args.tokenizer), "--text", str(args.text), "--work", str(args.work)]
     t0 = time.perf_counter()
     group = ["--ranks", str(ranks), "--port", port] if ranks else []
@@ -221,6 +247,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--parts", action="store_true",
                     help="also time the solve phase's parts (each synchronised, so everything gets slower)")
+    ap.add_argument("--save", action="store_true", help="then save as farm does, under cProfile")
     ap.add_argument("--concurrent", type=int, default=0)
     ap.add_argument("--mps", action="store_true", help="with --concurrent: again under CUDA MPS if available")
     ap.add_argument("--ranks", type=int, default=0, help="data-parallel ranks (one process each, NCCL/gloo)")

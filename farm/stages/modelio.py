@@ -1,16 +1,10 @@
-"""Loading models and tokenizers on the device a worker was given, writing checkpoint shards, and sizing
-checkpoints."""
+"""Loading models and tokenizers on the device a worker was given, and sizing checkpoints."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-from farm.stages.swap import swapped
 
 
 def pick_device() -> str:
@@ -65,33 +59,6 @@ def load_shared_model(path: str | Path, device: str, trust_remote_code: bool = F
             str(path), dtype=dtype, trust_remote_code=trust_remote_code, device_map="auto_offload"
         )
     return model.eval()
-
-
-@contextlib.contextmanager
-def parallel_shard_writes(workers: int = 8) -> Iterator[None]:
-    """Within the block, transformers' `save_pretrained` hands each checkpoint shard to a thread instead of
-    writing them one after another. Its loop assumes safetensors holds the GIL; safetensors >= 0.6 serialises
-    from pointers outside it, so the shards' device-to-host copies and file writes overlap (measured: 2 GB in
-    four shards on the 2-core CI machine, 4.7 -> 2.8 s). The block ends only when every shard is on disk; a
-    failed write raises, and one that fails the block still waits for the writes in flight."""
-    from transformers import modeling_utils
-
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="farm-shard")
-    writes: list[Future[None]] = []
-
-    def make(original: Any) -> Any:
-        def submit(tensors: dict[str, Any], filename: str, metadata: dict[str, str] | None = None) -> None:
-            writes.append(pool.submit(original, tensors, filename, metadata=metadata))
-
-        return submit
-
-    try:
-        with swapped(modeling_utils, "safe_save_file", make, "parallel shard writes"):
-            yield
-        for write in writes:
-            write.result()
-    finally:
-        pool.shutdown(wait=True)
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:

@@ -16,14 +16,8 @@ from farm.stages.compat import cpu_safe_pinning
 from farm.stages.factor import one_cholesky_factor
 from farm.stages.hessian import tensor_core_hessians
 from farm.stages.leftgptq import left_looking_solve
-from farm.stages.modelio import (
-    load_model,
-    load_shared_model,
-    load_tokenizer,
-    parallel_shard_writes,
-    pick_device,
-    start_device,
-)
+from farm.stages.modelio import load_model, load_shared_model, load_tokenizer, pick_device, start_device
+from farm.stages.shardio import parallel_shard_writes
 from farm.stages.swap import Used, timed
 
 

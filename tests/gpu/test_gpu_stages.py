@@ -39,6 +39,7 @@ EXTRA = {"gptq": {"group_size": 128}, "awq": {"group_size": 128},
 
 @pytest.mark.parametrize("name", ["gptq", "awq", "fp8", "smoothquant", "nf4", "qat", "mixed"])
 def test_method_on_gpu(name: str, small_llama: Path, tmp_path: Path) -> None:
+    pytest.importorskip({"nf4": "bitsandbytes", "qat": "torchao"}.get(name, "torch"))  # optional backends
     from farm.methods import build_method
     from farm.stages.compat import cpu_safe_pinning
     from farm.stages.evaluate import EvaluateRequest, evaluate
@@ -63,6 +64,7 @@ def test_method_on_gpu(name: str, small_llama: Path, tmp_path: Path) -> None:
 
 def test_lora_adapter_over_nf4_on_gpu(small_llama: Path, tmp_path: Path) -> None:
     """QLoRA proper: the adapter runs over bitsandbytes' 4-bit Linear modules on the GPU."""
+    pytest.importorskip("bitsandbytes")
     from farm.methods import build_method
     from farm.spec import EvaluationSpec
     from farm.stages.adapters import evaluate_adapters, train_lora

@@ -1,6 +1,6 @@
-"""farm's save writes checkpoint shards on threads (stages/modelio.parallel_shard_writes): the same files, index
-and tensors as transformers' one-after-another loop; every shard is on disk when the block ends; a failed write
-raises."""
+"""farm's save writes checkpoint shards itself, on threads (stages/shardio.py): files safetensors reads back with
+every tensor, dtype, shape and the metadata; the same files, index and tensors as transformers' own loop;
+every shard is on disk when the block ends; a failed write raises."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, modeling_utils
 
-from farm.stages.modelio import parallel_shard_writes
+from farm.stages import shardio
+from farm.stages.shardio import parallel_shard_writes, write_shard
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -20,6 +22,26 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     for shard in sorted(path.glob("*.safetensors")):
         out |= load_file(shard)
     return out
+
+
+def test_write_shard_reads_back_as_safetensors_own(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    tensors = {"layer.weight_packed": torch.randint(-2**31, 2**31 - 1, (64, 8), dtype=torch.int32),
+               "layer.weight_scale": torch.randn(64, 2).to(torch.bfloat16), "zp": torch.randint(-8, 7, (3,),
+               dtype=torch.int8), "fp8": torch.randn(4, 4).to(torch.float8_e4m3fn), "f32": torch.randn(5),
+               "half": torch.randn(2, 3).half(), "i64": torch.arange(7), "mask": torch.rand(9) > 0.5,
+               "scalar": torch.tensor(2.5), "empty": torch.empty(0, 3), "strided": torch.randn(6, 4).t()}
+    write_shard(tensors, str(tmp_path / "farm.safetensors"), metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "ref.safetensors"),
+              metadata={"format": "pt"})
+    ours, ref = load_file(tmp_path / "farm.safetensors"), load_file(tmp_path / "ref.safetensors")
+    assert ours.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert ours[k].dtype == t.dtype and ours[k].shape == t.shape
+        assert torch.equal(ours[k].reshape(-1).view(torch.uint8), ref[k].reshape(-1).view(torch.uint8))
+    with safe_open(tmp_path / "farm.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    assert (tmp_path / "farm.safetensors").stat().st_size == (tmp_path / "ref.safetensors").stat().st_size
 
 
 def test_threaded_shards_match_the_serial_save(fixture_paths: dict, tmp_path: Path) -> None:
@@ -41,8 +63,7 @@ def test_a_failed_shard_write_raises(fixture_paths: dict, tmp_path: Path, monkey
     def full_disk(tensors: dict, filename: str, metadata: dict | None = None) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(modeling_utils, "safe_save_file", full_disk)
+    monkeypatch.setattr(shardio, "write_shard", full_disk)
     model = AutoModelForCausalLM.from_pretrained(str(fixture_paths["tiny-llama"]))
     with pytest.raises(OSError, match="No space left"), parallel_shard_writes():
         model.save_pretrained(tmp_path / "out", max_shard_size="200KB")
-    assert modeling_utils.safe_save_file is full_disk
