@@ -35,7 +35,8 @@ def test_profile_sums_solves_per_layer_and_counts_a_batch_once(tmp_path: Path) -
 
 def test_oneshot_profiler_accounts_for_every_phase(tmp_path: Path) -> None:
     """bench/profile_oneshot.py on the CPU (tiny shape): the phases it reports add up to the oneshot, every
-    attention call of calibration and propagation went through the fused path, and the own-solve timer ran."""
+    attention call of calibration and propagation went through the fused path, the own-solve timer ran, and
+    --save profiled farm's save of the result."""
     import json
     import subprocess
     import sys
@@ -47,7 +48,8 @@ def test_oneshot_profiler_accounts_for_every_phase(tmp_path: Path) -> None:
         pytest.skip("fixtures not built (make fixtures)")
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_oneshot.py"), "--shape", "tiny", "--layers",
                           "2", "--samples", "8", "--seq", "64", "--batch", "4", "--tokenizer", str(tok), "--text",
-                          str(text), "--work", str(tmp_path), "--parts"], capture_output=True, text=True, timeout=300)
+                          str(text), "--work", str(tmp_path), "--parts", "--save"],
+                         capture_output=True, text=True, timeout=300)
     line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
     assert res.returncode == 0 and line, res.stderr[-2000:]
     r = json.loads(line[0][len("RESULT "):])
@@ -55,6 +57,7 @@ def test_oneshot_profiler_accounts_for_every_phase(tmp_path: Path) -> None:
     assert abs(parts - r["oneshot_s"]) < 0.05 and 0 < r["own_solves_s"] <= r["solve_s"] + 0.01
     assert any("8 calls" in n for n in r["notes"])  # 2 layers x 2 batches x (calibrate + propagate)
     assert {"prepare_batch", "update_batch_qparams", "observe"} <= set(r["solve_parts_s"])  # --parts timed them
+    assert 0 < r["save_compress_s"] < r["save_s"] and r["saved_gb"] > 0 and "Ordered by" in res.stdout
 
 
 def test_factor_parts_bench_compares_the_three_solves() -> None:
