@@ -8,7 +8,7 @@ chunk copies from the GPU while the previous one is written, and shards write on
 
 The format is safetensors' own (an 8-byte little-endian header length, a JSON header of dtype, shape and
 byte offsets per tensor plus `__metadata__`, padded with spaces to 8 bytes, then the tensors' bytes in offset
-order); files read back with safetensors' loader. A dtype outside `DTYPES` goes to safetensors' writer.
+order); files read back with safetensors' loader. A dtype outside `dtypes()` goes to safetensors' writer.
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ def dtypes() -> dict[Any, str]:
 def header(tensors: dict[str, Any], metadata: dict[str, str] | None) -> tuple[bytes, list[str]]:
     """The length-prefixed, space-padded JSON header, and the tensor names in the order their bytes follow."""
     names = sorted(tensors)
-    names_dtypes = dtypes()
+    codes = dtypes()
     head: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name in names:
         t = tensors[name]
         size = t.numel() * t.element_size()
-        head[name] = {"dtype": names_dtypes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        head[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(head, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
@@ -55,7 +55,7 @@ def write_shard(tensors: dict[str, Any], filename: str, metadata: dict[str, str]
     import torch
 
     head, names = header(tensors, metadata)
-    staging: list[Any] = []
+    staging: list[Any] = []  # two pinned buffers: a chunk fills the one `pending` does not hold
     with open(filename, "wb") as f:
         f.write(head)
         pending: tuple[Any, Any] | None = None  # (pinned bytes being filled, its copy-done event)
@@ -74,9 +74,8 @@ def write_shard(tensors: dict[str, Any], filename: str, metadata: dict[str, str]
             stream = torch.cuda.current_stream(raw.device)
             for start in range(0, raw.numel(), CHUNK):
                 piece = raw[start:start + CHUNK]
-                buf = staging[0] if pending is None or pending[0].data_ptr() != staging[0].data_ptr() \
-                    else staging[1]
-                target = buf[:piece.numel()]
+                held = pending is not None and pending[0].data_ptr() == staging[0].data_ptr()
+                target = staging[1 if held else 0][:piece.numel()]
                 target.copy_(piece, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(stream)
