@@ -122,6 +122,19 @@ def result(ref: Any) -> tuple[Any, str | None, bool]:
         return None, failure_reason(err), lost
 
 
+def finished(refs: list[Any], timeout_s: float = 60) -> list[Any] | None:
+    """The values of `refs` if every one succeeds within `timeout_s`, else None."""
+    import ray
+
+    if not refs:
+        return []
+    done, waiting = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if waiting:
+        return None
+    results = [result(r) for r in done]
+    return None if any(error is not None for _, error, _ in results) else [value for value, _, _ in results]
+
+
 def kill(actor: Any) -> None:
     import ray
 

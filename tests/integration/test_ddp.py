@@ -67,3 +67,21 @@ def test_ddp_variant_matches_single_process(stack: Stack, stack_env: dict, fixtu
                for k in scales)
     ppl_ddp, ppl_single = ddp.data.metrics["perplexity"], single.data.metrics["perplexity"]
     assert abs(ppl_ddp - ppl_single) / ppl_single < 0.02, (ppl_ddp, ppl_single)
+
+
+def test_ddp_variants_of_one_shape_share_a_warm_gang(stack: Stack, stack_env: dict, fixture_paths: dict,
+                                                      tmp_path: Path) -> None:
+    """Two data-parallel variants in one job: the second runs on the first one's placement group and worker
+    processes (torch, transformers and llm-compressor already imported), not on a new gang."""
+    spec = tiny_spec(fixture_paths, str(tmp_path / "out"), resources={"num_cpus": 1, "num_gpus": 1, "ranks": 2},
+                     methods=[{"method": "gptq", "group_size": 64}, {"method": "gptq", "group_size": 32}],
+                     tracking={"experiment": "ddp-warm", "registered_model_prefix": "warm-"})
+    res = farm("run", str(write_spec(tmp_path / "warm.yaml", spec)), "--ray-address", stack.ray_address,
+               "--tracking-uri", stack.mlflow_uri, env=stack_env, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    client = MlflowClient(stack.mlflow_uri)
+    exp = client.get_experiment_by_name("ddp-warm")
+    runs = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    workers = [{r["rank"]: r["worker"] for r in json.loads(run.data.tags["farm.ddp_ranks"])} for run in runs]
+    assert workers[0] == workers[1] and sorted(workers[0]) == [0, 1], workers
