@@ -460,7 +460,7 @@ class Driver:
                     error = rank_errors.pop(ref, error) if error is not None else None
                     others = rank_info.pop(ref, [])
                     late = cluster.finished(rest) if error is None else None  # ranks still returning
-                    if late is not None:
+                    if late is not None and isinstance(item, Variant):  # gangs only ever run variants
                         others += late
                         idle_gangs.setdefault(gang_shape(item), []).append(worker)  # for the next of its shape
                     else:
