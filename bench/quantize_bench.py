@@ -198,10 +198,16 @@ def overhead(v: dict) -> dict:
 
 
 def single_row(label: str, run: dict) -> list:
-    """A table row for a one-variant farm run: its quantize stage split, and the wall time of `farm run`."""
+    """A table row for a one-variant farm run: its quantize stage split (the load's imports and the save's
+    compression in brackets), and the wall time of `farm run`."""
     v = run["variants"][0]
-    return [label, 1, f"{v['seconds_quantize_load']:.1f}", f"{v['seconds_oneshot']:.1f}", f"{v['seconds_save']:.1f}",
-            f"{quantize_seconds(v):.1f} (wall {run['wall']:.1f})", v["notes"]]
+
+    def part(total: str, inner: str) -> str:
+        return f"{v[total]:.1f}" + (f" ({v[inner]:.1f})" if v.get(inner) is not None else "")
+
+    return [label, 1, part("seconds_quantize_load", "seconds_load_tokenizer"), f"{v['seconds_oneshot']:.1f}",
+            part("seconds_save", "seconds_save_compress"), f"{quantize_seconds(v):.1f} (wall {run['wall']:.1f})",
+            v["notes"]]
 
 
 def multi_row(label: str, run: dict) -> tuple[list, float]:
@@ -293,7 +299,8 @@ def main() -> None:
                    4 * results["farm"]["variants"][0]["seconds_total"] / slowest)
     from farm.report import table
 
-    print(table(["workload", "variants", "load s", "oneshot s", "save s", "total s", "peak GiB / notes"], rows))
+    print(table(["workload", "variants", "load s (imports)", "oneshot s", "save s (compress)", "total s",
+                 "peak GiB / notes"], rows))
     for key in ("farm_vs_bare_quantize", "farm_overhead", "pack4_vs_serial_bare",
                 "queue4_vs_serial_bare", "ddp4_speedup_quantize", "ddp4_speedup_oneshot", "ddp4_ppl",
                 "spread4_throughput_vs_one_gpu",
