@@ -9,6 +9,17 @@ from pathlib import Path
 from typing import Any
 
 
+def assert_scoped_swap(owner: Any, name: str, speedup: contextlib.AbstractContextManager[Any]) -> None:
+    """Within `speedup`, `owner.name` is farm's; after the block (here left by an error) upstream's again."""
+    import pytest
+
+    original = getattr(owner, name)
+    with pytest.raises(RuntimeError), speedup:
+        assert getattr(owner, name) is not original
+        raise RuntimeError("oneshot failed")
+    assert getattr(owner, name) is original
+
+
 @contextlib.contextmanager
 def observed_losses() -> Iterator[list[float]]:
     from llmcompressor.modifiers.gptq import base

@@ -10,6 +10,7 @@ from llmcompressor.modifiers.gptq.helpers import factorize_hessian  # noqa: E402
 
 from farm.spec import ResourceSpec  # noqa: E402
 from farm.stages.factor import covers, one_cholesky_factor, upper_inverse_factor  # noqa: E402
+from tests.gptq_losses import assert_scoped_swap  # noqa: E402
 
 
 def hessians(batch: int, n: int, tokens: int = 400) -> torch.Tensor:
@@ -50,11 +51,7 @@ def test_dead_columns_and_a_hessian_that_is_not_positive_definite() -> None:
 
 
 def test_swap_is_scoped_and_leaves_cpu_to_llm_compressor() -> None:
-    original = gptq_quantize.factorize_hessian
-    with pytest.raises(RuntimeError), one_cholesky_factor():
-        assert gptq_quantize.factorize_hessian is not original
-        raise RuntimeError("oneshot failed")
-    assert gptq_quantize.factorize_hessian is original
+    assert_scoped_swap(gptq_quantize, "factorize_hessian", one_cholesky_factor())
     assert not covers(torch.zeros(1, 2, 4), torch.zeros(1, 4, 4))  # CPU: llm-compressor's own function
     with one_cholesky_factor() as usage:
         gptq_quantize.factorize_hessian(torch.zeros(1, 2, 4), torch.eye(4).unsqueeze(0), 0.01,

@@ -8,6 +8,7 @@ from llmcompressor.modifiers.gptq import base  # noqa: E402
 from llmcompressor.modifiers.gptq.helpers import accumulate_hessian as upstream  # noqa: E402
 
 from farm.stages.hessian import accumulate, covers, tensor_core_hessians  # noqa: E402
+from tests.gptq_losses import assert_scoped_swap  # noqa: E402
 
 
 def test_same_hessian_and_sample_count_as_llm_compressor() -> None:
@@ -33,11 +34,7 @@ def test_only_half_precision_linear_inputs_on_cuda_take_the_fast_path() -> None:
 
 
 def test_the_swap_is_scoped_and_undone_on_error() -> None:
-    original = base.accumulate_hessian
-    with pytest.raises(RuntimeError), tensor_core_hessians():
-        assert base.accumulate_hessian is not original
-        raise RuntimeError("oneshot failed")
-    assert base.accumulate_hessian is original
+    assert_scoped_swap(base, "accumulate_hessian", tensor_core_hessians())
 
 
 def test_inside_the_block_other_inputs_still_reach_upstream() -> None:

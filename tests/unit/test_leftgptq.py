@@ -11,6 +11,7 @@ from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight  # noqa: 
 
 from farm.spec import ResourceSpec  # noqa: E402
 from farm.stages.leftgptq import hessian_factor, left_looking_quantize_weight, left_looking_solve  # noqa: E402
+from tests.gptq_losses import assert_scoped_swap  # noqa: E402
 
 
 def problem(batch: int, rows: int, n: int, group: int = 32) -> tuple:
@@ -82,11 +83,7 @@ def test_dead_columns_and_a_hessian_that_is_not_positive_definite() -> None:
 
 
 def test_swap_is_scoped_and_leaves_cpu_to_llm_compressor() -> None:
-    original = base.quantize_weight
-    with pytest.raises(RuntimeError), left_looking_solve():
-        assert base.quantize_weight is not original
-        raise RuntimeError("oneshot failed")
-    assert base.quantize_weight is original
+    assert_scoped_swap(base, "quantize_weight", left_looking_solve())
     w, h, scale, zero = problem(1, 4, 64)
     qargs = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
     with left_looking_solve() as usage:  # CPU tensors: llm-compressor's own function
