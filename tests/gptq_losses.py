@@ -9,6 +9,19 @@ from pathlib import Path
 from typing import Any
 
 
+def gptq_problem(batch: int, rows: int, n: int, group: int = 32) -> tuple[Any, Any, Any, Any]:
+    """One `quantize_weight` input: weights, a positive-definite Hessian with uneven column scales, symmetric
+    int4 group scales and zero points."""
+    import torch
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, 4 * n, n) * (torch.rand(n) + 0.1)
+    h = 2 * x.transpose(1, 2) @ x / x.shape[1]
+    w = torch.randn(batch, rows, n) * 0.05
+    scale = w.reshape(batch, rows, n // group, group).abs().amax(-1) / 7.5
+    return w, h, scale, torch.zeros_like(scale, dtype=torch.int8)
+
+
 def assert_scoped_swap(owner: Any, name: str, speedup: contextlib.AbstractContextManager[Any]) -> None:
     """Within `speedup`, `owner.name` is farm's; after the block (here left by an error) upstream's again."""
     import pytest

@@ -33,12 +33,11 @@ def left_looking_quantize_weight(weights: Any, hessians: Any, scale: Any, zero_p
     """llm-compressor's `quantize_weight` contract ([batch, rows, columns] weights, [batch, columns, columns]
     normalised Hessians; returns quantized weights, per-batch losses and round-to-nearest flags)."""
     import torch
-    from llmcompressor.modifiers.gptq.gptq_quantize import gptq_block_update
     from llmcompressor.modifiers.gptq.helpers import GPTQ_PRECISION, apply_activation_ordering
 
     if weights.ndim != 3 or hessians.ndim != 3 or weights.shape[0] != hessians.shape[0]:
         raise ValueError("weights and hessians must have shape [batch, ...] with the same batch")
-    batch, rows, columns = weights.shape
+    batch, _, columns = weights.shape
     final_dtype, device = weights.dtype, weights.device
     W = weights.to(device=device, dtype=GPTQ_PRECISION)
     H = hessians.to(device=device, dtype=GPTQ_PRECISION)
@@ -47,9 +46,23 @@ def left_looking_quantize_weight(weights: Any, hessians: Any, scale: Any, zero_p
     global_scale = None if global_scale is None else global_scale.to(device)
     W, H, perm = apply_activation_ordering(W, H, quant_args.actorder)
     g_idx = group_index(quant_args, columns, batch, perm, device)
-    losses = torch.zeros(batch, rows, device=device)
     used_rtn_fallback = torch.zeros(batch, dtype=torch.bool, device=device)
     V = hessian_factor(W, H, percdamp, used_rtn_fallback)
+    Q, losses = column_loop(W, V, scale, zero_point, global_scale, g_idx, quant_args, blocksize)
+    return unpermute(Q, perm).to(final_dtype), losses, used_rtn_fallback
+
+
+def column_loop(W: Any, V: Any, scale: Any, zero_point: Any, global_scale: Any, g_idx: Any, quant_args: Any,
+                blocksize: int = 128) -> tuple[Any, Any]:
+    """GPTQ's pass over the columns, 128 at a time, for [batch, rows, columns] fp32 weights (permuted and
+    dead columns zeroed, as `V` was factored); W becomes D = W - Q. Returns Q and each batch entry's loss summed
+    over its rows. Rows are independent here: any subset of rows, with its scales, gives those rows' result."""
+    import torch
+    from llmcompressor.modifiers.gptq.gptq_quantize import gptq_block_update
+
+    batch, rows, columns = W.shape
+    device = W.device
+    losses = torch.zeros(batch, rows, device=device)
     Q = torch.empty_like(W)  # W's quantized columns become D = W - Q as the loop passes them
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
@@ -64,10 +77,17 @@ def left_looking_quantize_weight(weights: Any, hessians: Any, scale: Any, zero_p
         Q[:, :, i1:i2] = Q1
         W[:, :, i1:i2] -= Q1
         losses += torch.sum(losses1, 2) / 2
-    if perm is not None:
-        invperm = torch.argsort(perm, dim=-1)
-        Q = torch.gather(Q, -1, invperm.unsqueeze(-2).expand(-1, rows, -1))
-    return Q.to(final_dtype), losses.sum(dim=1), used_rtn_fallback
+    return Q, losses.sum(dim=1)
+
+
+def unpermute(Q: Any, perm: Any) -> Any:
+    """Columns back in the checkpoint's order after an activation-ordered solve (`perm` None: unchanged)."""
+    import torch
+
+    if perm is None:
+        return Q
+    invperm = torch.argsort(perm, dim=-1)
+    return torch.gather(Q, -1, invperm.unsqueeze(-2).expand(-1, Q.shape[1], -1))
 
 
 def group_index(quant_args: Any, columns: int, batch: int, perm: Any, device: Any) -> Any:

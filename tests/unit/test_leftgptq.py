@@ -11,21 +11,12 @@ from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight  # noqa: 
 
 from farm.spec import ResourceSpec  # noqa: E402
 from farm.stages.leftgptq import hessian_factor, left_looking_quantize_weight, left_looking_solve  # noqa: E402
-from tests.gptq_losses import assert_scoped_swap  # noqa: E402
-
-
-def problem(batch: int, rows: int, n: int, group: int = 32) -> tuple:
-    torch.manual_seed(0)
-    x = torch.randn(batch, 4 * n, n) * (torch.rand(n) + 0.1)
-    h = 2 * x.transpose(1, 2) @ x / x.shape[1]
-    w = torch.randn(batch, rows, n) * 0.05
-    scale = w.reshape(batch, rows, n // group, group).abs().amax(-1) / 7.5
-    return w, h, scale, torch.zeros_like(scale, dtype=torch.int8)
+from tests.gptq_losses import assert_scoped_swap, gptq_problem  # noqa: E402
 
 
 @pytest.mark.parametrize("actorder", [None, "static", "weight"])
 def test_same_quantization_as_llm_compressor(actorder: str | None) -> None:
-    w, h, scale, zero = problem(2, 16, 320)  # 2.5 blocks of 128: the last block is narrower
+    w, h, scale, zero = gptq_problem(2, 16, 320)  # 2.5 blocks of 128: the last block is narrower
     qargs = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32,
                              actorder=actorder)
     ref_q, ref_loss, ref_flag = quantize_weight(w.clone(), h.clone(), scale, zero, None, qargs)
@@ -38,7 +29,7 @@ def test_same_quantization_as_llm_compressor(actorder: str | None) -> None:
 @pytest.mark.parametrize("kind", ["int8 channel", "int4 asymmetric channel", "fp8 tensor"])
 def test_same_quantization_for_other_strategies(kind: str) -> None:
     """Channel-wise, asymmetric and per-tensor FP8 weights go through the same block update as llm-compressor's."""
-    w, h, _, _ = problem(2, 16, 256)
+    w, h, _, _ = gptq_problem(2, 16, 256)
     if kind == "fp8 tensor":
         qargs = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor")
         scale = w.abs().amax(dim=(1, 2)).reshape(2, 1, 1) / 448
@@ -61,7 +52,7 @@ def test_same_quantization_for_other_strategies(kind: str) -> None:
 
 
 def test_factor_is_the_upper_cholesky_factor_of_h() -> None:
-    _, h, _, _ = problem(1, 4, 64)
+    _, h, _, _ = gptq_problem(1, 4, 64)
     v = hessian_factor(torch.zeros(1, 4, 64), h.clone(), 0.01, torch.zeros(1, dtype=torch.bool))
     damped = h.clone()
     damped[0].diagonal().add_(0.01 * damped[0].diagonal().mean())
@@ -70,7 +61,7 @@ def test_factor_is_the_upper_cholesky_factor_of_h() -> None:
 
 
 def test_dead_columns_and_a_hessian_that_is_not_positive_definite() -> None:
-    w, h, scale, zero = problem(2, 8, 128)
+    w, h, scale, zero = gptq_problem(2, 8, 128)
     h[0, 5, :] = 0
     h[0, :, 5] = 0  # a column no calibration token touched
     h[1] = -torch.eye(128)  # not positive definite even after dampening: round to nearest
@@ -84,7 +75,7 @@ def test_dead_columns_and_a_hessian_that_is_not_positive_definite() -> None:
 
 def test_swap_is_scoped_and_leaves_cpu_to_llm_compressor() -> None:
     assert_scoped_swap(base, "quantize_weight", left_looking_solve())
-    w, h, scale, zero = problem(1, 4, 64)
+    w, h, scale, zero = gptq_problem(1, 4, 64)
     qargs = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
     with left_looking_solve() as usage:  # CPU tensors: llm-compressor's own function
         base.quantize_weight(w, h, scale, zero, None, qargs)
