@@ -80,10 +80,9 @@ class Phases:
             return
         from llmcompressor.modifiers.gptq import base
 
-        from farm.stages import leftgptq, ranksplit
+        from farm.stages import leftgptq
 
         for owner, name in [(leftgptq, "left_looking_quantize_weight"), (leftgptq, "hessian_factor"),
-                            (ranksplit, "factorize"), (ranksplit, "share_factor"), (ranksplit, "solve_rows"),
                             (base, "prepare_batch"), (base, "update_batch_qparams"), (base, "observe"),
                             (base, "broadcast_qparams_and_cleanup"), (GPTQModifier, "_reduce_hessian_to_target_rank")]:
             setattr(owner, name, self._timed(name, getattr(owner, name)))
@@ -132,7 +131,7 @@ def once(args: argparse.Namespace) -> dict:
     req = QuantizeRequest(str(model_dir), method, CalibrationDraw(str(args.text), args.samples, args.seq, 0),
                           str(args.work / "out"), batch_size=args.batch, offload_device="cuda" if device == "cuda"
                           else None, gptq_hessian=args.hessian, calibration_attention=args.attention,
-                          gptq_inverse=args.inverse, gptq_ranks=args.gptq_ranks, rank=args.rank,
+                          gptq_inverse=args.inverse, gptq_graphs=not args.eager_loop, rank=args.rank,
                           world=max(1, args.ranks))
     tok = load_tokenizer(model_dir)
     t0 = time.perf_counter()
@@ -152,7 +151,7 @@ def once(args: argparse.Namespace) -> dict:
     notes = calibrate(req, model, tok, method.modifiers())
     t3 = phases.sync()
     result = {"shape": args.shape, "layers": args.layers, "batch": args.batch, "attention": args.attention,
-              "inverse": args.inverse, "gptq_ranks": args.gptq_ranks, "rank": args.rank, "ranks": args.ranks,
+              "inverse": args.inverse, "graphs": not args.eager_loop, "rank": args.rank, "ranks": args.ranks,
               "load_s": round(t1 - t0, 2),
               "oneshot_s": round(t3 - t2, 2), "setup_s": round((phases.first_layer_at or t3) - t2, 2),
               **{f"{k}_s": round(v, 2) for k, v in phases.seconds.items()}, "notes": notes,
@@ -203,8 +202,8 @@ def concurrent(args: argparse.Namespace, n: int, ranks: int = 0) -> dict:
     argv = [sys.executable, __file__, "--shape", args.shape, "--layers", str(args.layers), "--batch", str(args.batch),
             "--samples", str(args.samples), "--seq", str(args.seq), "--threads", str(args.threads),
             "--attention", args.attention, "--hessian", args.hessian, "--inverse", args.inverse,
-            "--gptq-ranks", args.gptq_ranks,
-            *(["--parts"] if args.parts else []), *(["--save"] if args.save else []),
+            *(["--parts"] if args.parts else []), *(["--eager-loop"] if args.eager_loop else []),
+            *(["--save"] if args.save else []),
             "--tokenizer", str(args.tokenizer), "--text", str(args.text), "--work", str(args.work)]
     t0 = time.perf_counter()
     group = ["--ranks", str(ranks), "--port", port] if ranks else []
@@ -247,8 +246,7 @@ def main() -> None:
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--inverse", default="left_looking",
                     choices=["left_looking", "reversed_cholesky", "llmcompressor"])
-    ap.add_argument("--gptq-ranks", default="split", choices=["split", "owner"],
-                    help="with --ranks: the largest solve shared by rows (farm's default) or llm-compressor's owners")
+    ap.add_argument("--eager-loop", action="store_true", help="GPTQ's column loop launched eagerly, no CUDA graphs")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--parts", action="store_true",
                     help="also time the solve phase's parts (each synchronised, so everything gets slower)")
@@ -267,8 +265,7 @@ def main() -> None:
         build_model(args.shape, 0, args.tokenizer, args.work, args.layers)
         res = concurrent(args, args.ranks, args.ranks)
         print("RANKS " + json.dumps(res), flush=True)
-        show(f"{args.shape}, {args.layers} layers, {args.ranks} data-parallel ranks ({args.gptq_ranks} solves)",
-             res["each"], res["wall_s"])
+        show(f"{args.shape}, {args.layers} layers, {args.ranks} data-parallel ranks", res["each"], res["wall_s"])
         return
     if not args.concurrent:
         one = once(args)

@@ -590,7 +590,7 @@ class Driver:
                    "resources.gptq_hessian": v.resources.gptq_hessian,
                    "resources.calibration_attention": v.resources.calibration_attention,
                    "resources.gptq_inverse": v.resources.gptq_inverse,
-                   **({"resources.gptq_ranks": v.resources.gptq_ranks} if v.resources.ranks > 1 else {})}
+                   "resources.gptq_graphs": v.resources.gptq_graphs}
         return params
 
     def _version_tags(self, v: Variant, manifest: dict[str, Any]) -> dict[str, str]:

@@ -45,10 +45,10 @@ class LoopGraphs:
             blocksize: int = 128) -> tuple[Any, Any]:
         from farm.stages.leftgptq import column_loop
 
-        args = (W, V, scale, zero_point, global_scale, g_idx)
         if not W.is_cuda:
-            return column_loop(*args, quant_args, blocksize)
-        key = _key(*args, quant_args, blocksize)
+            return column_loop(W, V, scale, zero_point, global_scale, g_idx, quant_args, blocksize)
+        args = (W, V, scale, zero_point, global_scale, g_idx)
+        key = _key(W, V, scale, zero_point, global_scale, g_idx, quant_args, blocksize)
         captured = self._graphs.get(key)
         if captured is None:
             captured = self._graphs[key] = self._capture(args, quant_args, blocksize)
@@ -65,16 +65,16 @@ class LoopGraphs:
 
         from farm.stages.leftgptq import column_loop
 
-        inputs = tuple(None if t is None else t.clone() for t in args)
+        inputs: tuple[Any, ...] = tuple(None if t is None else t.clone() for t in args)
+        W, V, scale, zero_point, global_scale, g_idx = inputs
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the capture: cuBLAS handles, Triton builds, allocator
-            column_loop(inputs[0].clone(), *inputs[1:], quant_args, blocksize)
+            column_loop(W.clone(), V, scale, zero_point, global_scale, g_idx, quant_args, blocksize)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        W = inputs[0]
-        with torch.cuda.graph(graph):
-            outputs = column_loop(W, *inputs[1:], quant_args, blocksize)
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # NCCL's watchdog thread may poll
+            outputs = column_loop(W, V, scale, zero_point, global_scale, g_idx, quant_args, blocksize)
         self.captures += 1
         return _Captured(graph, inputs, outputs)
 
