@@ -131,8 +131,7 @@ def once(args: argparse.Namespace) -> dict:
     req = QuantizeRequest(str(model_dir), method, CalibrationDraw(str(args.text), args.samples, args.seq, 0),
                           str(args.work / "out"), batch_size=args.batch, offload_device="cuda" if device == "cuda"
                           else None, gptq_hessian=args.hessian, calibration_attention=args.attention,
-                          gptq_inverse=args.inverse, gptq_graphs=not args.eager_loop, rank=args.rank,
-                          world=max(1, args.ranks))
+                          gptq_inverse=args.inverse, rank=args.rank, world=max(1, args.ranks))
     tok = load_tokenizer(model_dir)
     t0 = time.perf_counter()
     where = placement(req, device)
@@ -151,7 +150,7 @@ def once(args: argparse.Namespace) -> dict:
     notes = calibrate(req, model, tok, method.modifiers())
     t3 = phases.sync()
     result = {"shape": args.shape, "layers": args.layers, "batch": args.batch, "attention": args.attention,
-              "inverse": args.inverse, "graphs": not args.eager_loop, "rank": args.rank, "ranks": args.ranks,
+              "inverse": args.inverse, "rank": args.rank, "ranks": args.ranks,
               "load_s": round(t1 - t0, 2),
               "oneshot_s": round(t3 - t2, 2), "setup_s": round((phases.first_layer_at or t3) - t2, 2),
               **{f"{k}_s": round(v, 2) for k, v in phases.seconds.items()}, "notes": notes,
@@ -202,8 +201,7 @@ def concurrent(args: argparse.Namespace, n: int, ranks: int = 0) -> dict:
     argv = [sys.executable, __file__, "--shape", args.shape, "--layers", str(args.layers), "--batch", str(args.batch),
             "--samples", str(args.samples), "--seq", str(args.seq), "--threads", str(args.threads),
             "--attention", args.attention, "--hessian", args.hessian, "--inverse", args.inverse,
-            *(["--parts"] if args.parts else []), *(["--eager-loop"] if args.eager_loop else []),
-            *(["--save"] if args.save else []),
+            *(["--parts"] if args.parts else []), *(["--save"] if args.save else []),
             "--tokenizer", str(args.tokenizer), "--text", str(args.text), "--work", str(args.work)]
     t0 = time.perf_counter()
     group = ["--ranks", str(ranks), "--port", port] if ranks else []
@@ -246,7 +244,6 @@ def main() -> None:
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--inverse", default="left_looking",
                     choices=["left_looking", "reversed_cholesky", "llmcompressor"])
-    ap.add_argument("--eager-loop", action="store_true", help="GPTQ's column loop launched eagerly, no CUDA graphs")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--parts", action="store_true",
                     help="also time the solve phase's parts (each synchronised, so everything gets slower)")

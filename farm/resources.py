@@ -21,7 +21,6 @@ class Resources:
     gptq_hessian: str = "tensor_cores"  # how GPTQ Hessians are summed on a GPU (stages/hessian.py)
     gptq_inverse: str = "left_looking"  # how GPTQ uses H^-1 (stages/leftgptq.py, stages/factor.py)
     calibration_attention: str = "sdpa"  # attention in calibration passes (stages/attention.py)
-    gptq_graphs: bool = True  # GPTQ's column loop replayed from CUDA graphs (stages/loopgraph.py)
 
     def ray_options(self) -> dict[str, float | int]:
         return {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus, "memory": self.memory_bytes}

@@ -247,10 +247,6 @@ class ResourceSpec(Strict):
         "reorganised to need only the Hessian's Cholesky factor, no inverse; an 8B down_proj solve 0.29 -> "
         "0.08-0.13 s), reversed_cholesky (the inverse factor from one Cholesky and a triangular solve) or "
         "llmcompressor (its three factorisations and right-looking loop); same algorithm and format")
-    gptq_graphs: bool = Field(
-        True, description="replay GPTQ's left-looking column loop from CUDA graphs, one captured per module shape "
-        "(every layer has the same shapes): the loop is bound by kernel launches (8B down_proj 134 -> 41 ms, the "
-        "same weights); holds ~2 GB of GPU buffers for an 8B during the oneshot")
     calibration_attention: Literal["sdpa", "eager"] = Field(
         "sdpa", description="attention in calibration forward passes: sdpa (transformers' fused attention with "
         "llm-compressor's eager causal mask, for architectures whose eager attention is plain softmax attention) "

@@ -589,8 +589,7 @@ class Driver:
                    "resources.num_gpus": v.resources.num_gpus, "resources.num_cpus": v.resources.num_cpus,
                    "resources.gptq_hessian": v.resources.gptq_hessian,
                    "resources.calibration_attention": v.resources.calibration_attention,
-                   "resources.gptq_inverse": v.resources.gptq_inverse,
-                   "resources.gptq_graphs": v.resources.gptq_graphs}
+                   "resources.gptq_inverse": v.resources.gptq_inverse}
         return params
 
     def _version_tags(self, v: Variant, manifest: dict[str, Any]) -> dict[str, str]:

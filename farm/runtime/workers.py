@@ -187,7 +187,6 @@ class Worker:
                 batch_size=tuned.batch_size, offload_device=tuned.offload_device, load_device=tuned.load_device,
                 rank=rank.rank if rank else 0, world=world, gptq_hessian=v.resources.gptq_hessian,
                 calibration_attention=v.resources.calibration_attention, gptq_inverse=v.resources.gptq_inverse,
-                gptq_graphs=v.resources.gptq_graphs,
             )
             if rank is not None:
                 backend = ddp.init(rank)

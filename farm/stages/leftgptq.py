@@ -15,13 +15,10 @@ update (its Triton kernel on CUDA) with U_BB. Same algorithm and format; only th
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Iterator
 from typing import Any
 
 from farm.stages.factor import covers, reversed_cholesky
-from farm.stages.loopgraph import LoopGraphs
 from farm.stages.swap import Tally, taken_over
 
 
@@ -32,11 +29,9 @@ def hessian_factor(weights: Any, hessians: Any, percdamp: float, used_rtn_fallba
 
 
 def left_looking_quantize_weight(weights: Any, hessians: Any, scale: Any, zero_point: Any, global_scale: Any,
-                                 quant_args: Any, blocksize: int = 128, percdamp: float = 0.01,
-                                 loop: Callable[..., tuple[Any, Any]] | None = None) -> tuple[Any, Any, Any]:
+                                 quant_args: Any, blocksize: int = 128, percdamp: float = 0.01) -> tuple[Any, Any, Any]:
     """llm-compressor's `quantize_weight` contract ([batch, rows, columns] weights, [batch, columns, columns]
-    normalised Hessians; returns quantized weights, per-batch losses and round-to-nearest flags). `loop` runs
-    the column loop (default `column_loop`; `LoopGraphs.run` replays it from a CUDA graph)."""
+    normalised Hessians; returns quantized weights, per-batch losses and round-to-nearest flags)."""
     import torch
     from llmcompressor.modifiers.gptq.helpers import GPTQ_PRECISION, apply_activation_ordering
 
@@ -53,7 +48,7 @@ def left_looking_quantize_weight(weights: Any, hessians: Any, scale: Any, zero_p
     g_idx = group_index(quant_args, columns, batch, perm, device)
     used_rtn_fallback = torch.zeros(batch, dtype=torch.bool, device=device)
     V = hessian_factor(W, H, percdamp, used_rtn_fallback)
-    Q, losses = (loop or column_loop)(W, V, scale, zero_point, global_scale, g_idx, quant_args, blocksize)
+    Q, losses = column_loop(W, V, scale, zero_point, global_scale, g_idx, quant_args, blocksize)
     return unpermute(Q, perm).to(final_dtype), losses, used_rtn_fallback
 
 
@@ -110,37 +105,15 @@ def group_index(quant_args: Any, columns: int, batch: int, perm: Any, device: An
     return g_idx
 
 
-@dataclass
-class SolveUse(Tally):
-    """The left-looking solve's tally, and how many of its loops came from CUDA graphs."""
-
-    graphs: LoopGraphs | None = None
-
-    def note(self) -> str | None:
-        line = super().note()
-        if line and self.graphs is not None and self.graphs.replays:
-            line += (f"; column loops replayed from {self.graphs.captures} CUDA graph(s), {self.graphs.replays} "
-                     "times (resources.gptq_graphs: false for eager launches)")
-        return line
-
-
 @contextlib.contextmanager
-def left_looking_solve(cpu: bool = False, graphs: bool = False) -> Iterator[Tally]:
+def left_looking_solve(cpu: bool = False) -> Iterator[Tally]:
     """Within the block, GPTQModifier solves CUDA fp32 batches with `left_looking_quantize_weight` (`cpu=True`: CPU
-    ones too, which is how CI checks GPTQ's objective with it); anything else goes to llm-compressor's. With
-    `graphs`, CUDA column loops replay from graphs captured once per module shape and freed at the block's end."""
+    ones too, which is how CI checks GPTQ's objective with it); anything else goes to llm-compressor's."""
     from llmcompressor.modifiers.gptq import base
 
-    cache = LoopGraphs() if graphs else None
-    solve = left_looking_quantize_weight if cache is None else partial(left_looking_quantize_weight, loop=cache.run)
-    use = SolveUse("GPTQ solved left-looking from the Hessian's Cholesky factor alone: {n} modules "
-                   "(resources.gptq_inverse: llmcompressor for llm-compressor's solve)", graphs=cache)
-    try:
-        with taken_over(base, "quantize_weight",
-                        lambda weights, hessians, *_, **__: covers(weights, hessians, cpu), solve,
-                        "the left-looking GPTQ solve", use.line, count=lambda weights, *_, **__: weights.shape[0],
-                        tally=use) as tally:
-            yield tally
-    finally:
-        if cache is not None:
-            cache.close()
+    with taken_over(base, "quantize_weight",
+                    lambda weights, hessians, *_, **__: covers(weights, hessians, cpu), left_looking_quantize_weight,
+                    "the left-looking GPTQ solve", "GPTQ solved left-looking from the Hessian's Cholesky factor "
+                    "alone: {n} modules (resources.gptq_inverse: llmcompressor for llm-compressor's solve)",
+                    count=lambda weights, *_, **__: weights.shape[0]) as tally:
+        yield tally

@@ -43,7 +43,6 @@ class QuantizeRequest:
     world: int = 1
     gptq_hessian: str = "tensor_cores"  # or "fp32": llm-compressor's own Hessian GEMM (stages/hessian.py)
     gptq_inverse: str = "left_looking"  # stages/leftgptq.py; or "reversed_cholesky" (factor.py), "llmcompressor"
-    gptq_graphs: bool = True  # left_looking: the column loop replayed from CUDA graphs (stages/loopgraph.py)
     calibration_attention: str = "sdpa"  # or "eager": llm-compressor's forced eager attention (stages/attention.py)
     report: dict[str, Any] = field(default_factory=dict, compare=False)  # filled: the calibration's diversity
 
@@ -118,7 +117,7 @@ def calibrate(req: QuantizeRequest, model: Any, tokenizer: Any, recipe: list[Any
     speedups: list[contextlib.AbstractContextManager[Used] | None] = [  # farm's GPU speed-ups, each switchable
         tensor_core_hessians() if req.gptq_hessian == "tensor_cores" else None,
         one_cholesky_factor() if req.gptq_inverse == "reversed_cholesky" else None,
-        left_looking_solve(graphs=req.gptq_graphs) if req.gptq_inverse == "left_looking" else None,
+        left_looking_solve() if req.gptq_inverse == "left_looking" else None,
         sdpa_calibration(model) if req.calibration_attention == "sdpa" else None,
     ]
     with contextlib.ExitStack() as stack:

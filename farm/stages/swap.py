@@ -81,13 +81,11 @@ class Tally:
 
 @contextlib.contextmanager
 def taken_over(module: Any, name: str, covers: Callable[..., bool], replacement: Callable[..., Any], what: str,
-               line: str, count: Callable[..., int] = lambda *args, **kwargs: 1,
-               tally: Tally | None = None) -> Iterator[Tally]:
+               line: str, count: Callable[..., int] = lambda *args, **kwargs: 1) -> Iterator[Tally]:
     """Within the block, calls of `module.name` that `covers` go to `replacement` (counted by `count`, for
     the note); all others to the original. `covers` and `count` take the call's arguments under upstream's
-    parameter names (llm-compressor passes some by keyword). `tally`: count into this one (a subclass with more
-    to say) instead of a new one."""
-    tally = tally if tally is not None else Tally(line)
+    parameter names (llm-compressor passes some by keyword)."""
+    tally = Tally(line)
 
     def make(original: Any) -> Any:
         def dispatch(*args: Any, **kwargs: Any) -> Any:

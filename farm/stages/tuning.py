@@ -33,14 +33,6 @@ def batch_element_bytes(seq_len: int, hidden_size: int, intermediate_size: int, 
     return num_heads * seq_len**2 * 2 * 4 + seq_len * (4 * hidden_size + 4 * intermediate_size) * 2 * 2
 
 
-def loop_graph_bytes(hidden_size: int, intermediate_size: int) -> int:
-    """The buffers of GPTQ's CUDA-graphed column loops (stages/loopgraph.py), one graph per module shape, each
-    holding its fp32 factor (columns^2) and weights in and out (2 x rows x columns): for a Llama layer the shapes
-    h x h, kv x h (~h^2 bounded), i x h and h x i. 8B: ~2.1 GB."""
-    h, i = hidden_size, intermediate_size
-    return 4 * (5 * h**2 + i**2 + 4 * h * i)
-
-
 def choose(device: str, gpu_budget_bytes: int, num_samples: int, seq_len: int,
            hidden_size: int, intermediate_size: int, num_heads: int = 32, frugal: bool = False,
            weights_bytes: int = 0) -> Tuning:
@@ -59,7 +51,6 @@ def choose(device: str, gpu_budget_bytes: int, num_samples: int, seq_len: int,
     cached = 2 * activation_bytes(num_samples, seq_len, hidden_size)  # inputs + outputs of the layer
     # one decoder layer's weights onloaded (~12 h^2 + 3 h i params in bf16) and the GPTQ Hessians (fp32, in^2)
     layer = 2 * (4 * hidden_size**2 + 3 * hidden_size * intermediate_size) + 4 * (hidden_size**2 + intermediate_size**2)
-    layer += loop_graph_bytes(hidden_size, intermediate_size)
     headroom = gpu_budget_bytes - layer - GIB
     if cached > 0.6 * headroom:
         return Tuning(None, 1, f"activations {cached / GIB:.1f} GiB exceed 60% of the GPU budget: kept on host")

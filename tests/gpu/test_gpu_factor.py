@@ -52,49 +52,8 @@ def test_gptq_objective_with_one_cholesky(small_llama: Path, tmp_path: Path) -> 
     ref_b4 = _gptq(small_llama, ds, 4, tmp_path / "ref-b4", True, fused_attention=True)
     ours = _gptq(small_llama, ds, 8, tmp_path / "ours", True, fused_attention=True, one_cholesky=True)
     left = _gptq(small_llama, ds, 8, tmp_path / "left", True, fused_attention=True, left_looking=True)
-    graphed = _gptq(small_llama, ds, 8, tmp_path / "graphed", True, fused_attention=True, left_looking=True,
-                    graphs=True)
-    print(f"GPU GPTQ summed loss, left-looking loop replayed from CUDA graphs: {graphed:.4f} (eager {left:.4f})")
-    assert abs(graphed - left) <= 1e-6 * left  # the same kernels in the same order
     noise, moved, moved_left = abs(ref_b4 - ref) / ref, abs(ours - ref) / ref, abs(left - ref) / ref
     print(f"GPU GPTQ summed loss: llm-compressor's factor {ref:.4f} (batch 4: {ref_b4:.4f}), one Cholesky "
           f"{ours:.4f}, left-looking {left:.4f}; relative difference {moved:.1e} and {moved_left:.1e}, "
           f"reorder noise {noise:.1e}")
     assert moved <= max(3 * noise, 1e-4) and moved_left <= max(3 * noise, 1e-4)
-
-
-@pytest.mark.parametrize("kind", ["group, static order", "group, weight order", "int8 channel", "fp8 tensor"])
-def test_loop_graphs_replay_the_eager_loop(kind: str) -> None:
-    """A graph captured for one module shape gives the eager loop's result for new weights of that shape."""
-    from compressed_tensors.quantization import QuantizationArgs
-    from llmcompressor.modifiers.gptq.helpers import apply_activation_ordering
-
-    from farm.stages.leftgptq import column_loop, group_index, hessian_factor
-    from farm.stages.loopgraph import LoopGraphs
-    from tests.gptq_losses import gptq_problem
-
-    w, h, scale, zero = (t.cuda() for t in gptq_problem(1, 96, 512, group=128))
-    args = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}
-    qargs = {"group, static order": QuantizationArgs(**args, actorder="static"),
-             "group, weight order": QuantizationArgs(**args, actorder="weight"),
-             "int8 channel": QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel"),
-             "fp8 tensor": QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor")}[kind]
-    if kind == "int8 channel":
-        scale = w.abs().amax(-1, keepdim=True) / 127.5
-        zero = torch.zeros_like(scale, dtype=torch.int8)
-    elif kind == "fp8 tensor":
-        scale = w.abs().amax().reshape(1, 1) / 448
-        zero = torch.zeros_like(scale)
-    W, H, perm = apply_activation_ordering(w.clone(), h.clone(), qargs.actorder)
-    V = hessian_factor(W, H, 0.01, torch.zeros(1, dtype=torch.bool, device="cuda"))
-    g_idx = group_index(qargs, 512, 1, perm, "cuda")
-    graphs = LoopGraphs()
-    for step in range(3):  # new weights each time: one capture, replayed
-        weights = W * (1 + 0.1 * step)
-        ref_q, ref_loss = column_loop(weights.clone(), V, scale, zero, None, g_idx, qargs, 128)
-        q, loss = graphs.run(weights.clone(), V, scale, zero, None, g_idx, qargs, 128)
-        assert torch.equal(q, ref_q) and torch.equal(loss, ref_loss), (kind, step)
-    assert (graphs.captures, graphs.replays) == (1, 3)
-    graphs.run(W[:, :32].clone(), V, scale[:, :32], zero[:, :32], None, g_idx, qargs, 128)
-    assert graphs.captures == 2  # another shape, another graph
-    graphs.close()

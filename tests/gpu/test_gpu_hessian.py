@@ -58,8 +58,7 @@ def test_tensor_core_hessian_against_float64(features: int) -> None:
 
 
 def _gptq(model_dir: Path, ds, batch: int, out: Path, tensor_cores: bool | int,  # type: ignore[no-untyped-def]
-          fused_attention: bool = False, one_cholesky: bool = False, left_looking: bool = False,
-          graphs: bool = False) -> float:
+          fused_attention: bool = False, one_cholesky: bool = False, left_looking: bool = False) -> float:
     """One oneshot; returns the sum of GPTQ's own per-module losses (read from its quantize_weight)."""
     import contextlib
 
@@ -75,7 +74,7 @@ def _gptq(model_dir: Path, ds, batch: int, out: Path, tensor_cores: bool | int, 
 
     model = load_model(model_dir, "cuda")
     chunk = CHUNK_TOKENS if isinstance(tensor_cores, bool) else tensor_cores
-    with (left_looking_solve(graphs=graphs) if left_looking else contextlib.nullcontext(),  # under the loss observer
+    with (left_looking_solve() if left_looking else contextlib.nullcontext(),  # under the loss observer
           observed_losses() as losses, tensor_core_hessians(chunk) if tensor_cores else contextlib.nullcontext(),
           sdpa_calibration(model) if fused_attention else contextlib.nullcontext(),
           one_cholesky_factor() if one_cholesky else contextlib.nullcontext()):

@@ -100,21 +100,3 @@ def test_gptq_objective_unchanged_on_the_tiny_model() -> None:
     assert usage.n > 0
     assert abs(ours - ref) / ref < 1e-4, (ours, ref)
 
-
-def test_loop_graphs_fall_back_to_the_eager_loop_on_cpu() -> None:
-    """CUDA graphs are a GPU replay of the same loop (tests/gpu/test_gpu_factor.py); CPU tensors run it eagerly,
-    and the run's note says graphs only where one was replayed."""
-    from farm.stages.leftgptq import column_loop, group_index
-    from farm.stages.loopgraph import LoopGraphs
-
-    w, h, scale, zero = gptq_problem(1, 8, 128)
-    qargs = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
-    V = hessian_factor(w, h.clone(), 0.01, torch.zeros(1, dtype=torch.bool))
-    g_idx, graphs = group_index(qargs, 128, 1, None, "cpu"), LoopGraphs()
-    q, loss = graphs.run(w.clone(), V, scale, zero, None, g_idx, qargs)
-    ref_q, ref_loss = column_loop(w.clone(), V, scale, zero, None, g_idx, qargs)
-    assert torch.equal(q, ref_q) and torch.equal(loss, ref_loss) and graphs.captures == graphs.replays == 0
-    with left_looking_solve(cpu=True, graphs=True) as usage:
-        base.quantize_weight(w, h, scale, zero, None, qargs)
-    assert usage.n == 1 and "graph" not in (usage.note() or "")
-    assert ResourceSpec().gptq_graphs is True
