@@ -210,6 +210,8 @@ def concurrent(args: argparse.Namespace, n: int, ranks: int = 0) -> dict:
                               stderr=log.open("w"), text=True) for i, log in enumerate(logs)]
     outs = [p.communicate()[0] for p in procs]
     wall = time.perf_counter() - t0
+    for i, out in enumerate(outs):  # each process's tables (--profile) and result, beside its log
+        (args.work / f"process{i}.out").write_text(out)
     lines = [[x for x in o.splitlines() if x.startswith("RESULT ")] for o in outs]
     if not all(lines):
         failed = next(i for i, x in enumerate(lines) if not x)
