@@ -56,17 +56,22 @@ def write_shard(tensors: dict[str, Any], filename: str, metadata: dict[str, str]
 
     head, names = header(tensors, metadata)
     staging: list[Any] = []  # two pinned buffers: a chunk fills the one `pending` does not hold
+    pending: tuple[Any, Any] | None = None  # (pinned bytes being filled, its copy-done event)
     with open(filename, "wb") as f:
+
+        def flush() -> None:  # the staged chunk, once its copy from the GPU is done
+            nonlocal pending
+            if pending is not None:
+                pending[1].synchronize()
+                f.write(pending[0].numpy().data)
+                pending = None
+
         f.write(head)
-        pending: tuple[Any, Any] | None = None  # (pinned bytes being filled, its copy-done event)
         for name in names:
             t = tensors[name].detach()
             raw = t.contiguous().reshape(-1).view(torch.uint8)
             if not raw.is_cuda:
-                if pending is not None:
-                    pending[1].synchronize()
-                    f.write(pending[0].numpy().data)
-                    pending = None
+                flush()
                 f.write(raw.numpy().data)
                 continue
             if not staging:
@@ -79,13 +84,9 @@ def write_shard(tensors: dict[str, Any], filename: str, metadata: dict[str, str]
                 target.copy_(piece, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(stream)
-                if pending is not None:  # write the previous chunk while this one copies
-                    pending[1].synchronize()
-                    f.write(pending[0].numpy().data)
+                flush()  # write the previous chunk while this one copies
                 pending = (target, done)
-        if pending is not None:
-            pending[1].synchronize()
-            f.write(pending[0].numpy().data)
+        flush()
 
 
 @contextlib.contextmanager
