@@ -38,6 +38,8 @@ class Phases:
         self.seconds = {"calibrate": 0.0, "solve": 0.0, "propagate": 0.0, "own_solves": 0.0}
         self.parts: dict[str, float] = {}
         self.first_layer_at: float | None = None
+        self.layers: list[dict[str, float]] = []  # per decoder layer: its passes' and its solve's seconds
+        self.setup: dict[str, float] = {}  # parts of the set-up before the first layer (tracing, the cache)
         self._pass = "calibrate"
         self._t = 0.0
         self._seen: set[int] = set()
@@ -61,6 +63,8 @@ class Phases:
             t = self.sync()
             out = original(cls, *args, **kwargs)
             self.seconds["solve"] += self.sync() - t
+            if self.layers:
+                self.layers[-1]["solve"] = self.layers[-1].get("solve", 0.0) + time.perf_counter() - t
             self._pass = "propagate"
             return out
 
@@ -76,6 +80,12 @@ class Phases:
             return out
 
         GPTQModifier.compress_module_list = compress_module_list
+        from llmcompressor.pipelines import cache
+        from llmcompressor.pipelines.sequential import pipeline
+
+        pipeline.trace_subgraphs = self._timed("trace_subgraphs", pipeline.trace_subgraphs, self.setup)
+        cache.IntermediatesCache.from_dataloader = classmethod(self._timed(
+            "intermediates_cache", cache.IntermediatesCache.from_dataloader.__func__, self.setup))
         if not parts:
             return
         from llmcompressor.modifiers.gptq import base
@@ -87,13 +97,15 @@ class Phases:
                             (base, "broadcast_qparams_and_cleanup"), (GPTQModifier, "_reduce_hessian_to_target_rank")]:
             setattr(owner, name, self._timed(name, getattr(owner, name)))
 
-    def _timed(self, name, fn):
-        """A part of the solve phase, synchronised (bench only: it serialises the GPU at every call)."""
+    def _timed(self, name, fn, into=None):
+        """A part of the solve phase (or of the set-up), synchronised (bench only: it serialises the GPU at every
+        call)."""
+        into = self.parts if into is None else into
 
         def timed(*args, **kwargs):
             t = self.sync()
             out = fn(*args, **kwargs)
-            self.parts[name] = self.parts.get(name, 0.0) + self.sync() - t
+            into[name] = into.get(name, 0.0) + self.sync() - t
             return out
 
         return timed
@@ -105,9 +117,12 @@ class Phases:
         if id(module) not in self._seen:  # a new layer starts with its calibration pass
             self._seen.add(id(module))
             self._pass = "calibrate"
+            self.layers.append({"start": self._t})
 
     def _post(self, module, args, output) -> None:
-        self.seconds[self._pass] += self.sync() - self._t
+        seconds = self.sync() - self._t
+        self.seconds[self._pass] += seconds
+        self.layers[-1][self._pass] = self.layers[-1].get(self._pass, 0.0) + seconds
 
 
 def once(args: argparse.Namespace) -> dict:
@@ -158,6 +173,9 @@ def once(args: argparse.Namespace) -> dict:
     inside = sum(v for k, v in phases.seconds.items() if k != "own_solves")  # own solves are part of "solve"
     result["other_s"] = round(result["oneshot_s"] - result["setup_s"] - inside, 2)
     result["solve_parts_s"] = {k: round(v, 3) for k, v in phases.parts.items()}
+    result["setup_parts_s"] = {k: round(v, 3) for k, v in phases.setup.items()}
+    result["started_at"] = time.time() - (time.perf_counter() - t2)  # when this process reached the oneshot
+    result["per_layer"] = per_layer(phases.layers, t3)
     if args.save:
         result |= profiled_save(model, tok, args.work / f"saved{args.rank}")
     if prof is not None:
@@ -169,6 +187,23 @@ def once(args: argparse.Namespace) -> dict:
         print(events.table(sort_by=f"self_{kind}_time_total", row_limit=25), flush=True)
         print(events.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
     return result
+
+
+def per_layer(layers: list[dict[str, float]], end: float) -> dict:
+    """The first layer's passes, and the median and max of the rest: a warm layer's cost, and how even it is."""
+    import statistics
+
+    rows = []
+    for i, layer in enumerate(layers):
+        period = (layers[i + 1]["start"] if i + 1 < len(layers) else end) - layer["start"]
+        rows.append({k: layer.get(k, 0.0) for k in ("calibrate", "solve", "propagate")} | {"period": period})
+    if not rows:
+        return {}
+    rest = rows[1:] or rows
+    return {"first": {k: round(v, 3) for k, v in rows[0].items()},
+            "median": {k: round(statistics.median(r[k] for r in rest), 3) for k in rows[0]},
+            "max": {k: round(max(r[k] for r in rest), 3) for k in rows[0]},
+            "periods": [round(r["period"], 3) for r in rows]}
 
 
 def profiled_save(model, tokenizer, out: Path) -> dict:

@@ -125,7 +125,7 @@ def run_farm(models: list[Path], text: Path, n: int, seq: int, num_gpus: float, 
     keys = ("seconds_quantize_load", "seconds_load_tokenizer", "seconds_load_device", "seconds_oneshot",
             "seconds_save_compress", "seconds_save", "seconds_total", "seconds_eval_load", "seconds_perplexity",
             "seconds_generate", "perplexity", "seconds_manifest", "seconds_mlflow_upload", "seconds_artifact_wait",
-            "seconds_publish")
+            "seconds_publish", "seconds_worker_start")
     per = [{k: r.data.metrics.get(k) for k in keys}
            | {"notes": r.data.tags.get("farm.notes"), "model": r.data.tags.get("farm.model")}
            for r in runs]
@@ -198,14 +198,16 @@ def overhead(v: dict) -> dict:
 
 
 def single_row(label: str, run: dict) -> list:
-    """A table row for a one-variant farm run: its quantize stage split (the load's imports and the save's
-    compression in brackets), and the wall time of `farm run`."""
+    """A table row for a one-variant farm run: the worker's start-up (its imports, before the variant arrived),
+    the quantize stage split (the load's tokenizer and the save's compression in brackets), and the wall time
+    of `farm run`."""
     v = run["variants"][0]
 
     def part(total: str, inner: str) -> str:
         return f"{v[total]:.1f}" + (f" ({v[inner]:.1f})" if v.get(inner) is not None else "")
 
-    return [label, 1, part("seconds_quantize_load", "seconds_load_tokenizer"), f"{v['seconds_oneshot']:.1f}",
+    return [label, 1, f"{v.get('seconds_worker_start') or 0:.1f}",
+            part("seconds_quantize_load", "seconds_load_tokenizer"), f"{v['seconds_oneshot']:.1f}",
             part("seconds_save", "seconds_save_compress"), f"{quantize_seconds(v):.1f} (wall {run['wall']:.1f})",
             v["notes"]]
 
@@ -213,7 +215,7 @@ def single_row(label: str, run: dict) -> list:
 def multi_row(label: str, run: dict) -> tuple[list, float]:
     """A table row for a several-variant farm run, and its slowest variant's time in the worker."""
     slowest = max(v["seconds_total"] for v in run["variants"])
-    return [label, len(run["variants"]), "", "", "", f"wall {run['wall']:.1f} (slowest {slowest:.1f})",
+    return [label, len(run["variants"]), "", "", "", "", f"wall {run['wall']:.1f} (slowest {slowest:.1f})",
             run["variants"][0]["notes"]], slowest
 
 
@@ -257,7 +259,7 @@ def main() -> None:
 
     if "bare" in wl:
         b = record("bare", run_bare(m0, args.text, args.samples, args.seq, args.work))
-        rows.append(["bare llm-compressor", 1, f"{b['load']:.1f}", f"{b['oneshot']:.1f}", f"{b['save']:.1f}",
+        rows.append(["bare llm-compressor", 1, "", f"{b['load']:.1f}", f"{b['oneshot']:.1f}", f"{b['save']:.1f}",
                      f"{b['total']:.1f}", f"{b['peak_gib']:.1f}"])
     if "farm" in wl:
         f = record("farm", run_farm([m0], args.text, args.samples, args.seq, whole, args.work, f"farm1-{args.shape}"))
@@ -299,8 +301,8 @@ def main() -> None:
                    4 * results["farm"]["variants"][0]["seconds_total"] / slowest)
     from farm.report import table
 
-    print(table(["workload", "variants", "load s (imports)", "oneshot s", "save s (compress)", "total s",
-                 "peak GiB / notes"], rows))
+    print(table(["workload", "variants", "worker start s", "load s (tokenizer)", "oneshot s", "save s (compress)",
+                 "total s", "peak GiB / notes"], rows))
     for key in ("farm_vs_bare_quantize", "farm_overhead", "pack4_vs_serial_bare",
                 "queue4_vs_serial_bare", "ddp4_speedup_quantize", "ddp4_speedup_oneshot", "ddp4_ppl",
                 "spread4_throughput_vs_one_gpu",

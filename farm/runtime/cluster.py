@@ -186,10 +186,12 @@ class Gang:
 
         return ray.get(getattr(self.actors[0], method).remote(*args))
 
-    def call_each(self, method: str) -> list[Any]:
+    def call_each(self, method: str, per_actor: list[Any] | None = None) -> list[Any]:
+        """Call `method` on every actor (with its own argument from `per_actor`) and wait for all values."""
         import ray
 
-        return list(ray.get([getattr(a, method).remote() for a in self.actors]))
+        args = [(x,) for x in per_actor] if per_actor is not None else [()] * len(self.actors)
+        return list(ray.get([getattr(a, method).remote(*x) for a, x in zip(self.actors, args, strict=True)]))
 
     def close(self) -> None:
         import ray

@@ -503,13 +503,17 @@ class Driver:
         rendezvous, every rank joins it. A variant of another shape than the pool's (one worker, several GPUs)
         is a gang of one."""
         r = v.resources
+        fresh = gang is None
         gang = gang or cluster.Gang(Worker, r.ranks, {"CPU": r.num_cpus, "GPU": r.num_gpus,
-                                                      "memory": r.memory_bytes}, (r.num_cpus,))
+                                                      "memory": r.memory_bytes}, (r.num_cpus, r.ranks == 1))
         if r.ranks == 1:
             return gang, [gang.actors[0].build.remote(task)]
         addr, port = gang.call("rendezvous")
         visible = ",".join(gang.call_each("visible_devices"))
-        refs = [actor.build.remote(task, Rank(i, r.ranks, addr, port, visible)) for i, actor in enumerate(gang.actors)]
+        ranks = [Rank(i, r.ranks, addr, port, visible) for i in range(r.ranks)]
+        if fresh:  # every rank imports before any starts the variant (else the first collective waits)
+            gang.call_each("join", ranks)
+        refs = [actor.build.remote(task, rank) for actor, rank in zip(gang.actors, ranks, strict=True)]
         return gang, refs
 
     def _finish_base(self, b: BaseEval, run_id: str, result: dict[str, Any] | None, error: str | None,

@@ -140,13 +140,49 @@ def local_model(m: Any) -> sources.ResolvedModel:
     return replace(resolved, local_dir=str(dest))
 
 
+def warm_imports() -> float:
+    """Import what every stage needs (torch, transformers, llm-compressor; ~10 s in a fresh process on the GPU
+    hosts) before the first job arrives; returns the seconds. A backend's environment without llm-compressor
+    skips it. CUDA is not initialised by this in a way that matters here: a data-parallel rank calls it only
+    after `ddp.use_devices` (llm-compressor's import asks torch whether CUDA is available, which fixes the
+    visible devices)."""
+    import importlib
+
+    t0 = time.perf_counter()
+    for name in ("torch", "transformers", "llmcompressor"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    with contextlib.suppress(ImportError):
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (lazy modules, loaded here)
+    return time.perf_counter() - t0
+
+
 class Worker:
-    def __init__(self, num_cpus: float = 1):
+    """`warm`: import the stages' libraries now, while Ray schedules (a rank of a data-parallel gang does it in
+    `join`, once it knows the gang's devices). What that cost is reported by the first job, as
+    `seconds_worker_start`, apart from the job's own stage times."""
+
+    def __init__(self, num_cpus: float = 1, warm: bool = True):
         from farm.stages.modelio import set_threads
 
         set_threads(num_cpus)
+        self.devices = os.environ.get("CUDA_VISIBLE_DEVICES", "")  # the GPUs Ray gave this worker (`join` widens)
+        self.start_seconds = warm_imports() if warm else 0.0
+
+    def join(self, rank: Rank) -> float:
+        """Become one rank of a gang before its first variant: see the gang's GPUs, then import, so that all
+        ranks start the variant together (each rank's imports take a different time)."""
+        ddp.use_devices(rank)
+        self.start_seconds += warm_imports()
+        return self.start_seconds
+
+    def _started(self) -> float:
+        """The worker's start-up seconds, to the first job that asks (later jobs ran in a warm worker)."""
+        seconds, self.start_seconds = self.start_seconds, 0.0
+        return seconds
 
     def evaluate_base(self, task: BaseTask) -> dict[str, Any]:
+        self._started()  # a base evaluation reports no stage times
         model = local_model(task.base.model)
         try:
             checks, result = _evaluate(model.local_dir, task.evaluation, task.base.model.trust_remote_code, None)
@@ -160,8 +196,7 @@ class Worker:
         from farm.stages.quantize import CalibrationDraw, QuantizeRequest, quantize
         from farm.tracking.mlflow_store import MlflowStore
 
-        me = {"worker": f"{socket.gethostname()}:{os.getpid()}",
-              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}  # the GPU Ray gave this worker
+        me = {"worker": f"{socket.gethostname()}:{os.getpid()}", "cuda_visible_devices": self.devices}
         if rank is not None:
             ddp.use_devices(rank)
         v = task.variant
@@ -188,6 +223,7 @@ class Worker:
                 rank=rank.rank if rank else 0, world=world, gptq_hessian=v.resources.gptq_hessian,
                 calibration_attention=v.resources.calibration_attention, gptq_inverse=v.resources.gptq_inverse,
             )
+            started = self._started()
             if rank is not None:
                 backend = ddp.init(rank)
                 try:
@@ -204,6 +240,7 @@ class Worker:
                 q = QuantizeResult(**cluster.call_in_env(lib.stage, BACKENDS[lib.quantize_in].runtime_env(), request))
             else:
                 q = self._quantize_with_retry(v, model, request, tuned)
+            q.metrics["seconds_worker_start"] = started
             # The checkpoint is final: hash it and upload it to MLflow while the GPU evaluates it.
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="farm-artifact") as background:
                 files = background.submit(_timed, file_table, out)
@@ -256,7 +293,7 @@ class Worker:
         return q
 
     def visible_devices(self) -> str:
-        return os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        return self.devices
 
     def rendezvous(self) -> tuple[str, int]:
         """(this node's address as other nodes see it, a free port) for rank 0 of a data-parallel variant."""

@@ -19,6 +19,7 @@ from farm.stages.leftgptq import left_looking_solve
 from farm.stages.modelio import load_model, load_shared_model, load_tokenizer, pick_device, start_device
 from farm.stages.shardio import parallel_shard_writes
 from farm.stages.swap import Used, timed
+from farm.stages.tail import applies, idle_tail_skipped
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ def calibrate(req: QuantizeRequest, model: Any, tokenizer: Any, recipe: list[Any
         one_cholesky_factor() if req.gptq_inverse == "reversed_cholesky" else None,
         left_looking_solve() if req.gptq_inverse == "left_looking" else None,
         sdpa_calibration(model) if req.calibration_attention == "sdpa" else None,
+        idle_tail_skipped(model) if req.method.requires_calibration and applies(recipe) else None,
     ]
     with contextlib.ExitStack() as stack:
         guard = stack.enter_context(cpu_safe_pinning())
