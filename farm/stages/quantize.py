@@ -18,6 +18,7 @@ from farm.stages.hessian import tensor_core_hessians
 from farm.stages.leftgptq import left_looking_solve
 from farm.stages.modelio import load_model, load_shared_model, load_tokenizer, pick_device, start_device
 from farm.stages.shardio import parallel_shard_writes
+from farm.stages.splitload import load_split
 from farm.stages.swap import Used, timed
 from farm.stages.tail import applies, idle_tail_skipped
 
@@ -174,12 +175,18 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
     where = placement(req, device)
     start_device(where)
     t_dev = time.perf_counter()  # a fresh worker's CUDA context (a DDP rank's exists already: its process group)
+    model, notes = None, []
     if where == "shared":
         model = load_shared_model(req.model_dir, device, req.trust_remote_code)
-    else:
+    elif req.world > 1:  # a replica per rank: each reads its share, the rest comes from the other ranks
+        model = load_split(req.model_dir, where, req.rank, req.world,
+                           lambda: load_model(req.model_dir, where, req.trust_remote_code))
+        if model is not None:
+            notes.append(f"checkpoint read 1/{req.world} per rank, the rest broadcast (stages/splitload.py)")
+    if model is None:
         model = load_model(req.model_dir, where, req.trust_remote_code)
     t1 = time.perf_counter()
-    notes = calibrate(req, model, tokenizer, req.method.modifiers())
+    notes += calibrate(req, model, tokenizer, req.method.modifiers())
     t2 = time.perf_counter()
     phases = {"seconds_load_tokenizer": t_tok - t0, "seconds_load_device": t_dev - t_tok}  # parts of seconds_load
     recipe = save(model, tokenizer, req.out_dir, phases)
