@@ -130,8 +130,11 @@ def once(args: argparse.Namespace) -> dict:
 
     rank = ddp.Rank(args.rank, args.ranks, "127.0.0.1", args.port) if args.ranks > 1 else None
     if rank is not None:  # one rank of farm's data-parallel calibration: the group farm's workers form
+        import torch.distributed as dist
+
         ddp.use_devices(rank)
-        ddp.init(rank)
+        if not dist.is_initialized():  # --repeat: one group for all of this process's oneshots
+            ddp.init(rank)
     import torch
 
     from farm.methods.registry import build_method
@@ -236,6 +239,7 @@ def concurrent(args: argparse.Namespace, n: int, ranks: int = 0) -> dict:
     argv = [sys.executable, __file__, "--shape", args.shape, "--layers", str(args.layers), "--batch", str(args.batch),
             "--samples", str(args.samples), "--seq", str(args.seq), "--threads", str(args.threads),
             "--attention", args.attention, "--hessian", args.hessian, "--inverse", args.inverse,
+            "--repeat", str(args.repeat),
             *(["--parts"] if args.parts else []), *(["--save"] if args.save else []),
             "--tokenizer", str(args.tokenizer), "--text", str(args.text), "--work", str(args.work)]
     t0 = time.perf_counter()
@@ -287,6 +291,8 @@ def main() -> None:
     ap.add_argument("--save", action="store_true", help="then save as farm does, under cProfile")
     ap.add_argument("--concurrent", type=int, default=0)
     ap.add_argument("--mps", action="store_true", help="with --concurrent: again under CUDA MPS if available")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="oneshots per process, one after another (later ones show what a warm worker pays)")
     ap.add_argument("--ranks", type=int, default=0, help="data-parallel ranks (one process each, NCCL/gloo)")
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -302,8 +308,9 @@ def main() -> None:
         show(f"{args.shape}, {args.layers} layers, {args.ranks} data-parallel ranks", res["each"], res["wall_s"])
         return
     if not args.concurrent:
-        one = once(args)
-        print("RESULT " + json.dumps(one), flush=True)
+        for _ in range(args.repeat):  # each RESULT line is one oneshot; a launcher keeps the last
+            one = once(args)
+            print("RESULT " + json.dumps(one), flush=True)
         if not args.port:  # a rank reports to its launcher only
             show(f"{args.shape}, {args.layers} layers, batch {args.batch}, {args.attention} attention", [one])
         return

@@ -199,8 +199,8 @@ def overhead(v: dict) -> dict:
 
 def single_row(label: str, run: dict) -> list:
     """A table row for a one-variant farm run: the worker's start-up (its imports, before the variant arrived),
-    the quantize stage split (the load's tokenizer and the save's compression in brackets), and the wall time
-    of `farm run`."""
+    the quantize stage split (in brackets: the tokenizer, read alongside the weights, and the save's compression),
+    and the wall time of `farm run`."""
     v = run["variants"][0]
 
     def part(total: str, inner: str) -> str:
@@ -301,8 +301,8 @@ def main() -> None:
                    4 * results["farm"]["variants"][0]["seconds_total"] / slowest)
     from farm.report import table
 
-    print(table(["workload", "variants", "worker start s", "load s (tokenizer)", "oneshot s", "save s (compress)",
-                 "total s", "peak GiB / notes"], rows))
+    print(table(["workload", "variants", "worker start s", "load s (tokenizer, alongside)", "oneshot s",
+                 "save s (compress)", "total s", "peak GiB / notes"], rows))
     for key in ("farm_vs_bare_quantize", "farm_overhead", "pack4_vs_serial_bare",
                 "queue4_vs_serial_bare", "ddp4_speedup_quantize", "ddp4_speedup_oneshot", "ddp4_ppl",
                 "spread4_throughput_vs_one_gpu",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,23 @@ def placement(req: QuantizeRequest, device: str) -> str:
     return req.load_device or device
 
 
+def load_weights(req: QuantizeRequest, where: str, device: str) -> tuple[Any, list[str]]:
+    """The model on `where` (see `placement`), and a note for the run when ranks shared the reading."""
+    if where == "shared":
+        return load_shared_model(req.model_dir, device, req.trust_remote_code), []
+    if req.world > 1:  # a replica per rank: each reads its share, the rest comes from the other ranks
+        model = load_split(req.model_dir, where, req.rank, req.world,
+                           lambda: load_model(req.model_dir, where, req.trust_remote_code))
+        if model is not None:
+            return model, [f"checkpoint read 1/{req.world} per rank, the rest broadcast (stages/splitload.py)"]
+    return load_model(req.model_dir, where, req.trust_remote_code), []
+
+
+def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
+
+
 def quantize(req: QuantizeRequest) -> QuantizeResult:
     """The method's own stage if it names one (model_free, mixed, QAT, NF4, GPTQModel), else oneshot."""
     path = req.method.stage()
@@ -170,25 +188,17 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
         return result
     device = pick_device()
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
-    t_tok = time.perf_counter()  # in a fresh worker this includes importing transformers
-    where = placement(req, device)
-    start_device(where)
-    t_dev = time.perf_counter()  # a fresh worker's CUDA context (a DDP rank's exists already: its process group)
-    model, notes = None, []
-    if where == "shared":
-        model = load_shared_model(req.model_dir, device, req.trust_remote_code)
-    elif req.world > 1:  # a replica per rank: each reads its share, the rest comes from the other ranks
-        model = load_split(req.model_dir, where, req.rank, req.world,
-                           lambda: load_model(req.model_dir, where, req.trust_remote_code))
-        if model is not None:
-            notes.append(f"checkpoint read 1/{req.world} per rank, the rest broadcast (stages/splitload.py)")
-    if model is None:
-        model = load_model(req.model_dir, where, req.trust_remote_code)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="farm-tokenizer") as side:  # beside the weights
+        tok = side.submit(_timed, load_tokenizer, req.model_dir, req.trust_remote_code)
+        where = placement(req, device)
+        start_device(where)
+        t_dev = time.perf_counter()  # a fresh worker's CUDA context (a DDP rank's exists already: its group)
+        model, notes = load_weights(req, where, device)
+        tokenizer, seconds_tokenizer = tok.result()
     t1 = time.perf_counter()
     notes += calibrate(req, model, tokenizer, req.method.modifiers())
     t2 = time.perf_counter()
-    phases = {"seconds_load_tokenizer": t_tok - t0, "seconds_load_device": t_dev - t_tok}  # parts of seconds_load
+    phases = {"seconds_load_tokenizer": seconds_tokenizer, "seconds_load_device": t_dev - t0}  # within the load
     recipe = save(model, tokenizer, req.out_dir, phases)
     t3 = time.perf_counter()
     return QuantizeResult(
