@@ -19,7 +19,7 @@ from farm.stages.hessian import tensor_core_hessians
 from farm.stages.leftgptq import left_looking_solve
 from farm.stages.modelio import load_model, load_shared_model, load_tokenizer, pick_device, start_device
 from farm.stages.shardio import parallel_shard_writes
-from farm.stages.splitload import load_split
+from farm.stages.splitload import dispatch_replica, load_split
 from farm.stages.swap import Used, timed
 from farm.stages.tail import applies, idle_tail_skipped
 
@@ -167,12 +167,16 @@ def load_weights(req: QuantizeRequest, where: str, device: str) -> tuple[Any, li
     """The model on `where` (see `placement`), and a note for the run when ranks shared the reading."""
     if where == "shared":
         return load_shared_model(req.model_dir, device, req.trust_remote_code), []
-    if req.world > 1:  # a replica per rank: each reads its share, the rest comes from the other ranks
-        model = load_split(req.model_dir, where, req.rank, req.world,
-                           lambda: load_model(req.model_dir, where, req.trust_remote_code))
-        if model is not None:
-            return model, [f"checkpoint read 1/{req.world} per rank, the rest broadcast (stages/splitload.py)"]
-    return load_model(req.model_dir, where, req.trust_remote_code), []
+    if req.world == 1:
+        return load_model(req.model_dir, where, req.trust_remote_code), []
+    # A replica per rank: each reads its share, the rest comes from the other ranks.
+    model = load_split(req.model_dir, where, req.rank, req.world,
+                       lambda: load_model(req.model_dir, where, req.trust_remote_code))
+    notes = [f"checkpoint read 1/{req.world} per rank, the rest broadcast (stages/splitload.py)"] \
+        if model is not None else []
+    model = model if model is not None else load_model(req.model_dir, where, req.trust_remote_code)
+    dispatch_replica(model, where)
+    return model, notes
 
 
 def _timed(fn: Any, *args: Any) -> tuple[Any, float]:

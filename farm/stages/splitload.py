@@ -130,3 +130,20 @@ def load_split(path: str | Path, device: str, rank: int, world: int, load: Calla
     for work in pending:
         work.wait()
     return model
+
+
+def dispatch_replica(model: Any, device: str) -> None:
+    """Hand compressed-tensors a replica that is already identical on every rank without broadcasting it again.
+
+    llm-compressor's sequential pipeline dispatches the model (`set_onload_device`); for a model on a GPU in a
+    process group every tensor then goes through compressed-tensors' distributed device cache, which broadcasts
+    rank 0's copy of it to the others: the whole model, one tensor at a time, inside the oneshot. Every rank's
+    replica was read from the same checkpoint (or shared out by `load_split`), so the same dispatch is done here
+    with that broadcast off (`as_single_threaded`); the caches stay the distributed kind, so what is offloaded
+    later (quantization parameters, compressed weights) is still broadcast."""
+    import torch
+    from compressed_tensors.offload import as_single_threaded, set_onload_device
+
+    with as_single_threaded():
+        set_onload_device(model, torch.device(device))
+

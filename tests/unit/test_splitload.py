@@ -67,6 +67,8 @@ def _rank(rank: int, port: int, path: str, out: str) -> None:
 
     splitload._Handle.get_slice = counted  # type: ignore[method-assign]
     model = splitload.load_split(path, "cpu", rank, WORLD, lambda: load_model(path, "cpu"))
+    if model is not None:  # then handed to compressed-tensors without another broadcast: still the same model
+        splitload.dispatch_replica(model, "cpu")
     state = None if model is None else {k: v.clone() for k, v in model.state_dict().items()}
     torch.save({"state": state, "read": read}, out)
     dist.destroy_process_group()
