@@ -186,12 +186,10 @@ class Gang:
 
         return ray.get(getattr(self.actors[0], method).remote(*args))
 
-    def call_each(self, method: str, per_actor: list[Any] | None = None) -> list[Any]:
-        """Call `method` on every actor (with its own argument from `per_actor`) and wait for all values."""
+    def call_each(self, method: str) -> list[Any]:
         import ray
 
-        args = [(x,) for x in per_actor] if per_actor is not None else [()] * len(self.actors)
-        return list(ray.get([getattr(a, method).remote(*x) for a, x in zip(self.actors, args, strict=True)]))
+        return list(ray.get([getattr(a, method).remote() for a in self.actors]))
 
     def close(self) -> None:
         import ray

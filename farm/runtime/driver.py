@@ -361,8 +361,8 @@ class Driver:
                  parent: str, outcome: JobOutcome) -> None:
         """Run base evaluations, then variants (slowest methods first), on a pool of reusable workers sized to
         the cluster: a worker process imports torch and llm-compressor once and quantizes many small variants.
-        Likewise a data-parallel gang stays up for the next variant of its shape (a fresh one spends ~9 s of
-        an 8B variant's stage importing, measured on an H100 host)."""
+        Likewise a data-parallel gang stays up for the next variant of its shape (a fresh one spends 8-12 s
+        importing, measured on H100 hosts)."""
         res = self.spec.resources
         memory = max([v.resources.memory_bytes for v in todo] or [0]) or None
         # farm retries a variant whose worker died itself (not Ray's task retries), so that every attempt has
@@ -511,8 +511,9 @@ class Driver:
         addr, port = gang.call("rendezvous")
         visible = ",".join(gang.call_each("visible_devices"))
         ranks = [Rank(i, r.ranks, addr, port, visible) for i in range(r.ranks)]
-        if fresh:  # every rank imports before any starts the variant (else the first collective waits)
-            gang.call_each("join", ranks)
+        for actor, rank in zip(gang.actors, ranks, strict=True):
+            if fresh:  # imports first: an actor runs its calls in order, and `build` starts its stage only
+                actor.join.remote(rank)  # after the group's barrier, so no rank's imports land in the stage
         refs = [actor.build.remote(task, rank) for actor, rank in zip(gang.actors, ranks, strict=True)]
         return gang, refs
 

@@ -141,11 +141,10 @@ def local_model(m: Any) -> sources.ResolvedModel:
 
 
 def warm_imports() -> float:
-    """Import what every stage needs (torch, transformers, llm-compressor; ~10 s in a fresh process on the GPU
+    """Import what every stage needs (torch, transformers, llm-compressor; 8-12 s in a fresh process on the GPU
     hosts) before the first job arrives; returns the seconds. A backend's environment without llm-compressor
-    skips it. CUDA is not initialised by this in a way that matters here: a data-parallel rank calls it only
-    after `ddp.use_devices` (llm-compressor's import asks torch whether CUDA is available, which fixes the
-    visible devices)."""
+    skips that one. A data-parallel rank calls it only after `ddp.use_devices`: llm-compressor's import asks
+    torch whether CUDA is available, which fixes the visible devices."""
     import importlib
 
     t0 = time.perf_counter()
@@ -170,8 +169,8 @@ class Worker:
         self.start_seconds = warm_imports() if warm else 0.0
 
     def join(self, rank: Rank) -> float:
-        """Become one rank of a gang before its first variant: see the gang's GPUs, then import, so that all
-        ranks start the variant together (each rank's imports take a different time)."""
+        """Become one rank of a gang before its first variant: see the gang's GPUs, then import (the variant's
+        stage then starts on every rank after the group's barrier, not after each rank's own imports)."""
         ddp.use_devices(rank)
         self.start_seconds += warm_imports()
         return self.start_seconds
