@@ -13,7 +13,6 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata
@@ -27,6 +26,7 @@ from farm.runtime import cluster, ddp
 from farm.runtime.ddp import Rank
 from farm.secrets import redact
 from farm.spec import EvaluationSpec
+from farm.stages import timed_call
 
 VERSIONED = ("farm", "llmcompressor", "compressed-tensors", "transformers", "torch", "ray", "mlflow")
 OPTIONAL = ("gptqmodel", "bitsandbytes", "torchao", "peft")  # recorded where installed (backends, NF4, QAT, LoRA)
@@ -242,8 +242,8 @@ class Worker:
             q.metrics["seconds_worker_start"] = started
             # The checkpoint is final: hash it and upload it to MLflow while the GPU evaluates it.
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="farm-artifact") as background:
-                files = background.submit(_timed, file_table, out)
-                upload = background.submit(_timed, mlflow.upload_dir, task.run_id, out, "model") \
+                files = background.submit(timed_call, file_table, out)
+                upload = background.submit(timed_call, mlflow.upload_dir, task.run_id, out, "model") \
                     if tr.log_model else None
                 checks, e = _evaluate(out, task.evaluation, v.model.trust_remote_code, model.local_dir)
                 t_wait = time.perf_counter()
@@ -331,11 +331,6 @@ def variant_manifest(task: VariantTask, revision: str | None, recipe: str, files
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "files": files,
     }
-
-
-def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    return fn(*args), time.perf_counter() - t0
 
 
 def node_address() -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -10,3 +12,9 @@ def call(path: str, *args: Any) -> Any:
     """Call the stage function named "module:function" (how methods and backends name their stages)."""
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)(*args)
+
+
+def timed_call(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """`fn(*args)` and the seconds it took (for work handed to a thread beside the main one)."""
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0

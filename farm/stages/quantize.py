@@ -11,7 +11,7 @@ from typing import Any
 
 from farm.calibration import diversity, draw
 from farm.methods import MethodConfig
-from farm.stages import call
+from farm.stages import call, timed_call
 from farm.stages.attention import sdpa_calibration
 from farm.stages.compat import cpu_safe_pinning
 from farm.stages.factor import one_cholesky_factor
@@ -172,16 +172,13 @@ def load_weights(req: QuantizeRequest, where: str, device: str) -> tuple[Any, li
     # A replica per rank: each reads its share, the rest comes from the other ranks.
     model = load_split(req.model_dir, where, req.rank, req.world,
                        lambda: load_model(req.model_dir, where, req.trust_remote_code))
-    notes = [f"checkpoint read 1/{req.world} per rank, the rest broadcast (stages/splitload.py)"] \
-        if model is not None else []
-    model = model if model is not None else load_model(req.model_dir, where, req.trust_remote_code)
+    notes = []
+    if model is None:
+        model = load_model(req.model_dir, where, req.trust_remote_code)
+    else:
+        notes.append(f"checkpoint read 1/{req.world} per rank, the rest broadcast (stages/splitload.py)")
     dispatch_replica(model, where)
     return model, notes
-
-
-def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    return fn(*args), time.perf_counter() - t0
 
 
 def quantize(req: QuantizeRequest) -> QuantizeResult:
@@ -193,7 +190,7 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
     device = pick_device()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="farm-tokenizer") as side:  # beside the weights
-        tok = side.submit(_timed, load_tokenizer, req.model_dir, req.trust_remote_code)
+        tok = side.submit(timed_call, load_tokenizer, req.model_dir, req.trust_remote_code)
         where = placement(req, device)
         start_device(where)
         t_dev = time.perf_counter()  # a fresh worker's CUDA context (a DDP rank's exists already: its group)
