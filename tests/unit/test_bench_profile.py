@@ -35,8 +35,9 @@ def test_profile_sums_solves_per_layer_and_counts_a_batch_once(tmp_path: Path) -
 
 def test_oneshot_profiler_accounts_for_every_phase(tmp_path: Path) -> None:
     """bench/profile_oneshot.py on the CPU (tiny shape): the phases it reports add up to the oneshot, every
-    attention call of calibration and propagation went through the fused path, the own-solve timer ran, and
-    --save profiled farm's save of the result."""
+    attention call of calibration and propagation went through the fused path, the own-solve timer ran,
+    --save profiled farm's save of the result, each layer has its period, and --repeat ran a second oneshot in
+    the same process."""
     import json
     import subprocess
     import sys
@@ -48,11 +49,12 @@ def test_oneshot_profiler_accounts_for_every_phase(tmp_path: Path) -> None:
         pytest.skip("fixtures not built (make fixtures)")
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_oneshot.py"), "--shape", "tiny", "--layers",
                           "2", "--samples", "8", "--seq", "64", "--batch", "4", "--tokenizer", str(tok), "--text",
-                          str(text), "--work", str(tmp_path), "--parts", "--save"],
+                          str(text), "--work", str(tmp_path), "--parts", "--save", "--repeat", "2"],
                          capture_output=True, text=True, timeout=300)
     line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
-    assert res.returncode == 0 and line, res.stderr[-2000:]
+    assert res.returncode == 0 and len(line) == 2, res.stderr[-2000:]
     r = json.loads(line[0][len("RESULT "):])
+    assert len(r["per_layer"]["periods"]) == 2 and {"trace_subgraphs", "intermediates_cache"} <= set(r["setup_parts_s"])
     parts = r["setup_s"] + r["calibrate_s"] + r["solve_s"] + r["propagate_s"] + r["other_s"]
     assert abs(parts - r["oneshot_s"]) < 0.05 and 0 < r["own_solves_s"] <= r["solve_s"] + 0.01
     assert any("8 calls" in n for n in r["notes"])  # 2 layers x 2 batches x (calibrate + propagate)
