@@ -62,7 +62,9 @@ class _Elsewhere:
     def __getitem__(self, index: Any) -> Any:
         import torch
 
-        dtype = {code: dtype for dtype, code in dtypes().items()}[self.real.get_dtype()]
+        dtype = {code: dtype for dtype, code in dtypes().items()}.get(self.real.get_dtype())
+        if dtype is None:  # a dtype torch has no name for here: read it (the broadcast brings the same bytes)
+            return self.real[index]
         return torch.empty(self.real.get_shape(), dtype=dtype, device=self.device)[index]
 
 
