@@ -1,7 +1,8 @@
 """Ranks that each read a share of the checkpoint (stages/splitload.py): the shares cover every tensor once and
 balance bytes; on three gloo processes (no Ray) every rank ends with exactly the model a whole read gives, having
-read only its own tensors; a checkpoint transformers would not load name for name, or a quantized one, is loaded
-whole."""
+read only its own tensors, and compressed-tensors' dispatch of those replicas sends nothing yet leaves the
+distributed caches in place; a checkpoint transformers would not load name for name, or a quantized one, is
+loaded whole."""
 
 from __future__ import annotations
 
@@ -67,10 +68,20 @@ def _rank(rank: int, port: int, path: str, out: str) -> None:
 
     splitload._Handle.get_slice = counted  # type: ignore[method-assign]
     model = splitload.load_split(path, "cpu", rank, WORLD, lambda: load_model(path, "cpu"))
+    collectives: list[str] = []  # what the dispatch sent between ranks
+    caches = []
     if model is not None:  # then handed to compressed-tensors without another broadcast: still the same model
-        splitload.dispatch_replica(model, "cpu")
+        sent = {name: getattr(dist, name) for name in ("broadcast", "broadcast_object_list")}
+        for name, fn in sent.items():
+            setattr(dist, name, lambda *a, _n=name, _f=fn, **k: (collectives.append(_n), _f(*a, **k))[1])
+        try:
+            splitload.dispatch_replica(model, "cpu")
+        finally:
+            for name, fn in sent.items():
+                setattr(dist, name, fn)
+        caches = sorted({type(m._parameters).__name__ for m in model.modules() if m._parameters})
     state = None if model is None else {k: v.clone() for k, v in model.state_dict().items()}
-    torch.save({"state": state, "read": read}, out)
+    torch.save({"state": state, "read": read, "collectives": collectives, "caches": caches}, out)
     dist.destroy_process_group()
 
 
@@ -100,6 +111,8 @@ def test_every_rank_gets_the_whole_model_reading_its_share(tmp_path: Path, fixtu
     plan = owners(plain_checkpoint(fixture_model), WORLD)
     for rank, got in enumerate(ranks):
         assert sorted(got["read"]) == sorted(k for k, r in plan.items() if r == rank)
+        assert got["collectives"] == []  # the dispatch sent nothing: the replicas were equal already
+        assert got["caches"] == ["DistributedCPUCache"]  # later offloads (qparams, compressed weights) still share
         assert got["state"].keys() == whole.keys()
         for name, tensor in whole.items():
             assert torch.equal(got["state"][name], tensor), (rank, name)
