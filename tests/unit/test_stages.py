@@ -29,7 +29,8 @@ def test_method_round_trip(name: str, fixture_paths: dict, tmp_path: Path) -> No
     assert "quantization_config" in config and fmt in config
     if not method.stage():  # oneshot's own path splits its load and save (the GPU benches read these)
         assert 0 < q.metrics["seconds_save_compress"] < q.seconds_save
-        assert q.metrics["seconds_load_tokenizer"] + q.metrics["seconds_load_device"] < q.seconds_load
+        # the tokenizer is read alongside the weights: each part lies within the load, their sum need not
+        assert max(q.metrics["seconds_load_tokenizer"], q.metrics["seconds_load_device"]) <= q.seconds_load
     e = evaluate(EvaluateRequest(str(tmp_path / "q"), str(text / "heldout.txt"), 256, 128, "Hello", 4))
     assert e.perplexity > 1 and e.ppl_tokens == 254 and e.weights_bytes > 0
     assert isinstance(e.generation, str)
