@@ -511,9 +511,9 @@ class Driver:
         addr, port = gang.call("rendezvous")
         visible = ",".join(gang.call_each("visible_devices"))
         ranks = [Rank(i, r.ranks, addr, port, visible) for i in range(r.ranks)]
-        for actor, rank in zip(gang.actors, ranks, strict=True):
-            if fresh:  # imports first: an actor runs its calls in order, and `build` starts its stage only
-                actor.join.remote(rank)  # after the group's barrier, so no rank's imports land in the stage
+        if fresh:  # imports first: an actor runs its calls in order, and `build` starts its stage only after
+            for actor, rank in zip(gang.actors, ranks, strict=True):  # the group's barrier, so no rank's
+                actor.join.remote(rank)  # imports land in the stage
         refs = [actor.build.remote(task, rank) for actor, rank in zip(gang.actors, ranks, strict=True)]
         return gang, refs
 

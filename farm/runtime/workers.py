@@ -168,12 +168,11 @@ class Worker:
         self.devices = os.environ.get("CUDA_VISIBLE_DEVICES", "")  # the GPUs Ray gave this worker (`join` widens)
         self.start_seconds = warm_imports() if warm else 0.0
 
-    def join(self, rank: Rank) -> float:
+    def join(self, rank: Rank) -> None:
         """Become one rank of a gang before its first variant: see the gang's GPUs, then import (the variant's
         stage then starts on every rank after the group's barrier, not after each rank's own imports)."""
         ddp.use_devices(rank)
         self.start_seconds += warm_imports()
-        return self.start_seconds
 
     def _started(self) -> float:
         """The worker's start-up seconds, to the first job that asks (later jobs ran in a warm worker)."""
