@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.quantize_bench import ROOT, SHAPES, build_model
@@ -43,6 +44,7 @@ class Phases:
         self._pass = "calibrate"
         self._t = 0.0
         self._seen: set[int] = set()
+        self.setup_profile: Any = None  # a cProfile.Profile running from the oneshot's start to the first layer
 
     def sync(self) -> float:
         import torch
@@ -114,6 +116,8 @@ class Phases:
         self._t = self.sync()
         if self.first_layer_at is None:
             self.first_layer_at = self._t
+            if self.setup_profile is not None:
+                self.setup_profile.disable()
         if id(module) not in self._seen:  # a new layer starts with its calibration pass
             self._seen.add(id(module))
             self._pass = "calibrate"
@@ -164,9 +168,17 @@ def once(args: argparse.Namespace) -> dict:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         prof = profile(activities=acts)
         prof.__enter__()
+    if args.profile_setup:
+        import cProfile
+
+        phases.setup_profile = cProfile.Profile()
     t2 = phases.sync()
+    if phases.setup_profile is not None:
+        phases.setup_profile.enable()
     notes = calibrate(req, model, tok, method.modifiers())
     t3 = phases.sync()
+    if phases.setup_profile is not None:
+        print_stats(phases.setup_profile, "the set-up (oneshot's start to the first layer)")
     result = {"shape": args.shape, "layers": args.layers, "batch": args.batch, "attention": args.attention,
               "inverse": args.inverse, "rank": args.rank, "ranks": args.ranks,
               "load_s": round(t1 - t0, 2),
@@ -213,8 +225,6 @@ def profiled_save(model, tokenizer, out: Path) -> dict:
     """farm's save (stages/quantize.save) under cProfile: its seconds, the compression's share, and the calls
     that took the most cumulative time."""
     import cProfile
-    import io
-    import pstats
 
     from farm.stages.quantize import save
 
@@ -224,12 +234,20 @@ def profiled_save(model, tokenizer, out: Path) -> dict:
     t0 = time.perf_counter()
     prof.runcall(save, model, tokenizer, out, phases)
     seconds = time.perf_counter() - t0
-    text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(30)
-    print(text.getvalue(), flush=True)
+    print_stats(prof, "the save")
     written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     return {"save_s": round(seconds, 2), "save_compress_s": round(phases["seconds_save_compress"], 2),
             "saved_gb": round(written / 1e9, 2)}
+
+
+def print_stats(prof: Any, what: str, top: int = 30) -> None:
+    """A cProfile's calls by cumulative time."""
+    import io
+    import pstats
+
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(top)
+    print(f"cProfile of {what}:\n{text.getvalue()}", flush=True)
 
 
 def concurrent(args: argparse.Namespace, n: int, ranks: int = 0) -> dict:
@@ -241,6 +259,7 @@ def concurrent(args: argparse.Namespace, n: int, ranks: int = 0) -> dict:
             "--attention", args.attention, "--hessian", args.hessian, "--inverse", args.inverse,
             "--repeat", str(args.repeat),
             *(["--parts"] if args.parts else []), *(["--save"] if args.save else []),
+            *(["--profile-setup"] if args.profile_setup else []),
             "--tokenizer", str(args.tokenizer), "--text", str(args.text), "--work", str(args.work)]
     t0 = time.perf_counter()
     group = ["--ranks", str(ranks), "--port", port] if ranks else []
@@ -289,6 +308,7 @@ def main() -> None:
     ap.add_argument("--parts", action="store_true",
                     help="also time the solve phase's parts (each synchronised, so everything gets slower)")
     ap.add_argument("--save", action="store_true", help="then save as farm does, under cProfile")
+    ap.add_argument("--profile-setup", action="store_true", help="cProfile the set-up before the first layer")
     ap.add_argument("--concurrent", type=int, default=0)
     ap.add_argument("--mps", action="store_true", help="with --concurrent: again under CUDA MPS if available")
     ap.add_argument("--repeat", type=int, default=1,

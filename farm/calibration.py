@@ -154,22 +154,28 @@ def calibration_hash(content_sha256: str, num_samples: int, max_seq_length: int,
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def sample_windows(text: str, tokenizer: Any, num_samples: int, seq_len: int, seed: int) -> list[list[int]]:
-    """`num_samples` windows of exactly `seq_len` tokens starting at seeded random offsets of the text."""
+def sample_windows(text: str, tokenizer: Any, num_samples: int, seq_len: int, seed: int,
+                   keep: Callable[[int], bool] | None = None) -> list[list[int]]:
+    """`num_samples` windows of exactly `seq_len` tokens starting at seeded random offsets of the text; with
+    `keep`, only the windows whose index it accepts (a data-parallel rank's share: every offset is still drawn,
+    so a window is the same whichever ranks there are). One batched tokenizer call for all of them."""
     rng = random.Random(seed)
     span = seq_len * CHARS_PER_TOKEN_BOUND
     if len(text) <= span:
         raise SpecError(f"calibration text has {len(text)} characters; {seq_len}-token samples need more")
-    samples = []
-    for _ in range(num_samples):
+    starts = []
+    for i in range(num_samples):
         start = rng.randrange(0, len(text) - span)
         # start at a line boundary so a sample does not begin mid-word
         nl = text.find("\n", start, start + 200)
-        start = nl + 1 if nl >= 0 else start
-        ids = tokenizer(text[start : start + span], add_special_tokens=False)["input_ids"][:seq_len]
-        if len(ids) < seq_len:
-            raise SpecError(f"calibration text too sparse for {seq_len}-token samples")
-        samples.append(ids)
+        if keep is None or keep(i):
+            starts.append(nl + 1 if nl >= 0 else start)
+    if not starts:
+        return []
+    encoded = tokenizer([text[s : s + span] for s in starts], add_special_tokens=False)["input_ids"]
+    samples = [list(ids[:seq_len]) for ids in encoded]
+    if any(len(ids) < seq_len for ids in samples):
+        raise SpecError(f"calibration text too sparse for {seq_len}-token samples")
     return samples
 
 
@@ -192,28 +198,42 @@ def allocate(weights: list[float], n: int) -> list[int]:
     return counts
 
 
-def draw(source: str, tokenizer: Any, num_samples: int, seq_len: int, seed: int) -> list[list[int]]:
+def draw(source: str, tokenizer: Any, num_samples: int, seq_len: int, seed: int,
+         rank: int = 0, world: int = 1) -> list[list[int]]:
     """The calibration windows of a source or a mixture: each part contributes its share, drawn with its own
-    seed (seed + part index), in the mixture's order. Same inputs, same windows."""
+    seed (seed + part index), in the mixture's order. Same inputs, same windows. With `world` > 1 only the
+    windows `rank::world` of that list: the disjoint shares of data-parallel ranks, each tokenizing its own."""
     items = parts(source)
     counts = allocate([w for _, w in items], num_samples)
     windows: list[list[int]] = []
+    offset = 0  # the index of the part's first window in the whole draw
     for i, ((src, _), n) in enumerate(zip(items, counts, strict=True)):
         if n:
-            windows += sample_windows(read_text(src), tokenizer, n, seq_len, seed + i)
+            first = offset
+            windows += sample_windows(read_text(src), tokenizer, n, seq_len, seed + i,
+                                      None if world == 1 else lambda j, first=first: (first + j) % world == rank)
+        offset += n
     return windows
 
 
 def diversity(source: str, windows: list[list[int]]) -> dict[str, Any]:
     """A short report on what calibration saw: tokens, unique-token ratio, per-part shares, and a histogram of
     the source documents' lengths in words (paragraphs of text, records of JSONL)."""
-    tokens = [t for w in windows for t in w]
+    return diversity_of(source, *token_stats(windows))
+
+
+def token_stats(windows: list[list[int]]) -> tuple[int, set[int], int]:
+    """(tokens, the distinct token ids, windows): what `diversity_of` needs, and what ranks' shares sum to."""
+    return sum(len(w) for w in windows), {t for w in windows for t in w}, len(windows)
+
+
+def diversity_of(source: str, tokens: int, unique: set[int], windows: int) -> dict[str, Any]:
     docs = [d for src, _ in parts(source) for d in read_text(src).split("\n\n") if d.strip()]
     lengths = [len(d.split()) for d in docs]
     edges = [0, 10, 50, 200, 1000, 10**9]
     hist = {f"{a}-{b - 1 if b < 10**9 else 'inf'}": sum(a <= n < b for n in lengths)
             for a, b in itertools.pairwise(edges)}
-    return {"tokens": len(tokens), "unique_tokens": len(set(tokens)),
-            "unique_token_ratio": len(set(tokens)) / max(1, len(tokens)), "windows": len(windows),
+    return {"tokens": tokens, "unique_tokens": len(unique),
+            "unique_token_ratio": len(unique) / max(1, tokens), "windows": windows,
             "parts": [{"source": src, "weight": w} for src, w in parts(source)], "documents": len(docs),
             "doc_words_histogram": hist}

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from farm.calibration import diversity, draw
+from farm.calibration import diversity_of, draw, token_stats
 from farm.methods import MethodConfig
 from farm.stages import call, timed_call
 from farm.stages.attention import sdpa_calibration
@@ -18,6 +18,7 @@ from farm.stages.factor import one_cholesky_factor
 from farm.stages.hessian import tensor_core_hessians
 from farm.stages.leftgptq import left_looking_solve
 from farm.stages.modelio import load_model, load_shared_model, load_tokenizer, pick_device, start_device
+from farm.stages.ranksave import shards_split_over_ranks
 from farm.stages.shardio import parallel_shard_writes
 from farm.stages.splitload import dispatch_replica, load_split
 from farm.stages.swap import Used, timed
@@ -64,14 +65,27 @@ class QuantizeResult:
     documents: dict[str, Any] = field(default_factory=dict)  # method-specific JSON artifacts, by file name
 
 
-def _dataset(req: QuantizeRequest, tokenizer: Any) -> Any:
+def _windows(req: QuantizeRequest, tokenizer: Any) -> list[list[int]]:
+    """This rank's calibration windows: the draw's `rank::world` share, the only ones it tokenizes."""
+    cal = req.calibration
+    return draw(cal.source, tokenizer, cal.num_samples, cal.max_seq_length, cal.seed, req.rank, req.world)
+
+
+def _dataset(req: QuantizeRequest, tokenizer: Any, windows: list[list[int]] | None = None) -> Any:
+    """The rank's windows as llm-compressor's dataset; the whole draw's diversity report lands in `req.report`
+    on rank 0 (collective when distributed: the ranks' token counts are gathered)."""
     from datasets import Dataset
 
-    cal = req.calibration
-    windows = draw(cal.source, tokenizer, cal.num_samples, cal.max_seq_length, cal.seed)
+    windows = _windows(req, tokenizer) if windows is None else windows
+    stats = token_stats(windows)
+    if req.world > 1:
+        import torch.distributed as dist
+
+        shares: list[Any] = [None] * req.world
+        dist.all_gather_object(shares, stats)
+        stats = (sum(s[0] for s in shares), set().union(*(s[1] for s in shares)), sum(s[2] for s in shares))
     if req.rank == 0:
-        req.report.update(diversity(cal.source, windows))
-    windows = windows[req.rank::req.world]  # disjoint shares whose union is the single-process draw
+        req.report.update(diversity_of(req.calibration.source, *stats))
     return Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
 
 
@@ -138,13 +152,15 @@ SHARD = "1GB"  # several shards hash, upload and load in parallel (llm-compresso
 
 
 def save(model: Any, tokenizer: Any, out_dir: str | Path, phases: dict[str, float] | None = None) -> str:
-    """Write the compressed checkpoint (collective when distributed: every rank calls it); returns the recipe.
+    """Write the compressed checkpoint (collective when distributed: every rank calls it and writes its share of
+    the shards into rank 0's `out_dir`, stages/ranksave.py); returns the recipe.
     `phases` gets `seconds_save_compress`: compressed-tensors packing the weights, the rest of the save is
     moving them to the host and writing the shards."""
     from compressed_tensors.compressors import ModelCompressor
 
     out = Path(out_dir)
-    with parallel_shard_writes(), timed(ModelCompressor, "compress_model") as compress:
+    with shards_split_over_ranks(model, out) as route, parallel_shard_writes(route=route), \
+            timed(ModelCompressor, "compress_model") as compress:
         model.save_pretrained(out, save_compressed=True, max_shard_size=SHARD)
     tokenizer.save_pretrained(out)
     if phases is not None:
@@ -181,6 +197,17 @@ def load_weights(req: QuantizeRequest, where: str, device: str) -> tuple[Any, li
     return model, notes
 
 
+def _tokenizer_and_windows(req: QuantizeRequest) -> tuple[Any, list[list[int]] | None, dict[str, float]]:
+    """The tokenizer and this rank's calibration windows, read while the weights load (tokenizing is CPU work
+    that releases the GIL), with their seconds."""
+    tokenizer, seconds = timed_call(load_tokenizer, req.model_dir, req.trust_remote_code)
+    phases = {"seconds_load_tokenizer": seconds}
+    if not req.method.requires_calibration:
+        return tokenizer, None, phases
+    windows, phases["seconds_calibration_draw"] = timed_call(_windows, req, tokenizer)
+    return tokenizer, windows, phases
+
+
 def quantize(req: QuantizeRequest) -> QuantizeResult:
     """The method's own stage if it names one (model_free, mixed, QAT, NF4, GPTQModel), else oneshot."""
     path = req.method.stage()
@@ -190,16 +217,17 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
     device = pick_device()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="farm-tokenizer") as side:  # beside the weights
-        tok = side.submit(timed_call, load_tokenizer, req.model_dir, req.trust_remote_code)
+        text = side.submit(_tokenizer_and_windows, req)
         where = placement(req, device)
         start_device(where)
         t_dev = time.perf_counter()  # a fresh worker's CUDA context (a DDP rank's exists already: its group)
         model, notes = load_weights(req, where, device)
-        tokenizer, seconds_tokenizer = tok.result()
+        tokenizer, windows, phases = text.result()
     t1 = time.perf_counter()
-    notes += calibrate(req, model, tokenizer, req.method.modifiers())
+    dataset = _dataset(req, tokenizer, windows) if windows is not None else None
+    notes += calibrate(req, model, tokenizer, req.method.modifiers(), dataset)
     t2 = time.perf_counter()
-    phases = {"seconds_load_tokenizer": seconds_tokenizer, "seconds_load_device": t_dev - t0}  # within the load
+    phases["seconds_load_device"] = t_dev - t0  # like the tokenizer's and the draw's: within the load
     recipe = save(model, tokenizer, req.out_dir, phases)
     t3 = time.perf_counter()
     return QuantizeResult(

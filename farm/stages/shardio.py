@@ -90,11 +90,12 @@ def write_shard(tensors: dict[str, Any], filename: str, metadata: dict[str, str]
 
 
 @contextlib.contextmanager
-def parallel_shard_writes(workers: int = 4) -> Iterator[None]:
+def parallel_shard_writes(workers: int = 4, route: Callable[[str], str | None] | None = None) -> Iterator[None]:
     """Within the block, transformers' `save_pretrained` hands each shard to a thread running `write_shard`
     (safetensors' writer for a dtype it does not cover). The block ends only when every shard is on disk; a
     failed write raises, and one that fails the block still waits for the writes in flight. Pinned memory
-    goes back to the system at the end (a worker process lives on for other variants)."""
+    goes back to the system at the end (a worker process lives on for other variants). `route` maps a shard's
+    file name to where this process writes it, or None: not here (another rank writes it, stages/ranksave.py)."""
     from transformers import modeling_utils
 
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="farm-shard")
@@ -104,6 +105,10 @@ def parallel_shard_writes(workers: int = 4) -> Iterator[None]:
         known = dtypes()
 
         def submit(tensors: dict[str, Any], filename: str, metadata: dict[str, str] | None = None) -> None:
+            target = filename if route is None else route(filename)
+            if target is None:
+                return
+            filename = target
             writer = write_shard if all(t.dtype in known for t in tensors.values()) else original
             writes.append(pool.submit(writer, tensors, filename, metadata=metadata))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from farm.calibration import TextIdentity, allocate, diversity, draw, mixture_source, parts
+from farm.calibration import TextIdentity, allocate, diversity, diversity_of, draw, mixture_source, parts, token_stats
 from farm.errors import SpecError
 from farm.plan import ModelInfo, make_plan
 from farm.spec import parse_spec
@@ -38,6 +38,21 @@ def test_mixture_draw_is_deterministic_and_weighted(texts: dict, fixture_paths: 
     report = diversity(mix, one)
     assert report["tokens"] == 256 and 0 < report["unique_token_ratio"] <= 1
     assert [p["weight"] for p in report["parts"]] == [3.0, 1.0] and sum(report["doc_words_histogram"].values()) > 0
+
+
+def test_rank_shares_are_the_whole_draw_split(texts: dict, fixture_paths: dict) -> None:
+    """A data-parallel rank tokenizes only its windows `rank::world` of the whole draw (across a mixture's
+    parts), and the ranks' token stats add up to the whole draw's report."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(fixture_paths["tiny-llama"])
+    mix = mixture_source([(str(texts["a"]), 3.0), (str(texts["b"]), 1.0)])
+    whole = draw(mix, tok, 11, 32, 0)
+    shares = [draw(mix, tok, 11, 32, 0, rank, 3) for rank in range(3)]
+    assert [len(s) for s in shares] == [4, 4, 3] and all(shares[r] == whole[r::3] for r in range(3))
+    stats = [token_stats(s) for s in shares]
+    summed = (sum(s[0] for s in stats), set().union(*(s[1] for s in stats)), sum(s[2] for s in stats))
+    assert diversity_of(mix, *summed) == diversity(mix, whole)
 
 
 def test_mixture_identity_follows_content_and_weights(texts: dict) -> None:
