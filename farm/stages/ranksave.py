@@ -76,6 +76,9 @@ def shards_split_over_ranks(model: Any, out_dir: str | Path) -> Iterator[Callabl
     with swapped(compressed_tensors_utils, "is_source_process", lambda _: lambda: True, "split shard writes") as on, \
             every_rank_saves(model):
         yield route if on else None
+    # The block's shard writes are on disk on this rank (`parallel_shard_writes` waits for them inside it); rank
+    # 0 goes on to hash and evaluate the checkpoint only once every rank's are.
+    dist.barrier()
 
 
 @contextlib.contextmanager

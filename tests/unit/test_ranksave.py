@@ -51,6 +51,10 @@ def _rank(rank: int, port: int, model_dir: str, text: str, tmp: str, shared: boo
     if not shared and rank:  # as on another host: rank 0's directory is not here
         ranksave.sees = lambda directory: False
     q.save(model, tokenizer, req.out_dir)
+    if rank == 0:  # the moment the save returns, every rank's shards are complete
+        got = {name: (Path(tmp) / "split0" / name).read_bytes() for name in os.listdir(f"{tmp}/default0")
+               if name.endswith(".safetensors")}
+        assert got == {name: (Path(tmp) / "default0" / name).read_bytes() for name in got}
     with open(f"{tmp}/written{rank}.json", "w") as f:
         json.dump(written, f)
     dist.destroy_process_group()
