@@ -168,12 +168,6 @@ def once(args: argparse.Namespace) -> dict:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         prof = profile(activities=acts)
         prof.__enter__()
-    warm_s = None
-    if args.warm:  # the first layer's kernels called first, as farm's stage does beside the load
-        from farm.stages.warmup import warm_kernels
-
-        warm_s = round(warm_kernels(method.modifiers(), f"cuda:{torch.cuda.current_device()}" if device == "cuda"
-                                    else "cpu"), 2)
     if args.profile_setup:
         import cProfile
 
@@ -187,7 +181,7 @@ def once(args: argparse.Namespace) -> dict:
         print_stats(phases.setup_profile, "the set-up (oneshot's start to the first layer)")
     result = {"shape": args.shape, "layers": args.layers, "batch": args.batch, "attention": args.attention,
               "inverse": args.inverse, "rank": args.rank, "ranks": args.ranks,
-              "load_s": round(t1 - t0, 2), "warm_s": warm_s,
+              "load_s": round(t1 - t0, 2),
               "oneshot_s": round(t3 - t2, 2), "setup_s": round((phases.first_layer_at or t3) - t2, 2),
               **{f"{k}_s": round(v, 2) for k, v in phases.seconds.items()}, "notes": notes,
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else 0}
@@ -265,7 +259,7 @@ def concurrent(args: argparse.Namespace, n: int, ranks: int = 0) -> dict:
             "--attention", args.attention, "--hessian", args.hessian, "--inverse", args.inverse,
             "--repeat", str(args.repeat),
             *(["--parts"] if args.parts else []), *(["--save"] if args.save else []),
-            *(["--profile-setup"] if args.profile_setup else []), *(["--warm"] if args.warm else []),
+            *(["--profile-setup"] if args.profile_setup else []),
             "--tokenizer", str(args.tokenizer), "--text", str(args.text), "--work", str(args.work)]
     t0 = time.perf_counter()
     group = ["--ranks", str(ranks), "--port", port] if ranks else []
@@ -315,7 +309,6 @@ def main() -> None:
                     help="also time the solve phase's parts (each synchronised, so everything gets slower)")
     ap.add_argument("--save", action="store_true", help="then save as farm does, under cProfile")
     ap.add_argument("--profile-setup", action="store_true", help="cProfile the set-up before the first layer")
-    ap.add_argument("--warm", action="store_true", help="first call the first layer's kernels (stages/warmup.py)")
     ap.add_argument("--concurrent", type=int, default=0)
     ap.add_argument("--mps", action="store_true", help="with --concurrent: again under CUDA MPS if available")
     ap.add_argument("--repeat", type=int, default=1,

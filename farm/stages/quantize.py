@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,8 +23,6 @@ from farm.stages.shardio import parallel_shard_writes
 from farm.stages.splitload import dispatch_replica, load_split
 from farm.stages.swap import Used, timed
 from farm.stages.tail import applies, idle_tail_skipped
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -211,23 +208,6 @@ def _tokenizer_and_windows(req: QuantizeRequest) -> tuple[Any, list[list[int]] |
     return tokenizer, windows, phases
 
 
-def _warm_kernels(req: QuantizeRequest, where: str) -> float | None:
-    """The first calls of the first layer's GPU kernels, on this rank's GPU (stages/warmup.py); None if they
-    failed (logged: the oneshot then makes them itself)."""
-    import torch
-
-    from farm.stages.warmup import warm_kernels
-
-    if not req.method.requires_calibration:
-        return None
-    try:
-        return warm_kernels(req.method.modifiers(), where if where.startswith("cuda:") else
-                            f"cuda:{torch.cuda.current_device()}")
-    except Exception as err:  # an optimisation only: the stage goes on without it
-        log.warning("kernel warm-up skipped: %s", err)
-        return None
-
-
 def quantize(req: QuantizeRequest) -> QuantizeResult:
     """The method's own stage if it names one (model_free, mixed, QAT, NF4, GPTQModel), else oneshot."""
     path = req.method.stage()
@@ -236,16 +216,13 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
         return result
     device = pick_device()
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="farm-beside-load") as side:  # beside the weights
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="farm-tokenizer") as side:  # beside the weights
         text = side.submit(_tokenizer_and_windows, req)
         where = placement(req, device)
         start_device(where)
         t_dev = time.perf_counter()  # a fresh worker's CUDA context (a DDP rank's exists already: its group)
-        warm = side.submit(_warm_kernels, req, where) if device == "cuda" else None
         model, notes = load_weights(req, where, device)
         tokenizer, windows, phases = text.result()
-        if warm is not None and (seconds := warm.result()) is not None:
-            phases["seconds_warm_kernels"] = seconds
     t1 = time.perf_counter()
     dataset = _dataset(req, tokenizer, windows) if windows is not None else None
     notes += calibrate(req, model, tokenizer, req.method.modifiers(), dataset)
