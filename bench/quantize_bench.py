@@ -7,6 +7,9 @@ Workloads (comma-separated in --workloads):
   queue4  the same four models with num_gpus=1 on one GPU (one worker, one after another), against 4x bare
   ddp4    the `farm` variant with resources.ranks=4 (data-parallel calibration over 4 GPUs), against `farm`
   spread4 four different models x GPTQ through farm with num_gpus=1 (one GPU each), against 4x `farm`
+--repeat 2 gives `farm` and `ddp4` a second GPTQ variant of the model (dampening 0.0101 instead of 0.01, the same
+work), run after the first in the same warm worker (`farm` sees one GPU) or gang: what a farm shipping many
+variants pays per variant once its processes are warm.
 Random-init Llama shapes (bf16 safetensors) are built once under --work. Prints a table and writes JSON.
 
   python bench/quantize_bench.py --shape llama-1b --workloads bare,farm,pack4 --json out.json
@@ -97,11 +100,13 @@ def run_bare(model: Path, text: Path, n: int, seq: int, work: Path) -> dict:
 
 
 def run_farm(models: list[Path], text: Path, n: int, seq: int, num_gpus: float, work: Path, name: str,
-             ranks: int = 1) -> dict:
+             ranks: int = 1, repeat: int = 1, env: dict[str, str] | None = None) -> dict:
+    again = [{"method": "gptq", "name": f"gptq-again-{i}", "group_size": 128, "ignore": ["lm_head"],
+              "dampening_frac": 0.01 + 1e-4 * i} for i in range(1, repeat)]
     spec = {
         "name": name,
         "models": [{"source": str(m), "name": m.name} for m in models],
-        "methods": [{"method": "gptq", "group_size": 128, "ignore": ["lm_head"]}],
+        "methods": [{"method": "gptq", "group_size": 128, "ignore": ["lm_head"]}, *again],
         "calibration": {"source": str(text), "num_samples": n, "max_seq_length": seq},
         "evaluation": {"perplexity": {"source": str(text), "max_tokens": 2048, "seq_len": 512},
                        "generation": {"max_new_tokens": 8}},
@@ -113,7 +118,7 @@ def run_farm(models: list[Path], text: Path, n: int, seq: int, num_gpus: float, 
     path.write_text(yaml.safe_dump(spec))
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "farm.cli", "run", str(path)], capture_output=True, text=True,
-                         cwd=work)
+                         cwd=work, env={**os.environ, **(env or {})})
     wall = time.perf_counter() - t0
     if res.returncode:
         raise RuntimeError(f"farm run failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
@@ -121,13 +126,15 @@ def run_farm(models: list[Path], text: Path, n: int, seq: int, num_gpus: float, 
 
     client = MlflowClient(f"sqlite:///{work / f'farm-{name}' / 'mlflow.db'}")
     exp = client.get_experiment_by_name(name)
-    runs = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'")
+    runs = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'",
+                              order_by=["attributes.start_time ASC"])  # with --repeat: first, then warm
     keys = ("seconds_quantize_load", "seconds_load_tokenizer", "seconds_load_device", "seconds_oneshot",
             "seconds_save_compress", "seconds_save", "seconds_total", "seconds_eval_load", "seconds_perplexity",
             "seconds_generate", "perplexity", "seconds_manifest", "seconds_mlflow_upload", "seconds_artifact_wait",
             "seconds_publish", "seconds_worker_start")
     per = [{k: r.data.metrics.get(k) for k in keys}
-           | {"notes": r.data.tags.get("farm.notes"), "model": r.data.tags.get("farm.model")}
+           | {"notes": r.data.tags.get("farm.notes"), "model": r.data.tags.get("farm.model"),
+              "label": r.data.tags.get("farm.label")}
            for r in runs]
     job = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'job'", order_by=["attributes.start_time DESC"],
                              max_results=1)
@@ -197,11 +204,11 @@ def overhead(v: dict) -> dict:
             "upload_in_background": v.get("seconds_mlflow_upload")}
 
 
-def single_row(label: str, run: dict) -> list:
-    """A table row for a one-variant farm run: the worker's start-up (its imports, before the variant arrived),
-    the quantize stage split (in brackets: the tokenizer, read alongside the weights, and the save's compression),
-    and the wall time of `farm run`."""
-    v = run["variants"][0]
+def single_row(label: str, run: dict, i: int = 0) -> list:
+    """A table row for variant `i` of a farm run of one model: the worker's start-up (its imports, before the
+    variant arrived), the quantize stage split (in brackets: the tokenizer, read alongside the weights, and the
+    save's compression), and the wall time of `farm run`."""
+    v = run["variants"][i]
 
     def part(total: str, inner: str) -> str:
         return f"{v[total]:.1f}" + (f" ({v[inner]:.1f})" if v.get(inner) is not None else "")
@@ -229,6 +236,7 @@ def main() -> None:
     ap.add_argument("--text", type=Path, default=ROOT / ".fixtures" / "shakespeare" / "calibration.txt")
     ap.add_argument("--work", type=Path, default=Path("/tmp/farm-bench"))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--repeat", type=int, default=1, choices=(1, 2), help="variants of the model in farm and ddp4")
     args = ap.parse_args()
     args.text, args.tokenizer, args.work = args.text.resolve(), args.tokenizer.resolve(), args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -262,10 +270,14 @@ def main() -> None:
         rows.append(["bare llm-compressor", 1, "", f"{b['load']:.1f}", f"{b['oneshot']:.1f}", f"{b['save']:.1f}",
                      f"{b['total']:.1f}", f"{b['peak_gib']:.1f}"])
     if "farm" in wl:
-        f = record("farm", run_farm([m0], args.text, args.samples, args.seq, whole, args.work, f"farm1-{args.shape}"))
+        one_gpu = {"CUDA_VISIBLE_DEVICES": "0"} if args.repeat > 1 and whole else None  # both in one worker
+        f = record("farm", run_farm([m0], args.text, args.samples, args.seq, whole, args.work, f"farm1-{args.shape}",
+                                    repeat=args.repeat, env=one_gpu))
         record("farm_gptq_profile", gptq_profile())
         record("farm_overhead", overhead(f["variants"][0]))
         rows.append(single_row("farm (1 variant)", f))
+        if args.repeat > 1:
+            rows.append(single_row("farm, the next variant in the same worker", f, 1))
         if "bare" in results:
             record("farm_vs_bare_quantize", quantize_seconds(f["variants"][0]) / results["bare"]["total"])
 
@@ -282,14 +294,17 @@ def main() -> None:
                 record(f"{name}_vs_serial_bare", 4 * results["bare"]["total"] / p["wall"])
     if "ddp4" in wl:
         d = record("ddp4", run_farm([m0], args.text, args.samples, args.seq, whole, args.work, f"ddp4-{args.shape}",
-                                    ranks=4))
+                                    ranks=4, repeat=args.repeat))
         # per-rank phases: bench/profile_oneshot.py --ranks 4 (Ray's worker logs held no rank's GPTQ lines here)
         rows.append(single_row("farm, 1 variant over 4 GPUs (ranks 4)", d))
+        if args.repeat > 1:
+            rows.append(single_row("farm, the next variant on the same 4 ranks", d, 1))
         if "farm" in results:
-            f1, v = results["farm"]["variants"][0], d["variants"][0]
-            record("ddp4_speedup_quantize", quantize_seconds(f1) / quantize_seconds(v))
-            record("ddp4_speedup_oneshot", f1["seconds_oneshot"] / v["seconds_oneshot"])  # LC's DDP doc compares this
-            record("ddp4_ppl", [f1["perplexity"], v["perplexity"]])
+            for i, suffix in enumerate(("", "_warm")[:len(d["variants"])]):
+                f1, v = results["farm"]["variants"][i], d["variants"][i]
+                record(f"ddp4_speedup_quantize{suffix}", quantize_seconds(f1) / quantize_seconds(v))
+                record(f"ddp4_speedup_oneshot{suffix}", f1["seconds_oneshot"] / v["seconds_oneshot"])  # LC's doc
+                record(f"ddp4_ppl{suffix}", [f1["perplexity"], v["perplexity"]])
     if "spread4" in wl:
         p = record("spread4", run_farm(four_models(), args.text, args.samples, args.seq, whole, args.work,
                                        f"spread4-{args.shape}"))
@@ -305,6 +320,7 @@ def main() -> None:
                  "save s (compress)", "total s", "peak GiB / notes"], rows))
     for key in ("farm_vs_bare_quantize", "farm_overhead", "pack4_vs_serial_bare",
                 "queue4_vs_serial_bare", "ddp4_speedup_quantize", "ddp4_speedup_oneshot", "ddp4_ppl",
+                "ddp4_speedup_quantize_warm", "ddp4_speedup_oneshot_warm", "ddp4_ppl_warm",
                 "spread4_throughput_vs_one_gpu",
                 "spread4_throughput_vs_one_gpu_in_worker"):
         if key in results:
