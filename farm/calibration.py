@@ -209,11 +209,15 @@ def draw(source: str, tokenizer: Any, num_samples: int, seq_len: int, seed: int,
     offset = 0  # the index of the part's first window in the whole draw
     for i, ((src, _), n) in enumerate(zip(items, counts, strict=True)):
         if n:
-            first = offset
             windows += sample_windows(read_text(src), tokenizer, n, seq_len, seed + i,
-                                      None if world == 1 else lambda j, first=first: (first + j) % world == rank)
+                                      None if world == 1 else _share(offset, rank, world))
         offset += n
     return windows
+
+
+def _share(first: int, rank: int, world: int) -> Callable[[int], bool]:
+    """Which of a part's windows (numbered from the draw's `first`) are `rank`'s: every world-th of the draw."""
+    return lambda j: (first + j) % world == rank
 
 
 def diversity(source: str, windows: list[list[int]]) -> dict[str, Any]:
