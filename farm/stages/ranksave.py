@@ -4,10 +4,11 @@ Why: llm-compressor's `save_pretrained` wrapper compresses the model on all rank
 modules and broadcasts the packed weights, so every rank ends with the whole compressed model), then only the
 source process runs transformers' save and writes every shard: 5.7 GB of an 8B W4A16 checkpoint on one rank
 while the others wait at a barrier. Here every rank runs transformers' save (its shard plan depends only on
-the state dict's names, dtypes and shapes, the same on every rank) and writes the shards `i % world == rank`
-into rank 0's directory; a rank's other files (config, recipe, index) go to its own directory, unused. Rank 0
-writes every file but the other ranks' shards, and llm-compressor's closing barriers end the save only when
-every shard is on disk.
+the state dict's names, dtypes and shapes, the same on every rank) and writes shard i (numbered from 1) when
+(i - 1) % world == rank, into rank 0's directory; a rank's other files (config, recipe, index) go to its own
+directory, unused. Rank 0 writes every file but the other ranks' shards; a barrier after the save lets rank 0
+go on (hash, evaluate) only once every rank's shards are on disk (llm-compressor's own barriers come before
+the writer threads finish).
 
 Ranks that cannot see rank 0's directory (another host without a shared filesystem) leave the save as
 llm-compressor does it; all ranks agree on which way before anything is written.
