@@ -220,18 +220,15 @@ def _share(first: int, rank: int, world: int) -> Callable[[int], bool]:
     return lambda j: (first + j) % world == rank
 
 
-def diversity(source: str, windows: list[list[int]]) -> dict[str, Any]:
-    """A short report on what calibration saw: tokens, unique-token ratio, per-part shares, and a histogram of
-    the source documents' lengths in words (paragraphs of text, records of JSONL)."""
-    return diversity_of(source, *token_stats(windows))
-
-
 def token_stats(windows: list[list[int]]) -> tuple[int, set[int], int]:
     """(tokens, the distinct token ids, windows): what `diversity_of` needs, and what ranks' shares sum to."""
     return sum(len(w) for w in windows), {t for w in windows for t in w}, len(windows)
 
 
 def diversity_of(source: str, tokens: int, unique: set[int], windows: int) -> dict[str, Any]:
+    """A short report on what calibration saw (`token_stats` of its windows, summed over ranks): tokens,
+    unique-token ratio, per-part shares, and a histogram of the source documents' lengths in words (paragraphs
+    of text, records of JSONL)."""
     docs = [d for src, _ in parts(source) for d in read_text(src).split("\n\n") if d.strip()]
     lengths = [len(d.split()) for d in docs]
     edges = [0, 10, 50, 200, 1000, 10**9]

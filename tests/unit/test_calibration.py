@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from farm.calibration import TextIdentity, allocate, diversity, diversity_of, draw, mixture_source, parts, token_stats
+from farm.calibration import TextIdentity, allocate, diversity_of, draw, mixture_source, parts, token_stats
 from farm.errors import SpecError
 from farm.plan import ModelInfo, make_plan
 from farm.spec import parse_spec
@@ -35,7 +35,7 @@ def test_mixture_draw_is_deterministic_and_weighted(texts: dict, fixture_paths: 
     one, two = draw(mix, tok, 8, 32, 0), draw(mix, tok, 8, 32, 0)
     assert one == two and len(one) == 8 and all(len(w) == 32 for w in one)
     assert draw(mix, tok, 8, 32, 1) != one  # another seed, another draw
-    report = diversity(mix, one)
+    report = diversity_of(mix, *token_stats(one))
     assert report["tokens"] == 256 and 0 < report["unique_token_ratio"] <= 1
     assert [p["weight"] for p in report["parts"]] == [3.0, 1.0] and sum(report["doc_words_histogram"].values()) > 0
 
@@ -52,7 +52,7 @@ def test_rank_shares_are_the_whole_draw_split(texts: dict, fixture_paths: dict) 
     assert [len(s) for s in shares] == [4, 4, 3] and all(shares[r] == whole[r::3] for r in range(3))
     stats = [token_stats(s) for s in shares]
     summed = (sum(s[0] for s in stats), set().union(*(s[1] for s in stats)), sum(s[2] for s in stats))
-    assert diversity_of(mix, *summed) == diversity(mix, whole)
+    assert diversity_of(mix, *summed) == diversity_of(mix, *token_stats(whole))
 
 
 def test_mixture_identity_follows_content_and_weights(texts: dict) -> None:
