@@ -236,7 +236,7 @@ def profiled_save(model, tokenizer, out: Path) -> dict:
     seconds = time.perf_counter() - t0
     print_stats(prof, "the save")
     written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    return {"save_s": round(seconds, 2), "save_compress_s": round(phases["seconds_save_compress"], 2),
+    return {"save_s": round(seconds, 2), "save_compress_s": round(phases["seconds_save_compress"], 3),
             "saved_gb": round(written / 1e9, 2)}
 
 

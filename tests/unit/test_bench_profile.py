@@ -59,7 +59,8 @@ def test_oneshot_profiler_accounts_for_every_phase(tmp_path: Path) -> None:
     assert abs(parts - r["oneshot_s"]) < 0.05 and 0 < r["own_solves_s"] <= r["solve_s"] + 0.01
     assert any("8 calls" in n for n in r["notes"])  # 2 layers x 2 batches x (calibrate + propagate)
     assert {"prepare_batch", "update_batch_qparams", "observe"} <= set(r["solve_parts_s"])  # --parts timed them
-    assert 0 < r["save_compress_s"] < r["save_s"] and r["saved_gb"] > 0 and "Ordered by" in res.stdout
+    # the tiny model packs in a few ms: the compression is timed (a key) and lies within the save
+    assert 0 <= r["save_compress_s"] <= r["save_s"] and r["saved_gb"] > 0 and "Ordered by" in res.stdout
 
 
 def test_factor_parts_bench_compares_the_three_solves() -> None:
