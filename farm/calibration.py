@@ -225,6 +225,11 @@ def token_stats(windows: list[list[int]]) -> tuple[int, set[int], int]:
     return sum(len(w) for w in windows), {t for w in windows for t in w}, len(windows)
 
 
+def summed_stats(shares: list[tuple[int, set[int], int]]) -> tuple[int, set[int], int]:
+    """The `token_stats` of a whole draw from those of its ranks' disjoint shares."""
+    return sum(s[0] for s in shares), set().union(*(s[1] for s in shares)), sum(s[2] for s in shares)
+
+
 def diversity_of(source: str, tokens: int, unique: set[int], windows: int) -> dict[str, Any]:
     """A short report on what calibration saw (`token_stats` of its windows, summed over ranks): tokens,
     unique-token ratio, per-part shares, and a histogram of the source documents' lengths in words (paragraphs

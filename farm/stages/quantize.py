@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from farm.calibration import diversity_of, draw, token_stats
+from farm.calibration import diversity_of, draw, summed_stats, token_stats
 from farm.methods import MethodConfig
 from farm.stages import call, timed_call
 from farm.stages.attention import sdpa_calibration
@@ -83,7 +83,7 @@ def _dataset(req: QuantizeRequest, tokenizer: Any, windows: list[list[int]] | No
 
         shares: list[Any] = [None] * req.world
         dist.all_gather_object(shares, stats)
-        stats = (sum(s[0] for s in shares), set().union(*(s[1] for s in shares)), sum(s[2] for s in shares))
+        stats = summed_stats(shares)
     if req.rank == 0:
         req.report.update(diversity_of(req.calibration.source, *stats))
     return Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from farm.calibration import TextIdentity, allocate, diversity_of, draw, mixture_source, parts, token_stats
+from farm.calibration import (
+    TextIdentity,
+    allocate,
+    diversity_of,
+    draw,
+    mixture_source,
+    parts,
+    summed_stats,
+    token_stats,
+)
 from farm.errors import SpecError
 from farm.plan import ModelInfo, make_plan
 from farm.spec import parse_spec
@@ -50,8 +59,7 @@ def test_rank_shares_are_the_whole_draw_split(texts: dict, fixture_paths: dict) 
     whole = draw(mix, tok, 11, 32, 0)
     shares = [draw(mix, tok, 11, 32, 0, rank, 3) for rank in range(3)]
     assert [len(s) for s in shares] == [4, 4, 3] and all(shares[r] == whole[r::3] for r in range(3))
-    stats = [token_stats(s) for s in shares]
-    summed = (sum(s[0] for s in stats), set().union(*(s[1] for s in stats)), sum(s[2] for s in stats))
+    summed = summed_stats([token_stats(s) for s in shares])
     assert diversity_of(mix, *summed) == diversity_of(mix, *token_stats(whole))
 
 
