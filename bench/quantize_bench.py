@@ -5,9 +5,10 @@ Workloads (comma-separated in --workloads):
   farm    the same variant through `farm run` (embedded Ray, MLflow sqlite, artifact publish, evaluation)
   pack4   four different models x GPTQ through farm with num_gpus=0.25 (packed on one GPU), against 4x bare
   queue4  the same four models with num_gpus=1 on one GPU (one worker, one after another), against 4x bare
-  ddp4    the `farm` variant with resources.ranks=4 (data-parallel calibration over 4 GPUs), against `farm`
+  ddpN    the `farm` variant with resources.ranks=N (data-parallel calibration over N GPUs: ddp2, ddp4, ddp8),
+          against `farm`
   spread4 four different models x GPTQ through farm with num_gpus=1 (one GPU each), against 4x `farm`
---repeat 2 gives `farm` and `ddp4` a second GPTQ variant of the model (dampening 0.0101 instead of 0.01, the same
+--repeat 2 gives `farm` and `ddpN` a second GPTQ variant of the model (dampening 0.0101 instead of 0.01, the same
 work), run after the first in the same warm worker (`farm` sees one GPU) or gang: what a farm shipping many
 variants pays per variant once its processes are warm.
 Random-init Llama shapes (bf16 safetensors) are built once under --work. Prints a table and writes JSON.
@@ -236,12 +237,17 @@ def main() -> None:
     ap.add_argument("--text", type=Path, default=ROOT / ".fixtures" / "shakespeare" / "calibration.txt")
     ap.add_argument("--work", type=Path, default=Path("/tmp/farm-bench"))
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--repeat", type=int, default=1, choices=(1, 2), help="variants of the model in farm and ddp4")
+    ap.add_argument("--repeat", type=int, default=1, choices=(1, 2), help="variants of the model in farm and ddpN")
     args = ap.parse_args()
     args.text, args.tokenizer, args.work = args.text.resolve(), args.tokenizer.resolve(), args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     wl = args.workloads.split(",")
+    known = {"bare", "farm", "pack4", "queue4", "spread4"}
+    for w in wl:
+        if w not in known and not (w.startswith("ddp") and w[3:].isdigit() and int(w[3:]) >= 2):
+            raise SystemExit(f"--workloads: unknown workload {w!r} (known: {', '.join(sorted(known))}, "
+                             "ddpN for N >= 2)")
     results: dict = {"shape": args.shape, "samples": args.samples, "seq": args.seq}
     try:
         import torch
@@ -292,19 +298,20 @@ def main() -> None:
             rows.append(multi_row(label, p)[0])
             if "bare" in results:
                 record(f"{name}_vs_serial_bare", 4 * results["bare"]["total"] / p["wall"])
-    if "ddp4" in wl:
-        d = record("ddp4", run_farm([m0], args.text, args.samples, args.seq, whole, args.work, f"ddp4-{args.shape}",
-                                    ranks=4, repeat=args.repeat))
-        # per-rank phases: bench/profile_oneshot.py --ranks 4 (Ray's worker logs held no rank's GPTQ lines here)
-        rows.append(single_row("farm, 1 variant over 4 GPUs (ranks 4)", d))
+    for name in (w for w in wl if w.startswith("ddp")):
+        ranks = int(name[3:])
+        d = record(name, run_farm([m0], args.text, args.samples, args.seq, whole, args.work, f"{name}-{args.shape}",
+                                  ranks=ranks, repeat=args.repeat))
+        # per-rank phases: bench/profile_oneshot.py --ranks N (Ray's worker logs held no rank's GPTQ lines here)
+        rows.append(single_row(f"farm, 1 variant over {ranks} GPUs (ranks {ranks})", d))
         if args.repeat > 1:
-            rows.append(single_row("farm, the next variant on the same 4 ranks", d, 1))
+            rows.append(single_row(f"farm, the next variant on the same {ranks} ranks", d, 1))
         if "farm" in results:
             for i, suffix in enumerate(("", "_warm")[:len(d["variants"])]):
                 f1, v = results["farm"]["variants"][i], d["variants"][i]
-                record(f"ddp4_speedup_quantize{suffix}", quantize_seconds(f1) / quantize_seconds(v))
-                record(f"ddp4_speedup_oneshot{suffix}", f1["seconds_oneshot"] / v["seconds_oneshot"])  # LC's doc
-                record(f"ddp4_ppl{suffix}", [f1["perplexity"], v["perplexity"]])
+                record(f"{name}_speedup_quantize{suffix}", quantize_seconds(f1) / quantize_seconds(v))
+                record(f"{name}_speedup_oneshot{suffix}", f1["seconds_oneshot"] / v["seconds_oneshot"])  # LC's doc
+                record(f"{name}_ppl{suffix}", [f1["perplexity"], v["perplexity"]])
     if "spread4" in wl:
         p = record("spread4", run_farm(four_models(), args.text, args.samples, args.seq, whole, args.work,
                                        f"spread4-{args.shape}"))
@@ -318,11 +325,11 @@ def main() -> None:
 
     print(table(["workload", "variants", "worker start s", "load s (tokenizer, alongside)", "oneshot s",
                  "save s (compress)", "total s", "peak GiB / notes"], rows))
-    for key in ("farm_vs_bare_quantize", "farm_overhead", "pack4_vs_serial_bare",
-                "queue4_vs_serial_bare", "ddp4_speedup_quantize", "ddp4_speedup_oneshot", "ddp4_ppl",
-                "ddp4_speedup_quantize_warm", "ddp4_speedup_oneshot_warm", "ddp4_ppl_warm",
-                "spread4_throughput_vs_one_gpu",
-                "spread4_throughput_vs_one_gpu_in_worker"):
+    ddp = [w for w in wl if w.startswith("ddp")]
+    for key in ("farm_vs_bare_quantize", "farm_overhead", "pack4_vs_serial_bare", "queue4_vs_serial_bare",
+                *(f"{w}_{what}{suffix}" for w in ddp for suffix in ("", "_warm")
+                  for what in ("speedup_quantize", "speedup_oneshot", "ppl")),
+                "spread4_throughput_vs_one_gpu", "spread4_throughput_vs_one_gpu_in_worker"):
         if key in results:
             print(f"{key}: {results[key]}")
 
