@@ -153,8 +153,7 @@ def once(args: argparse.Namespace) -> dict:
     req = QuantizeRequest(str(model_dir), method, CalibrationDraw(str(args.text), args.samples, args.seq, 0),
                           str(args.work / "out"), batch_size=args.batch, offload_device="cuda" if device == "cuda"
                           else None, gptq_hessian=args.hessian, calibration_attention=args.attention,
-                          gptq_inverse=args.inverse, replica_qparams=args.qparams, rank=args.rank,
-                          world=max(1, args.ranks))
+                          gptq_inverse=args.inverse, rank=args.rank, world=max(1, args.ranks))
     tok = load_tokenizer(model_dir)
     t0 = time.perf_counter()
     where = placement(req, device)
@@ -181,7 +180,7 @@ def once(args: argparse.Namespace) -> dict:
     if phases.setup_profile is not None:
         print_stats(phases.setup_profile, "the set-up (oneshot's start to the first layer)")
     result = {"shape": args.shape, "layers": args.layers, "batch": args.batch, "attention": args.attention,
-              "inverse": args.inverse, "qparams": args.qparams, "rank": args.rank, "ranks": args.ranks,
+              "inverse": args.inverse, "rank": args.rank, "ranks": args.ranks,
               "load_s": round(t1 - t0, 2),
               "oneshot_s": round(t3 - t2, 2), "setup_s": round((phases.first_layer_at or t3) - t2, 2),
               **{f"{k}_s": round(v, 2) for k, v in phases.seconds.items()}, "notes": notes,
@@ -258,7 +257,6 @@ def concurrent(args: argparse.Namespace, n: int, ranks: int = 0) -> dict:
     argv = [sys.executable, __file__, "--shape", args.shape, "--layers", str(args.layers), "--batch", str(args.batch),
             "--samples", str(args.samples), "--seq", str(args.seq), "--threads", str(args.threads),
             "--attention", args.attention, "--hessian", args.hessian, "--inverse", args.inverse,
-            "--qparams", args.qparams,
             "--repeat", str(args.repeat),
             *(["--parts"] if args.parts else []), *(["--save"] if args.save else []),
             *(["--profile-setup"] if args.profile_setup else []),
@@ -306,8 +304,6 @@ def main() -> None:
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--inverse", default="left_looking",
                     choices=["left_looking", "reversed_cholesky", "llmcompressor"])
-    ap.add_argument("--qparams", default="local", choices=["local", "broadcast"],
-                    help="with --ranks: GPTQ's fresh parameters made on every rank, or rank 0's broadcast (upstream)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--parts", action="store_true",
                     help="also time the solve phase's parts (each synchronised, so everything gets slower)")

@@ -11,7 +11,7 @@ from typing import Any
 
 from farm.calibration import diversity_of, draw, summed_stats, token_stats
 from farm.methods import MethodConfig
-from farm.stages import call, localqparams, timed_call
+from farm.stages import call, timed_call
 from farm.stages.attention import sdpa_calibration
 from farm.stages.compat import cpu_safe_pinning
 from farm.stages.factor import one_cholesky_factor
@@ -48,7 +48,6 @@ class QuantizeRequest:
     gptq_hessian: str = "tensor_cores"  # or "fp32": llm-compressor's own Hessian GEMM (stages/hessian.py)
     gptq_inverse: str = "left_looking"  # stages/leftgptq.py; or "reversed_cholesky" (factor.py), "llmcompressor"
     calibration_attention: str = "sdpa"  # or "eager": llm-compressor's forced eager attention (stages/attention.py)
-    replica_qparams: str = "local"  # or "broadcast": rank 0's fresh GPTQ parameters sent to every rank (upstream)
     report: dict[str, Any] = field(default_factory=dict, compare=False)  # filled: the calibration's diversity
 
 
@@ -138,8 +137,6 @@ def calibrate(req: QuantizeRequest, model: Any, tokenizer: Any, recipe: list[Any
         left_looking_solve() if req.gptq_inverse == "left_looking" else None,
         sdpa_calibration(model) if req.calibration_attention == "sdpa" else None,
         idle_tail_skipped(model) if req.method.requires_calibration and applies(recipe) else None,
-        localqparams.qparams_made_on_every_rank()
-        if req.replica_qparams == "local" and localqparams.applies(recipe, req.world) else None,
     ]
     with contextlib.ExitStack() as stack:
         guard = stack.enter_context(cpu_safe_pinning())
