@@ -244,8 +244,9 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     wl = args.workloads.split(",")
     known = {"bare", "farm", "pack4", "queue4", "spread4"}
+    ddp = {w: int(w[3:]) for w in wl if w.startswith("ddp") and w[3:].isdigit() and int(w[3:]) >= 2}  # name: ranks
     for w in wl:
-        if w not in known and not (w.startswith("ddp") and w[3:].isdigit() and int(w[3:]) >= 2):
+        if w not in known and w not in ddp:
             raise SystemExit(f"--workloads: unknown workload {w!r} (known: {', '.join(sorted(known))}, "
                              "ddpN for N >= 2)")
     results: dict = {"shape": args.shape, "samples": args.samples, "seq": args.seq}
@@ -298,8 +299,7 @@ def main() -> None:
             rows.append(multi_row(label, p)[0])
             if "bare" in results:
                 record(f"{name}_vs_serial_bare", 4 * results["bare"]["total"] / p["wall"])
-    for name in (w for w in wl if w.startswith("ddp")):
-        ranks = int(name[3:])
+    for name, ranks in ddp.items():
         d = record(name, run_farm([m0], args.text, args.samples, args.seq, whole, args.work, f"{name}-{args.shape}",
                                   ranks=ranks, repeat=args.repeat))
         # per-rank phases: bench/profile_oneshot.py --ranks N (Ray's worker logs held no rank's GPTQ lines here)
@@ -325,7 +325,6 @@ def main() -> None:
 
     print(table(["workload", "variants", "worker start s", "load s (tokenizer, alongside)", "oneshot s",
                  "save s (compress)", "total s", "peak GiB / notes"], rows))
-    ddp = [w for w in wl if w.startswith("ddp")]
     for key in ("farm_vs_bare_quantize", "farm_overhead", "pack4_vs_serial_bare", "queue4_vs_serial_bare",
                 *(f"{w}_{what}{suffix}" for w in ddp for suffix in ("", "_warm")
                   for what in ("speedup_quantize", "speedup_oneshot", "ppl")),
