@@ -11,7 +11,9 @@ Workloads (comma-separated in --workloads):
 --repeat 2 gives `farm` and `ddpN` a second GPTQ variant of the model (dampening 0.0101 instead of 0.01, the same
 work), run after the first in the same warm worker (`farm` sees one GPU) or gang: what a farm shipping many
 variants pays per variant once its processes are warm.
-Random-init Llama shapes (bf16 safetensors) are built once under --work. Prints a table and writes JSON.
+--resource KEY=VALUE (repeatable) sets a field of the specs' `resources` (an A/B of a setting, e.g.
+gptq_broadcast=llmcompressor). Random-init Llama shapes (bf16 safetensors) are built once under --work. Prints a
+table and writes JSON.
 
   python bench/quantize_bench.py --shape llama-1b --workloads bare,farm,pack4 --json out.json
 """
@@ -101,7 +103,8 @@ def run_bare(model: Path, text: Path, n: int, seq: int, work: Path) -> dict:
 
 
 def run_farm(models: list[Path], text: Path, n: int, seq: int, num_gpus: float, work: Path, name: str,
-             ranks: int = 1, repeat: int = 1, env: dict[str, str] | None = None) -> dict:
+             ranks: int = 1, repeat: int = 1, env: dict[str, str] | None = None,
+             extra: dict[str, str] | None = None) -> dict:
     again = [{"method": "gptq", "name": f"gptq-again-{i}", "group_size": 128, "ignore": ["lm_head"],
               "dampening_frac": 0.01 + 1e-4 * i} for i in range(1, repeat)]
     spec = {
@@ -111,7 +114,7 @@ def run_farm(models: list[Path], text: Path, n: int, seq: int, num_gpus: float, 
         "calibration": {"source": str(text), "num_samples": n, "max_seq_length": seq},
         "evaluation": {"perplexity": {"source": str(text), "max_tokens": 2048, "seq_len": 512},
                        "generation": {"max_new_tokens": 8}},
-        "resources": {"num_gpus": num_gpus, "num_cpus": 2, "ranks": ranks},
+        "resources": {"num_gpus": num_gpus, "num_cpus": 2, "ranks": ranks, **(extra or {})},
         "tracking": {"experiment": name},
         "output": {"root": str(work / f"farm-{name}")},
     }
@@ -238,7 +241,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/farm-bench"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--repeat", type=int, default=1, choices=(1, 2), help="variants of the model in farm and ddpN")
+    ap.add_argument("--resource", action="append", default=[], metavar="KEY=VALUE",
+                    help="a field of every spec's resources (repeatable)")
     args = ap.parse_args()
+    extra = dict(kv.split("=", 1) for kv in args.resource if "=" in kv)
+    if len(extra) != len(args.resource):
+        raise SystemExit(f"--resource: expected KEY=VALUE, got {args.resource}")
     args.text, args.tokenizer, args.work = args.text.resolve(), args.tokenizer.resolve(), args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -249,7 +257,7 @@ def main() -> None:
         if w not in known and w not in ddp:
             raise SystemExit(f"--workloads: unknown workload {w!r} (known: {', '.join(sorted(known))}, "
                              "ddpN for N >= 2)")
-    results: dict = {"shape": args.shape, "samples": args.samples, "seq": args.seq}
+    results: dict = {"shape": args.shape, "samples": args.samples, "seq": args.seq, "resources": extra}
     try:
         import torch
 
@@ -279,7 +287,7 @@ def main() -> None:
     if "farm" in wl:
         one_gpu = {"CUDA_VISIBLE_DEVICES": "0"} if args.repeat > 1 and whole else None  # both in one worker
         f = record("farm", run_farm([m0], args.text, args.samples, args.seq, whole, args.work, f"farm1-{args.shape}",
-                                    repeat=args.repeat, env=one_gpu))
+                                    repeat=args.repeat, env=one_gpu, extra=extra))
         record("farm_gptq_profile", gptq_profile())
         record("farm_overhead", overhead(f["variants"][0]))
         rows.append(single_row("farm (1 variant)", f))
@@ -295,13 +303,13 @@ def main() -> None:
                               ("queue4", whole, "farm 4 models, 1 GPU each, one GPU")):
         if name in wl:
             p = record(name, run_farm(four_models(), args.text, args.samples, args.seq, gpus, args.work,
-                                      f"{name}-{args.shape}"))
+                                      f"{name}-{args.shape}", extra=extra))
             rows.append(multi_row(label, p)[0])
             if "bare" in results:
                 record(f"{name}_vs_serial_bare", 4 * results["bare"]["total"] / p["wall"])
     for name, ranks in ddp.items():
         d = record(name, run_farm([m0], args.text, args.samples, args.seq, whole, args.work, f"{name}-{args.shape}",
-                                  ranks=ranks, repeat=args.repeat))
+                                  ranks=ranks, repeat=args.repeat, extra=extra))
         # per-rank phases: bench/profile_oneshot.py --ranks N (Ray's worker logs held no rank's GPTQ lines here)
         rows.append(single_row(f"farm, 1 variant over {ranks} GPUs (ranks {ranks})", d))
         if args.repeat > 1:
@@ -314,7 +322,7 @@ def main() -> None:
                 record(f"{name}_ppl{suffix}", [f1["perplexity"], v["perplexity"]])
     if "spread4" in wl:
         p = record("spread4", run_farm(four_models(), args.text, args.samples, args.seq, whole, args.work,
-                                       f"spread4-{args.shape}"))
+                                       f"spread4-{args.shape}", extra=extra))
         row, slowest = multi_row("farm 4 models, 1 GPU each", p)
         rows.append(row)
         if "farm" in results:

@@ -10,7 +10,7 @@ import hashlib
 import itertools
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,10 +199,14 @@ def allocate(weights: list[float], n: int) -> list[int]:
 
 
 def draw(source: str, tokenizer: Any, num_samples: int, seq_len: int, seed: int,
-         rank: int = 0, world: int = 1) -> list[list[int]]:
+         rank: int = 0, world: int = 1, shares: Sequence[int] | None = None) -> list[list[int]]:
     """The calibration windows of a source or a mixture: each part contributes its share, drawn with its own
     seed (seed + part index), in the mixture's order. Same inputs, same windows. With `world` > 1 only the
-    windows `rank::world` of that list: the disjoint shares of data-parallel ranks, each tokenizing its own."""
+    windows `rank::world` of that list: the disjoint shares of data-parallel ranks, each tokenizing its own;
+    with `shares` (samples per rank), rank r's `shares[r]` windows, interleaved over the draw (`interleave`)."""
+    if shares is not None and (len(shares) != world or sum(shares) != num_samples):
+        raise ValueError(f"shares {list(shares)} must give each of {world} ranks a count summing to {num_samples}")
+    ranks = interleave(shares) if shares is not None else None
     items = parts(source)
     counts = allocate([w for _, w in items], num_samples)
     windows: list[list[int]] = []
@@ -210,14 +214,29 @@ def draw(source: str, tokenizer: Any, num_samples: int, seq_len: int, seed: int,
     for i, ((src, _), n) in enumerate(zip(items, counts, strict=True)):
         if n:
             windows += sample_windows(read_text(src), tokenizer, n, seq_len, seed + i,
-                                      None if world == 1 else _share(offset, rank, world))
+                                      None if world == 1 else _share(offset, rank, world, ranks))
         offset += n
     return windows
 
 
-def _share(first: int, rank: int, world: int) -> Callable[[int], bool]:
-    """Which of a part's windows (numbered from the draw's `first`) are `rank`'s: every world-th of the draw."""
+def _share(first: int, rank: int, world: int, ranks: list[int] | None = None) -> Callable[[int], bool]:
+    """Which of a part's windows (numbered from the draw's `first`) are `rank`'s: every world-th of the draw,
+    or those `ranks` (the draw's window -> rank) gives it."""
+    if ranks is not None:
+        return lambda j: ranks[first + j] == rank
     return lambda j: (first + j) % world == rank
+
+
+def interleave(counts: Sequence[int]) -> list[int]:
+    """The rank of each window of the draw, interleaved in proportion to `counts` (equal counts: round
+    robin), so every rank's share spans the whole draw (and each part of a mixture)."""
+    taken = [0] * len(counts)
+    ranks = []
+    for _ in range(sum(counts)):
+        r = min((r for r in range(len(counts)) if taken[r] < counts[r]), key=lambda r: ((taken[r] + 1) / counts[r], r))
+        taken[r] += 1
+        ranks.append(r)
+    return ranks
 
 
 def token_stats(windows: list[list[int]]) -> tuple[int, set[int], int]:

@@ -138,7 +138,8 @@ def make_plan(spec: JobSpec, models: dict[str, ModelInfo], calibration_sha: str 
                 cal.num_samples, cal.max_seq_length, int(info.config.get("hidden_size") or 0),
             )
             res = replace(res, gptq_hessian=spec.resources.gptq_hessian, gptq_inverse=spec.resources.gptq_inverse,
-                          calibration_attention=spec.resources.calibration_attention)
+                          calibration_attention=spec.resources.calibration_attention,
+                          gptq_broadcast=spec.resources.gptq_broadcast)
             if spec.resources.ranks > 1 and not method.distributable:
                 raise SpecError(f"methods.{ki} ({method.label()}): {method.method} runs in one process; "
                                 f"resources.ranks must be 1 (got {spec.resources.ranks})")

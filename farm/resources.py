@@ -21,6 +21,7 @@ class Resources:
     gptq_hessian: str = "tensor_cores"  # how GPTQ Hessians are summed on a GPU (stages/hessian.py)
     gptq_inverse: str = "left_looking"  # how GPTQ uses H^-1 (stages/leftgptq.py, stages/factor.py)
     calibration_attention: str = "sdpa"  # attention in calibration passes (stages/attention.py)
+    gptq_broadcast: str = "llmcompressor"  # how DDP ranks get each layer's GPTQ results (stages/forwardorder.py)
 
     def ray_options(self) -> dict[str, float | int]:
         return {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus, "memory": self.memory_bytes}

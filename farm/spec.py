@@ -247,6 +247,12 @@ class ResourceSpec(Strict):
         "reorganised to need only the Hessian's Cholesky factor, no inverse; an 8B down_proj solve 0.29 -> "
         "0.08-0.13 s), reversed_cholesky (the inverse factor from one Cholesky and a triangular solve) or "
         "llmcompressor (its three factorisations and right-looking loop); same algorithm and format")
+    gptq_broadcast: Literal["forward_order", "llmcompressor"] = Field(
+        "llmcompressor", description="with ranks > 1 on GPUs, how each layer's GPTQ results reach every rank: "
+        "forward_order (sent in the order the layer uses them, each waited for where first used, and each rank's "
+        "share propagated in one batch when memory allows: the other ranks run attention and gate/up while "
+        "down_proj's owner solves, and that owner given fewer calibration samples) or llmcompressor (all sent, "
+        "then all waited for; an even split); the same GPTQ problem, its float sums in another order")
     calibration_attention: Literal["sdpa", "eager"] = Field(
         "sdpa", description="attention in calibration forward passes: sdpa (transformers' fused attention with "
         "llm-compressor's eager causal mask, for architectures whose eager attention is plain softmax attention) "

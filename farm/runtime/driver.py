@@ -594,7 +594,8 @@ class Driver:
                    "resources.num_gpus": v.resources.num_gpus, "resources.num_cpus": v.resources.num_cpus,
                    "resources.gptq_hessian": v.resources.gptq_hessian,
                    "resources.calibration_attention": v.resources.calibration_attention,
-                   "resources.gptq_inverse": v.resources.gptq_inverse}
+                   "resources.gptq_inverse": v.resources.gptq_inverse,
+                   "resources.gptq_broadcast": v.resources.gptq_broadcast}
         return params
 
     def _version_tags(self, v: Variant, manifest: dict[str, Any]) -> dict[str, str]:

@@ -90,17 +90,39 @@ def gpu_budget_bytes(num_gpus: float) -> int:
     return int(free if num_gpus >= 1 else min(free, total * num_gpus))
 
 
-def tune(v: Variant, model: sources.ResolvedModel, frugal: bool = False, world: int = 1) -> Any:
+def overlapping(v: Variant, world: int) -> bool:
+    """Whether DDP ranks propagate while GPTQ's owners solve (stages/forwardorder.py): GPU ranks only."""
+    from farm.stages.modelio import pick_device
+
+    return world > 1 and v.resources.gptq_broadcast == "forward_order" and pick_device() == "cuda"
+
+
+def rank_shares(v: Variant, model: sources.ResolvedModel, world: int) -> tuple[int, ...] | None:
+    """Calibration samples per DDP rank, fewer for the owner of the largest solve (stages/rankshares.py); None
+    for the even split."""
+    from farm.stages.rankshares import shares
+
+    if not overlapping(v, world):
+        return None
+    return shares(model.config, v.calibration.num_samples, v.calibration.max_seq_length, world)
+
+
+def tune(v: Variant, model: sources.ResolvedModel, frugal: bool = False, world: int = 1,
+         shares: tuple[int, ...] | None = None) -> Any:
     from farm.stages.modelio import pick_device
     from farm.stages.tuning import choose
 
     cfg = model.config
     on_disk = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
+    whole = overlapping(v, world)  # one batch per rank (forwardorder.py)
+    per_rank = max(shares) if shares else -(-v.calibration.num_samples // world)
     loaded_bytes = model.weights_bytes // 2 if on_disk == "float32" else model.weights_bytes  # loaded as bf16
-    return choose(pick_device(), gpu_budget_bytes(v.resources.num_gpus), -(-v.calibration.num_samples // world),
+    return choose(pick_device(), gpu_budget_bytes(v.resources.num_gpus), per_rank,
                   v.calibration.max_seq_length, int(cfg.get("hidden_size") or 0),
                   int(cfg.get("intermediate_size") or 0), int(cfg.get("num_attention_heads") or 32), frugal,
-                  weights_bytes=loaded_bytes)  # DDP ranks replicate a model that fits, share one that does not
+                  weights_bytes=loaded_bytes,  # DDP ranks replicate a model that fits, share one that does not
+                  # the single-process batches stand as measured, sized by the eager-attention bound
+                  attention=v.resources.calibration_attention if whole else "eager", whole_share=whole)
 
 
 def is_device_oom(err: BaseException) -> bool:
@@ -212,7 +234,8 @@ class Worker:
             t0 = time.perf_counter()
             world = rank.world if rank else 1
             lib = BACKENDS[v.method.backend_name]
-            tuned = tune(v, model, world=world)
+            shares = rank_shares(v, model, world)
+            tuned = tune(v, model, world=world, shares=shares)
             request = QuantizeRequest(
                 model_dir=model.local_dir, method=v.method,
                 calibration=CalibrationDraw(cal.source, cal.num_samples, cal.max_seq_length, cal.seed),
@@ -220,6 +243,7 @@ class Worker:
                 batch_size=tuned.batch_size, offload_device=tuned.offload_device, load_device=tuned.load_device,
                 rank=rank.rank if rank else 0, world=world, gptq_hessian=v.resources.gptq_hessian,
                 calibration_attention=v.resources.calibration_attention, gptq_inverse=v.resources.gptq_inverse,
+                gptq_broadcast=v.resources.gptq_broadcast, shares=shares,
             )
             started = self._started()
             if rank is not None:
@@ -230,7 +254,8 @@ class Worker:
                     ddp.destroy()
                 if not lead:
                     return {"rank": rank.rank, **me}
-                q.notes.append(f"data-parallel calibration: {world} ranks ({backend}); tuning per rank: "
+                split = f"samples per rank {list(shares)} (stages/rankshares.py)" if shares else "even split"
+                q.notes.append(f"data-parallel calibration: {world} ranks ({backend}), {split}; tuning per rank: "
                                f"{tuned.reason}")
             elif lib.quantize_in and lib.stage:  # an archived library in its own environment
                 from farm.stages.quantize import QuantizeResult

@@ -15,6 +15,7 @@ from farm.stages import call, timed_call
 from farm.stages.attention import sdpa_calibration
 from farm.stages.compat import cpu_safe_pinning
 from farm.stages.factor import one_cholesky_factor
+from farm.stages.forwardorder import forward_ordered
 from farm.stages.hessian import tensor_core_hessians
 from farm.stages.leftgptq import left_looking_solve
 from farm.stages.modelio import load_model, load_shared_model, load_tokenizer, pick_device, start_device
@@ -47,6 +48,8 @@ class QuantizeRequest:
     world: int = 1
     gptq_hessian: str = "tensor_cores"  # or "fp32": llm-compressor's own Hessian GEMM (stages/hessian.py)
     gptq_inverse: str = "left_looking"  # stages/leftgptq.py; or "reversed_cholesky" (factor.py), "llmcompressor"
+    gptq_broadcast: str = "llmcompressor"  # DDP ranks: or "forward_order" (stages/forwardorder.py)
+    shares: tuple[int, ...] | None = None  # calibration samples per rank (stages/rankshares.py); None: even
     calibration_attention: str = "sdpa"  # or "eager": llm-compressor's forced eager attention (stages/attention.py)
     report: dict[str, Any] = field(default_factory=dict, compare=False)  # filled: the calibration's diversity
 
@@ -68,7 +71,8 @@ class QuantizeResult:
 def _windows(req: QuantizeRequest, tokenizer: Any) -> list[list[int]]:
     """This rank's calibration windows: the draw's `rank::world` share, the only ones it tokenizes."""
     cal = req.calibration
-    return draw(cal.source, tokenizer, cal.num_samples, cal.max_seq_length, cal.seed, req.rank, req.world)
+    return draw(cal.source, tokenizer, cal.num_samples, cal.max_seq_length, cal.seed, req.rank, req.world,
+                req.shares)
 
 
 def _dataset(req: QuantizeRequest, tokenizer: Any, windows: list[list[int]] | None = None) -> Any:
@@ -137,6 +141,7 @@ def calibrate(req: QuantizeRequest, model: Any, tokenizer: Any, recipe: list[Any
         left_looking_solve() if req.gptq_inverse == "left_looking" else None,
         sdpa_calibration(model) if req.calibration_attention == "sdpa" else None,
         idle_tail_skipped(model) if req.method.requires_calibration and applies(recipe) else None,
+        forward_ordered() if req.world > 1 and req.gptq_broadcast == "forward_order" else None,
     ]
     with contextlib.ExitStack() as stack:
         guard = stack.enter_context(cpu_safe_pinning())

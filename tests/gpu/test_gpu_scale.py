@@ -61,26 +61,30 @@ def test_ddp_variant_over_two_gpus(small_llama: Path, tmp_path: Path) -> None:  
     from mlflow.tracking import MlflowClient
 
     ppl = {}
-    for ranks in (1, 2):
+    for ranks, sends in ((1, "llmcompressor"), (2, "llmcompressor"), (2, "forward_order")):
+        key = f"{ranks}-{sends}" if ranks > 1 else 1
         spec = {"name": f"ddp{ranks}", "models": [{"source": str(small_llama), "name": "small"}],
                 "methods": [{"method": "gptq", "group_size": 128}],
                 "calibration": {"source": str(TEXT), "num_samples": 32, "max_seq_length": 512},
                 "evaluation": {"perplexity": {"source": str(TEXT), "max_tokens": 2048, "seq_len": 512}},
-                "resources": {"num_gpus": 1, "num_cpus": 2, "ranks": ranks},
-                "tracking": {"experiment": f"ddp{ranks}"}, "output": {"root": str(tmp_path / f"out{ranks}")}}
+                "resources": {"num_gpus": 1, "num_cpus": 2, "ranks": ranks, "gptq_broadcast": sends},
+                "tracking": {"experiment": f"ddp{ranks}"}, "output": {"root": str(tmp_path / f"out{key}")}}
         path = tmp_path / f"ddp{ranks}.yaml"
         path.write_text(yaml.safe_dump(spec))
         res = subprocess.run([sys.executable, "-m", "farm.cli", "run", str(path)], capture_output=True, text=True,
                              timeout=900, cwd=tmp_path)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        client = MlflowClient(f"sqlite:///{tmp_path / f'out{ranks}' / 'mlflow.db'}")
+        client = MlflowClient(f"sqlite:///{tmp_path / f'out{key}' / 'mlflow.db'}")
         run = client.search_runs([client.get_experiment_by_name(f"ddp{ranks}").experiment_id],
                                  "tags.`farm.role` = 'variant'")[0]
-        ppl[ranks] = run.data.metrics["perplexity"]
+        ppl[key] = run.data.metrics["perplexity"]
+        if sends == "forward_order":  # stages/forwardorder.py, stages/rankshares.py
+            assert "modules' results broadcast in forward order" in run.data.tags["farm.notes"]
+            assert "samples per rank [" in run.data.tags["farm.notes"]
         if ranks == 2:
             assert run.data.tags["farm.ddp_world_size"] == "2" and "(nccl)" in run.data.tags["farm.notes"]
             assert "checkpoint read 1/2 per rank" in run.data.tags["farm.notes"]  # stages/splitload.py
             print("GPU DDP ranks:", run.data.tags["farm.ddp_ranks"], "oneshot", run.data.metrics["seconds_oneshot"])
         assert "the last subgraph ends at its last quantized module" in run.data.tags["farm.notes"]
-    assert abs(ppl[2] - ppl[1]) / ppl[1] < 0.02, ppl
+    assert all(abs(ppl[k] - ppl[1]) / ppl[1] < 0.02 for k in ppl), ppl
     print("GPU DDP perplexity 1 vs 2 ranks:", ppl)

@@ -35,7 +35,7 @@ def test_ddp_variant_matches_single_process(stack: Stack, stack_env: dict, fixtu
     outs = {}
     for ranks in (2, 1):
         spec = tiny_spec(fixture_paths, str(tmp_path / f"out{ranks}"), methods=[{"method": "gptq", "group_size": 64}],
-                         resources={"num_cpus": 1, "num_gpus": 1, "ranks": ranks},
+                         resources={"num_cpus": 1, "num_gpus": 1, "ranks": ranks, "gptq_broadcast": "forward_order"},
                          tracking={"experiment": f"ddp-{ranks}", "registered_model_prefix": f"ddp{ranks}-"})
         spec["calibration"]["num_samples"] = 8
         path = write_spec(tmp_path / f"ddp{ranks}.yaml", spec)
@@ -52,6 +52,7 @@ def test_ddp_variant_matches_single_process(stack: Stack, stack_env: dict, fixtu
     assert [r["rank"] for r in ranks] == [0, 1]
     assert sorted(r["cuda_visible_devices"] for r in ranks) == ["0", "1"]  # one bundle (fake GPU) each
     assert "2 ranks (gloo)" in ddp.data.tags["farm.notes"]
+    assert "layers solved in forward order: nothing broadcast" in ddp.data.tags["farm.notes"]  # forwardorder.py
 
     a = load_file(Path(ddp.data.tags["farm.artifact_uri"].removeprefix("file://")) / "model.safetensors")
     b = load_file(Path(single.data.tags["farm.artifact_uri"].removeprefix("file://")) / "model.safetensors")

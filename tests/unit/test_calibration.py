@@ -63,6 +63,26 @@ def test_rank_shares_are_the_whole_draw_split(texts: dict, fixture_paths: dict) 
     assert diversity_of(mix, *summed) == diversity_of(mix, *token_stats(whole))
 
 
+
+def test_uneven_rank_shares_interleave_over_the_whole_draw(texts: dict, fixture_paths: dict) -> None:
+    """With `shares` (stages/rankshares.py) rank r gets shares[r] windows, spread over the draw; together the
+    ranks hold the whole draw once. A bad split fails before anything is drawn."""
+    from transformers import AutoTokenizer
+
+    from farm.calibration import interleave
+
+    assert interleave([2, 2, 2]) == [0, 1, 2, 0, 1, 2]  # equal counts: round robin
+    assert interleave([1, 3]) == [1, 1, 0, 1] and interleave([2, 3, 3]).count(0) == 2
+    tok = AutoTokenizer.from_pretrained(fixture_paths["tiny-llama"])
+    mix = mixture_source([(str(texts["a"]), 3.0), (str(texts["b"]), 1.0)])
+    whole = draw(mix, tok, 11, 32, 0)
+    ranks = interleave([3, 4, 4])
+    shares = [draw(mix, tok, 11, 32, 0, rank, 3, (3, 4, 4)) for rank in range(3)]
+    assert [len(s) for s in shares] == [3, 4, 4]
+    assert all(shares[r] == [w for w, o in zip(whole, ranks, strict=True) if o == r] for r in range(3))
+    with pytest.raises(ValueError, match="summing to 11"):
+        draw(mix, tok, 11, 32, 0, 0, 3, (3, 4, 5))
+
 def test_mixture_identity_follows_content_and_weights(texts: dict) -> None:
     a, b = str(texts["a"]), str(texts["b"])
     base = TextIdentity.of(mixture_source([(a, 3.0), (b, 1.0)])).sha256

@@ -60,3 +60,13 @@ def test_ddp_ranks_replicate_a_model_that_fits_and_share_one_that_does_not() -> 
     assert placement(req(4, 2, too_big.load_device), "cuda") == "shared"  # one host copy, onloaded per layer
     assert placement(req(2), "cpu") == "shared"  # CPU ranks share results through the host copy
     assert placement(req(1), "cuda") == "cuda" and placement(req(1, load_device="cpu"), "cuda") == "cpu"
+
+
+def test_a_ddp_rank_that_overlaps_the_owners_solve_calibrates_its_share_in_one_batch() -> None:
+    # 8B on an 80 GB card, 32 samples per rank of 4: with fused attention the whole share fits one batch
+    share = choose("cuda", 64 * GIB, num_samples=32, seq_len=2048, **LLAMA_8B, attention="sdpa", whole_share=True)
+    assert share.batch_size == 32 and share.offload_device == "cuda"
+    assert choose("cuda", 64 * GIB, num_samples=32, seq_len=2048, **LLAMA_8B).batch_size == 16  # as before
+    # eager attention's heads x seq^2 scores do not fit 32 at once: the usual sizes remain
+    eager = choose("cuda", 64 * GIB, num_samples=32, seq_len=2048, **LLAMA_8B, whole_share=True)
+    assert eager.batch_size in (16, 8, 4, 2)
