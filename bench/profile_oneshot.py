@@ -32,6 +32,15 @@ from bench.quantize_bench import ROOT, SHAPES, build_model
 from farm.runtime.ddp import free_port
 
 
+def shares_for(args: argparse.Namespace, model_dir: Path) -> tuple[int, ...] | None:
+    """Samples per rank as a farm worker gives them with resources.gptq_broadcast: forward_order."""
+    if args.ranks < 2 or args.broadcast != "forward_order":
+        return None
+    from farm.stages.rankshares import shares
+
+    return shares(json.loads((model_dir / "config.json").read_text()), args.samples, args.seq, args.ranks)
+
+
 class Phases:
     """Synchronised wall time per pipeline phase, from hooks on the decoder layers and the epoch-end callback."""
 
@@ -153,7 +162,8 @@ def once(args: argparse.Namespace) -> dict:
     req = QuantizeRequest(str(model_dir), method, CalibrationDraw(str(args.text), args.samples, args.seq, 0),
                           str(args.work / "out"), batch_size=args.batch, offload_device="cuda" if device == "cuda"
                           else None, gptq_hessian=args.hessian, calibration_attention=args.attention,
-                          gptq_inverse=args.inverse, rank=args.rank, world=max(1, args.ranks))
+                          gptq_inverse=args.inverse, rank=args.rank, world=max(1, args.ranks),
+                          gptq_broadcast=args.broadcast, shares=shares_for(args, model_dir))
     tok = load_tokenizer(model_dir)
     t0 = time.perf_counter()
     where = placement(req, device)
@@ -314,6 +324,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="oneshots per process, one after another (later ones show what a warm worker pays)")
     ap.add_argument("--ranks", type=int, default=0, help="data-parallel ranks (one process each, NCCL/gloo)")
+    ap.add_argument("--broadcast", default="llmcompressor", choices=["llmcompressor", "forward_order"],
+                    help="with --ranks: resources.gptq_broadcast (forward_order also splits the samples unevenly, "
+                    "stages/rankshares.py; --batch still applies)")
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--tokenizer", type=Path, default=ROOT / ".fixtures" / "models" / "tiny-llama")

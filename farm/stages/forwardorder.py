@@ -104,8 +104,10 @@ def compress_in_forward_order(modifier: Any, pending: Pending) -> None:
     from compressed_tensors.distributed import greedy_bin_packing
     from compressed_tensors.distributed.utils import as_broadcastable
     from compressed_tensors.offload import get_execution_device
-    from llmcompressor.modifiers.gptq.base import _GPTQ_Q_PARAMS
+    from llmcompressor.modifiers.gptq import base
     from llmcompressor.modifiers.gptq.helpers import assign_batches
+
+    q_params = getattr(base, "_GPTQ_Q_PARAMS", ("weight", "weight_scale", "weight_zero_point"))  # upstream's list
 
     pending.flush()  # a module the previous layer never called (none in a dense model)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -120,7 +122,7 @@ def compress_in_forward_order(modifier: Any, pending: Pending) -> None:
     def tensors(module: Any) -> list[Any]:
         if get_execution_device(module) == torch.device("cpu"):
             return []  # a shared host copy: nothing to send (as upstream's `skip_cpu`)
-        return [as_broadcastable(p) for name in _GPTQ_Q_PARAMS if (p := getattr(module, name, None)) is not None]
+        return [as_broadcastable(p) for name in q_params if (p := getattr(module, name, None)) is not None]
 
     exchange(order, module_to_rank, rank, batches, modifier.compress_module_list, tensors, pending)
     for module in module_list:

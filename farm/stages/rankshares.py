@@ -10,8 +10,10 @@ count, so an uneven split computes the same GPTQ problem.
 
 The cost model is first-order and pure (no torch): a sample costs two forward passes of the layer plus each
 module's Hessian product, in bf16 on tensor cores; a solve is a Cholesky (in^3/3) and the column loop
-(out x in^2), in fp32, which runs ~16x slower per FLOP on H100/H200. Measured on H200 for the 8B shape: down_proj
-solve ~80 ms, a 2048-token sample ~7.5 ms per layer, 10.7 samples; the model says 9.6.
+(out x in^2), in fp32 and partly latency-bound, so slower per FLOP by `FP32_SLOWDOWN`, fitted on one H200
+(`bench/profile_oneshot.py`, 8B shape, 8 layers, 32 x 2048 samples): down_proj's solve 0.08-0.12 s, a sample
+7.1 ms per layer (calibrate + propagate), ~14 samples; the model says 13.8. The small modules' solves it puts
+low (q_proj 0.7 samples, measured ~1.7), which moves a rank's share by a sample or two.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-FP32_SLOWDOWN = 16  # bf16 tensor-core GEMMs vs fp32 factorisation and loop, per FLOP (H100/H200)
+FP32_SLOWDOWN = 23  # bf16 tensor-core GEMMs vs the fp32 solve, per FLOP (fitted on H200: see above)
 
 
 def layer_modules(config: Mapping[str, Any]) -> list[tuple[int, int]] | None:

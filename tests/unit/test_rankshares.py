@@ -16,7 +16,7 @@ def test_owners_follow_compressed_tensors_greedy_packing() -> None:
 
 def test_the_owner_of_down_proj_gets_fewer_samples_and_every_sample_is_placed() -> None:
     solve = solve_in_samples(layer_modules(LLAMA_8B) or [], 2048, 4)
-    assert 8 < solve[0] < 12 and max(solve[1:]) < 2  # measured on H200: ~80 ms vs ~7.5 ms per sample
+    assert 12 < solve[0] < 16 and max(solve[1:]) < 3  # measured on H200: ~0.1 s vs 7.1 ms per sample
     four = shares(LLAMA_8B, 128, 2048, 4)
     assert four is not None and sum(four) == 128 and four[0] < min(four[1:]) and max(four) - min(four[1:]) <= 1
     two = shares(LLAMA_8B, 128, 2048, 2)
