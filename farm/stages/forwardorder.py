@@ -129,7 +129,7 @@ def compress_in_forward_order(modifier: Any, pending: Pending) -> None:
         obs = getattr(module, "weight_observer", None)
         if obs is not None and obs.has_statistics:
             obs.delete_statistics(check_fused=True)
-    pending.layers += 1
+    pending.layers += bool(module_list)  # a subgraph without quantized modules solves nothing
 
 
 @contextlib.contextmanager

@@ -88,3 +88,51 @@ def test_ddp_variant_over_two_gpus(small_llama: Path, tmp_path: Path) -> None:  
         assert "the last subgraph ends at its last quantized module" in run.data.tags["farm.notes"]
     assert all(abs(ppl[k] - ppl[1]) / ppl[1] < 0.02 for k in ppl), ppl
     print("GPU DDP perplexity 1 vs 2 ranks:", ppl)
+
+
+ONE_RANK = r"""
+import json, sys, contextlib
+import torch
+from farm.methods import build_method
+from farm.runtime import ddp
+from farm.stages.forwardorder import forward_ordered
+from farm.stages.modelio import load_model, load_tokenizer
+from farm.stages.quantize import CalibrationDraw, QuantizeRequest, _dataset, calibrate
+from farm.stages.splitload import dispatch_replica
+
+model_dir, text = sys.argv[1], sys.argv[2]
+ddp.init(ddp.Rank(0, 1, "127.0.0.1", ddp.free_port()))
+try:
+    req = QuantizeRequest(model_dir, build_method({"method": "gptq", "group_size": 128}),
+                          CalibrationDraw(text, 16, 256, 0), "unused", batch_size=4, offload_device="cuda")
+    tok = load_tokenizer(model_dir)
+    out = {}
+    for mode in ("llmcompressor", "forward_order"):
+        model = load_model(model_dir, "cuda:0")
+        dispatch_replica(model, "cuda:0")
+        ctx = forward_ordered() if mode == "forward_order" else contextlib.nullcontext()
+        with ctx as pending:
+            notes = calibrate(req, model, tok, req.method.modifiers(), _dataset(req, tok))
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        out[mode] = (state, (pending.note() if pending is not None else None))
+    a, b = out["llmcompressor"][0], out["forward_order"][0]
+    same = sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    print("RESULT " + json.dumps({"same": same, "note": out["forward_order"][1], "tensors": len(a)}))
+finally:
+    ddp.destroy()
+"""
+
+
+def test_forward_order_on_a_one_rank_nccl_group_gives_upstreams_weights(small_llama: Path,  # noqa: F811
+                                                                         tmp_path: Path) -> None:
+    """stages/forwardorder.py on a GPU through llm-compressor's real pipeline (one GPU is enough: a one-rank
+    NCCL group takes the distributed GPTQ path, broadcasts included): the same weights as upstream's, bit for
+    bit, and every broadcast waited for."""
+    res = subprocess.run([sys.executable, "-c", ONE_RANK, str(small_llama), str(TEXT)], capture_output=True,
+                         text=True, timeout=600, cwd=tmp_path)
+    line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+    assert res.returncode == 0 and line, res.stdout[-3000:] + res.stderr[-3000:]
+    result = json.loads(line[0][len("RESULT "):])
+    assert result["same"] and result["tensors"] > 0, result
+    assert "modules' results broadcast in forward order" in result["note"], result
+    print("GPU forward-order GPTQ on a one-rank NCCL group:", result)
