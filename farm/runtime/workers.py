@@ -98,23 +98,21 @@ def overlapping(v: Variant, world: int) -> bool:
 
 
 def rank_shares(v: Variant, model: sources.ResolvedModel, world: int) -> tuple[int, ...] | None:
-    """Calibration samples per DDP rank, fewer for the owner of the largest solve (stages/rankshares.py); None
-    for the even split."""
+    """Calibration samples per DDP rank of an `overlapping` gang, fewer for the owner of the largest solve
+    (stages/rankshares.py); None for the even split."""
     from farm.stages.rankshares import shares
 
-    if not overlapping(v, world):
-        return None
     return shares(model.config, v.calibration.num_samples, v.calibration.max_seq_length, world)
 
 
 def tune(v: Variant, model: sources.ResolvedModel, frugal: bool = False, world: int = 1,
-         shares: tuple[int, ...] | None = None) -> Any:
+         shares: tuple[int, ...] | None = None, whole: bool = False) -> Any:
+    """`whole`: an `overlapping` DDP rank, which calibrates its share in one batch when it fits."""
     from farm.stages.modelio import pick_device
     from farm.stages.tuning import choose
 
     cfg = model.config
     on_disk = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
-    whole = overlapping(v, world)  # one batch per rank (forwardorder.py)
     per_rank = max(shares) if shares else -(-v.calibration.num_samples // world)
     loaded_bytes = model.weights_bytes // 2 if on_disk == "float32" else model.weights_bytes  # loaded as bf16
     return choose(pick_device(), gpu_budget_bytes(v.resources.num_gpus), per_rank,
@@ -234,8 +232,9 @@ class Worker:
             t0 = time.perf_counter()
             world = rank.world if rank else 1
             lib = BACKENDS[v.method.backend_name]
-            shares = rank_shares(v, model, world)
-            tuned = tune(v, model, world=world, shares=shares)
+            overlap = overlapping(v, world)  # stages/forwardorder.py
+            shares = rank_shares(v, model, world) if overlap else None
+            tuned = tune(v, model, world=world, shares=shares, whole=overlap)
             request = QuantizeRequest(
                 model_dir=model.local_dir, method=v.method,
                 calibration=CalibrationDraw(cal.source, cal.num_samples, cal.max_seq_length, cal.seed),

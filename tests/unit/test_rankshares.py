@@ -29,3 +29,17 @@ def test_an_even_split_where_the_model_says_nothing() -> None:
     assert shares(LLAMA_8B, 128, 2048, 1) is None
     assert shares({"hidden_size": 64}, 128, 2048, 4) is None  # not a Llama-style layer
     assert shares(LLAMA_8B, 3, 2048, 4) is None  # fewer samples than ranks
+
+
+def test_owners_match_compressed_tensors_own_packing_on_other_shapes() -> None:
+    """rankshares stays torch-free by restating the packing; this keeps it equal to upstream's."""
+    from compressed_tensors.distributed import greedy_bin_packing
+
+    shapes = [LLAMA_8B, {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 32},
+              {"hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64, "num_key_value_heads": 8}]
+    for cfg in shapes:
+        modules = layer_modules(cfg) or []
+        for world in (2, 3, 4, 8):
+            _, _, upstream = greedy_bin_packing(list(range(len(modules))), world,
+                                                item_weight_fn=lambda m: modules[m][1])
+            assert owners(modules, world) == [upstream[m] for m in range(len(modules))], (cfg, world)
