@@ -116,6 +116,8 @@ def make_plan(spec: JobSpec, models: dict[str, ModelInfo], calibration_sha: str 
                                                  "kv_cache"})
     if any(checks.values()):  # jobs without checks keep the ids they always had
         eval_key.append(checks)
+    if ev.serving:  # measured by the serving engine: a new judgement, new ids
+        eval_key.append({"serving": ev.serving.identity()})
     if ev.adapters:  # an adapter is judged by its content, not its path
         eval_key.append([[a.model_dump(exclude={"source"}), (adapter_shas or {}).get(a.name, a.source)]
                          for a in ev.adapters])

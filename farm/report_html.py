@@ -8,8 +8,10 @@ import html
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from farm.report import fmt
+from farm.serving import measure as serving
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,47 @@ def _scatter(points: list[Point], x: str, y: str, title: str, xlabel: str, ylabe
     return f'<figure id="{plot_id}" class="plot">{svg}</figure>'
 
 
+def _lines(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str, plot_id: str,
+           logx: bool = False) -> str:
+    """One line per variant (and the base): the serving figures across concurrency levels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, pts in series.items():
+        style: dict[str, Any] = {"color": "black", "linestyle": "--"} if label == "base" else {}
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label, **style)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    svg = _svg(fig)
+    plt.close(fig)
+    return f'<figure id="{plot_id}" class="plot">{svg}</figure>'
+
+
+def serving_plots(base: dict[str, float], points: list[Point]) -> list[str]:
+    """Per request shape: output tokens/s against concurrency, and TTFT p50 against output tokens/s, one line
+    per variant: what the serving engine delivers at each load."""
+    who = [("base", base)] + [(p.label, p.metrics) for p in points]
+    shapes = sorted({shape for _, m in who for shape in serving.curves(m, "output_tokens_per_s")})
+    plots = []
+    for shape in shapes:
+        speed = {label: serving.curves(m, "output_tokens_per_s").get(shape, []) for label, m in who}
+        ttft = {label: dict(serving.curves(m, "ttft_p50_s").get(shape, [])) for label, m in who}
+        speed = {label: pts for label, pts in speed.items() if pts}
+        plots.append(_lines({label: [(float(c), v) for c, v in pts] for label, pts in speed.items()},
+                            f"Serving throughput ({shape})", "concurrent requests", "output tokens/s",
+                            f"plot-serving-throughput-{shape}", logx=True))
+        lat = {label: [(v, ttft[label][c] * 1e3) for c, v in pts if c in ttft[label]] for label, pts in speed.items()}
+        plots.append(_lines({k: v for k, v in lat.items() if v}, f"Serving latency vs throughput ({shape})",
+                            "output tokens/s", "time to first token p50 (ms)", f"plot-serving-latency-{shape}"))
+    return plots
+
+
 def render(job: str, base: dict[str, float], points: list[Point]) -> str:
     for p in points:
         p.metrics.setdefault("size_mb", p.metrics.get("weights_bytes", 0) / 1e6)
@@ -73,12 +116,17 @@ def render(job: str, base: dict[str, float], points: list[Point]) -> str:
              if "perplexity_delta" in p.metrics]
     front = pareto(sized)
     task = next((k for p in points for k in sorted(p.metrics) if k.startswith("task_") and k.endswith("_acc")), None)
+    served = sorted({n for p in points for n in p.metrics if (parsed := serving.parse_level_name(n))
+                     and parsed[2] == "output_tokens_per_s"}, key=lambda n: serving.parse_level_name(n) or ("", 0, ""))
+    speed, speed_label = (served[0], "output tokens/s as served (lowest concurrency)") if served else (
+        "tokens_per_s_batch1", "tokens/s (batch 1, dense reference)")
     plots = [
         _scatter(points, "size_mb", "perplexity_delta", "Size vs perplexity delta", "weights (MB)",
                  "perplexity - base", front, "plot-size-ppl"),
-        _scatter(points, "tokens_per_s_batch1", task or "perplexity_delta",
-                 "Tokens/s vs " + ("task accuracy" if task else "perplexity delta"), "tokens/s (batch 1)",
+        _scatter(points, speed, task or "perplexity_delta",
+                 "Tokens/s vs " + ("task accuracy" if task else "perplexity delta"), speed_label,
                  task or "perplexity - base", None, "plot-speed-quality"),
+        *serving_plots(base, points),
     ]
     e = html.escape
     gate_rows = "".join(

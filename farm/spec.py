@@ -180,6 +180,92 @@ class AdapterSpec(Strict):
     seq_len: int = Field(512, gt=1, le=131_072)
 
 
+ShapeName = Literal["default", "chat", "long_context"]
+SERVING_SHAPES = {"default": (512, 128), "chat": (256, 256), "long_context": (4096, 128)}
+
+
+class ServingShape(Strict):
+    name: str = Field(pattern=r"^[a-z0-9_]{1,24}$", description="names the metrics: serve_<name>_c<N>_...")
+    input_tokens: int = Field(gt=0, le=1_048_576, description="prompt tokens of every request")
+    output_tokens: int = Field(gt=0, le=65_536, description="tokens generated per request (EOS ignored)")
+
+
+class ServingSpec(Strict):
+    """The variant as a serving engine runs it: its own process and environment, on the worker's GPU."""
+
+    engine: Literal["vllm"] = Field("vllm", description="serving engine (vLLM's async engine, as `vllm serve`)")
+    python: str | None = Field(None, min_length=1, description="interpreter of an environment with the engine "
+                               "installed (default: the worker's own)")
+    pythonpath: list[str] = Field(default_factory=list, max_length=16, description="directories put first on "
+                                  "the engine process's PYTHONPATH (an engine installed with pip --target)")
+    env: dict[str, str] = Field(default_factory=dict, max_length=64, description="environment variables of the "
+                                "engine process")
+    shapes: list[ShapeName | ServingShape] = Field(
+        default_factory=lambda: list[ShapeName | ServingShape](["default"]), min_length=1, max_length=8,
+        description="request shapes: default 512 in / 128 out, chat 256 / 256, long_context 4096 / 128, or "
+                    "{name, input_tokens, output_tokens}")
+    concurrency: list[int] = Field(default_factory=lambda: [1, 16, 64, 256], min_length=1, max_length=16,
+                                   description="requests in flight at once, one measurement per level")
+    requests_per_level: int | None = Field(None, gt=0, le=100_000, description="requests measured per level "
+                                           "(default: max(8, 2 x concurrency))")
+    warmup_requests: int = Field(4, ge=0, le=1024, description="requests run before measuring, not counted")
+    seed: int = Field(0, ge=0, description="seed of the prompt draw (windows of the held-out text)")
+    context: int | None = Field(None, gt=0, le=1_048_576, description="context at which the KV cache's "
+                                "concurrent sequences are reported (default: the largest shape's length)")
+    max_model_len: int | None = Field(None, gt=0, le=1_048_576, description="engine's max_model_len (default: "
+                                      "the larger of the largest shape and `context`)")
+    engine_args: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, max_length=64, description="the engine's own arguments as the deployment sets them "
+        "(vLLM's AsyncEngineArgs, e.g. max_num_seqs, kv_cache_dtype); measured as given")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=0.98, description="engine's share of the GPU "
+                                                 "(default: 0.85 x the variant's num_gpus, at most 0.85)")
+    greedy_prompts: int = Field(8, ge=0, le=256, description="prompts whose greedy outputs are compared with the "
+                                "base's (exact-match share)")
+    greedy_tokens: int = Field(32, gt=0, le=4096, description="tokens of each greedy output")
+    timeout_s: float = Field(1800, gt=0, le=86_400, description="the engine process is stopped after this")
+
+    @field_validator("concurrency")
+    @classmethod
+    def _levels(cls, v: list[int]) -> list[int]:
+        if any(c < 1 or c > 65_536 for c in v):
+            raise ValueError("each level must be between 1 and 65536")
+        if len(set(v)) != len(v):
+            raise ValueError("levels must be distinct")
+        return sorted(v)
+
+    @field_validator("engine_args")
+    @classmethod
+    def _not_farms(cls, v: dict[str, Any]) -> dict[str, Any]:
+        own = {"model": None, "tokenizer": None, "trust_remote_code": "models[].trust_remote_code",
+               "seed": "evaluation.serving.seed", "max_model_len": "evaluation.serving.max_model_len",
+               "gpu_memory_utilization": "evaluation.serving.gpu_memory_utilization"}
+        for key in v:
+            if key in own:
+                raise ValueError(f"{key} is farm's to set" + (f": use {own[key]}" if own[key] else ""))
+        return v
+
+    @field_validator("shapes")
+    @classmethod
+    def _unique_shapes(cls, v: list[Any]) -> list[Any]:
+        names = [s if isinstance(s, str) else s.name for s in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"shape names must be unique: {', '.join(dup)}")
+        return v
+
+    def resolved_shapes(self) -> list[ServingShape]:
+        return [ServingShape(name=s, input_tokens=SERVING_SHAPES[s][0], output_tokens=SERVING_SHAPES[s][1])
+                if isinstance(s, str) else s for s in self.shapes]
+
+    def model_len(self) -> int:
+        longest = max(s.input_tokens + s.output_tokens for s in self.resolved_shapes())
+        return self.max_model_len or max(longest, self.context or 0)
+
+    def identity(self) -> dict[str, Any]:
+        """What changes the figures (not where the engine is installed): part of the base evaluation's id."""
+        return self.model_dump(mode="json", exclude={"python", "pythonpath", "env", "timeout_s"})
+
+
 class Thresholds(Strict):
     max_perplexity_delta: float | None = Field(None, ge=0, description="flag variants above this ppl increase")
 
@@ -188,8 +274,12 @@ class EvaluationSpec(Strict):
     perplexity: PerplexitySpec
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     thresholds: Thresholds = Field(default_factory=Thresholds)
-    latency: LatencySpec | None = Field(None, description="time to first token (cold, warm), tokens/s")
-    memory: MemorySpec | None = Field(None, description="weights in memory, peak, largest batch and context")
+    serving: ServingSpec | None = Field(None, description="throughput, latency, weights and KV cache as the "
+                                       "serving engine (vLLM) runs the variant, on its GPU")
+    latency: LatencySpec | None = Field(None, description="dense reference, not deployment speed: time to first "
+                                        "token and tokens/s of transformers generate on the decompressed weights")
+    memory: MemorySpec | None = Field(None, description="dense reference, not deployment memory: weights, peak, "
+                                      "largest batch and context under transformers")
     outputs: OutputsSpec | None = Field(None, description="determinism and reference diff against the base")
     safety: SafetySpec | None = Field(None, description="refusal accuracy and toxicity of generations")
     speculative: SpeculativeSpec | None = Field(None, description="acceptance rate drafting for the base")
@@ -316,6 +406,9 @@ class JobSpec(Strict):
             if wanted and wanted not in self.calibration_sets:
                 raise ValueError(f"methods.{i}.calibration.set: unknown set {wanted!r}; defined: "
                                  f"{', '.join(sorted(self.calibration_sets)) or 'none'}")
+        if self.evaluation.serving and self.resources.num_gpus <= 0:
+            raise ValueError("evaluation.serving: the serving engine runs on the variant's GPU, but "
+                             "resources.num_gpus is 0; give each variant a GPU (or its share) or drop serving")
         if self.gate:
             labels = {m.label() for m in self.methods}
             named = [x for rung in self.gate.ladder or [] for x in rung] + [

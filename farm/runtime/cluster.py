@@ -88,6 +88,21 @@ def call_in_env(path: str, runtime_env: dict[str, Any] | None, *args: Any) -> An
     return ray.get(task.remote(path, *args))
 
 
+def run_task(fn: Any, options: dict[str, Any], *args: Any, timeout_s: float = 180) -> Any:
+    """`fn(*args)` as a Ray task placed with `options` (e.g. on a GPU, as a variant would be), its value back;
+    raises SpecError naming the resources when no node runs it within `timeout_s`."""
+    import ray
+
+    from farm.errors import SpecError
+
+    ref = ray.remote(fn).options(max_retries=0, **options).remote(*args)
+    done, _ = ray.wait([ref], timeout=timeout_s)
+    if not done:
+        ray.cancel(ref, force=True)
+        raise SpecError(f"no node ran a task needing {options} within {timeout_s:g} s")
+    return ray.get(ref)
+
+
 def totals() -> dict[str, float]:
     """The cluster's total resources (CPU, GPU, memory in bytes)."""
     import ray

@@ -28,6 +28,7 @@ from farm.runtime import cluster
 from farm.runtime.ddp import Rank
 from farm.runtime.workers import BaseTask, Tracking, VariantTask, Worker, library_versions
 from farm.secrets import redact
+from farm.serving import measure as serving
 from farm.spec import GateSpec, JobSpec
 from farm.tracking.mlflow_store import (
     TAG,
@@ -141,6 +142,9 @@ class Driver:
         self.say = printer
         self.tracking_override = tracking_uri
         self.open_runs: set[str] = set()
+        self.base_metrics: dict[str, dict[str, float]] = {}
+        self.base_runs: dict[str, str] = {}  # base_eval_id -> its recorded run
+        self.base_greedy: dict[str, list[list[int]] | None] = {}  # base_eval_id -> serving greedy token ids
 
     # -- MLflow helpers --------------------------------------------------------------------------------------
     def _start(self, name: str, tags: dict[str, str], parent: str | None) -> str:
@@ -179,6 +183,7 @@ class Driver:
                 )
                 if found.work:  # a variant no node can hold is bad input: say so before any run is created
                     self._refuse_unfit(found.todo)
+                    self._refuse_unservable()
                 return self._record(plan, outcome, found.cached, found.todo, found.bases_todo, found.base_ppl, t0)
 
     def _refuse_unfit(self, todo: list[Variant]) -> None:
@@ -194,6 +199,23 @@ class Driver:
         if problem:
             raise SpecError(problem)
 
+    def _refuse_unservable(self) -> None:
+        """SpecError when the serving check cannot run where the variants will: no GPU in the cluster, or the
+        engine not importable on a GPU worker (asked of a task placed like a variant, before any run)."""
+        ev = self.spec.evaluation.serving
+        if ev is None:
+            return
+        gpus = cluster.totals().get("GPU", 0)
+        if gpus <= 0:
+            raise SpecError("evaluation.serving: the Ray cluster has no GPU; the serving engine runs on the "
+                            "variant's GPU")
+        from farm.serving.runner import probe
+
+        problem, _version = cluster.run_task(probe, {"num_gpus": min(self.spec.resources.num_gpus, 1.0),
+                                                     "num_cpus": 0}, ev)
+        if problem:
+            raise SpecError(problem)
+
     def _lookup(self, plan: Plan) -> Lookup:
         """The tracking store, and what it already holds: variants and base evaluations to reuse, the rest to do."""
         t = time.perf_counter()
@@ -206,6 +228,7 @@ class Driver:
         todo = [v for v in plan.variants if cached[v.id] is None]
         base_cached = {b.id: self.store.finished("base", "base_eval_id", b.id) for b in plan.base_evals}
         base_ppl = {b: float(r.metrics["perplexity"]) for b, r in base_cached.items() if r is not None}
+        self.base_runs = {b: r.run_id for b, r in base_cached.items() if r is not None}
         self.base_metrics = {b: dict(r.metrics) for b, r in base_cached.items() if r is not None}
         bases_todo = [b for b in plan.base_evals if b.id not in base_ppl and any(v.base_eval_id == b.id for v in todo)]
         return Lookup(cached, todo, bases_todo, base_ppl, time.perf_counter() - t)
@@ -304,13 +327,23 @@ class Driver:
                 if verdict != "promoted" and o.variant.model_name not in stopped:
                     stopped[o.variant.model_name] = f"ladder stopped: {o.variant.method.label()} was {verdict}"
 
-    def _log_checks(self, run_id: str, checks: dict[str, Any] | None) -> dict[str, float]:
+    def _log_checks(self, run_id: str, label: str, checks: dict[str, Any] | None) -> dict[str, float]:
         if not checks:
             return {}
-        self.store.log(run_id, metrics=checks["metrics"])
+        tags = {TAG + k: v for k, v in (checks.get("tags") or {}).items()}
+        self.store.log(run_id, metrics=checks["metrics"], tags=tags)
         for name, content in checks["artifacts"].items():
             self.store.log_json(run_id, content, f"checks/{name}")
+        if TAG + serving.TAG_ERROR in tags:
+            self.say(f"  serving  {label}: not measured: {tags[TAG + serving.TAG_ERROR]}")
         return dict(checks["metrics"])
+
+    def _greedy_of_base(self, base_eval_id: str) -> list[list[int]] | None:
+        """The base's greedy token ids from its serving check (this job's, or its recorded run's)."""
+        if base_eval_id not in self.base_greedy and base_eval_id in self.base_runs:
+            doc = self.store.load_json(self.base_runs[base_eval_id], f"checks/{serving.DOCUMENT}") or {}
+            self.base_greedy[base_eval_id] = doc.get("greedy") or None
+        return self.base_greedy.get(base_eval_id)
 
     def _diff_promoted(self, v: Variant, run_id: str, outputs: dict[str, Any], alias: str) -> dict[str, float]:
         """Greedy outputs of the fixed prompts against those of the variant the registry last promoted for this
@@ -417,7 +450,8 @@ class Driver:
                             TAG + "role": "base", TAG + "job_id": plan.job_id, TAG + "base_eval_id": item.id,
                             TAG + "model": item.model_name, TAG + "model_identity": item.identity,
                             TAG + "attempt": str(attempt)}, parent)
-                        ref = worker.evaluate_base.remote(BaseTask(plan.job_name, item, self.spec.evaluation))
+                        ref = worker.evaluate_base.remote(BaseTask(plan.job_name, item, self.spec.evaluation,
+                                                                   res.num_gpus))
                         pending[ref] = (item, worker, run_id)
                         continue
                     run_id = self._start(item.label, {**self._variant_tags(plan, item),
@@ -526,7 +560,9 @@ class Driver:
         e = result["evaluation"]
         self.store.log(run_id, metrics=_eval_metrics(e), params={"model_source": redact(b.model.source)},
                        tags={TAG + "generation": e["generation"]})
-        self.base_metrics[b.id] = {**_eval_metrics(e), **self._log_checks(run_id, result.get("checks"))}
+        checks = result.get("checks") or {}
+        self.base_metrics[b.id] = {**_eval_metrics(e), **self._log_checks(run_id, f"base {b.model_name}", checks)}
+        self.base_greedy[b.id] = ((checks.get("artifacts") or {}).get(serving.DOCUMENT) or {}).get("greedy") or None
         self._end(run_id, ok=True)
         base_ppl[b.id] = e["perplexity"]
         self.say(f"  base     {b.model_name}: ppl {e['perplexity']:.2f}, {e['weights_bytes'] / 1e6:.1f} MB")
@@ -559,7 +595,13 @@ class Driver:
         for name, doc in (q.get("documents") or {}).items():
             self.store.log_json(run_id, doc, name)
         self.store.log(run_id, metrics=metrics, tags=tags)
-        metrics |= self._log_checks(run_id, result.get("checks"))
+        metrics |= self._log_checks(run_id, v.label, result.get("checks"))
+        greedy = (((result.get("checks") or {}).get("artifacts") or {}).get(serving.DOCUMENT) or {}).get("greedy")
+        base_greedy = self._greedy_of_base(v.base_eval_id) if greedy else None
+        if greedy and base_greedy:  # the same seeded prompts, greedy: does the served variant answer like its base?
+            agreement = serving.greedy_agreement(greedy, base_greedy)
+            self.store.log(run_id, metrics=agreement)
+            metrics |= agreement
         outputs = ((result.get("checks") or {}).get("artifacts") or {}).get("reference_outputs.json")
         if outputs and self.spec.gate is not None:
             metrics |= self._diff_promoted(v, run_id, outputs, self.spec.gate.alias)

@@ -68,6 +68,7 @@ class BaseTask:
     job_name: str
     base: BaseEval
     evaluation: EvaluationSpec
+    num_gpus: float = 0.0  # the worker's GPU share (the serving engine asks for its part of the card)
 
 
 def _eval_request(model_dir: str, ev: EvaluationSpec, trust: bool) -> Any:
@@ -204,6 +205,9 @@ class Worker:
         model = local_model(task.base.model)
         try:
             checks, result = _evaluate(model.local_dir, task.evaluation, task.base.model.trust_remote_code, None)
+            release_device_memory()
+            checks = _serve(model.local_dir, task.evaluation, task.base.model.trust_remote_code, task.num_gpus,
+                            checks)
         finally:
             release_device_memory()  # the worker is reused; give its GPU share back to packed neighbours
         return {"evaluation": result, "checks": checks}
@@ -269,6 +273,8 @@ class Worker:
                 upload = background.submit(timed_call, mlflow.upload_dir, task.run_id, out, "model") \
                     if tr.log_model else None
                 checks, e = _evaluate(out, task.evaluation, v.model.trust_remote_code, model.local_dir)
+                release_device_memory()  # the serving engine is a process of its own on this GPU
+                checks = _serve(out, task.evaluation, v.model.trust_remote_code, v.resources.num_gpus, checks)
                 t_wait = time.perf_counter()
                 table, seconds_hash = files.result()
                 model_uri, seconds_upload = upload.result() if upload else (None, 0.0)
@@ -334,6 +340,26 @@ def _evaluate(path: str, evaluation: EvaluationSpec, trust: bool,
     checks = asdict(run_checks(path, evaluation, base_dir, trust, (loaded.model, loaded.tokenizer))) \
         if enabled(evaluation) else None
     return checks, asdict(evaluate(request, loaded))
+
+
+def _serve(path: str, evaluation: EvaluationSpec, trust: bool, num_gpus: float,
+           checks: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The serving check (evaluation.serving) of the checkpoint at `path`, merged into the checks' record; a
+    failure is one line under farm.serving_error, and the variant's other records stand."""
+    if evaluation.serving is None:
+        return checks
+    from farm.calibration import read_text
+    from farm.serving import measure
+    from farm.serving.runner import serve
+    from farm.stages.modelio import load_tokenizer
+
+    tokenizer = load_tokenizer(path, trust)
+    r = serve(path, evaluation.serving, read_text(evaluation.perplexity.source), tokenizer, num_gpus, trust)
+    out = checks or {"metrics": {}, "artifacts": {}, "tags": {}}
+    out["metrics"] |= r.metrics
+    out["tags"] = out.get("tags", {}) | r.tags | ({measure.TAG_ERROR: r.error} if r.error else {})
+    out["artifacts"][f"{measure.DOCUMENT}"] = r.document | ({"error": r.error} if r.error else {})
+    return out
 
 
 def variant_manifest(task: VariantTask, revision: str | None, recipe: str, files: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from farm.stages.modelio import load_model, load_tokenizer, pick_device
 class ChecksResult:
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, Any] = field(default_factory=dict)  # file name -> JSON-able content
+    tags: dict[str, str] = field(default_factory=dict)  # names under farm.
 
 
 def enabled(ev: EvaluationSpec) -> bool:
