@@ -60,6 +60,9 @@ def build_model(shape: str, seed: int, tokenizer: Path, work: Path, layers: int 
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    del model
+    if torch.cuda.is_available():  # this process waits on the jobs that follow: hold no GPU memory for them
+        torch.cuda.empty_cache()
     return out
 
 

@@ -3,8 +3,10 @@ GPTQ W4A16 g128 and INT8 W8A8 (int8 weights per channel, dynamic per-token int8 
 Llama shape, on one GPU. Prints a table (output tokens/s per concurrency level, TTFT and ITL p50, weights on
 the GPU, KV-cache tokens, engine start) read back from the job's MLflow runs, and writes JSON.
 
-The engine runs in its own environment: give its interpreter (--vllm-python) or the directories it is installed
-in (--vllm-pythonpath, e.g. a `pip install --target` folder) and any variables it needs (--vllm-env K=V).
+`--direct` makes the variants with farm's quantize stage and runs the serving check alone (no Ray, MLflow or
+evaluation): the same engine measurements in fewer minutes. The engine runs in its own environment: give its
+interpreter (--vllm-python) or the directories it is installed in (--vllm-pythonpath, e.g. a `pip install
+--target` folder) and any variables it needs (--vllm-env K=V).
 
   python bench/serving_bench.py --shape llama-8b --tokenizer TOKENIZER_DIR --text HELDOUT.txt \\
       --vllm-pythonpath /opt/vllm-site --json serving-8b.json
@@ -75,6 +77,48 @@ def table(runs: list[dict[str, Any]], levels: list[int]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def direct(model: Path, methods: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The serving check alone (no Ray, no MLflow): each variant made with farm's quantize stage in this
+    process, whose GPU memory is released before each engine starts, then served like a job's worker does."""
+    import torch
+
+    from farm.methods import build_method
+    from farm.serving.runner import serve
+    from farm.spec import ServingSpec
+    from farm.stages.modelio import load_tokenizer
+    from farm.stages.quantize import CalibrationDraw, QuantizeRequest, quantize
+
+    env = dict(kv.split("=", 1) for kv in args.vllm_env)
+    spec = ServingSpec(python=args.vllm_python, pythonpath=(args.vllm_pythonpath or "").split(os.pathsep) if
+                       args.vllm_pythonpath else [], env=env, concurrency=args.concurrency,
+                       requests_per_level=args.requests)
+    text = args.text.read_text()
+    rows = []
+    for label, method in [("base bf16", None), *[(m, m) for m in methods]]:
+        path = model
+        if method:
+            path = args.work / f"{model.name}-{method}"
+            if not (path / "config.json").exists():
+                quantize(QuantizeRequest(str(model), build_method(METHODS[method]),
+                                         CalibrationDraw(str(args.text), args.samples, args.seq, 0), str(path)))
+        torch.cuda.empty_cache()
+        r = serve(str(path), spec, text, load_tokenizer(path), 1.0)
+        rows.append({"label": label, "role": "base" if method is None else "variant", "metrics": r.metrics,
+                     "tags": {f"farm.{k}": v for k, v in r.tags.items()} | (
+                         {"farm.serving_error": r.error} if r.error else {}), "greedy": r.document.get("greedy")})
+        print(f"{label}: " + (r.error or json.dumps({k: round(v, 4) for k, v in sorted(r.metrics.items())})),
+              flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"shape": args.shape, "runs": rows}, indent=1))
+    base = rows[0].get("greedy")
+    for r in rows[1:]:
+        if base and r.get("greedy"):
+            from farm.serving import measure
+
+            r["metrics"] |= measure.greedy_agreement(r["greedy"], base)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
@@ -91,6 +135,8 @@ def main() -> None:
     ap.add_argument("--vllm-pythonpath", default=None)
     ap.add_argument("--vllm-env", action="append", default=[], metavar="K=V")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--direct", action="store_true", help="the serving check alone, no `farm run` (no Ray, "
+                    "MLflow, perplexity): the same engine runs, fewer minutes")
     args = ap.parse_args()
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS))
@@ -100,6 +146,12 @@ def main() -> None:
     t0 = time.perf_counter()
     model = build_model(args.shape, 0, args.tokenizer, args.work)
     built = time.perf_counter() - t0
+    if args.direct:
+        rows = direct(model, methods, args)
+        print(table(rows, args.concurrency))
+        if args.json:
+            args.json.write_text(json.dumps({"shape": args.shape, "runs": rows, "direct": True}, indent=1))
+        return
     spec_path = args.work / f"{args.shape}.yaml"
     spec_path.write_text(yaml.safe_dump(spec_for(model, args.shape, methods, args.text, args.work, args)))
     t1 = time.perf_counter()

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -119,13 +120,29 @@ def build_request(model_dir: str, spec: ServingSpec, corpus: list[int], num_gpus
     }
 
 
-def last_error_line(log: str) -> str:
-    """The line of an engine's log that says why it stopped: the last exception line, else the last line."""
-    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
-    for ln in reversed(lines):
+_PROC_PREFIX = re.compile(r"^\((?:EngineCore|Worker|APIServer)[^)]*\)\s*")
+GENERIC = ("See root cause above", "Engine core initialization failed")
+
+
+def _exception_lines(log: str) -> list[str]:
+    out = []
+    for raw in log.splitlines():
+        ln = _PROC_PREFIX.sub("", raw.strip())
         head = ln.split(":", 1)[0]
-        if head.endswith(("Error", "Exception", "Exit", "Interrupt")) and " " not in head:
-            return ln[:400]
+        if ln and head.endswith(("Error", "Exception", "Exit", "Interrupt")) and " " not in head and ":" in ln:
+            out.append(ln)
+    return out
+
+
+def last_error_line(log: str) -> str:
+    """The line of an engine's log that says why it stopped: the last exception that names a cause (vLLM's
+    engine-core process logs the cause; the front end then raises a generic "see root cause above"), else
+    the last line."""
+    found = _exception_lines(log)
+    specific = [ln for ln in found if not any(g in ln for g in GENERIC)]
+    if specific or found:
+        return (specific or found)[-1][:400]
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
     return lines[-1][:400] if lines else "no output"
 
 
@@ -166,6 +183,8 @@ def run_engine(request: dict[str, Any], spec: ServingSpec, context: int) -> Serv
         raw = json.loads(res_path.read_text()) if res_path.exists() else None
     if raw is None or raw.get("error"):
         why = raw["error"] if raw else f"exit {proc.returncode}: {last_error_line(log_text)}"
+        if any(g in why for g in GENERIC):  # the engine core's own reason, from the log
+            why = last_error_line(log_text)
         return ServingResult(tags=tags, document={"log_tail": tail}, error=f"{spec.engine}: {why}")
     metrics, doc = measure.summarize(raw, context, log_text)
     metrics[measure.GPU_UTILIZATION] = float(request["gpu_memory_utilization"])

@@ -150,7 +150,8 @@ def main(argv: list[str]) -> int:
         import traceback
 
         traceback.print_exc()
-        first = (str(err).strip().splitlines() or [""])[0]
+        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+        first = " ".join(lines[:3])  # e.g. pydantic's "1 validation error for ModelConfig" and its cause
         _write(result_path, {"error": f"{type(err).__name__}: {first}"[:500]})
         return 1
     doc["seconds_process"] = time.perf_counter() - t_start

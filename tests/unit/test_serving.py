@@ -215,3 +215,14 @@ def test_report_plots_throughput_and_latency_per_variant_and_base() -> None:
     for plot in ("plot-serving-throughput-default", "plot-serving-latency-default"):
         assert f'id="{plot}"' in page
     assert "output tokens/s as served" in page and "dense reference" not in page
+
+
+def test_the_engine_cores_reason_replaces_the_generic_front_end_error() -> None:
+    """vLLM's front end raises 'Engine core initialization failed. See root cause above'; the cause is the
+    engine-core process's own exception line earlier in the log."""
+    log = ("(EngineCore pid=2350)   File \"/x/vllm/v1/worker/utils.py\", line 415, in request_memory\n"
+           "(EngineCore pid=2350) ValueError: Free memory on device cuda:0 (89.89/139.8 GiB) on startup is less "
+           "than desired GPU memory utilization (0.85, 118.83 GiB).\n"
+           "Traceback (most recent call last):\n"
+           "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
+    assert last_error_line(log).startswith("ValueError: Free memory on device cuda:0 (89.89/139.8 GiB)")
