@@ -42,6 +42,7 @@ test-integration: fixtures
 	$(PY) -m pytest -q -m integration tests/integration
 
 lint: setup
+	$(VENV)/bin/ruff format --check farm tests bench
 	$(VENV)/bin/ruff check farm tests bench
 	$(VENV)/bin/mypy
 

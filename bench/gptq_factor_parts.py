@@ -1,5 +1,5 @@
 """Where GPTQ's factor time goes for one module (Cholesky, triangular inverse, flips), and a left-looking solve
-that needs the Cholesky factor only (farm/stages/leftgptq.py) against llm-compressor's `quantize_weight`
+that needs the Cholesky factor only (farm/stages/llmc/gptq_left_looking.py) against llm-compressor's `quantize_weight`
 (with its factor and with farm's one-Cholesky factor): seconds, and how far the outputs and losses are apart.
 
   python bench/gptq_factor_parts.py --rows 4096 --columns 14336
@@ -26,8 +26,8 @@ def main() -> None:
     import torch
     from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
 
-    from farm.stages.factor import one_cholesky_factor
-    from farm.stages.leftgptq import left_looking_quantize_weight
+    from farm.stages.llmc.gptq_left_looking import left_looking_quantize_weight
+    from farm.stages.llmc.gptq_one_cholesky import one_cholesky_factor
 
     n, r = args.columns, args.rows
     actorder = None if args.actorder == "none" else args.actorder
@@ -37,8 +37,11 @@ def main() -> None:
     low = hd.flip(0, 1).contiguous()
     chol = torch.linalg.cholesky(low)
     eye = torch.eye(n, device=dev)
-    out: dict = {"shape": [r, n], "actorder": args.actorder,
-                 "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"}
+    out: dict = {
+        "shape": [r, n],
+        "actorder": args.actorder,
+        "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu",
+    }
     out["flip_s"] = timed(lambda: hd.flip(0, 1).contiguous())
     out["cholesky_s"] = timed(lambda: torch.linalg.cholesky_ex(low, check_errors=False))
     out["triangular_inverse_s"] = timed(lambda: torch.linalg.solve_triangular(chol, eye, upper=False))
@@ -64,12 +67,25 @@ def main() -> None:
     print("FACTOR " + json.dumps(out), flush=True)
     from farm.report import table
 
-    print(table(["part / solve", "ms", "GPTQ loss", "weights != llm-compressor's"],
-                [["flip (copy)", f"{out['flip_s'] * 1e3:.1f}", "", ""],
-                 ["Cholesky", f"{out['cholesky_s'] * 1e3:.1f}", "", ""],
-                 ["triangular inverse", f"{out['triangular_inverse_s'] * 1e3:.1f}", "", ""]]
-                + [[f"quantize_weight: {k}", f"{out[k + '_s'] * 1e3:.1f}", f"{out[k + '_loss']:.6g}",
-                    f"{out[k + '_changed_vs_lc']:.2%}"] for k in runs]))
+    print(
+        table(
+            ["part / solve", "ms", "GPTQ loss", "weights != llm-compressor's"],
+            [
+                ["flip (copy)", f"{out['flip_s'] * 1e3:.1f}", "", ""],
+                ["Cholesky", f"{out['cholesky_s'] * 1e3:.1f}", "", ""],
+                ["triangular inverse", f"{out['triangular_inverse_s'] * 1e3:.1f}", "", ""],
+            ]
+            + [
+                [
+                    f"quantize_weight: {k}",
+                    f"{out[k + '_s'] * 1e3:.1f}",
+                    f"{out[k + '_loss']:.6g}",
+                    f"{out[k + '_changed_vs_lc']:.2%}",
+                ]
+                for k in runs
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ def module_problem(rows: int, columns: int, tokens: int, actorder: str | None, s
         x = x * (torch.rand(columns, device=dev) + 0.1)
     h = (x.t() @ x).unsqueeze(0) * (2 / tokens)
     w = torch.randn(1, rows, columns, device=dev, dtype=torch.bfloat16) * 0.02
-    qargs = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=128,
-                             actorder=actorder)
+    qargs = QuantizationArgs(
+        num_bits=4, type="int", symmetric=True, strategy="group", group_size=128, actorder=actorder
+    )
     scale = (w.float().reshape(1, rows, columns // 128, 128).abs().amax(-1) / 7.5).to(torch.bfloat16)
     return h, w, qargs, scale, torch.zeros_like(scale, dtype=torch.int8), dev
 
@@ -57,14 +58,14 @@ def main() -> None:
     from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
     from llmcompressor.modifiers.gptq.helpers import factorize_hessian
 
-    from farm.stages.factor import upper_inverse_factor
+    from farm.stages.llmc.gptq_one_cholesky import upper_inverse_factor
 
     h, w, qargs, scale, zero, dev = module_problem(args.rows, args.columns, args.tokens, "static")
 
     def factorise() -> torch.Tensor:
         return factorize_hessian(w.float(), h.clone(), 0.01, torch.zeros(1, dtype=torch.bool, device=dev))
 
-    def flipped() -> torch.Tensor:  # farm's (stages/factor.py)
+    def flipped() -> torch.Tensor:  # farm's (stages/llmc/gptq_one_cholesky.py)
         return upper_inverse_factor(w.float(), h.clone(), 0.01, torch.zeros(1, dtype=torch.bool, device=dev))
 
     ref, alt = factorise()[0], flipped()[0]
@@ -79,11 +80,26 @@ def main() -> None:
     print("SOLVE " + json.dumps(out), flush=True)
     from farm.report import table
 
-    print(table(["module (rows x columns)", "llm-compressor factor ms", "one-Cholesky factor ms",
-                 "whole quantize_weight ms", "max difference"],
-                [[f"{args.rows} x {args.columns}", f"{out['factorise_s'] * 1e3:.1f}",
-                  f"{out['flipped_factor_s'] * 1e3:.1f}", f"{out['quantize_weight_s'] * 1e3:.1f}",
-                  f"{out['flipped_vs_llmcompressor_max_rel']:.1e}"]]))
+    print(
+        table(
+            [
+                "module (rows x columns)",
+                "llm-compressor factor ms",
+                "one-Cholesky factor ms",
+                "whole quantize_weight ms",
+                "max difference",
+            ],
+            [
+                [
+                    f"{args.rows} x {args.columns}",
+                    f"{out['factorise_s'] * 1e3:.1f}",
+                    f"{out['flipped_factor_s'] * 1e3:.1f}",
+                    f"{out['quantize_weight_s'] * 1e3:.1f}",
+                    f"{out['flipped_vs_llmcompressor_max_rel']:.1e}",
+                ]
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def shares_for(args: argparse.Namespace, model_dir: Path) -> tuple[int, ...] | N
     """Samples per rank as a farm worker gives them with resources.gptq_broadcast: forward_order."""
     if args.ranks < 2 or args.broadcast != "forward_order":
         return None
-    from farm.stages.rankshares import shares
+    from farm.stages.distributed.rank_shares import shares
 
     return shares(json.loads((model_dir / "config.json").read_text()), args.samples, args.seq, args.ranks)
 
@@ -95,17 +95,24 @@ class Phases:
         from llmcompressor.pipelines.sequential import pipeline
 
         pipeline.trace_subgraphs = self._timed("trace_subgraphs", pipeline.trace_subgraphs, self.setup)
-        cache.IntermediatesCache.from_dataloader = classmethod(self._timed(
-            "intermediates_cache", cache.IntermediatesCache.from_dataloader.__func__, self.setup))
+        cache.IntermediatesCache.from_dataloader = classmethod(
+            self._timed("intermediates_cache", cache.IntermediatesCache.from_dataloader.__func__, self.setup)
+        )
         if not parts:
             return
         from llmcompressor.modifiers.gptq import base
 
-        from farm.stages import leftgptq
+        from farm.stages.llmc import gptq_left_looking as leftgptq
 
-        for owner, name in [(leftgptq, "left_looking_quantize_weight"), (leftgptq, "hessian_factor"),
-                            (base, "prepare_batch"), (base, "update_batch_qparams"), (base, "observe"),
-                            (base, "broadcast_qparams_and_cleanup"), (GPTQModifier, "_reduce_hessian_to_target_rank")]:
+        for owner, name in [
+            (leftgptq, "left_looking_quantize_weight"),
+            (leftgptq, "hessian_factor"),
+            (base, "prepare_batch"),
+            (base, "update_batch_qparams"),
+            (base, "observe"),
+            (base, "broadcast_qparams_and_cleanup"),
+            (GPTQModifier, "_reduce_hessian_to_target_rank"),
+        ]:
             setattr(owner, name, self._timed(name, getattr(owner, name)))
 
     def _timed(self, name, fn, into=None):
@@ -159,11 +166,21 @@ def once(args: argparse.Namespace) -> dict:
     model_dir = build_model(args.shape, 0, args.tokenizer, args.work, args.layers)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     method = build_method({"method": "gptq", "group_size": 128, "ignore": ["lm_head"]})
-    req = QuantizeRequest(str(model_dir), method, CalibrationDraw(str(args.text), args.samples, args.seq, 0),
-                          str(args.work / "out"), batch_size=args.batch, offload_device="cuda" if device == "cuda"
-                          else None, gptq_hessian=args.hessian, calibration_attention=args.attention,
-                          gptq_inverse=args.inverse, rank=args.rank, world=max(1, args.ranks),
-                          gptq_broadcast=args.broadcast, shares=shares_for(args, model_dir))
+    req = QuantizeRequest(
+        str(model_dir),
+        method,
+        CalibrationDraw(str(args.text), args.samples, args.seq, 0),
+        str(args.work / "out"),
+        batch_size=args.batch,
+        offload_device="cuda" if device == "cuda" else None,
+        gptq_hessian=args.hessian,
+        calibration_attention=args.attention,
+        gptq_inverse=args.inverse,
+        rank=args.rank,
+        world=max(1, args.ranks),
+        gptq_broadcast=args.broadcast,
+        shares=shares_for(args, model_dir),
+    )
     tok = load_tokenizer(model_dir)
     t0 = time.perf_counter()
     where = placement(req, device)
@@ -189,12 +206,21 @@ def once(args: argparse.Namespace) -> dict:
     t3 = phases.sync()
     if phases.setup_profile is not None:
         print_stats(phases.setup_profile, "the set-up (oneshot's start to the first layer)")
-    result = {"shape": args.shape, "layers": args.layers, "batch": args.batch, "attention": args.attention,
-              "inverse": args.inverse, "rank": args.rank, "ranks": args.ranks,
-              "load_s": round(t1 - t0, 2),
-              "oneshot_s": round(t3 - t2, 2), "setup_s": round((phases.first_layer_at or t3) - t2, 2),
-              **{f"{k}_s": round(v, 2) for k, v in phases.seconds.items()}, "notes": notes,
-              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else 0}
+    result = {
+        "shape": args.shape,
+        "layers": args.layers,
+        "batch": args.batch,
+        "attention": args.attention,
+        "inverse": args.inverse,
+        "rank": args.rank,
+        "ranks": args.ranks,
+        "load_s": round(t1 - t0, 2),
+        "oneshot_s": round(t3 - t2, 2),
+        "setup_s": round((phases.first_layer_at or t3) - t2, 2),
+        **{f"{k}_s": round(v, 2) for k, v in phases.seconds.items()},
+        "notes": notes,
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else 0,
+    }
     inside = sum(v for k, v in phases.seconds.items() if k != "own_solves")  # own solves are part of "solve"
     result["other_s"] = round(result["oneshot_s"] - result["setup_s"] - inside, 2)
     result["solve_parts_s"] = {k: round(v, 3) for k, v in phases.parts.items()}
@@ -225,10 +251,12 @@ def per_layer(layers: list[dict[str, float]], end: float) -> dict:
     if not rows:
         return {}
     rest = rows[1:] or rows
-    return {"first": {k: round(v, 3) for k, v in rows[0].items()},
-            "median": {k: round(statistics.median(r[k] for r in rest), 3) for k in rows[0]},
-            "max": {k: round(max(r[k] for r in rest), 3) for k in rows[0]},
-            "periods": [round(r["period"], 3) for r in rows]}
+    return {
+        "first": {k: round(v, 3) for k, v in rows[0].items()},
+        "median": {k: round(statistics.median(r[k] for r in rest), 3) for k in rows[0]},
+        "max": {k: round(max(r[k] for r in rest), 3) for k in rows[0]},
+        "periods": [round(r["period"], 3) for r in rows],
+    }
 
 
 def profiled_save(model, tokenizer, out: Path) -> dict:
@@ -246,8 +274,11 @@ def profiled_save(model, tokenizer, out: Path) -> dict:
     seconds = time.perf_counter() - t0
     print_stats(prof, "the save")
     written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    return {"save_s": round(seconds, 2), "save_compress_s": round(phases["seconds_save_compress"], 3),
-            "saved_gb": round(written / 1e9, 2)}
+    return {
+        "save_s": round(seconds, 2),
+        "save_compress_s": round(phases["seconds_save_compress"], 3),
+        "saved_gb": round(written / 1e9, 2),
+    }
 
 
 def print_stats(prof: Any, what: str, top: int = 30) -> None:
@@ -264,18 +295,51 @@ def concurrent(args: argparse.Namespace, n: int, ranks: int = 0) -> dict:
     """N copies at once, each a fresh process (as N packed variants, or the N ranks of one data-parallel
     variant): each one's phases and the wall."""
     port = str(free_port())
-    argv = [sys.executable, __file__, "--shape", args.shape, "--layers", str(args.layers), "--batch", str(args.batch),
-            "--samples", str(args.samples), "--seq", str(args.seq), "--threads", str(args.threads),
-            "--attention", args.attention, "--hessian", args.hessian, "--inverse", args.inverse,
-            "--repeat", str(args.repeat),
-            *(["--parts"] if args.parts else []), *(["--save"] if args.save else []),
-            *(["--profile-setup"] if args.profile_setup else []),
-            "--tokenizer", str(args.tokenizer), "--text", str(args.text), "--work", str(args.work)]
+    argv = [
+        sys.executable,
+        __file__,
+        "--shape",
+        args.shape,
+        "--layers",
+        str(args.layers),
+        "--batch",
+        str(args.batch),
+        "--samples",
+        str(args.samples),
+        "--seq",
+        str(args.seq),
+        "--threads",
+        str(args.threads),
+        "--attention",
+        args.attention,
+        "--hessian",
+        args.hessian,
+        "--inverse",
+        args.inverse,
+        "--repeat",
+        str(args.repeat),
+        *(["--parts"] if args.parts else []),
+        *(["--save"] if args.save else []),
+        *(["--profile-setup"] if args.profile_setup else []),
+        "--tokenizer",
+        str(args.tokenizer),
+        "--text",
+        str(args.text),
+        "--work",
+        str(args.work),
+    ]
     t0 = time.perf_counter()
     group = ["--ranks", str(ranks), "--port", port] if ranks else []
     logs = [args.work / f"process{i}.err" for i in range(n)]
-    procs = [subprocess.Popen(argv + group + (["--rank", str(i)] if ranks else []), stdout=subprocess.PIPE,
-                              stderr=log.open("w"), text=True) for i, log in enumerate(logs)]
+    procs = [
+        subprocess.Popen(
+            argv + group + (["--rank", str(i)] if ranks else []),
+            stdout=subprocess.PIPE,
+            stderr=log.open("w"),
+            text=True,
+        )
+        for i, log in enumerate(logs)
+    ]
     outs = [p.communicate()[0] for p in procs]
     wall = time.perf_counter() - t0
     for i, out in enumerate(outs):  # each process's tables (--profile) and result, beside its log
@@ -284,7 +348,7 @@ def concurrent(args: argparse.Namespace, n: int, ranks: int = 0) -> dict:
     if not all(lines):
         failed = next(i for i, x in enumerate(lines) if not x)
         raise SystemExit(f"process {failed} failed:\n{logs[failed].read_text()[-3000:]}")
-    each = [json.loads(x[-1][len("RESULT "):]) for x in lines]
+    each = [json.loads(x[-1][len("RESULT ") :]) for x in lines]
     return {"n": n, "wall_s": round(wall, 2), "each": each}
 
 
@@ -295,11 +359,14 @@ def show(label: str, each: list[dict], wall: float | None = None) -> None:
     """The phases as a table: one row per process (or data-parallel rank)."""
     from farm.report import table
 
-    rows = [[f"rank {e['rank']}" if e.get("ranks") else str(i), *(e.get(k) for k in PHASES)]
-            for i, e in enumerate(each)]
+    rows = [
+        [f"rank {e['rank']}" if e.get("ranks") else str(i), *(e.get(k) for k in PHASES)] for i, e in enumerate(each)
+    ]
     print(f"\n{label}" + (f": wall {wall:.1f} s" if wall is not None else ""))
-    print(table(["process", *(k.removesuffix("_s") + (" s" if k.endswith("_s") else "") for k in PHASES)], rows),
-          flush=True)
+    print(
+        table(["process", *(k.removesuffix("_s") + (" s" if k.endswith("_s") else "") for k in PHASES)], rows),
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -312,21 +379,31 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (farm sets the worker's num_cpus)")
     ap.add_argument("--hessian", default="tensor_cores", choices=["tensor_cores", "fp32"])
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
-    ap.add_argument("--inverse", default="left_looking",
-                    choices=["left_looking", "reversed_cholesky", "llmcompressor"])
+    ap.add_argument("--inverse", default="left_looking", choices=["left_looking", "reversed_cholesky", "llmcompressor"])
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--parts", action="store_true",
-                    help="also time the solve phase's parts (each synchronised, so everything gets slower)")
+    ap.add_argument(
+        "--parts",
+        action="store_true",
+        help="also time the solve phase's parts (each synchronised, so everything gets slower)",
+    )
     ap.add_argument("--save", action="store_true", help="then save as farm does, under cProfile")
     ap.add_argument("--profile-setup", action="store_true", help="cProfile the set-up before the first layer")
     ap.add_argument("--concurrent", type=int, default=0)
     ap.add_argument("--mps", action="store_true", help="with --concurrent: again under CUDA MPS if available")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="oneshots per process, one after another (later ones show what a warm worker pays)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="oneshots per process, one after another (later ones show what a warm worker pays)",
+    )
     ap.add_argument("--ranks", type=int, default=0, help="data-parallel ranks (one process each, NCCL/gloo)")
-    ap.add_argument("--broadcast", default="llmcompressor", choices=["llmcompressor", "forward_order"],
-                    help="with --ranks: resources.gptq_broadcast (forward_order also splits the samples unevenly, "
-                    "stages/rankshares.py; --batch still applies)")
+    ap.add_argument(
+        "--broadcast",
+        default="llmcompressor",
+        choices=["llmcompressor", "forward_order"],
+        help="with --ranks: resources.gptq_broadcast (forward_order also splits the samples unevenly, "
+        "stages/distributed/rank_shares.py; --batch still applies)",
+    )
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--tokenizer", type=Path, default=ROOT / ".fixtures" / "models" / "tiny-llama")

@@ -34,12 +34,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8),
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=8),
+    "tiny": dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "llama-1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8
+    ),
+    "llama-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8
+    ),
 }
 
 
@@ -53,9 +56,14 @@ def build_model(shape: str, seed: int, tokenizer: Path, work: Path, layers: int 
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      **(SHAPES[shape] | ({} if layers is None else {"num_hidden_layers": layers})))
+    cfg = LlamaConfig(
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        **(SHAPES[shape] | ({} if layers is None else {"num_hidden_layers": layers})),
+    )
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(out)
@@ -97,26 +105,49 @@ print("BARE " + json.dumps({"load": t2 - t1, "oneshot": t3 - t2, "save": t4 - t3
 
 
 def run_bare(model: Path, text: Path, n: int, seq: int, work: Path) -> dict:
-    res = subprocess.run([sys.executable, "-c", BARE, str(model), str(text), str(n), str(seq),
-                          str(work / f"bare-{model.name}")], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-c", BARE, str(model), str(text), str(n), str(seq), str(work / f"bare-{model.name}")],
+        capture_output=True,
+        text=True,
+    )
     line = [x for x in res.stdout.splitlines() if x.startswith("BARE ")]
     if res.returncode or not line:
         raise RuntimeError(f"bare run failed:\n{res.stderr[-3000:]}")
     return json.loads(line[0][5:])
 
 
-def run_farm(models: list[Path], text: Path, n: int, seq: int, num_gpus: float, work: Path, name: str,
-             ranks: int = 1, repeat: int = 1, env: dict[str, str] | None = None,
-             extra: dict[str, str] | None = None) -> dict:
-    again = [{"method": "gptq", "name": f"gptq-again-{i}", "group_size": 128, "ignore": ["lm_head"],
-              "dampening_frac": 0.01 + 1e-4 * i} for i in range(1, repeat)]
+def run_farm(
+    models: list[Path],
+    text: Path,
+    n: int,
+    seq: int,
+    num_gpus: float,
+    work: Path,
+    name: str,
+    ranks: int = 1,
+    repeat: int = 1,
+    env: dict[str, str] | None = None,
+    extra: dict[str, str] | None = None,
+) -> dict:
+    again = [
+        {
+            "method": "gptq",
+            "name": f"gptq-again-{i}",
+            "group_size": 128,
+            "ignore": ["lm_head"],
+            "dampening_frac": 0.01 + 1e-4 * i,
+        }
+        for i in range(1, repeat)
+    ]
     spec = {
         "name": name,
         "models": [{"source": str(m), "name": m.name} for m in models],
         "methods": [{"method": "gptq", "group_size": 128, "ignore": ["lm_head"]}, *again],
         "calibration": {"source": str(text), "num_samples": n, "max_seq_length": seq},
-        "evaluation": {"perplexity": {"source": str(text), "max_tokens": 2048, "seq_len": 512},
-                       "generation": {"max_new_tokens": 8}},
+        "evaluation": {
+            "perplexity": {"source": str(text), "max_tokens": 2048, "seq_len": 512},
+            "generation": {"max_new_tokens": 8},
+        },
         "resources": {"num_gpus": num_gpus, "num_cpus": 2, "ranks": ranks, **(extra or {})},
         "tracking": {"experiment": name},
         "output": {"root": str(work / f"farm-{name}")},
@@ -124,8 +155,13 @@ def run_farm(models: list[Path], text: Path, n: int, seq: int, num_gpus: float, 
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "farm.cli", "run", str(path)], capture_output=True, text=True,
-                         cwd=work, env={**os.environ, **(env or {})})
+    res = subprocess.run(
+        [sys.executable, "-m", "farm.cli", "run", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        env={**os.environ, **(env or {})},
+    )
     wall = time.perf_counter() - t0
     if res.returncode:
         raise RuntimeError(f"farm run failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
@@ -133,22 +169,51 @@ def run_farm(models: list[Path], text: Path, n: int, seq: int, num_gpus: float, 
 
     client = MlflowClient(f"sqlite:///{work / f'farm-{name}' / 'mlflow.db'}")
     exp = client.get_experiment_by_name(name)
-    runs = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'",
-                              order_by=["attributes.start_time ASC"])  # with --repeat: first, then warm
-    keys = ("seconds_quantize_load", "seconds_load_tokenizer", "seconds_load_device", "seconds_oneshot",
-            "seconds_save_compress", "seconds_save", "seconds_total", "seconds_eval_load", "seconds_perplexity",
-            "seconds_generate", "perplexity", "seconds_manifest", "seconds_mlflow_upload", "seconds_artifact_wait",
-            "seconds_publish", "seconds_worker_start")
-    per = [{k: r.data.metrics.get(k) for k in keys}
-           | {"notes": r.data.tags.get("farm.notes"), "model": r.data.tags.get("farm.model"),
-              "label": r.data.tags.get("farm.label")}
-           for r in runs]
-    job = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'job'", order_by=["attributes.start_time DESC"],
-                             max_results=1)
-    phases = {k[len("seconds_"):]: round(v, 2) for k, v in job[0].data.metrics.items()
-              if k.startswith("seconds_")} if job else {}
-    return {"wall": wall, "phases": phases, "variants": per, "timeline": timeline(client, exp.experiment_id),
-            "stdout_tail": res.stdout[-1500:]}
+    runs = client.search_runs(
+        [exp.experiment_id], "tags.`farm.role` = 'variant'", order_by=["attributes.start_time ASC"]
+    )  # with --repeat: first, then warm
+    keys = (
+        "seconds_quantize_load",
+        "seconds_load_tokenizer",
+        "seconds_load_device",
+        "seconds_oneshot",
+        "seconds_save_compress",
+        "seconds_save",
+        "seconds_total",
+        "seconds_eval_load",
+        "seconds_perplexity",
+        "seconds_generate",
+        "perplexity",
+        "seconds_manifest",
+        "seconds_mlflow_upload",
+        "seconds_artifact_wait",
+        "seconds_publish",
+        "seconds_worker_start",
+    )
+    per = [
+        {k: r.data.metrics.get(k) for k in keys}
+        | {
+            "notes": r.data.tags.get("farm.notes"),
+            "model": r.data.tags.get("farm.model"),
+            "label": r.data.tags.get("farm.label"),
+        }
+        for r in runs
+    ]
+    job = client.search_runs(
+        [exp.experiment_id], "tags.`farm.role` = 'job'", order_by=["attributes.start_time DESC"], max_results=1
+    )
+    phases = (
+        {k[len("seconds_") :]: round(v, 2) for k, v in job[0].data.metrics.items() if k.startswith("seconds_")}
+        if job
+        else {}
+    )
+    return {
+        "wall": wall,
+        "phases": phases,
+        "variants": per,
+        "timeline": timeline(client, exp.experiment_id),
+        "stdout_tail": res.stdout[-1500:],
+    }
 
 
 def timeline(client: Any, experiment_id: str) -> list[list]:
@@ -156,10 +221,18 @@ def timeline(client: Any, experiment_id: str) -> list[list]:
     start: what ran when, and what waited."""
     runs = client.search_runs([experiment_id], max_results=1000)
     t0 = min(r.info.start_time for r in runs)
-    return sorted([[r.data.tags.get("farm.role", "?"), r.data.tags.get("farm.model", ""),
-                    round((r.info.start_time - t0) / 1000, 1),
-                    round(((r.info.end_time or r.info.start_time) - t0) / 1000, 1)] for r in runs],
-                  key=lambda row: row[2])
+    return sorted(
+        [
+            [
+                r.data.tags.get("farm.role", "?"),
+                r.data.tags.get("farm.model", ""),
+                round((r.info.start_time - t0) / 1000, 1),
+                round(((r.info.end_time or r.info.start_time) - t0) / 1000, 1),
+            ]
+            for r in runs
+        ],
+        key=lambda row: row[2],
+    )
 
 
 def gptq_profile(logs: Path = Path("/tmp/ray/session_latest/logs")) -> dict:
@@ -190,7 +263,8 @@ def gptq_profile(logs: Path = Path("/tmp/ray/session_latest/logs")) -> dict:
         layers = sorted(starts)
         periods = [starts[b] - starts[a] for a, b in itertools.pairwise(layers)]
         out[f.name.split("-")[-1].split(".")[0]] = {
-            "layers": len(layers), "solve_s": round(sum(solve.values()), 2),
+            "layers": len(layers),
+            "solve_s": round(sum(solve.values()), 2),
             "max_layer_solve_s": round(max(solve.values(), default=0.0), 3),
             "mean_layer_period_s": round(sum(periods) / len(periods), 3) if periods else None,
         }
@@ -206,9 +280,14 @@ def overhead(v: dict) -> dict:
     waiting for the artifact hash/upload after evaluation, publishing), absolute and as a share of the variant."""
     evaluation = sum(v.get(k) or 0 for k in ("seconds_eval_load", "seconds_perplexity", "seconds_generate"))
     rest = v["seconds_total"] - quantize_seconds(v) - evaluation
-    return {"seconds": rest, "share": rest / v["seconds_total"], "artifact_wait": v.get("seconds_artifact_wait"),
-            "publish": v.get("seconds_publish"), "hash_in_background": v.get("seconds_manifest"),
-            "upload_in_background": v.get("seconds_mlflow_upload")}
+    return {
+        "seconds": rest,
+        "share": rest / v["seconds_total"],
+        "artifact_wait": v.get("seconds_artifact_wait"),
+        "publish": v.get("seconds_publish"),
+        "hash_in_background": v.get("seconds_manifest"),
+        "upload_in_background": v.get("seconds_mlflow_upload"),
+    }
 
 
 def single_row(label: str, run: dict, i: int = 0) -> list:
@@ -220,17 +299,31 @@ def single_row(label: str, run: dict, i: int = 0) -> list:
     def part(total: str, inner: str) -> str:
         return f"{v[total]:.1f}" + (f" ({v[inner]:.1f})" if v.get(inner) is not None else "")
 
-    return [label, 1, f"{v.get('seconds_worker_start') or 0:.1f}",
-            part("seconds_quantize_load", "seconds_load_tokenizer"), f"{v['seconds_oneshot']:.1f}",
-            part("seconds_save", "seconds_save_compress"), f"{quantize_seconds(v):.1f} (wall {run['wall']:.1f})",
-            v["notes"]]
+    return [
+        label,
+        1,
+        f"{v.get('seconds_worker_start') or 0:.1f}",
+        part("seconds_quantize_load", "seconds_load_tokenizer"),
+        f"{v['seconds_oneshot']:.1f}",
+        part("seconds_save", "seconds_save_compress"),
+        f"{quantize_seconds(v):.1f} (wall {run['wall']:.1f})",
+        v["notes"],
+    ]
 
 
 def multi_row(label: str, run: dict) -> tuple[list, float]:
     """A table row for a several-variant farm run, and its slowest variant's time in the worker."""
     slowest = max(v["seconds_total"] for v in run["variants"])
-    return [label, len(run["variants"]), "", "", "", "", f"wall {run['wall']:.1f} (slowest {slowest:.1f})",
-            run["variants"][0]["notes"]], slowest
+    return [
+        label,
+        len(run["variants"]),
+        "",
+        "",
+        "",
+        "",
+        f"wall {run['wall']:.1f} (slowest {slowest:.1f})",
+        run["variants"][0]["notes"],
+    ], slowest
 
 
 def main() -> None:
@@ -244,8 +337,13 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/farm-bench"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--repeat", type=int, default=1, choices=(1, 2), help="variants of the model in farm and ddpN")
-    ap.add_argument("--resource", action="append", default=[], metavar="KEY=VALUE",
-                    help="a field of every spec's resources (repeatable)")
+    ap.add_argument(
+        "--resource",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a field of every spec's resources (repeatable)",
+    )
     args = ap.parse_args()
     extra = dict(kv.split("=", 1) for kv in args.resource if "=" in kv)
     if len(extra) != len(args.resource):
@@ -258,8 +356,9 @@ def main() -> None:
     ddp = {w: int(w[3:]) for w in wl if w.startswith("ddp") and w[3:].isdigit() and int(w[3:]) >= 2}  # name: ranks
     for w in wl:
         if w not in known and w not in ddp:
-            raise SystemExit(f"--workloads: unknown workload {w!r} (known: {', '.join(sorted(known))}, "
-                             "ddpN for N >= 2)")
+            raise SystemExit(
+                f"--workloads: unknown workload {w!r} (known: {', '.join(sorted(known))}, ddpN for N >= 2)"
+            )
     results: dict = {"shape": args.shape, "samples": args.samples, "seq": args.seq, "resources": extra}
     try:
         import torch
@@ -285,12 +384,35 @@ def main() -> None:
 
     if "bare" in wl:
         b = record("bare", run_bare(m0, args.text, args.samples, args.seq, args.work))
-        rows.append(["bare llm-compressor", 1, "", f"{b['load']:.1f}", f"{b['oneshot']:.1f}", f"{b['save']:.1f}",
-                     f"{b['total']:.1f}", f"{b['peak_gib']:.1f}"])
+        rows.append(
+            [
+                "bare llm-compressor",
+                1,
+                "",
+                f"{b['load']:.1f}",
+                f"{b['oneshot']:.1f}",
+                f"{b['save']:.1f}",
+                f"{b['total']:.1f}",
+                f"{b['peak_gib']:.1f}",
+            ]
+        )
     if "farm" in wl:
         one_gpu = {"CUDA_VISIBLE_DEVICES": "0"} if args.repeat > 1 and whole else None  # both in one worker
-        f = record("farm", run_farm([m0], args.text, args.samples, args.seq, whole, args.work, f"farm1-{args.shape}",
-                                    repeat=args.repeat, env=one_gpu, extra=extra))
+        f = record(
+            "farm",
+            run_farm(
+                [m0],
+                args.text,
+                args.samples,
+                args.seq,
+                whole,
+                args.work,
+                f"farm1-{args.shape}",
+                repeat=args.repeat,
+                env=one_gpu,
+                extra=extra,
+            ),
+        )
         record("farm_gptq_profile", gptq_profile())
         record("farm_overhead", overhead(f["variants"][0]))
         rows.append(single_row("farm (1 variant)", f))
@@ -302,44 +424,98 @@ def main() -> None:
     def four_models() -> list[Path]:
         return [m0] + [build_model(args.shape, s, args.tokenizer, args.work) for s in (1, 2, 3)]
 
-    for name, gpus, label in (("pack4", quarter, "farm 4 models, 0.25 GPU each"),
-                              ("queue4", whole, "farm 4 models, 1 GPU each, one GPU")):
+    for name, gpus, label in (
+        ("pack4", quarter, "farm 4 models, 0.25 GPU each"),
+        ("queue4", whole, "farm 4 models, 1 GPU each, one GPU"),
+    ):
         if name in wl:
-            p = record(name, run_farm(four_models(), args.text, args.samples, args.seq, gpus, args.work,
-                                      f"{name}-{args.shape}", extra=extra))
+            p = record(
+                name,
+                run_farm(
+                    four_models(),
+                    args.text,
+                    args.samples,
+                    args.seq,
+                    gpus,
+                    args.work,
+                    f"{name}-{args.shape}",
+                    extra=extra,
+                ),
+            )
             rows.append(multi_row(label, p)[0])
             if "bare" in results:
                 record(f"{name}_vs_serial_bare", 4 * results["bare"]["total"] / p["wall"])
     for name, ranks in ddp.items():
-        d = record(name, run_farm([m0], args.text, args.samples, args.seq, whole, args.work, f"{name}-{args.shape}",
-                                  ranks=ranks, repeat=args.repeat, extra=extra))
+        d = record(
+            name,
+            run_farm(
+                [m0],
+                args.text,
+                args.samples,
+                args.seq,
+                whole,
+                args.work,
+                f"{name}-{args.shape}",
+                ranks=ranks,
+                repeat=args.repeat,
+                extra=extra,
+            ),
+        )
         # per-rank phases: bench/profile_oneshot.py --ranks N (Ray's worker logs held no rank's GPTQ lines here)
         rows.append(single_row(f"farm, 1 variant over {ranks} GPUs (ranks {ranks})", d))
         if args.repeat > 1:
             rows.append(single_row(f"farm, the next variant on the same {ranks} ranks", d, 1))
         if "farm" in results:
-            for i, suffix in enumerate(("", "_warm")[:len(d["variants"])]):
+            for i, suffix in enumerate(("", "_warm")[: len(d["variants"])]):
                 f1, v = results["farm"]["variants"][i], d["variants"][i]
                 record(f"{name}_speedup_quantize{suffix}", quantize_seconds(f1) / quantize_seconds(v))
                 record(f"{name}_speedup_oneshot{suffix}", f1["seconds_oneshot"] / v["seconds_oneshot"])  # LC's doc
                 record(f"{name}_ppl{suffix}", [f1["perplexity"], v["perplexity"]])
     if "spread4" in wl:
-        p = record("spread4", run_farm(four_models(), args.text, args.samples, args.seq, whole, args.work,
-                                       f"spread4-{args.shape}", extra=extra))
+        p = record(
+            "spread4",
+            run_farm(
+                four_models(), args.text, args.samples, args.seq, whole, args.work, f"spread4-{args.shape}", extra=extra
+            ),
+        )
         row, slowest = multi_row("farm 4 models, 1 GPU each", p)
         rows.append(row)
         if "farm" in results:
             record("spread4_throughput_vs_one_gpu", 4 * results["farm"]["wall"] / p["wall"])
-            record("spread4_throughput_vs_one_gpu_in_worker",
-                   4 * results["farm"]["variants"][0]["seconds_total"] / slowest)
+            record(
+                "spread4_throughput_vs_one_gpu_in_worker", 4 * results["farm"]["variants"][0]["seconds_total"] / slowest
+            )
     from farm.report import table
 
-    print(table(["workload", "variants", "worker start s", "load s (tokenizer, alongside)", "oneshot s",
-                 "save s (compress)", "total s", "peak GiB / notes"], rows))
-    for key in ("farm_vs_bare_quantize", "farm_overhead", "pack4_vs_serial_bare", "queue4_vs_serial_bare",
-                *(f"{w}_{what}{suffix}" for w in ddp for suffix in ("", "_warm")
-                  for what in ("speedup_quantize", "speedup_oneshot", "ppl")),
-                "spread4_throughput_vs_one_gpu", "spread4_throughput_vs_one_gpu_in_worker"):
+    print(
+        table(
+            [
+                "workload",
+                "variants",
+                "worker start s",
+                "load s (tokenizer, alongside)",
+                "oneshot s",
+                "save s (compress)",
+                "total s",
+                "peak GiB / notes",
+            ],
+            rows,
+        )
+    )
+    for key in (
+        "farm_vs_bare_quantize",
+        "farm_overhead",
+        "pack4_vs_serial_bare",
+        "queue4_vs_serial_bare",
+        *(
+            f"{w}_{what}{suffix}"
+            for w in ddp
+            for suffix in ("", "_warm")
+            for what in ("speedup_quantize", "speedup_oneshot", "ppl")
+        ),
+        "spread4_throughput_vs_one_gpu",
+        "spread4_throughput_vs_one_gpu_in_worker",
+    ):
         if key in results:
             print(f"{key}: {results[key]}")
 

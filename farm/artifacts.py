@@ -31,8 +31,9 @@ def file_table(directory: str | Path, workers: int = 8) -> dict[str, dict[str, A
     root = Path(directory)
     files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST]
     shas = sha256_many(files, workers=workers)
-    return {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha}
-            for p, sha in zip(files, shas, strict=True)}
+    return {
+        str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha} for p, sha in zip(files, shas, strict=True)
+    }
 
 
 def link_or_copy(src: str, dst: str) -> None:
@@ -52,8 +53,13 @@ class PublishError(OSError):
     """An artifact could not be published after retries; nothing of it is visible."""
 
 
-def with_retries(what: str, fn: Callable[[], T], attempts: int = 4, base_delay: float = 0.5,
-                 sleep: Callable[[float], None] = time.sleep) -> T:
+def with_retries(
+    what: str,
+    fn: Callable[[], T],
+    attempts: int = 4,
+    base_delay: float = 0.5,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
     """Run `fn`, retrying transient storage errors with exponential backoff (0.5 s, 1 s, 2 s, ...)."""
     for attempt in range(1, attempts + 1):
         try:
@@ -77,8 +83,10 @@ class ArtifactStore:
         import s3fs
 
         # s3fs's own retries cover throttling; farm's retries cover whole-step failures (connection resets).
-        fs = s3fs.S3FileSystem(skip_instance_cache=True, config_kwargs={"connect_timeout": 10, "read_timeout": 60,
-                                                                        "retries": {"max_attempts": 2}})
+        fs = s3fs.S3FileSystem(
+            skip_instance_cache=True,
+            config_kwargs={"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 2}},
+        )
         fs.retries = 2
         return fs
 

@@ -46,7 +46,7 @@ def mixture_source(items: list[tuple[str, float]]) -> str:
 
 def parts(source: str) -> list[tuple[str, float]]:
     if source.startswith(MIX):
-        return [(str(src), float(w)) for src, w in json.loads(source[len(MIX):])]
+        return [(str(src), float(w)) for src, w in json.loads(source[len(MIX) :])]
     return [(source, 1.0)]
 
 
@@ -64,18 +64,22 @@ def _hf_dataset_text(source: str) -> str:
     query = {k: v[-1] for k, v in parse_qs(url.query).items()}
     unknown = set(query) - {"split", "column", "config"}
     if unknown or not repo.count("/") == 1:
-        raise SpecError(f"text source {source}: expected hf-dataset://org/name[@rev][?split=&column=&config=]"
-                        + (f" (unknown option {sorted(unknown)[0]!r})" if unknown else ""))
+        raise SpecError(
+            f"text source {source}: expected hf-dataset://org/name[@rev][?split=&column=&config=]"
+            + (f" (unknown option {sorted(unknown)[0]!r})" if unknown else "")
+        )
     import datasets
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        local = snapshot_download(repo, repo_type="dataset", revision=revision or None,
-                                  local_files_only=constants.HF_HUB_OFFLINE)
+        local = snapshot_download(
+            repo, repo_type="dataset", revision=revision or None, local_files_only=constants.HF_HUB_OFFLINE
+        )
     except (LocalEntryNotFoundError, OSError) as err:
-        raise SpecError(f"text source {source}: not in the local hub cache and not downloadable "
-                        f"({type(err).__name__})") from None
+        raise SpecError(
+            f"text source {source}: not in the local hub cache and not downloadable ({type(err).__name__})"
+        ) from None
     split, column = query.get("split", "train"), query.get("column", "text")
     try:
         ds = datasets.load_dataset(local, query.get("config"), split=split)
@@ -154,8 +158,9 @@ def calibration_hash(content_sha256: str, num_samples: int, max_seq_length: int,
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def sample_windows(text: str, tokenizer: Any, num_samples: int, seq_len: int, seed: int,
-                   keep: Callable[[int], bool] | None = None) -> list[list[int]]:
+def sample_windows(
+    text: str, tokenizer: Any, num_samples: int, seq_len: int, seed: int, keep: Callable[[int], bool] | None = None
+) -> list[list[int]]:
     """`num_samples` windows of exactly `seq_len` tokens starting at seeded random offsets of the text; with
     `keep`, only the windows whose index it accepts (a data-parallel rank's share: every offset is still drawn,
     so a window is the same whichever ranks there are). One batched tokenizer call for all of them."""
@@ -198,8 +203,16 @@ def allocate(weights: list[float], n: int) -> list[int]:
     return counts
 
 
-def draw(source: str, tokenizer: Any, num_samples: int, seq_len: int, seed: int,
-         rank: int = 0, world: int = 1, shares: Sequence[int] | None = None) -> list[list[int]]:
+def draw(
+    source: str,
+    tokenizer: Any,
+    num_samples: int,
+    seq_len: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    shares: Sequence[int] | None = None,
+) -> list[list[int]]:
     """The calibration windows of a source or a mixture: each part contributes its share, drawn with its own
     seed (seed + part index), in the mixture's order. Same inputs, same windows. With `world` > 1 only the
     windows `rank::world` of that list: the disjoint shares of data-parallel ranks, each tokenizing its own;
@@ -213,8 +226,14 @@ def draw(source: str, tokenizer: Any, num_samples: int, seq_len: int, seed: int,
     offset = 0  # the index of the part's first window in the whole draw
     for i, ((src, _), n) in enumerate(zip(items, counts, strict=True)):
         if n:
-            windows += sample_windows(read_text(src), tokenizer, n, seq_len, seed + i,
-                                      None if world == 1 else _share(offset, rank, world, ranks))
+            windows += sample_windows(
+                read_text(src),
+                tokenizer,
+                n,
+                seq_len,
+                seed + i,
+                None if world == 1 else _share(offset, rank, world, ranks),
+            )
         offset += n
     return windows
 
@@ -256,9 +275,15 @@ def diversity_of(source: str, tokens: int, unique: set[int], windows: int) -> di
     docs = [d for src, _ in parts(source) for d in read_text(src).split("\n\n") if d.strip()]
     lengths = [len(d.split()) for d in docs]
     edges = [0, 10, 50, 200, 1000, 10**9]
-    hist = {f"{a}-{b - 1 if b < 10**9 else 'inf'}": sum(a <= n < b for n in lengths)
-            for a, b in itertools.pairwise(edges)}
-    return {"tokens": tokens, "unique_tokens": len(unique),
-            "unique_token_ratio": len(unique) / max(1, tokens), "windows": windows,
-            "parts": [{"source": src, "weight": w} for src, w in parts(source)], "documents": len(docs),
-            "doc_words_histogram": hist}
+    hist = {
+        f"{a}-{b - 1 if b < 10**9 else 'inf'}": sum(a <= n < b for n in lengths) for a, b in itertools.pairwise(edges)
+    }
+    return {
+        "tokens": tokens,
+        "unique_tokens": len(unique),
+        "unique_token_ratio": len(unique) / max(1, tokens),
+        "windows": windows,
+        "parts": [{"source": src, "weight": w} for src, w in parts(source)],
+        "documents": len(docs),
+        "doc_words_histogram": hist,
+    }

@@ -24,16 +24,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     outcome = run_job(spec, args.tracking_uri, args.ray_address, args.verbose)
     rows = []
     for o in sorted(outcome.variants, key=lambda o: (o.variant.model_name, o.variant.method.label())):
-        rows.append([o.variant.label, o.variant.method.method, o.status,
-                     fmt(o.weights_bytes / 1e6 if o.weights_bytes else None, ".1f"), fmt(o.base_perplexity, ".2f"),
-                     fmt(o.perplexity, ".2f"), fmt(o.delta, "+.2f"), fmt(o.seconds, ".0f"), o.run_id,
-                     o.artifact_uri or o.reason])
+        rows.append(
+            [
+                o.variant.label,
+                o.variant.method.method,
+                o.status,
+                fmt(o.weights_bytes / 1e6 if o.weights_bytes else None, ".1f"),
+                fmt(o.base_perplexity, ".2f"),
+                fmt(o.perplexity, ".2f"),
+                fmt(o.delta, "+.2f"),
+                fmt(o.seconds, ".0f"),
+                o.run_id,
+                o.artifact_uri or o.reason,
+            ]
+        )
     print()
-    print(table(["variant", "method", "status", "MB", "base ppl", "ppl", "delta", "s", "mlflow run",
-                 "artifact"], rows))
+    print(table(["variant", "method", "status", "MB", "base ppl", "ppl", "delta", "s", "mlflow run", "artifact"], rows))
     phases = ", ".join(f"{k} {v:.1f}" for k, v in outcome.phases.items())
-    print(f"\njob {outcome.plan.job_id} in {outcome.seconds:.0f} s ({phases}); tracking {outcome.tracking_uri}, "
-          f"parent run {outcome.parent_run_id}")
+    print(
+        f"\njob {outcome.plan.job_id} in {outcome.seconds:.0f} s ({phases}); tracking {outcome.tracking_uri}, "
+        f"parent run {outcome.parent_run_id}"
+    )
     return 0 if outcome.ok else 1
 
 
@@ -43,9 +54,18 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from farm.spec import load_spec
 
     plan = preflight(load_spec(args.spec))
-    rows = [[v.id, v.label, v.calibration.num_samples if v.method.requires_calibration else "-",
-             v.calibration.max_seq_length if v.method.requires_calibration else "-", v.resources.num_gpus,
-             v.resources.num_cpus, f"{v.resources.memory_bytes / 2**30:.1f}"] for v in plan.variants]
+    rows = [
+        [
+            v.id,
+            v.label,
+            v.calibration.num_samples if v.method.requires_calibration else "-",
+            v.calibration.max_seq_length if v.method.requires_calibration else "-",
+            v.resources.num_gpus,
+            v.resources.num_cpus,
+            f"{v.resources.memory_bytes / 2**30:.1f}",
+        ]
+        for v in plan.variants
+    ]
     print(table(["variant id", "variant", "samples", "seq len", "gpus", "cpus", "mem GiB"], rows))
     print(f"job {plan.job_name} ({plan.job_id})")
     return 0
@@ -69,21 +89,52 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if bool(args.job) == bool(args.model):
         raise SpecError("compare: give a job id / experiment name, or --model NAME (across jobs)")
     if args.model:
-        runs = store.find_runs([f"tags.`{TAG}role` = 'variant'", f"tags.`{TAG}model` = '{args.model}'"],
-                               status="FINISHED", experiment_ids=store.all_experiment_ids())
+        runs = store.find_runs(
+            [f"tags.`{TAG}role` = 'variant'", f"tags.`{TAG}model` = '{args.model}'"],
+            status="FINISHED",
+            experiment_ids=store.all_experiment_ids(),
+        )
     else:
         runs = store.runs_of_job(args.job)
     variants = [r for r in runs if r.tags.get(TAG + "role") == "variant"]
     if not variants:
         raise FarmError(f"no variants found for {args.model or args.job!r} at {uri}")
-    rows = [[r.tags.get(TAG + "job_id", "")[:8], r.tags.get(TAG + "model"), r.tags.get(TAG + "label"), r.status,
-             fmt(r.metrics.get("weights_bytes", 0) / 1e6, ".1f"), fmt(r.metrics.get("base_perplexity"), ".2f"),
-             fmt(r.metrics.get("perplexity"), ".2f"), fmt(r.metrics.get("perplexity_delta"), "+.2f"),
-             fmt(r.metrics.get("seconds_total"), ".0f"), r.tags.get(TAG + "gate", ""),
-             r.tags.get(TAG + "model_version", ""), r.run_id]
-            for r in sorted(variants, key=lambda r: (r.tags.get(TAG + "model", ""), r.tags.get(TAG + "label", "")))]
-    print(table(["job", "model", "variant", "status", "MB", "base ppl", "ppl", "delta", "s", "gate", "version",
-                 "mlflow run"], rows))
+    rows = [
+        [
+            r.tags.get(TAG + "job_id", "")[:8],
+            r.tags.get(TAG + "model"),
+            r.tags.get(TAG + "label"),
+            r.status,
+            fmt(r.metrics.get("weights_bytes", 0) / 1e6, ".1f"),
+            fmt(r.metrics.get("base_perplexity"), ".2f"),
+            fmt(r.metrics.get("perplexity"), ".2f"),
+            fmt(r.metrics.get("perplexity_delta"), "+.2f"),
+            fmt(r.metrics.get("seconds_total"), ".0f"),
+            r.tags.get(TAG + "gate", ""),
+            r.tags.get(TAG + "model_version", ""),
+            r.run_id,
+        ]
+        for r in sorted(variants, key=lambda r: (r.tags.get(TAG + "model", ""), r.tags.get(TAG + "label", "")))
+    ]
+    print(
+        table(
+            [
+                "job",
+                "model",
+                "variant",
+                "status",
+                "MB",
+                "base ppl",
+                "ppl",
+                "delta",
+                "s",
+                "gate",
+                "version",
+                "mlflow run",
+            ],
+            rows,
+        )
+    )
     return 0
 
 
@@ -96,17 +147,27 @@ def _cmd_report(args: argparse.Namespace) -> int:
     store = _store(args, args.experiment)
     uri = store.uri
     runs = store.runs_of_job(args.job)
-    variants = sorted((r for r in runs if r.tags.get(TAG + "role") == "variant" and r.status == "FINISHED"),
-                      key=lambda r: r.tags.get(TAG + "label", ""))
+    variants = sorted(
+        (r for r in runs if r.tags.get(TAG + "role") == "variant" and r.status == "FINISHED"),
+        key=lambda r: r.tags.get(TAG + "label", ""),
+    )
     if not variants:
         raise FarmError(f"no finished variants for job or experiment {args.job!r} at {uri}")
     base_ids = {r.tags.get(TAG + "base_eval_id") for r in variants}
-    bases = store.find_runs([f"tags.`{TAG}role` = 'base'"], status="FINISHED",
-                            experiment_ids=[store.experiment_of(variants[0].run_id)])
+    bases = store.find_runs(
+        [f"tags.`{TAG}role` = 'base'"], status="FINISHED", experiment_ids=[store.experiment_of(variants[0].run_id)]
+    )
     base = next((dict(b.metrics) for b in bases if b.tags.get(TAG + "base_eval_id") in base_ids), {})
-    points = [Point(f"{r.tags.get(TAG + 'model')}/{r.tags.get(TAG + 'label')}", dict(r.metrics),
-                    r.tags.get(TAG + "gate", ""), r.tags.get(TAG + "gate_reasons", ""),
-                    r.tags.get(TAG + "gate_warnings", "")) for r in variants]
+    points = [
+        Point(
+            f"{r.tags.get(TAG + 'model')}/{r.tags.get(TAG + 'label')}",
+            dict(r.metrics),
+            r.tags.get(TAG + "gate", ""),
+            r.tags.get(TAG + "gate_reasons", ""),
+            r.tags.get(TAG + "gate_warnings", ""),
+        )
+        for r in variants
+    ]
     job_id = variants[0].tags.get(TAG + "job_id", args.job)
     page = render(job_id, base, points)
     out = Path(args.out or f"report-{job_id}.html")
@@ -165,11 +226,23 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 
     store = _store(args, "farm")
     version, run_id = store.version_run(args.model, args.version)
-    record = {"alias": args.alias, "reason": args.reason, "by": getpass.getuser(),
-              "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    record = {
+        "alias": args.alias,
+        "reason": args.reason,
+        "by": getpass.getuser(),
+        "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
     store.set_aliases(args.model, {args.alias: version})
-    store.tag_version(args.model, version, {"promoted_alias": args.alias, "promotion_reason": args.reason,
-                                            "promoted_by": record["by"], "promoted_at": record["at"]})
+    store.tag_version(
+        args.model,
+        version,
+        {
+            "promoted_alias": args.alias,
+            "promotion_reason": args.reason,
+            "promoted_by": record["by"],
+            "promoted_at": record["at"],
+        },
+    )
     if run_id:
         store.log(run_id, tags={TAG + "manual_promotion": json.dumps(record)})
     print(f"{args.model} version {version} is now @{args.alias} ({args.reason})")
@@ -188,15 +261,18 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or watch.tracking_uri or tracking_target(template, None)[0]
     store = MlflowStore(uri, template.tracking.experiment)
     store.check_reachable()
-    runner: Runner = (RayJobRunner(watch.submit_address, uri) if watch.submit_address
-                      else LocalRunner(uri, args.ray_address))
+    runner: Runner = (
+        RayJobRunner(watch.submit_address, uri) if watch.submit_address else LocalRunner(uri, args.ray_address)
+    )
     failed = False
 
     def report(results: list[CycleResult]) -> None:
         nonlocal failed
         failed = any(r.action in {"failed", "gave up"} for r in results)
-        print(table(["base", "action", "release", "detail"], [[r.base, r.action, r.release, r.detail]
-                                                               for r in results]), flush=True)
+        print(
+            table(["base", "action", "release", "detail"], [[r.base, r.action, r.release, r.detail] for r in results]),
+            flush=True,
+        )
 
     Watcher(watch, template, store, runner, HuggingFaceHub()).run(1 if args.once else args.cycles, report=report)
     return 1 if failed else 0
@@ -216,8 +292,10 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
         worst = max(max(p.layers.values(), default=0.0), 1e-9)
         rows = [[f"layer {i}", f"{d:+.3f}", "#" * max(0, round(30 * d / worst))] for i, d in sorted(p.layers.items())]
         rows += [[k, f"{d:+.3f}", ""] for k, d in p.extra.items()]
-        print(f"{rec.model}: perplexity {p.base_perplexity:.2f} on {p.tokens} calibration tokens; each row alone "
-              f"at W{grid.bits}{f' g{grid.group_size}' if grid.group_size else ''} (round-to-nearest)")
+        print(
+            f"{rec.model}: perplexity {p.base_perplexity:.2f} on {p.tokens} calibration tokens; each row alone "
+            f"at W{grid.bits}{f' g{grid.group_size}' if grid.group_size else ''} (round-to-nearest)"
+        )
         print(table(["module", "ppl delta", ""], rows))
         print(f"MLflow run {rec.run_id} ({p.seconds:.0f} s)")
     return 0
@@ -238,15 +316,19 @@ def _store_args(p: argparse.ArgumentParser, experiment: bool = True) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="farm", description="Distributed batch quantization of LLMs on Ray, "
-                                "recorded in MLflow.")
+    p = argparse.ArgumentParser(
+        prog="farm", description="Distributed batch quantization of LLMs on Ray, recorded in MLflow."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="plan, quantize, evaluate and record every variant of a job spec")
     run.add_argument("spec", help="job spec YAML")
     run.add_argument("--ray-address", default=None, help="existing Ray cluster (default: start a local one)")
     run.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: spec, then local sqlite)")
-    run.add_argument("--resume", action="store_true",
-                     help="reuse finished variants (always on: finished variant ids are never rebuilt)")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse finished variants (always on: finished variant ids are never rebuilt)",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="stream worker logs")
     run.set_defaults(func=_cmd_run)
     plan = sub.add_parser("plan", help="validate a spec and print its variants without running anything")
@@ -266,15 +348,20 @@ def parser() -> argparse.ArgumentParser:
 
     sb = sub.add_parser("submit", help="submit a job spec to a Ray cluster (Ray Jobs API); prints the job id")
     sb.add_argument("spec")
-    sb.add_argument("--address", default=default_address(), help="Ray dashboard address (default: $RAY_ADDRESS "
-                    "or http://127.0.0.1:8265)")
+    sb.add_argument(
+        "--address",
+        default=default_address(),
+        help="Ray dashboard address (default: $RAY_ADDRESS or http://127.0.0.1:8265)",
+    )
     sb.add_argument("--tracking-uri", default=None, help="MLflow tracking URI the cluster should use")
     sb.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 only if it succeeded")
     sb.add_argument("--timeout", type=float, default=24 * 3600)
     sb.set_defaults(func=_cmd_submit)
-    for name, func, text in (("status", _cmd_status, "state of a submitted job"),
-                             ("logs", _cmd_logs, "driver output of a submitted job"),
-                             ("stop", _cmd_stop, "stop a submitted job (its open MLflow runs end FAILED)")):
+    for name, func, text in (
+        ("status", _cmd_status, "state of a submitted job"),
+        ("logs", _cmd_logs, "driver output of a submitted job"),
+        ("stop", _cmd_stop, "stop a submitted job (its open MLflow runs end FAILED)"),
+    ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("job_id")
         cmd.add_argument("--address", default=default_address())
@@ -293,8 +380,11 @@ def parser() -> argparse.ArgumentParser:
     wt.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the watch spec's, then the job's)")
     wt.add_argument("--ray-address", default=None, help="Ray cluster for in-process jobs")
     wt.set_defaults(func=_cmd_watch)
-    se = sub.add_parser("sensitivity", help="perplexity cost of quantizing each decoder layer alone, per model of "
-                        "a job (recorded in MLflow; the mixed method's input)")
+    se = sub.add_parser(
+        "sensitivity",
+        help="perplexity cost of quantizing each decoder layer alone, per model of "
+        "a job (recorded in MLflow; the mixed method's input)",
+    )
     se.add_argument("spec", help="job spec YAML (its models and calibration text)")
     se.add_argument("--model", default=None, help="only this model (display name)")
     se.add_argument("--bits", type=int, default=4, help="weight bits of the probe grid (4 or 8)")

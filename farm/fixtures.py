@@ -49,7 +49,7 @@ def _strip_gutenberg(text: str) -> str:
     """Drop any Project Gutenberg boilerplate so calibration and evaluation see the play itself."""
     match = re.search(r"\*\*\* ?START OF[^\n]*\n", text)
     if match:
-        text = text[match.end():]
+        text = text[match.end() :]
     return text.split("*** END OF")[0].strip()
 
 

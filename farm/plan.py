@@ -104,23 +104,30 @@ def merged_identity(base_identity: str, adapter_sha: str) -> str:
     return f"{base_identity}+lora:{adapter_sha[:16]}"
 
 
-def make_plan(spec: JobSpec, models: dict[str, ModelInfo], calibration_sha: str | Mapping[str, str],
-              heldout_sha: str, adapter_shas: Mapping[str, str] | None = None) -> Plan:
+def make_plan(
+    spec: JobSpec,
+    models: dict[str, ModelInfo],
+    calibration_sha: str | Mapping[str, str],
+    heldout_sha: str,
+    adapter_shas: Mapping[str, str] | None = None,
+) -> Plan:
     """`models` maps each model's display name to its resolved info; `calibration_sha` is the content hash of
     the job's calibration text, or a map of set name -> hash ("" = the job's own). Raises SpecError on any
     mismatch."""
     shas = {"": calibration_sha} if isinstance(calibration_sha, str) else dict(calibration_sha)
     ev = spec.evaluation
     eval_key: list[Any] = [ev.perplexity.model_dump(exclude={"source"}), heldout_sha, ev.generation.model_dump()]
-    checks = ev.model_dump(mode="json", include={"latency", "memory", "outputs", "safety", "speculative", "tasks",
-                                                 "kv_cache"})
+    checks = ev.model_dump(
+        mode="json", include={"latency", "memory", "outputs", "safety", "speculative", "tasks", "kv_cache"}
+    )
     if any(checks.values()):  # jobs without checks keep the ids they always had
         eval_key.append(checks)
     if ev.serving:  # measured by the serving engine: a new judgement, new ids
         eval_key.append({"serving": ev.serving.identity()})
     if ev.adapters:  # an adapter is judged by its content, not its path
-        eval_key.append([[a.model_dump(exclude={"source"}), (adapter_shas or {}).get(a.name, a.source)]
-                         for a in ev.adapters])
+        eval_key.append(
+            [[a.model_dump(exclude={"source"}), (adapter_shas or {}).get(a.name, a.source)] for a in ev.adapters]
+        )
     variants, bases = [], []
     for mi, model in enumerate(spec.models):
         name = model.display_name()
@@ -136,15 +143,26 @@ def make_plan(spec: JobSpec, models: dict[str, ModelInfo], calibration_sha: str 
             cal = _calibration_for(spec, method, shas)
             cal_id = cal.hash if method.requires_calibration else "data-free"
             res = resources.request(
-                spec.resources.num_gpus, spec.resources.num_cpus, spec.resources.memory_gb, info.weights_bytes,
-                cal.num_samples, cal.max_seq_length, int(info.config.get("hidden_size") or 0),
+                spec.resources.num_gpus,
+                spec.resources.num_cpus,
+                spec.resources.memory_gb,
+                info.weights_bytes,
+                cal.num_samples,
+                cal.max_seq_length,
+                int(info.config.get("hidden_size") or 0),
             )
-            res = replace(res, gptq_hessian=spec.resources.gptq_hessian, gptq_inverse=spec.resources.gptq_inverse,
-                          calibration_attention=spec.resources.calibration_attention,
-                          gptq_broadcast=spec.resources.gptq_broadcast)
+            res = replace(
+                res,
+                gptq_hessian=spec.resources.gptq_hessian,
+                gptq_inverse=spec.resources.gptq_inverse,
+                calibration_attention=spec.resources.calibration_attention,
+                gptq_broadcast=spec.resources.gptq_broadcast,
+            )
             if spec.resources.ranks > 1 and not method.distributable:
-                raise SpecError(f"methods.{ki} ({method.label()}): {method.method} runs in one process; "
-                                f"resources.ranks must be 1 (got {spec.resources.ranks})")
+                raise SpecError(
+                    f"methods.{ki} ({method.label()}): {method.method} runs in one process; "
+                    f"resources.ranks must be 1 (got {spec.resources.ranks})"
+                )
             if method.requires_calibration and spec.resources.ranks > 1:
                 # each rank holds a layer's activations for its share only; the checkpoint is shared on the host
                 res = replace(res, ranks=spec.resources.ranks)

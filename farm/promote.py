@@ -11,12 +11,18 @@ from farm.serving import measure as serving
 from farm.spec import EvaluationSpec, GateRule
 
 OPS: dict[str, Callable[[float, float], bool]] = {
-    "<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "==": operator.eq,
+    "<=": operator.le,
+    ">=": operator.ge,
+    "<": operator.lt,
+    ">": operator.gt,
+    "==": operator.eq,
 }
 
 
-FARM_TASKS = {"shakespeare_next_line": "task_shakespeare_next_line_acc",
-              "shakespeare_last_word": "task_shakespeare_last_word_exact_match_first_word"}
+FARM_TASKS = {
+    "shakespeare_next_line": "task_shakespeare_next_line_acc",
+    "shakespeare_last_word": "task_shakespeare_last_word_exact_match_first_word",
+}
 
 
 def default_rules(ev: EvaluationSpec) -> list[GateRule]:
@@ -27,36 +33,66 @@ def default_rules(ev: EvaluationSpec) -> list[GateRule]:
     limit = ev.thresholds.max_perplexity_delta
     rules = [GateRule(metric="perplexity", op="<=", threshold=0.5 if limit is None else limit, versus_base="delta")]
     if ev.outputs:
-        rules += [GateRule(metric="determinism", op=">=", threshold=1.0),
-                  GateRule(metric="reference_similarity", op=">=", threshold=0.8, required=False)]
+        rules += [
+            GateRule(metric="determinism", op=">=", threshold=1.0),
+            GateRule(metric="reference_similarity", op=">=", threshold=0.8, required=False),
+        ]
     if ev.safety:
-        rules += [GateRule(metric="refusal_accuracy", op=">=", threshold=-0.1, versus_base="delta"),
-                  GateRule(metric="toxicity", op="<=", threshold=0.05, versus_base="delta")]
+        rules += [
+            GateRule(metric="refusal_accuracy", op=">=", threshold=-0.1, versus_base="delta"),
+            GateRule(metric="toxicity", op="<=", threshold=0.05, versus_base="delta"),
+        ]
     if ev.serving:  # speed and memory as served; the dense reference checks never decide beside them
         shape = ev.serving.resolved_shapes()[0].name
         low, high = ev.serving.concurrency[0], ev.serving.concurrency[-1]
-        rules += [GateRule(metric=serving.level_name(shape, low, "output_tokens_per_s"), op=">=", threshold=0.9,
-                           versus_base="ratio", required=False)]
+        rules += [
+            GateRule(
+                metric=serving.level_name(shape, low, "output_tokens_per_s"),
+                op=">=",
+                threshold=0.9,
+                versus_base="ratio",
+                required=False,
+            )
+        ]
         if high != low:
-            rules += [GateRule(metric=serving.level_name(shape, high, "output_tokens_per_s"), op=">=",
-                               threshold=0.8, versus_base="ratio", required=False)]
+            rules += [
+                GateRule(
+                    metric=serving.level_name(shape, high, "output_tokens_per_s"),
+                    op=">=",
+                    threshold=0.8,
+                    versus_base="ratio",
+                    required=False,
+                )
+            ]
         rules += [GateRule(metric=serving.WEIGHTS, op="<=", threshold=1.0, versus_base="ratio", required=False)]
     else:
         if ev.latency:
-            rules += [GateRule(metric="tokens_per_s_batch1", op=">=", threshold=0.5, versus_base="ratio",
-                               required=False)]
+            rules += [
+                GateRule(metric="tokens_per_s_batch1", op=">=", threshold=0.5, versus_base="ratio", required=False)
+            ]
         if ev.memory:
-            rules += [GateRule(metric="weights_in_memory_bytes", op="<=", threshold=1.0, versus_base="ratio",
-                               required=False)]
+            rules += [
+                GateRule(metric="weights_in_memory_bytes", op="<=", threshold=1.0, versus_base="ratio", required=False)
+            ]
     if ev.speculative:
         rules += [GateRule(metric="spec_acceptance", op=">=", threshold=0.5, required=False)]
     if ev.kv_cache:
         rules += [GateRule(metric="kv_fp8_similarity", op=">=", threshold=0.8, required=False)]
-    rules += [GateRule(metric=f"adapter_{a.name}_perplexity", op="<=", threshold=0.5 if limit is None else limit,
-                       versus_base="delta") for a in ev.adapters]  # the adapter must survive quantization too
+    rules += [
+        GateRule(
+            metric=f"adapter_{a.name}_perplexity",
+            op="<=",
+            threshold=0.5 if limit is None else limit,
+            versus_base="delta",
+        )
+        for a in ev.adapters
+    ]  # the adapter must survive quantization too
     if ev.tasks:  # farm's own tasks; rules for your tasks go in the job's matrix
-        rules += [GateRule(metric=FARM_TASKS[name], op=">=", threshold=0.97, versus_base="ratio")
-                  for name in ev.tasks.names if name in FARM_TASKS]
+        rules += [
+            GateRule(metric=FARM_TASKS[name], op=">=", threshold=0.97, versus_base="ratio")
+            for name in ev.tasks.names
+            if name in FARM_TASKS
+        ]
     return rules
 
 
@@ -105,8 +141,9 @@ def decide(rules: Sequence[GateRule], variant: Mapping[str, float], base: Mappin
     return d
 
 
-def aliases(promoted: Sequence[tuple[str, str, float]], prefix: str,
-            tiers: Mapping[str, Sequence[str]] | None = None) -> dict[str, str]:
+def aliases(
+    promoted: Sequence[tuple[str, str, float]], prefix: str, tiers: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, str]:
     """alias -> model version for one registered model (one base): `<prefix>-<label>` for every promoted
     variant, `<prefix>` alone for the smallest one, and `<prefix>-<tier>` for the smallest promoted variant of
     each tier (premium/bulk). `promoted` holds (label, version, weights_bytes)."""

@@ -39,11 +39,19 @@ def _svg(fig: object) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")  # type: ignore[attr-defined]
     text = buf.getvalue()
-    return text[text.index("<svg"):]
+    return text[text.index("<svg") :]
 
 
-def _scatter(points: list[Point], x: str, y: str, title: str, xlabel: str, ylabel: str,
-             front: list[str] | None = None, plot_id: str = "") -> str:
+def _scatter(
+    points: list[Point],
+    x: str,
+    y: str,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    front: list[str] | None = None,
+    plot_id: str = "",
+) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,8 +76,9 @@ def _scatter(points: list[Point], x: str, y: str, title: str, xlabel: str, ylabe
     return f'<figure id="{plot_id}" class="plot">{svg}</figure>'
 
 
-def _lines(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str, plot_id: str,
-           logx: bool = False) -> str:
+def _lines(
+    series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str, plot_id: str, logx: bool = False
+) -> str:
     """One line per variant (and the base): the serving figures across concurrency levels."""
     import matplotlib
 
@@ -100,43 +109,89 @@ def serving_plots(base: dict[str, float], points: list[Point]) -> list[str]:
         speed = {label: serving.curves(m, "output_tokens_per_s").get(shape, []) for label, m in who}
         ttft = {label: dict(serving.curves(m, "ttft_p50_s").get(shape, [])) for label, m in who}
         speed = {label: pts for label, pts in speed.items() if pts}
-        plots.append(_lines({label: [(float(c), v) for c, v in pts] for label, pts in speed.items()},
-                            f"Serving throughput ({shape})", "concurrent requests", "output tokens/s",
-                            f"plot-serving-throughput-{shape}", logx=True))
+        plots.append(
+            _lines(
+                {label: [(float(c), v) for c, v in pts] for label, pts in speed.items()},
+                f"Serving throughput ({shape})",
+                "concurrent requests",
+                "output tokens/s",
+                f"plot-serving-throughput-{shape}",
+                logx=True,
+            )
+        )
         lat = {label: [(v, ttft[label][c] * 1e3) for c, v in pts if c in ttft[label]] for label, pts in speed.items()}
-        plots.append(_lines({k: v for k, v in lat.items() if v}, f"Serving latency vs throughput ({shape})",
-                            "output tokens/s", "time to first token p50 (ms)", f"plot-serving-latency-{shape}"))
+        plots.append(
+            _lines(
+                {k: v for k, v in lat.items() if v},
+                f"Serving latency vs throughput ({shape})",
+                "output tokens/s",
+                "time to first token p50 (ms)",
+                f"plot-serving-latency-{shape}",
+            )
+        )
     return plots
 
 
 def render(job: str, base: dict[str, float], points: list[Point]) -> str:
     for p in points:
         p.metrics.setdefault("size_mb", p.metrics.get("weights_bytes", 0) / 1e6)
-    sized = [(p.label, p.metrics["size_mb"], p.metrics["perplexity_delta"]) for p in points
-             if "perplexity_delta" in p.metrics]
+    sized = [
+        (p.label, p.metrics["size_mb"], p.metrics["perplexity_delta"])
+        for p in points
+        if "perplexity_delta" in p.metrics
+    ]
     front = pareto(sized)
     task = next((k for p in points for k in sorted(p.metrics) if k.startswith("task_") and k.endswith("_acc")), None)
-    served = sorted({n for p in points for n in p.metrics if (parsed := serving.parse_level_name(n))
-                     and parsed[2] == "output_tokens_per_s"}, key=lambda n: serving.parse_level_name(n) or ("", 0, ""))
-    speed, speed_label = (served[0], "output tokens/s as served (lowest concurrency)") if served else (
-        "tokens_per_s_batch1", "tokens/s (batch 1, dense reference)")
+    served = sorted(
+        {
+            n
+            for p in points
+            for n in p.metrics
+            if (parsed := serving.parse_level_name(n)) and parsed[2] == "output_tokens_per_s"
+        },
+        key=lambda n: serving.parse_level_name(n) or ("", 0, ""),
+    )
+    speed, speed_label = (
+        (served[0], "output tokens/s as served (lowest concurrency)")
+        if served
+        else ("tokens_per_s_batch1", "tokens/s (batch 1, dense reference)")
+    )
     plots = [
-        _scatter(points, "size_mb", "perplexity_delta", "Size vs perplexity delta", "weights (MB)",
-                 "perplexity - base", front, "plot-size-ppl"),
-        _scatter(points, speed, task or "perplexity_delta",
-                 "Tokens/s vs " + ("task accuracy" if task else "perplexity delta"), speed_label,
-                 task or "perplexity - base", None, "plot-speed-quality"),
+        _scatter(
+            points,
+            "size_mb",
+            "perplexity_delta",
+            "Size vs perplexity delta",
+            "weights (MB)",
+            "perplexity - base",
+            front,
+            "plot-size-ppl",
+        ),
+        _scatter(
+            points,
+            speed,
+            task or "perplexity_delta",
+            "Tokens/s vs " + ("task accuracy" if task else "perplexity delta"),
+            speed_label,
+            task or "perplexity - base",
+            None,
+            "plot-speed-quality",
+        ),
         *serving_plots(base, points),
     ]
     e = html.escape
     gate_rows = "".join(
         f"<tr class='{e(p.gate or 'none')}'><td>{e(p.label)}</td><td>{e(p.gate or '-')}</td>"
         f"<td>{e(p.reasons)}</td><td>{e(p.warnings)}</td><td>{'yes' if p.label in front else ''}</td></tr>"
-        for p in points)
+        for p in points
+    )
     keys = sorted({k for p in points for k in p.metrics if not k.startswith("seconds_")})
     metric_rows = "".join(
-        f"<tr><td>{e(k)}</td><td>{fmt(base.get(k), '.6g')}</td>" + "".join(f"<td>{fmt(p.metrics.get(k), '.6g')}</td>"
-                                                                      for p in points) + "</tr>" for k in keys)
+        f"<tr><td>{e(k)}</td><td>{fmt(base.get(k), '.6g')}</td>"
+        + "".join(f"<td>{fmt(p.metrics.get(k), '.6g')}</td>" for p in points)
+        + "</tr>"
+        for k in keys
+    )
     heads = "".join(f"<th>{e(p.label)}</th>" for p in points)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>farm report: {e(job)}</title>
@@ -147,7 +202,7 @@ tr.rejected td{{background:#fce8e6}} .plots{{display:flex;flex-wrap:wrap;gap:1em
 <h1>farm report: {e(job)}</h1>
 <p>{len(points)} variant(s); green = promoted by the gate, red = rejected; dashed = Pareto front (smaller and
 closer to the base's perplexity is better).</p>
-<div class="plots">{''.join(plots)}</div>
+<div class="plots">{"".join(plots)}</div>
 <h2>Gate</h2>
 <table id="gate"><tr><th>variant</th><th>decision</th><th>reasons</th><th>warnings</th><th>Pareto</th></tr>
 {gate_rows}</table>
@@ -155,4 +210,3 @@ closer to the base's perplexity is better).</p>
 <table id="metrics"><tr><th>metric</th><th>base</th>{heads}</tr>{metric_rows}</table>
 </body></html>
 """
-

@@ -18,10 +18,14 @@ class Resources:
     num_cpus: float
     memory_bytes: int
     ranks: int = 1  # >1: a placement group of `ranks` workers of this shape (data-parallel calibration)
-    gptq_hessian: str = "tensor_cores"  # how GPTQ Hessians are summed on a GPU (stages/hessian.py)
-    gptq_inverse: str = "left_looking"  # how GPTQ uses H^-1 (stages/leftgptq.py, stages/factor.py)
-    calibration_attention: str = "sdpa"  # attention in calibration passes (stages/attention.py)
-    gptq_broadcast: str = "llmcompressor"  # how DDP ranks get each layer's GPTQ results (stages/forwardorder.py)
+    gptq_hessian: str = "tensor_cores"  # how GPTQ Hessians are summed on a GPU (stages/llmc/hessian_tensor_cores.py)
+    gptq_inverse: str = (
+        "left_looking"  # how GPTQ uses H^-1 (stages/llmc/gptq_left_looking.py, stages/llmc/gptq_one_cholesky.py)
+    )
+    calibration_attention: str = "sdpa"  # attention in calibration passes (stages/llmc/calibration_sdpa.py)
+    gptq_broadcast: str = (
+        "llmcompressor"  # how DDP ranks get each layer's GPTQ results (stages/llmc/ddp_forward_order.py)
+    )
 
     def ray_options(self) -> dict[str, float | int]:
         return {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus, "memory": self.memory_bytes}
@@ -35,7 +39,12 @@ def estimate_host_bytes(weights_bytes: int, num_samples: int, seq_len: int, hidd
 
 
 def request(
-    num_gpus: float, num_cpus: float, memory_gb: float | None, weights_bytes: int, num_samples: int, seq_len: int,
+    num_gpus: float,
+    num_cpus: float,
+    memory_gb: float | None,
+    weights_bytes: int,
+    num_samples: int,
+    seq_len: int,
     hidden_size: int,
 ) -> Resources:
     if memory_gb:
@@ -61,10 +70,15 @@ def unfit(nodes: list[dict[str, float]], num_cpus: float, num_gpus: float, memor
     if not nodes:
         return "the Ray cluster has no live nodes"
     for node in nodes:
-        if (node.get("CPU", 0) >= num_cpus and node.get("GPU", 0) >= num_gpus
-                and (not memory_bytes or node.get("memory", 0) >= memory_bytes)):
+        if (
+            node.get("CPU", 0) >= num_cpus
+            and node.get("GPU", 0) >= num_gpus
+            and (not memory_bytes or node.get("memory", 0) >= memory_bytes)
+        ):
             return None
     most = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0), n.get("memory", 0)))
-    return (f"resources: a variant needs {num_cpus:g} CPU, {num_gpus:g} GPU, {memory_bytes / GIB:.1f} GiB but the "
-            f"largest node has {most.get('CPU', 0):g} CPU, {most.get('GPU', 0):g} GPU, "
-            f"{most.get('memory', 0) / GIB:.1f} GiB")
+    return (
+        f"resources: a variant needs {num_cpus:g} CPU, {num_gpus:g} GPU, {memory_bytes / GIB:.1f} GiB but the "
+        f"largest node has {most.get('CPU', 0):g} CPU, {most.get('GPU', 0):g} GPU, "
+        f"{most.get('memory', 0) / GIB:.1f} GiB"
+    )

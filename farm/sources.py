@@ -156,8 +156,9 @@ def _resolve_s3(source: str, identify: bool, allow_pickle: bool) -> ResolvedMode
     return ResolvedModel(source, "s3", str(dest), identity, None, config)
 
 
-def resolve(source: str, revision: str | None = None, identify: bool = True, allow_pickle: bool = False
-            ) -> ResolvedModel:
+def resolve(
+    source: str, revision: str | None = None, identify: bool = True, allow_pickle: bool = False
+) -> ResolvedModel:
     """Locate a model, check it holds loadable safetensors weights, and compute its identity. Workers pass
     `identify=False`: the driver already hashed the checkpoint, and hashing an 8B model costs ~15 s."""
     if source.startswith("hf://"):

@@ -37,8 +37,11 @@ class ModelSpec(Strict):
     revision: str | None = Field(None, max_length=128, description="hub revision (also accepted as @rev)")
     trust_remote_code: bool = Field(False, description="allow the model's own Python code to run")
     allow_pickle: bool = Field(False, description="accept .bin/.pt weights (unpickling can run code)")
-    merge_adapter: str | None = Field(None, description="a PEFT LoRA adapter directory merged into this base "
-                                      "before anything else: its variants ship the adapter inside")
+    merge_adapter: str | None = Field(
+        None,
+        description="a PEFT LoRA adapter directory merged into this base "
+        "before anything else: its variants ship the adapter inside",
+    )
 
     @field_validator("source")
     @classmethod
@@ -63,10 +66,14 @@ class MixtureItem(Strict):
 
 
 class CalibrationSpec(Strict):
-    source: str = Field("", description="text file (.txt) or JSONL with a 'text' field, local or s3://, or "
-                        "hf-dataset://org/name[@rev]?split=&column= from the hub cache (or use `mixture`)")
-    mixture: list[MixtureItem] | None = Field(None, min_length=1, max_length=64,
-                                              description="weighted mixture of sources instead of `source`")
+    source: str = Field(
+        "",
+        description="text file (.txt) or JSONL with a 'text' field, local or s3://, or "
+        "hf-dataset://org/name[@rev]?split=&column= from the hub cache (or use `mixture`)",
+    )
+    mixture: list[MixtureItem] | None = Field(
+        None, min_length=1, max_length=64, description="weighted mixture of sources instead of `source`"
+    )
     num_samples: int = Field(128, gt=0, le=100_000, description="number of calibration samples")
     max_seq_length: int = Field(2048, gt=0, le=131_072, description="tokens per sample")
     seed: int = Field(0, ge=0, description="sampling seed: same seed, same samples")
@@ -85,8 +92,9 @@ class CalibrationSpec(Strict):
         if not self.mixture:
             return self.model_copy(update={"source": _resolve(self.source, base)})
         items = [m.model_copy(update={"source": _resolve(m.source, base)}) for m in self.mixture]
-        return self.model_copy(update={"mixture": items,
-                                       "source": mixture_source([(m.source, m.weight) for m in items])})
+        return self.model_copy(
+            update={"mixture": items, "source": mixture_source([(m.source, m.weight) for m in items])}
+        )
 
 
 class PerplexitySpec(Strict):
@@ -120,17 +128,30 @@ class LatencySpec(Strict):
 
 
 class MemorySpec(Strict):
-    budget_gb: float = Field(0.25, gt=0, le=4096, description="memory for KV cache and activations beyond the "
-                             "weights, in which the largest batch and context are searched")
+    budget_gb: float = Field(
+        0.25,
+        gt=0,
+        le=4096,
+        description="memory for KV cache and activations beyond the "
+        "weights, in which the largest batch and context are searched",
+    )
     context: int = Field(128, gt=0, le=1_048_576, description="context length at which the largest batch is searched")
     max_batch: int = Field(32, gt=0, le=65_536, description="search ceiling for batch size")
-    max_context: int | None = Field(None, gt=0, description="search ceiling for context (default: the model's "
-                                    "maximum, capped at 2048 to bound the search's cost)")
+    max_context: int | None = Field(
+        None,
+        gt=0,
+        description="search ceiling for context (default: the model's "
+        "maximum, capped at 2048 to bound the search's cost)",
+    )
 
 
 class OutputsSpec(Strict):
-    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1, max_length=256,
-                               description="fixed prompts: determinism, reference diff against the base")
+    prompts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROMPTS),
+        min_length=1,
+        max_length=256,
+        description="fixed prompts: determinism, reference diff against the base",
+    )
     max_new_tokens: int = Field(24, gt=0, le=1024)
     seed: int = Field(0, ge=0, description="sampling seed for the determinism check")
 
@@ -141,8 +162,12 @@ class SafetySpec(Strict):
 
 
 class TasksSpec(Strict):
-    names: list[str] = Field(default_factory=lambda: ["shakespeare_next_line", "shakespeare_last_word"],
-                             min_length=1, max_length=64, description="lm-eval task names (farm's, or yours)")
+    names: list[str] = Field(
+        default_factory=lambda: ["shakespeare_next_line", "shakespeare_last_word"],
+        min_length=1,
+        max_length=64,
+        description="lm-eval task names (farm's, or yours)",
+    )
     data_dir: str = Field("../.fixtures/tasks", description="where farm's task JSONL lives (built by fixtures)")
     include_path: str | None = Field(None, description="a directory of your own lm-eval task YAMLs")
     limit: int | None = Field(100, gt=0, description="documents per task (null: all)")
@@ -162,8 +187,12 @@ DEFAULT_TURNS = [
 
 
 class KVCacheSpec(Strict):
-    turns: list[str] = Field(default_factory=lambda: list(DEFAULT_TURNS), min_length=2, max_length=64,
-                             description="user turns of one long conversation")
+    turns: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TURNS),
+        min_length=2,
+        max_length=64,
+        description="user turns of one long conversation",
+    )
     max_new_tokens: int = Field(40, gt=0, le=1024, description="tokens per assistant reply")
 
 
@@ -194,33 +223,65 @@ class ServingSpec(Strict):
     """The variant as a serving engine runs it: its own process and environment, on the worker's GPU."""
 
     engine: Literal["vllm"] = Field("vllm", description="serving engine (vLLM's async engine, as `vllm serve`)")
-    python: str | None = Field(None, min_length=1, description="interpreter of an environment with the engine "
-                               "installed (default: the worker's own)")
-    pythonpath: list[str] = Field(default_factory=list, max_length=16, description="directories put first on "
-                                  "the engine process's PYTHONPATH (an engine installed with pip --target)")
-    env: dict[str, str] = Field(default_factory=dict, max_length=64, description="environment variables of the "
-                                "engine process")
+    python: str | None = Field(
+        None,
+        min_length=1,
+        description="interpreter of an environment with the engine installed (default: the worker's own)",
+    )
+    pythonpath: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="directories put first on the engine process's PYTHONPATH (an engine installed with pip --target)",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, max_length=64, description="environment variables of the engine process"
+    )
     shapes: list[ShapeName | ServingShape] = Field(
-        default_factory=lambda: list[ShapeName | ServingShape](["default"]), min_length=1, max_length=8,
+        default_factory=lambda: list[ShapeName | ServingShape](["default"]),
+        min_length=1,
+        max_length=8,
         description="request shapes: default 512 in / 128 out, chat 256 / 256, long_context 4096 / 128, or "
-                    "{name, input_tokens, output_tokens}")
-    concurrency: list[int] = Field(default_factory=lambda: [1, 16, 64, 256], min_length=1, max_length=16,
-                                   description="requests in flight at once, one measurement per level")
-    requests_per_level: int | None = Field(None, gt=0, le=100_000, description="requests measured per level "
-                                           "(default: max(8, 2 x concurrency))")
+        "{name, input_tokens, output_tokens}",
+    )
+    concurrency: list[int] = Field(
+        default_factory=lambda: [1, 16, 64, 256],
+        min_length=1,
+        max_length=16,
+        description="requests in flight at once, one measurement per level",
+    )
+    requests_per_level: int | None = Field(
+        None, gt=0, le=100_000, description="requests measured per level (default: max(8, 2 x concurrency))"
+    )
     warmup_requests: int = Field(4, ge=0, le=1024, description="requests run before measuring, not counted")
     seed: int = Field(0, ge=0, description="seed of the prompt draw (windows of the held-out text)")
-    context: int | None = Field(None, gt=0, le=1_048_576, description="context at which the KV cache's "
-                                "concurrent sequences are reported (default: the largest shape's length)")
-    max_model_len: int | None = Field(None, gt=0, le=1_048_576, description="engine's max_model_len (default: "
-                                      "the larger of the largest shape and `context`)")
+    context: int | None = Field(
+        None,
+        gt=0,
+        le=1_048_576,
+        description="context at which the KV cache's "
+        "concurrent sequences are reported (default: the largest shape's length)",
+    )
+    max_model_len: int | None = Field(
+        None,
+        gt=0,
+        le=1_048_576,
+        description="engine's max_model_len (default: the larger of the largest shape and `context`)",
+    )
     engine_args: dict[str, str | int | float | bool] = Field(
-        default_factory=dict, max_length=64, description="the engine's own arguments as the deployment sets them "
-        "(vLLM's AsyncEngineArgs, e.g. max_num_seqs, kv_cache_dtype); measured as given")
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=0.98, description="engine's share of the GPU "
-                                                 "(default: 0.85 x the variant's num_gpus, at most 0.85)")
-    greedy_prompts: int = Field(8, ge=0, le=256, description="prompts whose greedy outputs are compared with the "
-                                "base's (exact-match share)")
+        default_factory=dict,
+        max_length=64,
+        description="the engine's own arguments as the deployment sets them "
+        "(vLLM's AsyncEngineArgs, e.g. max_num_seqs, kv_cache_dtype); measured as given",
+    )
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=0.98,
+        description="engine's share of the GPU (default: 0.85 x the variant's num_gpus, at most 0.85)",
+    )
+    greedy_prompts: int = Field(
+        8, ge=0, le=256, description="prompts whose greedy outputs are compared with the base's (exact-match share)"
+    )
     greedy_tokens: int = Field(32, gt=0, le=4096, description="tokens of each greedy output")
     timeout_s: float = Field(1800, gt=0, le=86_400, description="the engine process is stopped after this")
 
@@ -236,9 +297,14 @@ class ServingSpec(Strict):
     @field_validator("engine_args")
     @classmethod
     def _not_farms(cls, v: dict[str, Any]) -> dict[str, Any]:
-        own = {"model": None, "tokenizer": None, "trust_remote_code": "models[].trust_remote_code",
-               "seed": "evaluation.serving.seed", "max_model_len": "evaluation.serving.max_model_len",
-               "gpu_memory_utilization": "evaluation.serving.gpu_memory_utilization"}
+        own = {
+            "model": None,
+            "tokenizer": None,
+            "trust_remote_code": "models[].trust_remote_code",
+            "seed": "evaluation.serving.seed",
+            "max_model_len": "evaluation.serving.max_model_len",
+            "gpu_memory_utilization": "evaluation.serving.gpu_memory_utilization",
+        }
         for key in v:
             if key in own:
                 raise ValueError(f"{key} is farm's to set" + (f": use {own[key]}" if own[key] else ""))
@@ -254,8 +320,12 @@ class ServingSpec(Strict):
         return v
 
     def resolved_shapes(self) -> list[ServingShape]:
-        return [ServingShape(name=s, input_tokens=SERVING_SHAPES[s][0], output_tokens=SERVING_SHAPES[s][1])
-                if isinstance(s, str) else s for s in self.shapes]
+        return [
+            ServingShape(name=s, input_tokens=SERVING_SHAPES[s][0], output_tokens=SERVING_SHAPES[s][1])
+            if isinstance(s, str)
+            else s
+            for s in self.shapes
+        ]
 
     def model_len(self) -> int:
         longest = max(s.input_tokens + s.output_tokens for s in self.resolved_shapes())
@@ -274,19 +344,31 @@ class EvaluationSpec(Strict):
     perplexity: PerplexitySpec
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     thresholds: Thresholds = Field(default_factory=Thresholds)
-    serving: ServingSpec | None = Field(None, description="throughput, latency, weights and KV cache as the "
-                                       "serving engine (vLLM) runs the variant, on its GPU")
-    latency: LatencySpec | None = Field(None, description="dense reference, not deployment speed: time to first "
-                                        "token and tokens/s of transformers generate on the decompressed weights")
-    memory: MemorySpec | None = Field(None, description="dense reference, not deployment memory: weights, peak, "
-                                      "largest batch and context under transformers")
+    serving: ServingSpec | None = Field(
+        None,
+        description="throughput, latency, weights and KV cache as the "
+        "serving engine (vLLM) runs the variant, on its GPU",
+    )
+    latency: LatencySpec | None = Field(
+        None,
+        description="dense reference, not deployment speed: time to first "
+        "token and tokens/s of transformers generate on the decompressed weights",
+    )
+    memory: MemorySpec | None = Field(
+        None,
+        description="dense reference, not deployment memory: weights, peak, "
+        "largest batch and context under transformers",
+    )
     outputs: OutputsSpec | None = Field(None, description="determinism and reference diff against the base")
     safety: SafetySpec | None = Field(None, description="refusal accuracy and toxicity of generations")
     speculative: SpeculativeSpec | None = Field(None, description="acceptance rate drafting for the base")
     tasks: TasksSpec | None = Field(None, description="task accuracy through lm-eval-harness (local tasks)")
     kv_cache: KVCacheSpec | None = Field(None, description="a long conversation with and without an FP8 KV cache")
-    adapters: list[AdapterSpec] = Field(default_factory=list, max_length=16, description="LoRA adapters of the "
-                                        "base, each evaluated on the base and on every quantized variant (QLoRA)")
+    adapters: list[AdapterSpec] = Field(
+        default_factory=list,
+        max_length=16,
+        description="LoRA adapters of the base, each evaluated on the base and on every quantized variant (QLoRA)",
+    )
 
     @field_validator("adapters")
     @classmethod
@@ -303,21 +385,34 @@ class GateRule(Strict):
     op: Literal["<=", ">=", "<", ">", "=="] = Field(description="comparison")
     threshold: float
     versus_base: Literal["none", "delta", "ratio"] = Field(
-        "none", description="compare the metric itself, variant - base, or variant / base")
+        "none", description="compare the metric itself, variant - base, or variant / base"
+    )
     required: bool = Field(True, description="a failing required rule rejects; an advisory one only warns")
 
 
 class GateSpec(Strict):
-    rules: list[GateRule] | None = Field(None, max_length=100, description="the evaluation matrix (default: "
-                                         "farm's, for the checks the job enables)")
-    alias: str = Field("candidate", pattern=r"^[a-z][a-z0-9-]{0,40}$", description="registry alias prefix for "
-                       "promoted variants (@candidate = the smallest promoted variant of a base)")
-    ladder: list[list[str]] | None = Field(None, max_length=16, description="rungs of method labels, cheapest "
-                                           "risk first (e.g. [[gptq-w8a16-g128], [gptq-w4a16-g128]]): a rung runs "
-                                           "for a base only if every variant of the rung below was promoted")
-    tiers: dict[str, list[str]] = Field(default_factory=dict, description="tier -> method labels (e.g. premium: "
-                                        "[fp8-dynamic], bulk: [gptq-w4a16-g64]); the smallest promoted variant of "
-                                        "each tier gets @<alias>-<tier>")
+    rules: list[GateRule] | None = Field(
+        None, max_length=100, description="the evaluation matrix (default: farm's, for the checks the job enables)"
+    )
+    alias: str = Field(
+        "candidate",
+        pattern=r"^[a-z][a-z0-9-]{0,40}$",
+        description="registry alias prefix for "
+        "promoted variants (@candidate = the smallest promoted variant of a base)",
+    )
+    ladder: list[list[str]] | None = Field(
+        None,
+        max_length=16,
+        description="rungs of method labels, cheapest "
+        "risk first (e.g. [[gptq-w8a16-g128], [gptq-w4a16-g128]]): a rung runs "
+        "for a base only if every variant of the rung below was promoted",
+    )
+    tiers: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="tier -> method labels (e.g. premium: "
+        "[fp8-dynamic], bulk: [gptq-w4a16-g64]); the smallest promoted variant of "
+        "each tier gets @<alias>-<tier>",
+    )
 
 
 class ResourceSpec(Strict):
@@ -325,28 +420,41 @@ class ResourceSpec(Strict):
     num_cpus: float = Field(1, gt=0, le=512, description="CPUs per variant (also torch threads)")
     memory_gb: float | None = Field(None, gt=0, le=4096, description="host memory reserved per variant")
     max_retries: int = Field(1, ge=0, le=10, description="times a variant whose worker died is retried")
-    ranks: int = Field(1, ge=1, le=64, description="data-parallel calibration ranks per variant: >1 forms a Ray "
-                       "placement group of this many workers (each num_gpus/num_cpus) running llm-compressor's "
-                       "distributed oneshot; data-free methods use one worker")
+    ranks: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="data-parallel calibration ranks per variant: >1 forms a Ray "
+        "placement group of this many workers (each num_gpus/num_cpus) running llm-compressor's "
+        "distributed oneshot; data-free methods use one worker",
+    )
     gptq_hessian: Literal["tensor_cores", "fp32"] = Field(
-        "tensor_cores", description="how GPTQ's Hessians are summed on GPUs: tensor_cores (bf16 products, exact in "
+        "tensor_cores",
+        description="how GPTQ's Hessians are summed on GPUs: tensor_cores (bf16 products, exact in "
         "fp32, summed in fp32 in 4096-token chunks; ~10x faster, GPTQ's loss within 0.05%) or fp32 "
-        "(llm-compressor's own fp32 GEMM); the output format is the same")
+        "(llm-compressor's own fp32 GEMM); the output format is the same",
+    )
     gptq_inverse: Literal["left_looking", "reversed_cholesky", "llmcompressor"] = Field(
-        "left_looking", description="how GPTQ uses the inverse Hessian on GPUs: left_looking (the column loop "
+        "left_looking",
+        description="how GPTQ uses the inverse Hessian on GPUs: left_looking (the column loop "
         "reorganised to need only the Hessian's Cholesky factor, no inverse; an 8B down_proj solve 0.29 -> "
         "0.08-0.13 s), reversed_cholesky (the inverse factor from one Cholesky and a triangular solve) or "
-        "llmcompressor (its three factorisations and right-looking loop); same algorithm and format")
+        "llmcompressor (its three factorisations and right-looking loop); same algorithm and format",
+    )
     gptq_broadcast: Literal["forward_order", "llmcompressor"] = Field(
-        "llmcompressor", description="with ranks > 1 on GPUs, how each layer's GPTQ results reach every rank: "
+        "llmcompressor",
+        description="with ranks > 1 on GPUs, how each layer's GPTQ results reach every rank: "
         "forward_order (sent in the order the layer uses them, each waited for where first used, and each rank's "
         "share propagated in one batch when memory allows: the other ranks run attention and gate/up while "
         "down_proj's owner solves, and that owner given fewer calibration samples) or llmcompressor (all sent, "
-        "then all waited for; an even split); the same GPTQ problem, its float sums in another order")
+        "then all waited for; an even split); the same GPTQ problem, its float sums in another order",
+    )
     calibration_attention: Literal["sdpa", "eager"] = Field(
-        "sdpa", description="attention in calibration forward passes: sdpa (transformers' fused attention with "
+        "sdpa",
+        description="attention in calibration forward passes: sdpa (transformers' fused attention with "
         "llm-compressor's eager causal mask, for architectures whose eager attention is plain softmax attention) "
-        "or eager (llm-compressor's default; ~60% of a 1B GPTQ run's GPU time on an H100)")
+        "or eager (llm-compressor's default; ~60% of a 1B GPTQ run's GPU time on an H100)",
+    )
 
     @model_validator(mode="after")
     def _whole_gpus_for_ranks(self) -> ResourceSpec:
@@ -360,8 +468,11 @@ class TrackingSpec(Strict):
     experiment: str = Field("farm", min_length=1, max_length=200, description="MLflow experiment name")
     registered_model_prefix: str = Field("", pattern=r"^[A-Za-z0-9_.-]{0,64}$", description="registry name prefix")
     log_model: bool = Field(True, description="upload the quantized model as run artifacts")
-    tags: dict[str, str] = Field(default_factory=dict, max_length=64,
-                                 description="extra MLflow tags on every run of the job (farm's own tags win)")
+    tags: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="extra MLflow tags on every run of the job (farm's own tags win)",
+    )
 
     @field_validator("tags")
     @classmethod
@@ -384,8 +495,11 @@ class JobSpec(Strict):
     methods: list[MethodField] = Field(min_length=1, max_length=256)
     calibration: CalibrationSpec
     calibration_sets: dict[str, CalibrationSpec] = Field(
-        default_factory=dict, max_length=64, description="named calibration sets a method can pick "
-        "(`calibration: {set: name}`); a variant calibrated on a different set is a different variant")
+        default_factory=dict,
+        max_length=64,
+        description="named calibration sets a method can pick "
+        "(`calibration: {set: name}`); a variant calibrated on a different set is a different variant",
+    )
     evaluation: EvaluationSpec
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
@@ -404,19 +518,25 @@ class JobSpec(Strict):
         for i, m in enumerate(self.methods):
             wanted = m.calibration.set if m.calibration else None
             if wanted and wanted not in self.calibration_sets:
-                raise ValueError(f"methods.{i}.calibration.set: unknown set {wanted!r}; defined: "
-                                 f"{', '.join(sorted(self.calibration_sets)) or 'none'}")
+                raise ValueError(
+                    f"methods.{i}.calibration.set: unknown set {wanted!r}; defined: "
+                    f"{', '.join(sorted(self.calibration_sets)) or 'none'}"
+                )
         if self.evaluation.serving and self.resources.num_gpus <= 0:
-            raise ValueError("evaluation.serving: the serving engine runs on the variant's GPU, but "
-                             "resources.num_gpus is 0; give each variant a GPU (or its share) or drop serving")
+            raise ValueError(
+                "evaluation.serving: the serving engine runs on the variant's GPU, but "
+                "resources.num_gpus is 0; give each variant a GPU (or its share) or drop serving"
+            )
         if self.gate:
             labels = {m.label() for m in self.methods}
             named = [x for rung in self.gate.ladder or [] for x in rung] + [
-                x for group in self.gate.tiers.values() for x in group]
+                x for group in self.gate.tiers.values() for x in group
+            ]
             unknown = sorted(set(named) - labels)
             if unknown:
-                raise ValueError(f"gate: unknown method label(s) {', '.join(unknown)}; "
-                                 f"labels: {', '.join(sorted(labels))}")
+                raise ValueError(
+                    f"gate: unknown method label(s) {', '.join(unknown)}; labels: {', '.join(sorted(labels))}"
+                )
         return self
 
 
@@ -458,22 +578,41 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
     ev = spec.evaluation
     return spec.model_copy(
         update={
-            "models": [m.model_copy(update={"source": _resolve(m.source, base), "merge_adapter": _resolve(
-                m.merge_adapter, base) if m.merge_adapter else None}) for m in spec.models],
+            "models": [
+                m.model_copy(
+                    update={
+                        "source": _resolve(m.source, base),
+                        "merge_adapter": _resolve(m.merge_adapter, base) if m.merge_adapter else None,
+                    }
+                )
+                for m in spec.models
+            ],
             "calibration": spec.calibration.with_paths(base),
             "calibration_sets": {k: v.with_paths(base) for k, v in spec.calibration_sets.items()},
             "evaluation": ev.model_copy(
-                update={"perplexity": ev.perplexity.model_copy(update={"source": _resolve(ev.perplexity.source, base)}),
-                        "safety": ev.safety.model_copy(update={"suite": _resolve(ev.safety.suite, base)})
-                        if ev.safety and ev.safety.suite else ev.safety,
-                        "tasks": ev.tasks.model_copy(update={
+                update={
+                    "perplexity": ev.perplexity.model_copy(update={"source": _resolve(ev.perplexity.source, base)}),
+                    "safety": ev.safety.model_copy(update={"suite": _resolve(ev.safety.suite, base)})
+                    if ev.safety and ev.safety.suite
+                    else ev.safety,
+                    "tasks": ev.tasks.model_copy(
+                        update={
                             "data_dir": _resolve(ev.tasks.data_dir, base),
                             "include_path": _resolve(ev.tasks.include_path, base) if ev.tasks.include_path else None,
-                        }) if ev.tasks else None,
-                        "adapters": [a.model_copy(update={
-                            "source": _resolve(a.source, base),
-                            "eval_source": _resolve(a.eval_source, base) if a.eval_source else None,
-                        }) for a in ev.adapters]}
+                        }
+                    )
+                    if ev.tasks
+                    else None,
+                    "adapters": [
+                        a.model_copy(
+                            update={
+                                "source": _resolve(a.source, base),
+                                "eval_source": _resolve(a.eval_source, base) if a.eval_source else None,
+                            }
+                        )
+                        for a in ev.adapters
+                    ],
+                }
             ),
             "output": spec.output.model_copy(update={"root": _resolve(spec.output.root, base)}),
         }

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from farm import fixtures
-from farm.stages.adapters import train_lora
+from farm.stages.checks.adapters import train_lora
 
 
 def main() -> None:

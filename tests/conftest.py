@@ -30,8 +30,10 @@ def tiny_spec(paths: dict[str, Path], out_root: str, **overrides: object) -> dic
             {"method": "smoothquant"},
         ],
         "calibration": {"source": str(text / "calibration.txt"), "num_samples": 4, "max_seq_length": 64},
-        "evaluation": {"perplexity": {"source": str(text / "heldout.txt"), "max_tokens": 512, "seq_len": 128},
-                       "generation": {"max_new_tokens": 4}},
+        "evaluation": {
+            "perplexity": {"source": str(text / "heldout.txt"), "max_tokens": 512, "seq_len": 128},
+            "generation": {"max_new_tokens": 4},
+        },
         "resources": {"num_cpus": 1},
         "tracking": {"experiment": "tiny"},
         "output": {"root": out_root},

@@ -70,7 +70,12 @@ def tiny_oneshot_loss(speedup: contextlib.AbstractContextManager[Any] | None = N
     windows = sample_windows(read_text(str(text)), load_tokenizer(model_dir), 8, 64, 0)
     ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
     with speedup or contextlib.nullcontext() as used, observed_losses() as losses:
-        oneshot(model=load_model(model_dir, "cpu"), dataset=ds,
-                recipe=build_method({"method": "gptq", "group_size": 32}).modifiers(),
-                num_calibration_samples=len(ds), max_seq_length=64, shuffle_calibration_samples=False)
+        oneshot(
+            model=load_model(model_dir, "cpu"),
+            dataset=ds,
+            recipe=build_method({"method": "gptq", "group_size": 32}).modifiers(),
+            num_calibration_samples=len(ds),
+            max_seq_length=64,
+            shuffle_calibration_samples=False,
+        )
     return sum(losses), used

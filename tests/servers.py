@@ -58,8 +58,9 @@ def _kill_group(proc: subprocess.Popen) -> None:
 @contextlib.contextmanager
 def process(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         yield proc
     finally:
@@ -78,8 +79,12 @@ def moto_s3(workdir: Path) -> Iterator[str]:
 def make_bucket(endpoint: str, bucket: str) -> None:
     import boto3
 
-    boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in S3_ENV.items() if "KEY" in k},
-                 region_name=S3_ENV["AWS_DEFAULT_REGION"]).create_bucket(Bucket=bucket)
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        **{k.lower(): v for k, v in S3_ENV.items() if "KEY" in k},
+        region_name=S3_ENV["AWS_DEFAULT_REGION"],
+    ).create_bucket(Bucket=bucket)
 
 
 @contextlib.contextmanager
@@ -89,8 +94,20 @@ def mlflow_process(workdir: Path, s3_endpoint: str | None, artifacts: str) -> It
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **S3_ENV}
     if s3_endpoint:
         env["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint
-    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--artifacts-destination", artifacts]
+    cmd = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{workdir / 'mlflow.db'}",
+        "--artifacts-destination",
+        artifacts,
+    ]
     with process(cmd, env, workdir / "mlflow.log") as p:
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/health", 120, p)
@@ -109,24 +126,54 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def ray_head(workdir: Path, num_cpus: int, num_gpus: int, env: dict[str, str],
-             dashboard_port: int | None = None) -> Iterator[str]:
+def ray_head(
+    workdir: Path, num_cpus: int, num_gpus: int, env: dict[str, str], dashboard_port: int | None = None
+) -> Iterator[str]:
     """`ray start --head --block` on loopback with fake GPUs; killing its session stops the whole cluster.
     With `dashboard_port`, the dashboard (and so the Jobs API) listens on 127.0.0.1:dashboard_port."""
     port = free_port()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    dashboard = (["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                  str(dashboard_port)] if dashboard_port else ["--include-dashboard", "false"])
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1",
-           "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus), *dashboard,
-           "--temp-dir", temp, "--disable-usage-stats",
-           # several heads on one machine (the session's stack, a Jobs API head, a developer's own) must not
-           # share the agents' default ports
-           "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-           "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
+    dashboard = (
+        ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)]
+        if dashboard_port
+        else ["--include-dashboard", "false"]
+    )
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--port",
+        str(port),
+        "--node-ip-address",
+        "127.0.0.1",
+        "--num-cpus",
+        str(num_cpus),
+        "--num-gpus",
+        str(num_gpus),
+        *dashboard,
+        "--temp-dir",
+        temp,
+        "--disable-usage-stats",
+        # several heads on one machine (the session's stack, a Jobs API head, a developer's own) must not
+        # share the agents' default ports
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+        "--dashboard-agent-grpc-port",
+        str(free_port()),
+        "--runtime-env-agent-port",
+        str(free_port()),
+        "--metrics-export-port",
+        str(free_port()),
+    ]
     # the cluster's `python` is this environment's, as on a real node image (job entrypoints run `python`)
-    ray_env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-               "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **env}
+    ray_env = {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        **env,
+    }
     try:
         with process(cmd, ray_env, workdir / "ray.log") as p:
             address = f"127.0.0.1:{port}"
@@ -134,7 +181,8 @@ def ray_head(workdir: Path, num_cpus: int, num_gpus: int, env: dict[str, str],
             while time.time() < deadline:
                 if p.poll() is not None:
                     raise RuntimeError(
-                        f"ray start exited with {p.returncode}: {(workdir / 'ray.log').read_text()[-2000:]}")
+                        f"ray start exited with {p.returncode}: {(workdir / 'ray.log').read_text()[-2000:]}"
+                    )
                 if "Ray runtime started" in (workdir / "ray.log").read_text(errors="replace"):
                     break
                 time.sleep(0.5)

@@ -18,9 +18,10 @@ class AWQConfig(MethodConfig):
     duo_scaling: bool = Field(True, description="use weight as well as activation magnitudes for the scales")
     n_grid: int = Field(20, gt=0, le=1000, description="grid points searched per scale")
     backend: Literal["llmcompressor", "autoawq"] = Field(
-        "llmcompressor", description="llmcompressor (compressed-tensors) or autoawq (AutoAWQ 0.2.9, GEMM format, "
-        "in its own Ray runtime environment; archived upstream)")
-
+        "llmcompressor",
+        description="llmcompressor (compressed-tensors) or autoawq (AutoAWQ 0.2.9, GEMM format, "
+        "in its own Ray runtime environment; archived upstream)",
+    )
 
     def default_label(self) -> str:
         return f"awq-{self.scheme.lower()}-g{self.group_size}"

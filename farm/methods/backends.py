@@ -36,8 +36,12 @@ class Backend:
         return env
 
 
-GPTQMODEL = Backend("gptqmodel", packages=("gptqmodel==7.6.0", "optimum==2.3.0"),
-                    env_vars={"GPTQMODEL_CPU_WORKERS": "2"}, keep=("torch", "transformers"))
+GPTQMODEL = Backend(
+    "gptqmodel",
+    packages=("gptqmodel==7.6.0", "optimum==2.3.0"),
+    env_vars={"GPTQMODEL_CPU_WORKERS": "2"},
+    keep=("torch", "transformers"),
+)
 
 BACKENDS = {
     "llmcompressor": Backend("llmcompressor"),
@@ -47,8 +51,15 @@ BACKENDS = {
     # AutoAWQ 0.2.9 (archived) imports only with transformers 4.51: it quantizes in that environment; the
     # variant's worker evaluates in GPTQModel's (current transformers + GPTQModel's AWQ kernels), because
     # AutoAWQ's own CPU reload needs intel_extension_for_pytorch, which refuses torch 2.13.
-    "autoawq": Backend("autoawq", packages=GPTQMODEL.packages, env_vars=GPTQMODEL.env_vars, keep=GPTQMODEL.keep,
-                       quantize_in="autoawq-quantize", stage="farm.stages.autoawq:quantize_autoawq"),
-    "autoawq-quantize": Backend("autoawq-quantize", packages=("autoawq==0.2.9", "transformers==4.51.3"),
-                                keep=("torch",)),
+    "autoawq": Backend(
+        "autoawq",
+        packages=GPTQMODEL.packages,
+        env_vars=GPTQMODEL.env_vars,
+        keep=GPTQMODEL.keep,
+        quantize_in="autoawq-quantize",
+        stage="farm.stages.engines.autoawq:quantize_autoawq",
+    ),
+    "autoawq-quantize": Backend(
+        "autoawq-quantize", packages=("autoawq==0.2.9", "transformers==4.51.3"), keep=("torch",)
+    ),
 }

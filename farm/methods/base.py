@@ -22,8 +22,11 @@ class CalibrationOverride(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     num_samples: int | None = Field(None, gt=0, le=100_000, description="calibration samples for this method")
     max_seq_length: int | None = Field(None, gt=0, le=131_072, description="tokens per calibration sample")
-    set: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="a named set from the job's "
-                            "calibration_sets (default: the job's calibration)")
+    set: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="a named set from the job's calibration_sets (default: the job's calibration)",
+    )
 
 
 class MethodConfig(BaseModel):
@@ -60,7 +63,7 @@ class MethodConfig(BaseModel):
     cost_rank: ClassVar[int] = 9
 
     def stage(self) -> str | None:
-        """"module:function" of the quantize stage for this config; None = llm-compressor's oneshot with
+        """ "module:function" of the quantize stage for this config; None = llm-compressor's oneshot with
         `modifiers()` (stages/quantize.py). A method with its own engine names it here, so adding one touches
         neither the quantize stage nor the driver."""
         return None

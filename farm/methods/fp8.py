@@ -14,8 +14,10 @@ class FP8Config(MethodConfig):
     cost_rank: ClassVar[int] = 3
     scheme: Literal["FP8_DYNAMIC", "FP8_BLOCK"] = Field("FP8_DYNAMIC", description="compressed-tensors preset")
     engine: Literal["oneshot", "model_free"] = Field(
-        "oneshot", description="oneshot builds the model in transformers; model_free quantizes the safetensors "
-        "shards directly (no model definition, shards spread over the worker's GPUs: resources.ranks GPUs)")
+        "oneshot",
+        description="oneshot builds the model in transformers; model_free quantizes the safetensors "
+        "shards directly (no model definition, shards spread over the worker's GPUs: resources.ranks GPUs)",
+    )
 
     @property
     def requires_calibration(self) -> bool:
@@ -56,8 +58,14 @@ class FP8StaticConfig(MethodConfig):
     def modifiers(self) -> list[Any]:
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
-        return [QuantizationModifier(targets="Linear", scheme="FP8", ignore=list(self.ignore),
-                                     kv_cache_scheme=FP8_KV_CACHE if self.kv_cache else None)]
+        return [
+            QuantizationModifier(
+                targets="Linear",
+                scheme="FP8",
+                ignore=list(self.ignore),
+                kv_cache_scheme=FP8_KV_CACHE if self.kv_cache else None,
+            )
+        ]
 
 
 class KVCacheFP8Config(MethodConfig):

@@ -21,8 +21,10 @@ class GPTQConfig(MethodConfig):
         "static", description="activation ordering (llm-compressor's default; null turns it off)"
     )
     backend: Literal["llmcompressor", "gptqmodel"] = Field(
-        "llmcompressor", description="llmcompressor (compressed-tensors format) or gptqmodel (GPTQ format, run "
-        "in its own Ray runtime environment)")
+        "llmcompressor",
+        description="llmcompressor (compressed-tensors format) or gptqmodel (GPTQ format, run "
+        "in its own Ray runtime environment)",
+    )
 
     @model_validator(mode="after")
     def _backend_settings(self) -> GPTQConfig:
@@ -30,15 +32,19 @@ class GPTQConfig(MethodConfig):
             raise ValueError("actorder 'weight' is llm-compressor's; gptqmodel has static, group or null")
         return self
 
-
     def stage(self) -> str | None:
-        return "farm.stages.gptqmodel:quantize_gptqmodel" if self.backend == "gptqmodel" else None
+        return "farm.stages.engines.gptqmodel:quantize_gptqmodel" if self.backend == "gptqmodel" else None
 
     def gptqmodel_config(self) -> dict[str, Any]:
         """GPTQModel's QuantizeConfig arguments for the same settings (actorder -> desc_act/static_groups)."""
-        return {"bits": self.bits, "group_size": self.group_size or -1, "sym": self.symmetric,
-                "desc_act": self.actorder is not None, "static_groups": self.actorder == "static",
-                "damp_percent": self.dampening_frac}
+        return {
+            "bits": self.bits,
+            "group_size": self.group_size or -1,
+            "sym": self.symmetric,
+            "desc_act": self.actorder is not None,
+            "static_groups": self.actorder == "static",
+            "damp_percent": self.dampening_frac,
+        }
 
     @property
     def bits(self) -> int:

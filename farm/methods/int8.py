@@ -12,8 +12,9 @@ from farm.methods.base import MethodConfig
 
 class INT8Config(MethodConfig):
     method: Literal["int8"] = "int8"
-    activations: Literal["dynamic", "static"] = Field("dynamic", description="per-token scales at run time, "
-                                                      "or per-tensor scales calibrated ahead of time")
+    activations: Literal["dynamic", "static"] = Field(
+        "dynamic", description="per-token scales at run time, or per-tensor scales calibrated ahead of time"
+    )
     weights: Literal["gptq", "rtn"] = Field("rtn", description="how int8 weights are rounded")
 
     @property
@@ -24,9 +25,11 @@ class INT8Config(MethodConfig):
         return f"int8-w8a8-{self.activations}-{self.weights}"
 
     def config_groups(self) -> dict[str, Any]:
-        acts = ({"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
-                if self.activations == "dynamic" else
-                {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False})
+        acts = (
+            {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+            if self.activations == "dynamic"
+            else {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False}
+        )
         weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
         return {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts}}
 

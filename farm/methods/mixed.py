@@ -1,8 +1,8 @@
 """Automatic mixed precision: most decoder layers at a low integer grid, the most fragile at a high one.
 
-A layer's fragility is measured (stages/sensitivity.py: quantize that layer alone, round-to-nearest, perplexity
+A layer's fragility is measured (stages/engines/sensitivity.py: quantize that layer alone, round-to-nearest, perplexity
 on calibration text); the layers are ranked by perplexity lost per byte saved; the fewest upgrades that keep the
-measured perplexity delta within `budget` are found by bisection over real quantizations (stages/mixed.py).
+measured perplexity delta within `budget` are found by bisection over real quantizations (stages/engines/mixed.py).
 Which layers were kept high depends on the model, so the recipe is built per model, not by `modifiers()`."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class MixedConfig(MethodConfig):
         return [g.group_size for g in (self.low, self.high) if g.group_size]
 
     def stage(self) -> str | None:
-        return "farm.stages.mixed:quantize_mixed"
+        return "farm.stages.engines.mixed:quantize_mixed"
 
     def modifiers(self) -> list[Any]:
         raise TypeError("the mixed method's recipe depends on the model's layers; use modifiers_for()")

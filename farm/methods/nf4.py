@@ -16,9 +16,11 @@ class NF4Config(MethodConfig):
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit NormalFloat (QLoRA) or plain FP4")
     double_quant: bool = Field(True, description="quantize the per-block scales too (~0.4 bits/weight saved)")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="dtype of the matmuls (auto: float32 on CPU, bfloat16 on GPUs)")
-    ignore: list[str] = Field(default_factory=lambda: ["lm_head"],
-                              description="Linear modules kept in high precision, by name (no regexes)")
+        "auto", description="dtype of the matmuls (auto: float32 on CPU, bfloat16 on GPUs)"
+    )
+    ignore: list[str] = Field(
+        default_factory=lambda: ["lm_head"], description="Linear modules kept in high precision, by name (no regexes)"
+    )
 
     @field_validator("ignore")
     @classmethod
@@ -40,7 +42,7 @@ class NF4Config(MethodConfig):
         return self.quant_type + ("-dq" if self.double_quant else "")
 
     def stage(self) -> str | None:
-        return "farm.stages.bitsandbytes:quantize_bitsandbytes"
+        return "farm.stages.engines.bitsandbytes:quantize_bitsandbytes"
 
     def modifiers(self) -> list[Any]:
         raise TypeError("nf4 is not an llm-compressor recipe; use quantization_config()")
@@ -50,7 +52,10 @@ class NF4Config(MethodConfig):
         from transformers import BitsAndBytesConfig
 
         dtype = self.compute_dtype if self.compute_dtype != "auto" else ("float32" if device == "cpu" else "bfloat16")
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
-                                  bnb_4bit_use_double_quant=self.double_quant,
-                                  bnb_4bit_compute_dtype=getattr(torch, dtype),
-                                  llm_int8_skip_modules=list(self.ignore) or None)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, dtype),
+            llm_int8_skip_modules=list(self.ignore) or None,
+        )

@@ -57,14 +57,14 @@ def config_groups(layers: list[Layer], high: set[int], low_grid: Grid, high_grid
 
 def quantized_bytes(layers: list[Layer], high: set[int], low_grid: Grid, high_grid: Grid) -> float:
     """Bytes of the decoder's quantized Linear weights under this assignment (embeddings and norms excluded)."""
-    return sum(layer.params * (high_grid if layer.index in high else low_grid).bytes_per_weight()
-               for layer in layers)
+    return sum(layer.params * (high_grid if layer.index in high else low_grid).bytes_per_weight() for layer in layers)
 
 
 def rank_layers(profile: dict[int, float], layers: list[Layer], low_grid: Grid, high_grid: Grid) -> list[int]:
     """Most fragile first: perplexity lost per byte saved by keeping the layer at the low grid."""
-    cost = {layer.index: layer.params * (high_grid.bytes_per_weight() - low_grid.bytes_per_weight())
-            for layer in layers}
+    cost = {
+        layer.index: layer.params * (high_grid.bytes_per_weight() - low_grid.bytes_per_weight()) for layer in layers
+    }
     return sorted(profile, key=lambda i: (-profile[i] / max(cost.get(i, 1.0), 1.0), i))
 
 
@@ -95,8 +95,9 @@ def predicted_upgrades(profile: dict[int, float], order: list[int], uniform_delt
     return len(order)
 
 
-def smallest_meeting(probe: Callable[[int], float], n: int, budget: float,
-                     guess: Callable[[float], int] | None = None) -> Search:
+def smallest_meeting(
+    probe: Callable[[int], float], n: int, budget: float, guess: Callable[[float], int] | None = None
+) -> Search:
     """Fewest upgrades k in [0, n] whose measured perplexity delta is within budget.
 
     It assumes more upgrades never hurt (true of the measured profile up to noise). After k = 0, `guess` (from

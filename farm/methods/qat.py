@@ -43,7 +43,7 @@ class QATConfig(MethodConfig):
         return [self.group_size] if self.group_size else []
 
     def stage(self) -> str | None:
-        return "farm.stages.qat:quantize_qat"
+        return "farm.stages.engines.qat:quantize_qat"
 
     def modifiers(self) -> list[Any]:
         """The conversion after training: round-to-nearest at the trained grid (what the forward pass saw)."""

@@ -43,9 +43,7 @@ def get_method(name: str) -> type[MethodConfig]:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise UnknownMethodError(
-            f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}"
-        ) from None
+        raise UnknownMethodError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}") from None
 
 
 def build_method(data: dict[str, Any]) -> MethodConfig:

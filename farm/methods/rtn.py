@@ -30,5 +30,9 @@ class RTNConfig(MethodConfig):
     def modifiers(self) -> list[Any]:
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
-        return [QuantizationModifier(config_groups=int_weight_group(int(self.scheme[1]), self.group_size,
-                                                                    self.symmetric), ignore=list(self.ignore))]
+        return [
+            QuantizationModifier(
+                config_groups=int_weight_group(int(self.scheme[1]), self.group_size, self.symmetric),
+                ignore=list(self.ignore),
+            )
+        ]

@@ -17,10 +17,18 @@ from typing import Any
 # Forwarded to workers so they reach the same S3 endpoint and caches; credentials are not forwarded:
 # on a real cluster nodes carry their own (instance roles, mounted secrets).
 FORWARDED_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL", "HF_HUB_OFFLINE",
-    "HF_HOME", "FARM_CACHE", "FARM_FIXTURES",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "HF_HUB_OFFLINE",
+    "HF_HOME",
+    "FARM_CACHE",
+    "FARM_FIXTURES",
     # workers talk to MLflow too (artifact upload): same retry/timeout policy as the driver
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
 )
 
 
@@ -57,8 +65,12 @@ def connect(address: str | None, verbose: bool = False) -> Iterator[Any]:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose, logging_level=logging.WARNING)
     else:
         ray.init(
-            num_gpus=detected_gpus(), include_dashboard=False, log_to_driver=verbose, logging_level=logging.WARNING,
-            runtime_env=runtime_env, _node_ip_address="127.0.0.1",
+            num_gpus=detected_gpus(),
+            include_dashboard=False,
+            log_to_driver=verbose,
+            logging_level=logging.WARNING,
+            runtime_env=runtime_env,
+            _node_ip_address="127.0.0.1",
         )
     if callable(on_term):  # ray.init installs a C handler that kills the process on SIGTERM: give it back
         signal.signal(signal.SIGTERM, on_term)  # to the CLI, which unwinds and marks its open runs FAILED
@@ -175,8 +187,9 @@ class Gang:
     maps process rank to device index, a one-node layout): the ranks of one data-parallel variant. `close`
     kills them and frees the bundles."""
 
-    def __init__(self, cls: type, count: int, bundle: dict[str, float], init_args: tuple[Any, ...],
-                 timeout_s: float = 600):
+    def __init__(
+        self, cls: type, count: int, bundle: dict[str, float], init_args: tuple[Any, ...], timeout_s: float = 600
+    ):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -187,11 +200,19 @@ class Gang:
         if not ready:
             remove_placement_group(self.pg)
             raise RuntimeError(f"a placement group of {count} x {bundle} was not placed within {timeout_s:.0f} s")
-        options = {"num_cpus": bundle.get("CPU", 1), "num_gpus": bundle.get("GPU", 0), "max_restarts": 0,
-                   "max_task_retries": 0, **({"memory": bundle["memory"]} if "memory" in bundle else {})}
+        options = {
+            "num_cpus": bundle.get("CPU", 1),
+            "num_gpus": bundle.get("GPU", 0),
+            "max_restarts": 0,
+            "max_task_retries": 0,
+            **({"memory": bundle["memory"]} if "memory" in bundle else {}),
+        }
         self.actors: list[Any] = [
-            ray.remote(cls).options(**options, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self.pg, placement_group_bundle_index=i)).remote(*init_args)
+            ray.remote(cls)
+            .options(
+                **options, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
+            )
+            .remote(*init_args)
             for i in range(count)
         ]
 
@@ -218,8 +239,7 @@ class Gang:
 def gang_unfit(nodes: list[dict[str, float]], bundle: dict[str, float], count: int) -> str | None:
     """Why no node can hold `count` bundles of this shape at once (a gang lives on one node), or None."""
     need = {k: v for k, v in bundle.items() if v}
-    fits = max((int(min(n.get(k, 0) / v for k, v in need.items()) + 1e-9) if need else count for n in nodes),
-               default=0)
+    fits = max((int(min(n.get(k, 0) / v for k, v in need.items()) + 1e-9) if need else count for n in nodes), default=0)
     if fits >= count:
         return None
     shape = ", ".join(f"{v:g} {k}" if k != "memory" else f"{v / 2**30:.1f} GiB" for k, v in need.items())

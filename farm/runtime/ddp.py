@@ -47,12 +47,18 @@ def init(rank: Rank, timeout_s: float = 1800) -> str:
     import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR=rank.master_addr, MASTER_PORT=str(rank.master_port), RANK=str(rank.rank),
-                      WORLD_SIZE=str(rank.world))
+    os.environ.update(
+        MASTER_ADDR=rank.master_addr, MASTER_PORT=str(rank.master_port), RANK=str(rank.rank), WORLD_SIZE=str(rank.world)
+    )
     cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
-    dist.init_process_group(backend, rank=rank.rank, world_size=rank.world, timeout=dt.timedelta(seconds=timeout_s),
-                            device_id=torch.device("cuda", rank.rank) if cuda else None)
+    dist.init_process_group(
+        backend,
+        rank=rank.rank,
+        world_size=rank.world,
+        timeout=dt.timedelta(seconds=timeout_s),
+        device_id=torch.device("cuda", rank.rank) if cuda else None,
+    )
     dist.barrier()
     return backend
 

@@ -90,12 +90,16 @@ class JobOutcome:
 def preflight(spec: JobSpec) -> Plan:
     """Resolve every input and plan; raises SpecError/SourceError before anything is created."""
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(spec.models)))) as pool:  # hashing is I/O and hashlib
-        futures = {m.display_name(): pool.submit(sources.resolve, m.source, m.revision, allow_pickle=m.allow_pickle)
-                   for m in spec.models}
+        futures = {
+            m.display_name(): pool.submit(sources.resolve, m.source, m.revision, allow_pickle=m.allow_pickle)
+            for m in spec.models
+        }
         resolved = {name: f.result() for name, f in futures.items()}
     merged = {m.display_name(): sources.adapter_identity(m.merge_adapter) for m in spec.models if m.merge_adapter}
-    infos = {n: ModelInfo(merged_identity(r.identity, merged[n]) if n in merged else r.identity, r.config,
-                          r.weights_bytes) for n, r in resolved.items()}
+    infos = {
+        n: ModelInfo(merged_identity(r.identity, merged[n]) if n in merged else r.identity, r.config, r.weights_bytes)
+        for n, r in resolved.items()
+    }
     shas = {"": TextIdentity.of(spec.calibration.source).sha256}
     shas |= {name: TextIdentity.of(s.source).sha256 for name, s in spec.calibration_sets.items()}
     heldout = TextIdentity.of(spec.evaluation.perplexity.source)
@@ -117,8 +121,6 @@ def registered_name(spec: JobSpec, model_name: str) -> str:
     return f"{spec.tracking.registered_model_prefix}{model_name}"
 
 
-
-
 class Lookup(NamedTuple):
     """What the tracking store already holds for a plan, and what is left to do."""
 
@@ -134,8 +136,14 @@ class Lookup(NamedTuple):
 
 
 class Driver:
-    def __init__(self, spec: JobSpec, tracking_uri: str | None = None, ray_address: str | None = None,
-                 verbose: bool = False, printer: Printer = print):
+    def __init__(
+        self,
+        spec: JobSpec,
+        tracking_uri: str | None = None,
+        ray_address: str | None = None,
+        verbose: bool = False,
+        printer: Printer = print,
+    ):
         self.spec = spec
         self.ray_address = ray_address
         self.verbose = verbose
@@ -194,8 +202,9 @@ class Driver:
         gangs = [v.resources for v in todo if v.resources.ranks > 1]
         if not problem and gangs:
             r = max(gangs, key=lambda r: r.memory_bytes)
-            problem = cluster.gang_unfit(nodes, {"CPU": r.num_cpus, "GPU": r.num_gpus, "memory": r.memory_bytes},
-                                         r.ranks)
+            problem = cluster.gang_unfit(
+                nodes, {"CPU": r.num_cpus, "GPU": r.num_gpus, "memory": r.memory_bytes}, r.ranks
+            )
         if problem:
             raise SpecError(problem)
 
@@ -207,12 +216,14 @@ class Driver:
             return
         gpus = cluster.totals().get("GPU", 0)
         if gpus <= 0:
-            raise SpecError("evaluation.serving: the Ray cluster has no GPU; the serving engine runs on the "
-                            "variant's GPU")
+            raise SpecError(
+                "evaluation.serving: the Ray cluster has no GPU; the serving engine runs on the variant's GPU"
+            )
         from farm.serving.runner import probe
 
-        problem, _version = cluster.run_task(probe, {"num_gpus": min(self.spec.resources.num_gpus, 1.0),
-                                                     "num_cpus": 0}, ev)
+        problem, _version = cluster.run_task(
+            probe, {"num_gpus": min(self.spec.resources.num_gpus, 1.0), "num_cpus": 0}, ev
+        )
         if problem:
             raise SpecError(problem)
 
@@ -223,8 +234,10 @@ class Driver:
         self.store.check_reachable()
         self._reap_orphans(plan)
         # a variant is reused only if it was judged the same way (base_eval_id hashes the evaluation settings)
-        cached = {v.id: self.store.finished("variant", "variant_id", v.id, {"base_eval_id": v.base_eval_id})
-                  for v in plan.variants}
+        cached = {
+            v.id: self.store.finished("variant", "variant_id", v.id, {"base_eval_id": v.base_eval_id})
+            for v in plan.variants
+        }
         todo = [v for v in plan.variants if cached[v.id] is None]
         base_cached = {b.id: self.store.finished("base", "base_eval_id", b.id) for b in plan.base_evals}
         base_ppl = {b: float(r.metrics["perplexity"]) for b, r in base_cached.items() if r is not None}
@@ -233,8 +246,16 @@ class Driver:
         bases_todo = [b for b in plan.base_evals if b.id not in base_ppl and any(v.base_eval_id == b.id for v in todo)]
         return Lookup(cached, todo, bases_todo, base_ppl, time.perf_counter() - t)
 
-    def _record(self, plan: Plan, outcome: JobOutcome, cached: dict[str, Any], todo: list[Variant],
-                bases_todo: list[BaseEval], base_ppl: dict[str, float], t0: float) -> JobOutcome:
+    def _record(
+        self,
+        plan: Plan,
+        outcome: JobOutcome,
+        cached: dict[str, Any],
+        todo: list[Variant],
+        bases_todo: list[BaseEval],
+        base_ppl: dict[str, float],
+        t0: float,
+    ) -> JobOutcome:
         parent = self._start(
             f"job:{plan.job_name}",
             {TAG + "role": "job", TAG + "job_id": plan.job_id, TAG + "job_name": plan.job_name},
@@ -244,9 +265,11 @@ class Driver:
         ok = False
         try:
             recorded_spec = redact(self.spec.model_dump_json(indent=2))
-            self.store.log(parent, params={"job_name": plan.job_name, "variants": len(plan.variants),
-                                           "spec": recorded_spec},
-                           tags={TAG + "versions": library_versions()})
+            self.store.log(
+                parent,
+                params={"job_name": plan.job_name, "variants": len(plan.variants), "spec": recorded_spec},
+                tags={TAG + "versions": library_versions()},
+            )
             self.store.log_text(parent, recorded_spec, "spec.json")
             for v in plan.variants:
                 row = cached[v.id]
@@ -262,9 +285,15 @@ class Driver:
             outcome.mark("finish", t)
             outcome.seconds = time.perf_counter() - t0
             built = [v for v in outcome.variants if v.status == "built"]
-            self.store.log(parent, metrics={"variants_built": len(built), "variants_failed": sum(
-                v.status == "failed" for v in outcome.variants), "seconds": outcome.seconds,
-                **{f"seconds_{k}": v for k, v in outcome.phases.items()}})
+            self.store.log(
+                parent,
+                metrics={
+                    "variants_built": len(built),
+                    "variants_failed": sum(v.status == "failed" for v in outcome.variants),
+                    "seconds": outcome.seconds,
+                    **{f"seconds_{k}": v for k, v in outcome.phases.items()},
+                },
+            )
             ok = outcome.ok
             return outcome
         except Exception as err:
@@ -278,8 +307,11 @@ class Driver:
         finally:
             for run_id in list(self.open_runs):
                 try:
-                    self._end(run_id, ok=run_id == parent and ok,
-                              reason=None if ok else "job did not finish (error or interrupt in the driver)")
+                    self._end(
+                        run_id,
+                        ok=run_id == parent and ok,
+                        reason=None if ok else "job did not finish (error or interrupt in the driver)",
+                    )
                 except Exception as err:  # the tracking server may be the thing that failed: stop trying
                     if not is_tracking_failure(err):
                         raise
@@ -297,33 +329,56 @@ class Driver:
 
     def _reused(self, v: Variant, row: Any, base: float | None) -> VariantOutcome:
         return VariantOutcome(
-            v, "cached", row.run_id, row.metrics.get("perplexity"), base, int(row.metrics.get("weights_bytes", 0)),
-            row.metrics.get("seconds_total"), row.tags.get(TAG + "artifact_uri"), row.tags.get(TAG + "model_version"),
+            v,
+            "cached",
+            row.run_id,
+            row.metrics.get("perplexity"),
+            base,
+            int(row.metrics.get("weights_bytes", 0)),
+            row.metrics.get("seconds_total"),
+            row.tags.get(TAG + "artifact_uri"),
+            row.tags.get(TAG + "model_version"),
             metrics=dict(row.metrics),
         )
 
-    def _run_rungs(self, plan: Plan, todo: list[Variant], bases: list[BaseEval], base_ppl: dict[str, float],
-                   parent: str, outcome: JobOutcome) -> None:
+    def _run_rungs(
+        self,
+        plan: Plan,
+        todo: list[Variant],
+        bases: list[BaseEval],
+        base_ppl: dict[str, float],
+        parent: str,
+        outcome: JobOutcome,
+    ) -> None:
         """Run the variants rung by rung (one rung without a ladder): a base climbs to the next rung only if
         every variant of the rung below passed the gate; the rest of its ladder is skipped, and says why."""
         from farm.promote import decide, default_rules, rungs
 
         gate = self.spec.gate
         order = rungs([m.label() for m in self.spec.methods], gate.ladder if gate else None)
-        rules = (gate.rules if gate and gate.rules is not None else default_rules(self.spec.evaluation))
+        rules = gate.rules if gate and gate.rules is not None else default_rules(self.spec.evaluation)
         stopped: dict[str, str] = {}  # model -> why its ladder stopped
         for i, labels in enumerate(order):
             rung = [v for v in todo if v.method.label() in labels]
             for v in [v for v in rung if v.model_name in stopped]:
                 outcome.variants.append(VariantOutcome(v, "skipped", reason=stopped[v.model_name]))
                 self._print_variant(outcome.variants[-1], len(outcome.variants), len(plan.variants))
-            self._execute(plan, [v for v in rung if v.model_name not in stopped], bases if i == 0 else [], base_ppl,
-                          parent, outcome)
+            self._execute(
+                plan,
+                [v for v in rung if v.model_name not in stopped],
+                bases if i == 0 else [],
+                base_ppl,
+                parent,
+                outcome,
+            )
             if not gate or not gate.ladder:
                 continue
             for o in [o for o in outcome.variants if o.variant.method.label() in labels and o.status != "skipped"]:
-                verdict = "failed" if o.status == "failed" else decide(
-                    rules, o.metrics, self.base_metrics.get(o.variant.base_eval_id, {})).outcome
+                verdict = (
+                    "failed"
+                    if o.status == "failed"
+                    else decide(rules, o.metrics, self.base_metrics.get(o.variant.base_eval_id, {})).outcome
+                )
                 if verdict != "promoted" and o.variant.model_name not in stopped:
                     stopped[o.variant.model_name] = f"ladder stopped: {o.variant.method.label()} was {verdict}"
 
@@ -358,9 +413,14 @@ class Driver:
         pairs = list(zip(before["greedy"], outputs["greedy"], strict=True))
         rate = sum(a == b for a, b in pairs) / len(pairs)
         self.store.log(run_id, metrics={"promoted_exact_match": rate}, tags={TAG + "promoted_run": promoted_run})
-        self.store.log_json(run_id, [{"prompt": p, "promoted": a, "this": b, "same": a == b}
-                                     for p, (a, b) in zip(outputs["prompts"], pairs, strict=True)],
-                            "checks/diff_vs_promoted.json")
+        self.store.log_json(
+            run_id,
+            [
+                {"prompt": p, "promoted": a, "this": b, "same": a == b}
+                for p, (a, b) in zip(outputs["prompts"], pairs, strict=True)
+            ],
+            "checks/diff_vs_promoted.json",
+        )
         return {"promoted_exact_match": rate}
 
     def _gate(self, outcome: JobOutcome, gate: GateSpec) -> None:
@@ -375,23 +435,40 @@ class Driver:
                 continue
             d = decide(rules, o.metrics, self.base_metrics.get(o.variant.base_eval_id, {}))
             o.gate = d.outcome
-            self.store.log(o.run_id, tags={TAG + "gate": d.outcome, TAG + "gate_reasons": "; ".join(d.reasons),
-                                           TAG + "gate_warnings": "; ".join(d.warnings)})
-            self.store.log_json(o.run_id, {"decision": d.outcome, "reasons": d.reasons, "warnings": d.warnings,
-                                           "matrix": d.rows}, "gate.json")
+            self.store.log(
+                o.run_id,
+                tags={
+                    TAG + "gate": d.outcome,
+                    TAG + "gate_reasons": "; ".join(d.reasons),
+                    TAG + "gate_warnings": "; ".join(d.warnings),
+                },
+            )
+            self.store.log_json(
+                o.run_id,
+                {"decision": d.outcome, "reasons": d.reasons, "warnings": d.warnings, "matrix": d.rows},
+                "gate.json",
+            )
             name = registered_name(self.spec, o.variant.model_name)
             if o.model_version:
                 self.store.tag_version(name, o.model_version, {"gate": d.outcome, "gate_reasons": "; ".join(d.reasons)})
                 if d.outcome == "promoted":
-                    promoted.setdefault(name, []).append((o.variant.method.label(), o.model_version,
-                                                          float(o.weights_bytes or 0)))
+                    promoted.setdefault(name, []).append(
+                        (o.variant.method.label(), o.model_version, float(o.weights_bytes or 0))
+                    )
             why = f": {'; '.join(d.reasons)}" if d.reasons else ""
             self.say(f"  gate     {o.variant.label}: {d.outcome}{why}")
         for name, versions in promoted.items():
             self.store.set_aliases(name, aliases(versions, gate.alias, gate.tiers))
 
-    def _execute(self, plan: Plan, todo: list[Variant], bases: list[BaseEval], base_ppl: dict[str, float],
-                 parent: str, outcome: JobOutcome) -> None:
+    def _execute(
+        self,
+        plan: Plan,
+        todo: list[Variant],
+        bases: list[BaseEval],
+        base_ppl: dict[str, float],
+        parent: str,
+        outcome: JobOutcome,
+    ) -> None:
         """Run base evaluations, then variants (slowest methods first), on a pool of reusable workers sized to
         the cluster: a worker process imports torch and llm-compressor once and quantizes many small variants.
         Likewise a data-parallel gang stays up for the next variant of its shape (a fresh one spends 8-12 s
@@ -400,11 +477,17 @@ class Driver:
         memory = max([v.resources.memory_bytes for v in todo] or [0]) or None
         # farm retries a variant whose worker died itself (not Ray's task retries), so that every attempt has
         # its own MLflow run: the killed one FAILED with the reason, the retry FINISHED.
-        worker_opts = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "max_restarts": 0,
-                       "max_task_retries": 0, **({"memory": memory} if memory else {})}
+        worker_opts = {
+            "num_cpus": res.num_cpus,
+            "num_gpus": res.num_gpus,
+            "max_restarts": 0,
+            "max_task_retries": 0,
+            **({"memory": memory} if memory else {}),
+        }
         size = resources.pool_size(cluster.totals(), res.num_cpus, res.num_gpus, memory or 0, len(todo) + len(bases))
-        tracking = Tracking(self.store.uri, self.spec.tracking.experiment, self.artifact_location,
-                            self.spec.tracking.log_model)
+        tracking = Tracking(
+            self.store.uri, self.spec.tracking.experiment, self.artifact_location, self.spec.tracking.log_model
+        )
         slowest_first = sorted(todo, key=lambda v: v.method.cost_rank)
         queue: deque[BaseEval | Variant] = deque([*bases, *slowest_first])
         idle: dict[str, list[Any]] = {}  # reusable workers by runtime environment ("" = the worker's own)
@@ -437,7 +520,8 @@ class Driver:
             if other:  # an idle worker of another environment holds the slot this one needs
                 cluster.kill(other.pop())
             return cluster.remote_actor(Worker, {**worker_opts, **({"runtime_env": env} if env else {})}).remote(
-                res.num_cpus)
+                res.num_cpus
+            )
 
         try:
             while queue or pending:
@@ -446,19 +530,30 @@ class Driver:
                     attempt = attempts[item.id] = attempts.get(item.id, 0) + 1
                     if isinstance(item, BaseEval):
                         worker = take(item)
-                        run_id = self._start(f"base:{item.model_name}", {
-                            TAG + "role": "base", TAG + "job_id": plan.job_id, TAG + "base_eval_id": item.id,
-                            TAG + "model": item.model_name, TAG + "model_identity": item.identity,
-                            TAG + "attempt": str(attempt)}, parent)
-                        ref = worker.evaluate_base.remote(BaseTask(plan.job_name, item, self.spec.evaluation,
-                                                                   res.num_gpus))
+                        run_id = self._start(
+                            f"base:{item.model_name}",
+                            {
+                                TAG + "role": "base",
+                                TAG + "job_id": plan.job_id,
+                                TAG + "base_eval_id": item.id,
+                                TAG + "model": item.model_name,
+                                TAG + "model_identity": item.identity,
+                                TAG + "attempt": str(attempt),
+                            },
+                            parent,
+                        )
+                        ref = worker.evaluate_base.remote(
+                            BaseTask(plan.job_name, item, self.spec.evaluation, res.num_gpus)
+                        )
                         pending[ref] = (item, worker, run_id)
                         continue
-                    run_id = self._start(item.label, {**self._variant_tags(plan, item),
-                                                      TAG + "attempt": str(attempt)}, parent)
+                    run_id = self._start(
+                        item.label, {**self._variant_tags(plan, item), TAG + "attempt": str(attempt)}, parent
+                    )
                     self.store.log(run_id, params=self._variant_params(item))
-                    task = VariantTask(plan.job_name, item, run_id, self.spec.evaluation, self.spec.output.root,
-                                       tracking)
+                    task = VariantTask(
+                        plan.job_name, item, run_id, self.spec.evaluation, self.spec.output.root, tracking
+                    )
                     if item.resources.ranks > 1 or item.resources.num_gpus != res.num_gpus:
                         same = idle_gangs.get(gang_shape(item))
                         gang = same.pop() if same else None  # its ranks imported torch & co. already
@@ -538,8 +633,12 @@ class Driver:
         is a gang of one."""
         r = v.resources
         fresh = gang is None
-        gang = gang or cluster.Gang(Worker, r.ranks, {"CPU": r.num_cpus, "GPU": r.num_gpus,
-                                                      "memory": r.memory_bytes}, (r.num_cpus, r.ranks == 1))
+        gang = gang or cluster.Gang(
+            Worker,
+            r.ranks,
+            {"CPU": r.num_cpus, "GPU": r.num_gpus, "memory": r.memory_bytes},
+            (r.num_cpus, r.ranks == 1),
+        )
         if r.ranks == 1:
             return gang, [gang.actors[0].build.remote(task)]
         addr, port = gang.call("rendezvous")
@@ -551,15 +650,20 @@ class Driver:
         refs = [actor.build.remote(task, rank) for actor, rank in zip(gang.actors, ranks, strict=True)]
         return gang, refs
 
-    def _finish_base(self, b: BaseEval, run_id: str, result: dict[str, Any] | None, error: str | None,
-                     base_ppl: dict[str, float]) -> None:
+    def _finish_base(
+        self, b: BaseEval, run_id: str, result: dict[str, Any] | None, error: str | None, base_ppl: dict[str, float]
+    ) -> None:
         if error or result is None:
             self._end(run_id, ok=False, reason=error)
             self.say(f"  base     {b.model_name}: FAILED {error}")
             return
         e = result["evaluation"]
-        self.store.log(run_id, metrics=_eval_metrics(e), params={"model_source": redact(b.model.source)},
-                       tags={TAG + "generation": e["generation"]})
+        self.store.log(
+            run_id,
+            metrics=_eval_metrics(e),
+            params={"model_source": redact(b.model.source)},
+            tags={TAG + "generation": e["generation"]},
+        )
         checks = result.get("checks") or {}
         self.base_metrics[b.id] = {**_eval_metrics(e), **self._log_checks(run_id, f"base {b.model_name}", checks)}
         self.base_greedy[b.id] = ((checks.get("artifacts") or {}).get(serving.DOCUMENT) or {}).get("greedy") or None
@@ -567,18 +671,33 @@ class Driver:
         base_ppl[b.id] = e["perplexity"]
         self.say(f"  base     {b.model_name}: ppl {e['perplexity']:.2f}, {e['weights_bytes'] / 1e6:.1f} MB")
 
-    def _finish_variant(self, v: Variant, run_id: str, result: dict[str, Any], base: float | None,
-                        outcome: JobOutcome) -> None:
+    def _finish_variant(
+        self, v: Variant, run_id: str, result: dict[str, Any], base: float | None, outcome: JobOutcome
+    ) -> None:
         e, q, manifest = result["evaluation"], result["quantize"], result["manifest"]
-        timings = ("seconds_total", "seconds_manifest", "seconds_publish", "seconds_mlflow_upload",
-                   "seconds_artifact_wait")
-        metrics = {**_eval_metrics(e), **{k: result[k] for k in timings}, "seconds_quantize_load": q["seconds_load"],
-                   "seconds_oneshot": q["seconds_oneshot"], "seconds_save": q["seconds_save"]}
+        timings = (
+            "seconds_total",
+            "seconds_manifest",
+            "seconds_publish",
+            "seconds_mlflow_upload",
+            "seconds_artifact_wait",
+        )
+        metrics = {
+            **_eval_metrics(e),
+            **{k: result[k] for k in timings},
+            "seconds_quantize_load": q["seconds_load"],
+            "seconds_oneshot": q["seconds_oneshot"],
+            "seconds_save": q["seconds_save"],
+        }
         if base is not None:
             metrics |= {"base_perplexity": base, "perplexity_delta": e["perplexity"] - base}
         limit = self.spec.evaluation.thresholds.max_perplexity_delta
-        tags = {TAG + "artifact_uri": result["artifact_uri"], TAG + "generation": e["generation"],
-                TAG + "recipe_sha256": manifest["recipe_sha256"], TAG + "device": q["device"]}
+        tags = {
+            TAG + "artifact_uri": result["artifact_uri"],
+            TAG + "generation": e["generation"],
+            TAG + "recipe_sha256": manifest["recipe_sha256"],
+            TAG + "device": q["device"],
+        }
         if result.get("ddp"):
             tags[TAG + "ddp_world_size"] = str(result["ddp"]["world"])
             tags[TAG + "ddp_ranks"] = json.dumps(sorted(result["ddp"].get("ranks", []), key=lambda r: r["rank"]))
@@ -588,8 +707,10 @@ class Driver:
             tags[TAG + "within_threshold"] = str(e["perplexity"] - base <= limit).lower()
         report = q.get("calibration_report") or {}
         if report:
-            metrics |= {"calibration_tokens": report["tokens"], "calibration_unique_token_ratio":
-                        report["unique_token_ratio"]}
+            metrics |= {
+                "calibration_tokens": report["tokens"],
+                "calibration_unique_token_ratio": report["unique_token_ratio"],
+            }
             self.store.log_json(run_id, report, "calibration_report.json")
         metrics |= q.get("metrics") or {}
         for name, doc in (q.get("documents") or {}).items():
@@ -610,42 +731,76 @@ class Driver:
         version = None
         if result["model_uri"]:
             version = self.store.register(
-                registered_name(self.spec, v.model_name), run_id, "model", self._version_tags(v, manifest),
+                registered_name(self.spec, v.model_name),
+                run_id,
+                "model",
+                self._version_tags(v, manifest),
                 description=f"{v.method.label()} of {redact(v.model.source)}",
             )
             self.store.log(run_id, tags={TAG + "model_version": version})
         self._end(run_id, ok=True)
-        outcome.variants.append(VariantOutcome(v, "built", run_id, e["perplexity"], base, e["weights_bytes"],
-                                               result["seconds_total"], result["artifact_uri"], version,
-                                               metrics=metrics))
+        outcome.variants.append(
+            VariantOutcome(
+                v,
+                "built",
+                run_id,
+                e["perplexity"],
+                base,
+                e["weights_bytes"],
+                result["seconds_total"],
+                result["artifact_uri"],
+                version,
+                metrics=metrics,
+            )
+        )
         self._print_variant(outcome.variants[-1], len(outcome.variants), len(outcome.plan.variants))
 
     # -- records ---------------------------------------------------------------------------------------------
     def _variant_tags(self, plan: Plan, v: Variant) -> dict[str, str]:
-        return {TAG + "role": "variant", TAG + "job_id": plan.job_id, TAG + "variant_id": v.id,
-                TAG + "model": v.model_name, TAG + "model_identity": v.identity, TAG + "method": v.method.method,
-                TAG + "label": v.method.label(), TAG + "calibration_hash": v.calibration.hash,
-                TAG + "base_eval_id": v.base_eval_id}
+        return {
+            TAG + "role": "variant",
+            TAG + "job_id": plan.job_id,
+            TAG + "variant_id": v.id,
+            TAG + "model": v.model_name,
+            TAG + "model_identity": v.identity,
+            TAG + "method": v.method.method,
+            TAG + "label": v.method.label(),
+            TAG + "calibration_hash": v.calibration.hash,
+            TAG + "base_eval_id": v.base_eval_id,
+        }
 
     def _variant_params(self, v: Variant) -> dict[str, Any]:
         params: dict[str, Any] = {f"method.{k}": val for k, val in v.method.identity().items()}
         c = v.calibration
-        params |= {"model.source": redact(v.model.source), "model.identity": v.identity,
-                   "calibration.source": redact(c.source), "calibration.num_samples": c.num_samples,
-                   "calibration.max_seq_length": c.max_seq_length, "calibration.seed": c.seed,
-                   "resources.num_gpus": v.resources.num_gpus, "resources.num_cpus": v.resources.num_cpus,
-                   "resources.gptq_hessian": v.resources.gptq_hessian,
-                   "resources.calibration_attention": v.resources.calibration_attention,
-                   "resources.gptq_inverse": v.resources.gptq_inverse,
-                   "resources.gptq_broadcast": v.resources.gptq_broadcast}
+        params |= {
+            "model.source": redact(v.model.source),
+            "model.identity": v.identity,
+            "calibration.source": redact(c.source),
+            "calibration.num_samples": c.num_samples,
+            "calibration.max_seq_length": c.max_seq_length,
+            "calibration.seed": c.seed,
+            "resources.num_gpus": v.resources.num_gpus,
+            "resources.num_cpus": v.resources.num_cpus,
+            "resources.gptq_hessian": v.resources.gptq_hessian,
+            "resources.calibration_attention": v.resources.calibration_attention,
+            "resources.gptq_inverse": v.resources.gptq_inverse,
+            "resources.gptq_broadcast": v.resources.gptq_broadcast,
+        }
         return params
 
     def _version_tags(self, v: Variant, manifest: dict[str, Any]) -> dict[str, str]:
         versions = manifest["versions"]
-        return {"base_model_hash": v.identity, "method": v.method.method, "label": v.method.label(),
-                "recipe_hash": manifest["recipe_sha256"], "method_config_hash": v.method.config_hash(),
-                "calibration_hash": manifest["calibration"]["hash"], "variant_id": v.id,
-                "date": manifest["created"], **{f"version.{k}": val for k, val in versions.items()}}
+        return {
+            "base_model_hash": v.identity,
+            "method": v.method.method,
+            "label": v.method.label(),
+            "recipe_hash": manifest["recipe_sha256"],
+            "method_config_hash": v.method.config_hash(),
+            "calibration_hash": manifest["calibration"]["hash"],
+            "variant_id": v.id,
+            "date": manifest["created"],
+            **{f"version.{k}": val for k, val in versions.items()},
+        }
 
     def _print_variant(self, o: VariantOutcome, n: int, total: int) -> None:
         if o.status == "failed":
@@ -658,8 +813,10 @@ class Driver:
         size = f"{o.weights_bytes / 1e6:.1f} MB" if o.weights_bytes else "?"
         secs = f"{o.seconds:.0f} s" if o.seconds is not None else "?"
         ppl = f"{o.perplexity:.2f}" if o.perplexity is not None else "?"
-        self.say(f"[{n}/{total}] {o.variant.label}: {o.status}, {size}, ppl {ppl} ({delta}), {secs}, "
-                 f"run {o.run_id}, {o.artifact_uri}")
+        self.say(
+            f"[{n}/{total}] {o.variant.label}: {o.status}, {size}, ppl {ppl} ({delta}), {secs}, "
+            f"run {o.run_id}, {o.artifact_uri}"
+        )
 
 
 def gang_shape(v: Variant) -> tuple[Any, ...]:
@@ -690,11 +847,22 @@ def _alive(pid: int) -> bool:
 
 
 def _eval_metrics(e: dict[str, Any]) -> dict[str, float]:
-    return {"perplexity": e["perplexity"], "ppl_tokens": e["ppl_tokens"], "weights_bytes": e["weights_bytes"],
-            "dir_bytes": e["dir_bytes"], "seconds_eval_load": e["seconds_load"],
-            "seconds_perplexity": e["seconds_perplexity"], "seconds_generate": e["seconds_generate"]}
+    return {
+        "perplexity": e["perplexity"],
+        "ppl_tokens": e["ppl_tokens"],
+        "weights_bytes": e["weights_bytes"],
+        "dir_bytes": e["dir_bytes"],
+        "seconds_eval_load": e["seconds_load"],
+        "seconds_perplexity": e["seconds_perplexity"],
+        "seconds_generate": e["seconds_generate"],
+    }
 
 
-def run_job(spec: JobSpec, tracking_uri: str | None = None, ray_address: str | None = None, verbose: bool = False,
-            printer: Printer = print) -> JobOutcome:
+def run_job(
+    spec: JobSpec,
+    tracking_uri: str | None = None,
+    ray_address: str | None = None,
+    verbose: bool = False,
+    printer: Printer = print,
+) -> JobOutcome:
     return Driver(spec, tracking_uri, ray_address, verbose, printer).run()

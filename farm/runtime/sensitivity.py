@@ -22,11 +22,12 @@ from farm.tracking.mlflow_store import TAG, MlflowStore
 class Recorded:
     model: str
     run_id: str
-    profile: Any  # stages.sensitivity.Profile (typed loosely: this module imports no torch)
+    profile: Any  # stages.engines.sensitivity.Profile (typed loosely: this module imports no torch)
 
 
-def profile_job(spec: JobSpec, grid: Grid, tokens: int, seq_len: int, model: str | None = None,
-                tracking_uri: str | None = None) -> list[Recorded]:
+def profile_job(
+    spec: JobSpec, grid: Grid, tokens: int, seq_len: int, model: str | None = None, tracking_uri: str | None = None
+) -> list[Recorded]:
     names = [m.display_name() for m in spec.models]
     if model and model not in names:
         raise SpecError(f"sensitivity: no model {model!r} in job {spec.name}; it has {', '.join(names)}")
@@ -41,19 +42,34 @@ def profile_job(spec: JobSpec, grid: Grid, tokens: int, seq_len: int, model: str
         if model and name != model:
             continue
         resolved = sources.resolve(m.source, m.revision, allow_pickle=m.allow_pickle)
-        from farm.stages.sensitivity import measure
+        from farm.stages.engines.sensitivity import measure
 
-        tags = {**spec.tracking.tags, TAG + "role": "sensitivity", TAG + "model": name,
-                TAG + "model_identity": resolved.identity}
+        tags = {
+            **spec.tracking.tags,
+            TAG + "role": "sensitivity",
+            TAG + "model": name,
+            TAG + "model_identity": resolved.identity,
+        }
         run_id = store.start_run(f"sensitivity/{name}", tags, None)
         try:
             t0 = time.perf_counter()
             prof = measure(resolved.local_dir, calibration, grid, tokens, seq_len, m.trust_remote_code)
-            store.log(run_id, params={"model.source": redact(m.source), "grid.bits": grid.bits,
-                                      "grid.group_size": grid.group_size, "probe_tokens": prof.tokens,
-                                      "calibration.source": redact(calibration), "calibration.sha256": cal_sha},
-                      metrics={**prof.metrics(), "base_perplexity": prof.base_perplexity,
-                               "seconds_total": time.perf_counter() - t0})
+            store.log(
+                run_id,
+                params={
+                    "model.source": redact(m.source),
+                    "grid.bits": grid.bits,
+                    "grid.group_size": grid.group_size,
+                    "probe_tokens": prof.tokens,
+                    "calibration.source": redact(calibration),
+                    "calibration.sha256": cal_sha,
+                },
+                metrics={
+                    **prof.metrics(),
+                    "base_perplexity": prof.base_perplexity,
+                    "seconds_total": time.perf_counter() - t0,
+                },
+            )
             store.log_json(run_id, prof.to_json(), "sensitivity.json")
         except BaseException as err:
             store.end_run(run_id, ok=False, reason=f"{type(err).__name__}: {err}")

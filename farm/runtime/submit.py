@@ -46,15 +46,20 @@ def submit(spec: JobSpec, address: str, tracking_uri: str | None = None) -> str:
     cmd = ["python", "-m", "farm.cli", "run", "job.yaml", "--ray-address", "auto"]
     if tracking_uri:
         cmd += ["--tracking-uri", tracking_uri]
-    env_vars = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "HF_HUB_OFFLINE")
-                if k in os.environ}
-    runtime_env = {"working_dir": str(workdir), "py_modules": [str(FARM_PACKAGE)],
-                   "env_vars": {"PYTHONUNBUFFERED": "1", **env_vars}}
+    env_vars = {
+        k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "HF_HUB_OFFLINE") if k in os.environ
+    }
+    runtime_env = {
+        "working_dir": str(workdir),
+        "py_modules": [str(FARM_PACKAGE)],
+        "env_vars": {"PYTHONUNBUFFERED": "1", **env_vars},
+    }
     deadline = time.monotonic() + 90
     while True:
         try:
-            return str(client.submit_job(entrypoint=shlex.join(cmd), runtime_env=runtime_env,
-                                         metadata={"farm_job": spec.name}))
+            return str(
+                client.submit_job(entrypoint=shlex.join(cmd), runtime_env=runtime_env, metadata={"farm_job": spec.name})
+            )
         except RuntimeError as err:
             # A freshly started head answers before its job agent is up; anything else is final.
             if "No available agent" not in str(err) or time.monotonic() > deadline:

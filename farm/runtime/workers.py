@@ -75,8 +75,12 @@ def _eval_request(model_dir: str, ev: EvaluationSpec, trust: bool) -> Any:
     from farm.stages.evaluate import EvaluateRequest
 
     return EvaluateRequest(
-        model_dir=model_dir, ppl_source=ev.perplexity.source, ppl_max_tokens=ev.perplexity.max_tokens,
-        ppl_seq_len=ev.perplexity.seq_len, prompt=ev.generation.prompt, max_new_tokens=ev.generation.max_new_tokens,
+        model_dir=model_dir,
+        ppl_source=ev.perplexity.source,
+        ppl_max_tokens=ev.perplexity.max_tokens,
+        ppl_seq_len=ev.perplexity.seq_len,
+        prompt=ev.generation.prompt,
+        max_new_tokens=ev.generation.max_new_tokens,
         trust_remote_code=trust,
     )
 
@@ -92,7 +96,7 @@ def gpu_budget_bytes(num_gpus: float) -> int:
 
 
 def overlapping(v: Variant, world: int) -> bool:
-    """Whether DDP ranks propagate while GPTQ's owners solve (stages/forwardorder.py): GPU ranks only."""
+    """Whether DDP ranks propagate while GPTQ's owners solve (stages/llmc/ddp_forward_order.py): GPU ranks only."""
     from farm.stages.modelio import pick_device
 
     return world > 1 and v.resources.gptq_broadcast == "forward_order" and pick_device() == "cuda"
@@ -100,14 +104,20 @@ def overlapping(v: Variant, world: int) -> bool:
 
 def rank_shares(v: Variant, model: sources.ResolvedModel, world: int) -> tuple[int, ...] | None:
     """Calibration samples per DDP rank of an `overlapping` gang, fewer for the owner of the largest solve
-    (stages/rankshares.py); None for the even split."""
-    from farm.stages.rankshares import shares
+    (stages/distributed/rank_shares.py); None for the even split."""
+    from farm.stages.distributed.rank_shares import shares
 
     return shares(model.config, v.calibration.num_samples, v.calibration.max_seq_length, world)
 
 
-def tune(v: Variant, model: sources.ResolvedModel, frugal: bool = False, world: int = 1,
-         shares: tuple[int, ...] | None = None, whole: bool = False) -> Any:
+def tune(
+    v: Variant,
+    model: sources.ResolvedModel,
+    frugal: bool = False,
+    world: int = 1,
+    shares: tuple[int, ...] | None = None,
+    whole: bool = False,
+) -> Any:
     """`whole`: an `overlapping` DDP rank, which calibrates its share in one batch when it fits."""
     from farm.stages.modelio import pick_device
     from farm.stages.tuning import choose
@@ -116,12 +126,20 @@ def tune(v: Variant, model: sources.ResolvedModel, frugal: bool = False, world: 
     on_disk = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
     per_rank = max(shares) if shares else -(-v.calibration.num_samples // world)
     loaded_bytes = model.weights_bytes // 2 if on_disk == "float32" else model.weights_bytes  # loaded as bf16
-    return choose(pick_device(), gpu_budget_bytes(v.resources.num_gpus), per_rank,
-                  v.calibration.max_seq_length, int(cfg.get("hidden_size") or 0),
-                  int(cfg.get("intermediate_size") or 0), int(cfg.get("num_attention_heads") or 32), frugal,
-                  weights_bytes=loaded_bytes,  # DDP ranks replicate a model that fits, share one that does not
-                  # the single-process batches stand as measured, sized by the eager-attention bound
-                  attention=v.resources.calibration_attention if whole else "eager", whole_share=whole)
+    return choose(
+        pick_device(),
+        gpu_budget_bytes(v.resources.num_gpus),
+        per_rank,
+        v.calibration.max_seq_length,
+        int(cfg.get("hidden_size") or 0),
+        int(cfg.get("intermediate_size") or 0),
+        int(cfg.get("num_attention_heads") or 32),
+        frugal,
+        weights_bytes=loaded_bytes,  # DDP ranks replicate a model that fits, share one that does not
+        # the single-process batches stand as measured, sized by the eager-attention bound
+        attention=v.resources.calibration_attention if whole else "eager",
+        whole_share=whole,
+    )
 
 
 def is_device_oom(err: BaseException) -> bool:
@@ -146,7 +164,7 @@ def local_model(m: Any) -> sources.ResolvedModel:
     resolved = sources.resolve(m.source, m.revision, identify=False, allow_pickle=m.allow_pickle)
     if not m.merge_adapter:
         return resolved
-    from farm.stages.adapters import merge_into
+    from farm.stages.checks.adapters import merge_into
 
     key = hashlib.sha256(f"{resolved.local_dir}\0{sources.adapter_identity(m.merge_adapter)}".encode()).hexdigest()
     dest = sources.cache_root() / "merged" / key[:32]
@@ -206,8 +224,7 @@ class Worker:
         try:
             checks, result = _evaluate(model.local_dir, task.evaluation, task.base.model.trust_remote_code, None)
             release_device_memory()
-            checks = _serve(model.local_dir, task.evaluation, task.base.model.trust_remote_code, task.num_gpus,
-                            checks)
+            checks = _serve(model.local_dir, task.evaluation, task.base.model.trust_remote_code, task.num_gpus, checks)
         finally:
             release_device_memory()  # the worker is reused; give its GPU share back to packed neighbours
         return {"evaluation": result, "checks": checks}
@@ -226,8 +243,9 @@ class Worker:
         lead = rank is None or rank.rank == 0
         mlflow = MlflowStore(tr.uri, tr.experiment, tr.artifact_location)
         if lead:
-            mlflow.log(task.run_id, tags={"farm.worker": me["worker"],
-                                          "farm.cuda_visible_devices": me["cuda_visible_devices"]})
+            mlflow.log(
+                task.run_id, tags={"farm.worker": me["worker"], "farm.cuda_visible_devices": me["cuda_visible_devices"]}
+            )
         model = local_model(v.model)
         scratch = tempfile.mkdtemp(prefix=f"farm-{v.id}-")
         try:
@@ -236,17 +254,25 @@ class Worker:
             t0 = time.perf_counter()
             world = rank.world if rank else 1
             lib = BACKENDS[v.method.backend_name]
-            overlap = overlapping(v, world)  # stages/forwardorder.py
+            overlap = overlapping(v, world)  # stages/llmc/ddp_forward_order.py
             shares = rank_shares(v, model, world) if overlap else None
             tuned = tune(v, model, world=world, shares=shares, whole=overlap)
             request = QuantizeRequest(
-                model_dir=model.local_dir, method=v.method,
+                model_dir=model.local_dir,
+                method=v.method,
                 calibration=CalibrationDraw(cal.source, cal.num_samples, cal.max_seq_length, cal.seed),
-                out_dir=out, trust_remote_code=v.model.trust_remote_code,
-                batch_size=tuned.batch_size, offload_device=tuned.offload_device, load_device=tuned.load_device,
-                rank=rank.rank if rank else 0, world=world, gptq_hessian=v.resources.gptq_hessian,
-                calibration_attention=v.resources.calibration_attention, gptq_inverse=v.resources.gptq_inverse,
-                gptq_broadcast=v.resources.gptq_broadcast, shares=shares,
+                out_dir=out,
+                trust_remote_code=v.model.trust_remote_code,
+                batch_size=tuned.batch_size,
+                offload_device=tuned.offload_device,
+                load_device=tuned.load_device,
+                rank=rank.rank if rank else 0,
+                world=world,
+                gptq_hessian=v.resources.gptq_hessian,
+                calibration_attention=v.resources.calibration_attention,
+                gptq_inverse=v.resources.gptq_inverse,
+                gptq_broadcast=v.resources.gptq_broadcast,
+                shares=shares,
             )
             started = self._started()
             if rank is not None:
@@ -257,9 +283,12 @@ class Worker:
                     ddp.destroy()
                 if not lead:
                     return {"rank": rank.rank, **me}
-                split = f"samples per rank {list(shares)} (stages/rankshares.py)" if shares else "even split"
-                q.notes.append(f"data-parallel calibration: {world} ranks ({backend}), {split}; tuning per rank: "
-                               f"{tuned.reason}")
+                split = (
+                    f"samples per rank {list(shares)} (stages/distributed/rank_shares.py)" if shares else "even split"
+                )
+                q.notes.append(
+                    f"data-parallel calibration: {world} ranks ({backend}), {split}; tuning per rank: {tuned.reason}"
+                )
             elif lib.quantize_in and lib.stage:  # an archived library in its own environment
                 from farm.stages.quantize import QuantizeResult
 
@@ -270,8 +299,11 @@ class Worker:
             # The checkpoint is final: hash it and upload it to MLflow while the GPU evaluates it.
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="farm-artifact") as background:
                 files = background.submit(timed_call, file_table, out)
-                upload = background.submit(timed_call, mlflow.upload_dir, task.run_id, out, "model") \
-                    if tr.log_model else None
+                upload = (
+                    background.submit(timed_call, mlflow.upload_dir, task.run_id, out, "model")
+                    if tr.log_model
+                    else None
+                )
                 checks, e = _evaluate(out, task.evaluation, v.model.trust_remote_code, model.local_dir)
                 release_device_memory()  # the serving engine is a process of its own on this GPU
                 checks = _serve(out, task.evaluation, v.model.trust_remote_code, v.resources.num_gpus, checks)
@@ -315,8 +347,14 @@ class Worker:
         # One retry with the frugal settings (llm-compressor's defaults: activations on the host, batch 1).
         release_device_memory()
         frugal = tune(v, model, frugal=True)
-        q = quantize(replace(request, batch_size=frugal.batch_size, offload_device=frugal.offload_device,
-                             load_device=frugal.load_device))
+        q = quantize(
+            replace(
+                request,
+                batch_size=frugal.batch_size,
+                offload_device=frugal.offload_device,
+                load_device=frugal.load_device,
+            )
+        )
         q.notes.append(f"GPU out of memory with {tuned.reason}; retried with {frugal.reason}")
         return q
 
@@ -328,22 +366,27 @@ class Worker:
         return node_address(), ddp.free_port()
 
 
-def _evaluate(path: str, evaluation: EvaluationSpec, trust: bool,
-              base_dir: str | None) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+def _evaluate(
+    path: str, evaluation: EvaluationSpec, trust: bool, base_dir: str | None
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """The checks (a variant's against its base at `base_dir`) and the evaluation of the checkpoint at `path`,
     from one load; the checks go first (cold latency)."""
-    from farm.stages.checks import enabled, run_checks
+    from farm.stages.checks.runner import enabled, run_checks
     from farm.stages.evaluate import evaluate, load
 
     request = _eval_request(path, evaluation, trust)
     loaded = load(request)
-    checks = asdict(run_checks(path, evaluation, base_dir, trust, (loaded.model, loaded.tokenizer))) \
-        if enabled(evaluation) else None
+    checks = (
+        asdict(run_checks(path, evaluation, base_dir, trust, (loaded.model, loaded.tokenizer)))
+        if enabled(evaluation)
+        else None
+    )
     return checks, asdict(evaluate(request, loaded))
 
 
-def _serve(path: str, evaluation: EvaluationSpec, trust: bool, num_gpus: float,
-           checks: dict[str, Any] | None) -> dict[str, Any] | None:
+def _serve(
+    path: str, evaluation: EvaluationSpec, trust: bool, num_gpus: float, checks: dict[str, Any] | None
+) -> dict[str, Any] | None:
     """The serving check (evaluation.serving) of the checkpoint at `path`, merged into the checks' record; a
     failure is one line under farm.serving_error, and the variant's other records stand."""
     if evaluation.serving is None:
@@ -368,14 +411,18 @@ def variant_manifest(task: VariantTask, revision: str | None, recipe: str, files
     return {
         "variant_id": v.id,
         "job": task.job_name,
-        "model": {"name": v.model_name, "source": redact(v.model.source), "identity": v.identity,
-                  "revision": revision},
+        "model": {"name": v.model_name, "source": redact(v.model.source), "identity": v.identity, "revision": revision},
         "method": {"label": v.method.label(), **v.method.identity(), "config_sha256": v.method.config_hash()},
         "recipe": recipe,
         "recipe_sha256": hashlib.sha256(recipe.encode()).hexdigest(),
-        "calibration": {"source": redact(cal.source), "content_sha256": cal.sha256,
-                        "num_samples": cal.num_samples, "max_seq_length": cal.max_seq_length, "seed": cal.seed,
-                        "hash": cal.hash if v.method.requires_calibration else "data-free"},
+        "calibration": {
+            "source": redact(cal.source),
+            "content_sha256": cal.sha256,
+            "num_samples": cal.num_samples,
+            "max_seq_length": cal.max_seq_length,
+            "seed": cal.seed,
+            "hash": cal.hash if v.method.requires_calibration else "data-free",
+        },
         "versions": library_versions(),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "files": files,

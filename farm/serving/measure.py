@@ -32,8 +32,16 @@ TAG_ERROR = "serving_error"
 TAG_QUANTIZATION = "serving_quantization"
 DOCUMENT = "serving.json"  # checks/serving.json: per-level figures, greedy ids, engine facts
 
-LEVEL_FIGURES = ("output_tokens_per_s", "requests_per_s", "ttft_p50_s", "ttft_p90_s", "itl_p50_s", "itl_p90_s",
-                 "tpot_p50_s", "e2e_p50_s")
+LEVEL_FIGURES = (
+    "output_tokens_per_s",
+    "requests_per_s",
+    "ttft_p50_s",
+    "ttft_p90_s",
+    "itl_p50_s",
+    "itl_p90_s",
+    "tpot_p50_s",
+    "e2e_p50_s",
+)
 _LEVEL = re.compile(r"^serve_([a-z0-9_]+?)_c(\d+)_(" + "|".join(LEVEL_FIGURES) + r")$")
 
 
@@ -95,9 +103,12 @@ def level_figures(level: Mapping[str, Any]) -> dict[str, float]:
     return {
         "output_tokens_per_s": tokens / wall if wall > 0 else math.nan,
         "requests_per_s": len(reqs) / wall if wall > 0 else math.nan,
-        "ttft_p50_s": percentile(ttft, 50), "ttft_p90_s": percentile(ttft, 90),
-        "itl_p50_s": percentile(itl, 50), "itl_p90_s": percentile(itl, 90),
-        "tpot_p50_s": percentile(tpot, 50), "e2e_p50_s": percentile(e2e, 50),
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p90_s": percentile(ttft, 90),
+        "itl_p50_s": percentile(itl, 50),
+        "itl_p90_s": percentile(itl, 90),
+        "tpot_p50_s": percentile(tpot, 50),
+        "e2e_p50_s": percentile(e2e, 50),
     }
 
 
@@ -135,15 +146,24 @@ def summarize(raw: Mapping[str, Any], context: int, log_text: str = "") -> tuple
     levels = []
     for lv in raw.get("levels", []):
         figures = level_figures(lv)
-        metrics |= {level_name(lv["shape"], lv["concurrency"], k): v for k, v in figures.items()
-                    if not math.isnan(v)}
-        levels.append({k: lv[k] for k in ("shape", "concurrency", "input_tokens", "output_tokens", "seconds")}
-                      | {"requests": len(lv["requests"])} | figures)
-    doc = {"engine": raw.get("engine"), "version": raw.get("version"), "quantization": raw.get("quantization"),
-           "max_model_len": raw.get("max_model_len"), "max_num_seqs": raw.get("max_num_seqs"),
-           "max_num_batched_tokens": raw.get("max_num_batched_tokens"), "context": context, "levels": levels,
-           "greedy": raw.get("greedy") or [], "notes": raw.get("notes", []) + ([raw["weights_note"]]
-                                                                               if raw.get("weights_note") else [])}
+        metrics |= {level_name(lv["shape"], lv["concurrency"], k): v for k, v in figures.items() if not math.isnan(v)}
+        levels.append(
+            {k: lv[k] for k in ("shape", "concurrency", "input_tokens", "output_tokens", "seconds")}
+            | {"requests": len(lv["requests"])}
+            | figures
+        )
+    doc = {
+        "engine": raw.get("engine"),
+        "version": raw.get("version"),
+        "quantization": raw.get("quantization"),
+        "max_model_len": raw.get("max_model_len"),
+        "max_num_seqs": raw.get("max_num_seqs"),
+        "max_num_batched_tokens": raw.get("max_num_batched_tokens"),
+        "context": context,
+        "levels": levels,
+        "greedy": raw.get("greedy") or [],
+        "notes": raw.get("notes", []) + ([raw["weights_note"]] if raw.get("weights_note") else []),
+    }
     return metrics, doc
 
 

@@ -30,8 +30,12 @@ ENGINE_SCRIPT = Path(__file__).with_name("vllm_engine.py")
 LOG_TAIL_LINES = 60
 # The engine process's own settings: no usage report leaves the machine; farm's weight probe is a function
 # sent to vLLM's worker, which vLLM only accepts with insecure (pickle) serialization allowed on its local IPC.
-ENGINE_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
-              "TOKENIZERS_PARALLELISM": "false"}
+ENGINE_ENV = {
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 @dataclass(frozen=True)
@@ -61,15 +65,18 @@ def engine_command(spec: ServingSpec, request: Path, result: Path) -> tuple[list
 def probe(spec: ServingSpec, timeout: float = 60) -> tuple[str | None, str]:
     """(None, engine version) when the engine can be imported where the spec says, else (one line, "").
     Reads the package's metadata and spec only (no CUDA, no import of the engine): seconds, not a minute."""
-    code = ("import importlib.metadata as m, importlib.util as u, sys\n"
-            "if u.find_spec('vllm') is None: sys.exit('vllm is not importable')\n"
-            "print(m.version('vllm'))")
+    code = (
+        "import importlib.metadata as m, importlib.util as u, sys\n"
+        "if u.find_spec('vllm') is None: sys.exit('vllm is not importable')\n"
+        "print(m.version('vllm'))"
+    )
     python = spec.python or sys.executable
     with tempfile.TemporaryDirectory(prefix="farm-probe-") as tmp:
         cmd, env = engine_command(spec, Path(tmp, "r"), Path(tmp, "o"))
         try:
-            done = subprocess.run([cmd[0], "-c", code], env=env, capture_output=True, text=True, timeout=timeout,
-                                  check=False)
+            done = subprocess.run(
+                [cmd[0], "-c", code], env=env, capture_output=True, text=True, timeout=timeout, check=False
+            )
         except FileNotFoundError:
             return f"evaluation.serving.python: {python} does not exist", ""
         except (OSError, subprocess.TimeoutExpired) as err:
@@ -89,8 +96,9 @@ def prompt_offsets(corpus_len: int, input_tokens: int, n: int, rng: random.Rando
     return rng.sample(range(room), n) if n <= room else [rng.randrange(room) for _ in range(n)]
 
 
-def build_request(model_dir: str, spec: ServingSpec, corpus: list[int], num_gpus: float,
-                  trust_remote_code: bool) -> dict[str, Any]:
+def build_request(
+    model_dir: str, spec: ServingSpec, corpus: list[int], num_gpus: float, trust_remote_code: bool
+) -> dict[str, Any]:
     """The engine's input: one seeded draw of prompt windows per (shape, level), the same for a base and each of
     its variants (same seed, same text, same tokenizer), and distinct across levels so no level finds another's
     prompts in the prefix cache."""
@@ -103,18 +111,32 @@ def build_request(model_dir: str, spec: ServingSpec, corpus: list[int], num_gpus
     for shape in shapes:
         for c in spec.concurrency:
             n = spec.requests_per_level or max(8, 2 * c)
-            levels.append({"shape": shape.name, "concurrency": c, "input_tokens": shape.input_tokens,
-                           "output_tokens": shape.output_tokens,
-                           "offsets": prompt_offsets(len(corpus), shape.input_tokens, n, rng)})
+            levels.append(
+                {
+                    "shape": shape.name,
+                    "concurrency": c,
+                    "input_tokens": shape.input_tokens,
+                    "output_tokens": shape.output_tokens,
+                    "offsets": prompt_offsets(len(corpus), shape.input_tokens, n, rng),
+                }
+            )
     first = shapes[0]
     warm = prompt_offsets(len(corpus), first.input_tokens, spec.warmup_requests, rng) if spec.warmup_requests else []
     greedy_len = min(first.input_tokens, 128)
-    greedy = prompt_offsets(len(corpus), greedy_len, spec.greedy_prompts, random.Random(spec.seed + 1)) \
-        if spec.greedy_prompts else []
+    greedy = (
+        prompt_offsets(len(corpus), greedy_len, spec.greedy_prompts, random.Random(spec.seed + 1))
+        if spec.greedy_prompts
+        else []
+    )
     return {
-        "model": model_dir, "trust_remote_code": trust_remote_code, "seed": spec.seed,
-        "gpu_memory_utilization": gpu_utilization(spec, num_gpus), "max_model_len": spec.model_len(),
-        "engine_args": dict(spec.engine_args), "corpus": corpus, "levels": levels,
+        "model": model_dir,
+        "trust_remote_code": trust_remote_code,
+        "seed": spec.seed,
+        "gpu_memory_utilization": gpu_utilization(spec, num_gpus),
+        "max_model_len": spec.model_len(),
+        "engine_args": dict(spec.engine_args),
+        "corpus": corpus,
+        "levels": levels,
         "warmup": {"offsets": warm, "input_tokens": first.input_tokens, "output_tokens": min(first.output_tokens, 16)},
         "greedy": {"offsets": greedy, "input_tokens": greedy_len, "output_tokens": spec.greedy_tokens},
     }
@@ -163,8 +185,9 @@ def run_engine(request: dict[str, Any], spec: ServingSpec, context: int) -> Serv
         t0 = time.perf_counter()
         with log_path.open("wb") as log:
             try:
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp,
-                                        start_new_session=True)
+                proc = subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True
+                )
             except OSError as err:
                 return ServingResult(tags=tags, error=f"serving engine could not start: {cmd[0]}: {err.strerror}")
             timed_out = False
@@ -177,9 +200,12 @@ def run_engine(request: dict[str, Any], spec: ServingSpec, context: int) -> Serv
         log_text = log_path.read_text(errors="replace")
         tail = log_text.splitlines()[-LOG_TAIL_LINES:]
         if timed_out:
-            return ServingResult(tags=tags, document={"log_tail": tail},
-                                 error=f"serving engine did not finish within {spec.timeout_s:g} s "
-                                       f"(evaluation.serving.timeout_s); last line: {last_error_line(log_text)}")
+            return ServingResult(
+                tags=tags,
+                document={"log_tail": tail},
+                error=f"serving engine did not finish within {spec.timeout_s:g} s "
+                f"(evaluation.serving.timeout_s); last line: {last_error_line(log_text)}",
+            )
         raw = json.loads(res_path.read_text()) if res_path.exists() else None
     if raw is None or raw.get("error"):
         why = raw["error"] if raw else f"exit {proc.returncode}: {last_error_line(log_text)}"
@@ -193,13 +219,16 @@ def run_engine(request: dict[str, Any], spec: ServingSpec, context: int) -> Serv
     return ServingResult(metrics, tags, doc)
 
 
-def serve(model_dir: str, spec: ServingSpec, text: str, tokenizer: Any, num_gpus: float,
-          trust_remote_code: bool = False) -> ServingResult:
+def serve(
+    model_dir: str, spec: ServingSpec, text: str, tokenizer: Any, num_gpus: float, trust_remote_code: bool = False
+) -> ServingResult:
     """Measure the checkpoint at `model_dir` as the engine serves it; prompts are windows of `text` (the job's
     held-out text) in the model's own tokens."""
     corpus = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if not corpus:
-        return ServingResult(tags={measure.TAG_ENGINE: spec.engine},
-                             error="serving: the held-out text gives no tokens with this model's tokenizer")
+        return ServingResult(
+            tags={measure.TAG_ENGINE: spec.engine},
+            error="serving: the held-out text gives no tokens with this model's tokenizer",
+        )
     context = spec.context or max(s.input_tokens + s.output_tokens for s in spec.resolved_shapes())
     return run_engine(build_request(model_dir, spec, corpus, num_gpus, trust_remote_code), spec, context)

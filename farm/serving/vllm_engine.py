@@ -35,14 +35,23 @@ async def _run(req: dict[str, Any], t_start: float) -> dict[str, Any]:
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    out: dict[str, Any] = {"engine": "vllm", "version": vllm.__version__,
-                           "seconds_import": time.perf_counter() - t_start}
+    out: dict[str, Any] = {
+        "engine": "vllm",
+        "version": vllm.__version__,
+        "seconds_import": time.perf_counter() - t_start,
+    }
     t0 = time.perf_counter()
     from vllm.usage.usage_lib import UsageContext
 
-    args = {"model": req["model"], "tokenizer": req["model"], "trust_remote_code": req["trust_remote_code"],
-            "seed": req["seed"], "gpu_memory_utilization": req["gpu_memory_utilization"],
-            "max_model_len": req["max_model_len"], "disable_log_stats": True} | req["engine_args"]
+    args = {
+        "model": req["model"],
+        "tokenizer": req["model"],
+        "trust_remote_code": req["trust_remote_code"],
+        "seed": req["seed"],
+        "gpu_memory_utilization": req["gpu_memory_utilization"],
+        "max_model_len": req["max_model_len"],
+        "disable_log_stats": True,
+    } | req["engine_args"]
     # the defaults `vllm serve` runs with (batch sizes differ from the offline LLM class's)
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args), usage_context=UsageContext.OPENAI_API_SERVER)
     try:
@@ -62,8 +71,9 @@ async def _run(req: dict[str, Any], t_start: float) -> dict[str, Any]:
         counter = iter(range(1 << 62))
 
         async def request(ids: list[int], tokens: int, start: float, greedy: bool = False) -> dict[str, Any]:
-            params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=not greedy,
-                                    output_kind=RequestOutputKind.DELTA)
+            params = SamplingParams(
+                max_tokens=tokens, temperature=0.0, ignore_eos=not greedy, output_kind=RequestOutputKind.DELTA
+            )
             sent = time.perf_counter() - start
             times: list[float] = []
             counts: list[int] = []
@@ -84,7 +94,7 @@ async def _run(req: dict[str, Any], t_start: float) -> dict[str, Any]:
             async def slot() -> None:
                 while todo:
                     o = todo.pop(0)
-                    records.append(await request(corpus[o:o + inp], tokens, start))
+                    records.append(await request(corpus[o : o + inp], tokens, start))
 
             await asyncio.gather(*(slot() for _ in range(min(concurrency, len(offsets)))))
             return {"seconds": time.perf_counter() - start, "requests": records}
@@ -102,14 +112,25 @@ async def _run(req: dict[str, Any], t_start: float) -> dict[str, Any]:
         for lv in req["levels"]:
             await fresh_cache()
             r = await level(lv["offsets"], lv["input_tokens"], lv["output_tokens"], lv["concurrency"])
-            out["levels"].append({"shape": lv["shape"], "concurrency": lv["concurrency"],
-                                  "input_tokens": lv["input_tokens"], "output_tokens": lv["output_tokens"], **r})
+            out["levels"].append(
+                {
+                    "shape": lv["shape"],
+                    "concurrency": lv["concurrency"],
+                    "input_tokens": lv["input_tokens"],
+                    "output_tokens": lv["output_tokens"],
+                    **r,
+                }
+            )
         g = req["greedy"]
         if g["offsets"]:
             await fresh_cache()
             start = time.perf_counter()
-            done = await asyncio.gather(*(request(corpus[o:o + g["input_tokens"]], g["output_tokens"], start,
-                                                  greedy=True) for o in g["offsets"]))
+            done = await asyncio.gather(
+                *(
+                    request(corpus[o : o + g["input_tokens"]], g["output_tokens"], start, greedy=True)
+                    for o in g["offsets"]
+                )
+            )
             out["greedy"] = [d["ids"] for d in done]
         return out
     finally:

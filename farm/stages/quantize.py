@@ -12,18 +12,18 @@ from typing import Any
 from farm.calibration import diversity_of, draw, summed_stats, token_stats
 from farm.methods import MethodConfig
 from farm.stages import call, timed_call
-from farm.stages.attention import sdpa_calibration
-from farm.stages.compat import cpu_safe_pinning
-from farm.stages.factor import one_cholesky_factor
-from farm.stages.forwardorder import forward_ordered
-from farm.stages.hessian import tensor_core_hessians
-from farm.stages.leftgptq import left_looking_solve
+from farm.stages.distributed.split_load import dispatch_replica, load_split
+from farm.stages.distributed.split_save import shards_split_over_ranks
+from farm.stages.llmc.calibration_sdpa import sdpa_calibration
+from farm.stages.llmc.cpu_pinning import cpu_safe_pinning
+from farm.stages.llmc.ddp_forward_order import forward_ordered
+from farm.stages.llmc.gptq_left_looking import left_looking_solve
+from farm.stages.llmc.gptq_one_cholesky import one_cholesky_factor
+from farm.stages.llmc.hessian_tensor_cores import tensor_core_hessians
+from farm.stages.llmc.idle_tail import applies, idle_tail_skipped
+from farm.stages.llmc.parallel_shard_writes import parallel_shard_writes
+from farm.stages.llmc.swap import Used, timed
 from farm.stages.modelio import load_model, load_shared_model, load_tokenizer, pick_device, start_device
-from farm.stages.ranksave import shards_split_over_ranks
-from farm.stages.shardio import parallel_shard_writes
-from farm.stages.splitload import dispatch_replica, load_split
-from farm.stages.swap import Used, timed
-from farm.stages.tail import applies, idle_tail_skipped
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,19 @@ class QuantizeRequest:
     load_device: str | None = None  # where the weights live: None = the worker's device; "cpu" = onload per layer
     rank: int = 0  # data-parallel rank and world size (world > 1: a process group is already initialised)
     world: int = 1
-    gptq_hessian: str = "tensor_cores"  # or "fp32": llm-compressor's own Hessian GEMM (stages/hessian.py)
-    gptq_inverse: str = "left_looking"  # stages/leftgptq.py; or "reversed_cholesky" (factor.py), "llmcompressor"
-    gptq_broadcast: str = "llmcompressor"  # DDP ranks: or "forward_order" (stages/forwardorder.py)
-    shares: tuple[int, ...] | None = None  # calibration samples per rank (stages/rankshares.py); None: even
-    calibration_attention: str = "sdpa"  # or "eager": llm-compressor's forced eager attention (stages/attention.py)
+    gptq_hessian: str = (
+        "tensor_cores"  # or "fp32": llm-compressor's own Hessian GEMM (stages/llmc/hessian_tensor_cores.py)
+    )
+    gptq_inverse: str = (
+        "left_looking"  # stages/llmc/gptq_left_looking.py; or "reversed_cholesky" (factor.py), "llmcompressor"
+    )
+    gptq_broadcast: str = "llmcompressor"  # DDP ranks: or "forward_order" (stages/llmc/ddp_forward_order.py)
+    shares: tuple[int, ...] | None = (
+        None  # calibration samples per rank (stages/distributed/rank_shares.py); None: even
+    )
+    calibration_attention: str = (
+        "sdpa"  # or "eager": llm-compressor's forced eager attention (stages/llmc/calibration_sdpa.py)
+    )
     report: dict[str, Any] = field(default_factory=dict, compare=False)  # filled: the calibration's diversity
 
 
@@ -71,8 +79,7 @@ class QuantizeResult:
 def _windows(req: QuantizeRequest, tokenizer: Any) -> list[list[int]]:
     """This rank's calibration windows: the draw's `rank::world` share, the only ones it tokenizes."""
     cal = req.calibration
-    return draw(cal.source, tokenizer, cal.num_samples, cal.max_seq_length, cal.seed, req.rank, req.world,
-                req.shares)
+    return draw(cal.source, tokenizer, cal.num_samples, cal.max_seq_length, cal.seed, req.rank, req.world, req.shares)
 
 
 def _dataset(req: QuantizeRequest, tokenizer: Any, windows: list[list[int]] | None = None) -> Any:
@@ -101,14 +108,26 @@ def quantize_model_free(req: QuantizeRequest) -> QuantizeResult:
 
     n = torch.cuda.device_count()
     t0 = time.perf_counter()
-    model_free_ptq(req.model_dir, req.out_dir, scheme=req.method.identity()["scheme"], ignore=list(req.method.ignore),
-                   max_workers=max(2, 2 * n), device=[f"cuda:{i}" for i in range(n)] if n else "cpu")
+    model_free_ptq(
+        req.model_dir,
+        req.out_dir,
+        scheme=req.method.identity()["scheme"],
+        ignore=list(req.method.ignore),
+        max_workers=max(2, 2 * n),
+        device=[f"cuda:{i}" for i in range(n)] if n else "cpu",
+    )
     seconds = time.perf_counter() - t0
     recipe = yaml_recipe(req.method)
     (Path(req.out_dir) / "recipe.yaml").write_text(recipe)
-    return QuantizeResult(out_dir=req.out_dir, device=f"cuda x{n}" if n else "cpu", seconds_load=0.0,
-                          seconds_oneshot=seconds, seconds_save=0.0, recipe=recipe,
-                          notes=[f"model_free_ptq over {n or 1} device(s)"])
+    return QuantizeResult(
+        out_dir=req.out_dir,
+        device=f"cuda x{n}" if n else "cpu",
+        seconds_load=0.0,
+        seconds_oneshot=seconds,
+        seconds_save=0.0,
+        recipe=recipe,
+        notes=[f"model_free_ptq over {n or 1} device(s)"],
+    )
 
 
 def yaml_recipe(method: MethodConfig, engine: str = "model_free_ptq") -> str:
@@ -117,8 +136,9 @@ def yaml_recipe(method: MethodConfig, engine: str = "model_free_ptq") -> str:
     return yaml.safe_dump({engine: method.identity()}, sort_keys=True)
 
 
-def calibrate(req: QuantizeRequest, model: Any, tokenizer: Any, recipe: list[Any],
-              dataset: Any | None = None) -> list[str]:
+def calibrate(
+    req: QuantizeRequest, model: Any, tokenizer: Any, recipe: list[Any], dataset: Any | None = None
+) -> list[str]:
     """llm-compressor's oneshot with farm's calibration draw and tuned settings; returns notes for the run."""
     from llmcompressor import oneshot
 
@@ -148,7 +168,9 @@ def calibrate(req: QuantizeRequest, model: Any, tokenizer: Any, recipe: list[Any
         used: list[Used] = [stack.enter_context(s) for s in speedups if s is not None]
         oneshot(model=model, recipe=recipe, tokenizer=tokenizer, **kwargs)
     if guard.skipped:
-        notes.append(f"no accelerator: skipped {guard.skipped} llm-compressor activation pin(s) (stages/compat.py)")
+        notes.append(
+            f"no accelerator: skipped {guard.skipped} llm-compressor activation pin(s) (stages/llmc/cpu_pinning.py)"
+        )
     notes += [n for n in (u.note() for u in used) if n]
     return notes
 
@@ -158,14 +180,17 @@ SHARD = "1GB"  # several shards hash, upload and load in parallel (llm-compresso
 
 def save(model: Any, tokenizer: Any, out_dir: str | Path, phases: dict[str, float] | None = None) -> str:
     """Write the compressed checkpoint (collective when distributed: every rank calls it and writes its share of
-    the shards into rank 0's `out_dir`, stages/ranksave.py); returns the recipe.
+    the shards into rank 0's `out_dir`, stages/distributed/split_save.py); returns the recipe.
     `phases` gets `seconds_save_compress`: compressed-tensors packing the weights, the rest of the save is
     moving them to the host and writing the shards."""
     from compressed_tensors.compressors import ModelCompressor
 
     out = Path(out_dir)
-    with shards_split_over_ranks(model, out) as route, parallel_shard_writes(route=route), \
-            timed(ModelCompressor, "compress_model") as compress:
+    with (
+        shards_split_over_ranks(model, out) as route,
+        parallel_shard_writes(route=route),
+        timed(ModelCompressor, "compress_model") as compress,
+    ):
         model.save_pretrained(out, save_compressed=True, max_shard_size=SHARD)
     tokenizer.save_pretrained(out)
     if phases is not None:
@@ -191,13 +216,14 @@ def load_weights(req: QuantizeRequest, where: str, device: str) -> tuple[Any, li
     if req.world == 1:
         return load_model(req.model_dir, where, req.trust_remote_code), []
     # A replica per rank: each reads its share, the rest comes from the other ranks.
-    model = load_split(req.model_dir, where, req.rank, req.world,
-                       lambda: load_model(req.model_dir, where, req.trust_remote_code))
+    model = load_split(
+        req.model_dir, where, req.rank, req.world, lambda: load_model(req.model_dir, where, req.trust_remote_code)
+    )
     notes = []
     if model is None:
         model = load_model(req.model_dir, where, req.trust_remote_code)
     else:
-        notes.append(f"checkpoint read 1/{req.world} per rank, the rest broadcast (stages/splitload.py)")
+        notes.append(f"checkpoint read 1/{req.world} per rank, the rest broadcast (stages/distributed/split_load.py)")
     dispatch_replica(model, where)
     return model, notes
 

@@ -26,8 +26,9 @@ def activation_bytes(num_samples: int, seq_len: int, hidden_size: int, dtype_byt
     return num_samples * seq_len * hidden_size * dtype_bytes
 
 
-def batch_element_bytes(seq_len: int, hidden_size: int, intermediate_size: int, num_heads: int,
-                        attention: str = "eager") -> int:
+def batch_element_bytes(
+    seq_len: int, hidden_size: int, intermediate_size: int, num_heads: int, attention: str = "eager"
+) -> int:
     """Transient memory of one more sample in a calibration batch: eager attention scores and their softmax
     (heads x seq^2, a few fp16/fp32 copies; fused sdpa keeps only the seq^2 causal mask) plus MLP
     intermediates. Fitted to H100 measurements: 1B (h=2048, 32 heads, seq 2048, eager) adds ~1.3 GiB per sample
@@ -36,20 +37,35 @@ def batch_element_bytes(seq_len: int, hidden_size: int, intermediate_size: int, 
     return scores + seq_len * (4 * hidden_size + 4 * intermediate_size) * 2 * 2
 
 
-def choose(device: str, gpu_budget_bytes: int, num_samples: int, seq_len: int,
-           hidden_size: int, intermediate_size: int, num_heads: int = 32, frugal: bool = False,
-           weights_bytes: int = 0, attention: str = "eager", whole_share: bool = False) -> Tuning:
+def choose(
+    device: str,
+    gpu_budget_bytes: int,
+    num_samples: int,
+    seq_len: int,
+    hidden_size: int,
+    intermediate_size: int,
+    num_heads: int = 32,
+    frugal: bool = False,
+    weights_bytes: int = 0,
+    attention: str = "eager",
+    whole_share: bool = False,
+) -> Tuning:
     """Settings for one variant. `gpu_budget_bytes` is this worker's share of its GPU (free memory x fraction);
     `weights_bytes` the checkpoint in the dtype it is loaded in. A model that does not fit 70% of the budget
     stays on the host and is onloaded layer by layer (llm-compressor's sequential pipeline), so a model larger
     than the GPU still quantizes on it. `whole_share`: a DDP rank whose propagation overlaps another rank's
-    GPTQ solve (stages/forwardorder.py) calibrates its `num_samples` in one batch when it fits (a later batch
+    GPTQ solve (stages/llmc/ddp_forward_order.py) calibrates its `num_samples` in one batch when it fits (a later batch
     would queue behind the first one's wait on its stream)."""
     if device != "cuda":
         return Tuning(None, 1, "defaults (no GPU)")
     if weights_bytes > 0.7 * gpu_budget_bytes:
-        return Tuning(None, 1, f"weights {weights_bytes / GIB:.1f} GiB exceed 70% of the GPU budget "
-                      f"({gpu_budget_bytes / GIB:.1f} GiB): kept on host, onloaded layer by layer", "cpu")
+        return Tuning(
+            None,
+            1,
+            f"weights {weights_bytes / GIB:.1f} GiB exceed 70% of the GPU budget "
+            f"({gpu_budget_bytes / GIB:.1f} GiB): kept on host, onloaded layer by layer",
+            "cpu",
+        )
     gpu_budget_bytes -= weights_bytes
     if frugal:
         return Tuning(None, 1, "activations on host, batch 1 (frugal)")

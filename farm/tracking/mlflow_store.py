@@ -47,8 +47,13 @@ class Claim:
 
 def _row(run: Any) -> RunRow:
     return RunRow(
-        run.info.run_id, run.info.status, dict(run.data.tags), dict(run.data.params), dict(run.data.metrics),
-        run.info.artifact_uri, run.info.start_time or 0,
+        run.info.run_id,
+        run.info.status,
+        dict(run.data.tags),
+        dict(run.data.params),
+        dict(run.data.metrics),
+        run.info.artifact_uri,
+        run.info.start_time or 0,
     )
 
 
@@ -159,13 +164,20 @@ class MlflowStore:
             self.client.set_tag(run_id, TAG + "failure", reason[:MAX_PARAM])
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
-    def find_runs(self, filters: Iterable[str], status: str | None = None, experiment_ids: list[str] | None = None,
-                  max_results: int = 1000) -> list[RunRow]:
+    def find_runs(
+        self,
+        filters: Iterable[str],
+        status: str | None = None,
+        experiment_ids: list[str] | None = None,
+        max_results: int = 1000,
+    ) -> list[RunRow]:
         clauses = list(filters)
         if status:
             clauses.append(f"attributes.status = '{status}'")
         runs = self.client.search_runs(
-            experiment_ids or [self.experiment_id], " and ".join(clauses), max_results=max_results,
+            experiment_ids or [self.experiment_id],
+            " and ".join(clauses),
+            max_results=max_results,
             order_by=["attributes.start_time DESC"],
         )
         return [_row(r) for r in runs]
@@ -174,13 +186,19 @@ class MlflowStore:
         """The newest FINISHED run of this role with tag `key_tag` = value (and the `also` tags), for dedup and
         resume."""
         extra = [f"tags.`{TAG}{k}` = '{v}'" for k, v in (also or {}).items()]
-        rows = self.find_runs([f"tags.`{TAG}role` = '{role}'", f"tags.`{TAG}{key_tag}` = '{value}'", *extra],
-                              status="FINISHED", max_results=1)
+        rows = self.find_runs(
+            [f"tags.`{TAG}role` = '{role}'", f"tags.`{TAG}{key_tag}` = '{value}'", *extra],
+            status="FINISHED",
+            max_results=1,
+        )
         return rows[0] if rows else None
 
     def all_experiment_ids(self) -> list[str]:
-        return [e.experiment_id for e in self.client.search_experiments(max_results=1000)
-                if not e.name.startswith("farm-watch/")]
+        return [
+            e.experiment_id
+            for e in self.client.search_experiments(max_results=1000)
+            if not e.name.startswith("farm-watch/")
+        ]
 
     def experiment_of(self, run_id: str) -> str:
         return str(self.client.get_run(run_id).info.experiment_id)
@@ -223,8 +241,11 @@ class MlflowStore:
         from mlflow.exceptions import MlflowException
 
         try:
-            mv = (self.client.get_model_version_by_alias(name, ref[1:]) if ref.startswith("@")
-                  else self.client.get_model_version(name, ref))
+            mv = (
+                self.client.get_model_version_by_alias(name, ref[1:])
+                if ref.startswith("@")
+                else self.client.get_model_version(name, ref)
+            )
         except MlflowException as err:
             raise TrackingError(f"no model version {name} {ref} ({err.error_code})") from None
         return str(mv.version), str(mv.run_id)
@@ -250,8 +271,12 @@ class MlflowStore:
         out: list[Claim] = []
         token = None
         while True:
-            page = self.client.search_experiments(view_type=ViewType.ALL, filter_string=f"name LIKE '{prefix}%'",
-                                                  order_by=["creation_time ASC"], page_token=token)
+            page = self.client.search_experiments(
+                view_type=ViewType.ALL,
+                filter_string=f"name LIKE '{prefix}%'",
+                order_by=["creation_time ASC"],
+                page_token=token,
+            )
             out += [Claim(e.name, dict(e.tags), e.creation_time or 0) for e in page]
             token = page.token
             if not token:
@@ -282,7 +307,7 @@ def default_local_uri(root: str) -> tuple[str, str]:
 
 def new_local_store(uri: str) -> bool:
     """A sqlite tracking store that does not exist yet: creating it runs MLflow's migrations (seconds)."""
-    return uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists()
+    return uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists()
 
 
 def environ_uri() -> str | None:

@@ -17,8 +17,11 @@ from farm.spec import NAME, JobSpec, ModelSpec, Strict, load_spec, one_line, rea
 class WatchSpec(Strict):
     name: str = Field(pattern=NAME, description="watch name (recorded on every claim)")
     job: str = Field(description="job template YAML; its `models` are replaced by the released base")
-    bases: list[ModelSpec] = Field(min_length=1, max_length=256,
-                                   description="bases to follow: hf://org/name@branch, s3://bucket/prefix, a directory")
+    bases: list[ModelSpec] = Field(
+        min_length=1,
+        max_length=256,
+        description="bases to follow: hf://org/name@branch, s3://bucket/prefix, a directory",
+    )
     tracking_uri: str | None = Field(None, description="MLflow holding the watermarks (default: the job's)")
     submit_address: str | None = Field(None, description="Ray Jobs API address; the job runs in-process if unset")
     interval_s: float = Field(3600, gt=0, le=7 * 86400, description="seconds between cycles when not --once")
@@ -47,8 +50,10 @@ def load_watch(path: str | Path) -> tuple[WatchSpec, JobSpec]:
     base = path.resolve().parent
     job_path = Path(watch.job) if Path(watch.job).is_absolute() else base / watch.job
     template = load_spec(job_path)
-    bases = [b if "://" in b.source else b.model_copy(update={"source": str((base / b.source).resolve())})
-             for b in watch.bases]
+    bases = [
+        b if "://" in b.source else b.model_copy(update={"source": str((base / b.source).resolve())})
+        for b in watch.bases
+    ]
     return watch.model_copy(update={"bases": bases, "job": str(job_path.resolve())}), template
 
 
@@ -70,5 +75,6 @@ def job_for(template: JobSpec, base: ModelSpec, revision: str | None, tags: dict
     if revision:
         model = model.model_copy(update={"source": base.source.split("@")[0], "revision": revision})
     tracking = template.tracking.model_copy(update={"tags": {**template.tracking.tags, **tags}})
-    return JobSpec.model_validate({**template.model_dump(), "models": [model.model_dump()],
-                                   "tracking": tracking.model_dump()})
+    return JobSpec.model_validate(
+        {**template.model_dump(), "models": [model.model_dump()], "tracking": tracking.model_dump()}
+    )

@@ -93,8 +93,16 @@ def _attempt(claim: Claim) -> int:
 
 
 class Watcher:
-    def __init__(self, watch: WatchSpec, template: JobSpec, store: MlflowStore, runner: Runner, hub: HubClient,
-                 clock: Clock = time.time, say: Callable[[str], None] = print):
+    def __init__(
+        self,
+        watch: WatchSpec,
+        template: JobSpec,
+        store: MlflowStore,
+        runner: Runner,
+        hub: HubClient,
+        clock: Clock = time.time,
+        say: Callable[[str], None] = print,
+    ):
         self.watch, self.template, self.store, self.runner, self.hub = watch, template, store, runner, hub
         self.clock, self.say = clock, say
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
@@ -115,8 +123,12 @@ class Watcher:
             results.append(self._release(base, release, recipe))
         return results
 
-    def run(self, cycles: int | None = None, sleep: Callable[[float], None] = time.sleep,
-            report: Callable[[list[CycleResult]], None] | None = None) -> None:
+    def run(
+        self,
+        cycles: int | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        report: Callable[[list[CycleResult]], None] | None = None,
+    ) -> None:
         """Cycle every `interval_s` (forever unless `cycles` is given)."""
         done = 0
         while True:
@@ -141,19 +153,34 @@ class Watcher:
             if state in {"running", "submitted"} and not self._stale(last):
                 return CycleResult(release.base, "in progress", release.identity, last.name)
             if _attempt(last) >= self.watch.max_attempts:
-                return CycleResult(release.base, "gave up", release.identity,
-                                   f"{_attempt(last)} attempts; last: {last.tags.get(W + 'reason', state)}")
+                return CycleResult(
+                    release.base,
+                    "gave up",
+                    release.identity,
+                    f"{_attempt(last)} attempts; last: {last.tags.get(W + 'reason', state)}",
+                )
             attempt = _attempt(last) + 1
         name = f"{prefix}{attempt}"
         now = str(int(self.clock()))
-        tags = {W + "name": self.watch.name, W + "base": release.base, W + "source": redact(release.source),
-                W + "release": release.identity, W + "recipe": recipe, W + "state": "running",
-                W + "owner": self.owner, W + "claimed_at": now}
+        tags = {
+            W + "name": self.watch.name,
+            W + "base": release.base,
+            W + "source": redact(release.source),
+            W + "release": release.identity,
+            W + "recipe": recipe,
+            W + "state": "running",
+            W + "owner": self.owner,
+            W + "claimed_at": now,
+        }
         if not self.store.claim(name, tags):
             return CycleResult(release.base, "claimed elsewhere", release.identity, name)
         self.say(f"watch {self.watch.name}: new release of {release.base} ({release.identity}); attempt {attempt}")
-        spec = job_for(self.template, base, release.revision,
-                       {TAG + "release": release.identity, TAG + "watch": self.watch.name, W + "claim": name})
+        spec = job_for(
+            self.template,
+            base,
+            release.revision,
+            {TAG + "release": release.identity, TAG + "watch": self.watch.name, W + "claim": name},
+        )
         try:
             state, ref, detail = self.runner.start(spec)
         except TrackingError:
@@ -163,8 +190,9 @@ class Watcher:
         except BaseException:
             self.store.tag_claim(name, {W + "state": "failed", W + "reason": "interrupted"})
             raise
-        self.store.tag_claim(name, {W + "state": state, W + "job": ref, W + "reason": detail,
-                                    W + "ended_at": str(int(self.clock()))})
+        self.store.tag_claim(
+            name, {W + "state": state, W + "job": ref, W + "reason": detail, W + "ended_at": str(int(self.clock()))}
+        )
         action = {"finished": "built", "submitted": "submitted"}.get(state, "failed")
         return CycleResult(release.base, action, release.identity, detail or ref)
 

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_fused_attention_matches_eager_in_bf16(small_llama: Path) -> None:  # noqa: F811
     """One bf16 forward of the test model under llm-compressor's eager config, with and without the override."""
-    from farm.stages.attention import sdpa_calibration
+    from farm.stages.llmc.calibration_sdpa import sdpa_calibration
     from farm.stages.modelio import load_model
 
     model = load_model(small_llama, "cuda")
@@ -36,8 +36,10 @@ def test_fused_attention_matches_eager_in_bf16(small_llama: Path) -> None:  # no
     with sdpa_calibration(model) as usage:
         fused, t_fused = timed()
     rel = ((fused - eager).norm() / eager.norm()).item()
-    print(f"GPU attention: eager forward {t_eager * 1e3:.1f} ms, fused {t_fused * 1e3:.1f} ms; logits relative "
-          f"difference {rel:.1e} (bf16)")
+    print(
+        f"GPU attention: eager forward {t_eager * 1e3:.1f} ms, fused {t_fused * 1e3:.1f} ms; logits relative "
+        f"difference {rel:.1e} (bf16)"
+    )
     assert usage.fused > 0 and usage.eager == 0
     assert rel < 2e-2  # bf16 rounding of the eager scores is the difference, not the maths
 
@@ -58,6 +60,8 @@ def test_gptq_objective_with_fused_attention(small_llama: Path, tmp_path: Path) 
     fused = _gptq(small_llama, ds, 8, tmp_path / "fused", True, fused_attention=True)
     noise = abs(eager_b4 - eager) / eager
     moved = abs(fused - eager) / eager
-    print(f"GPU GPTQ summed loss: eager {eager:.4f}, eager batch 4 {eager_b4:.4f}, fused {fused:.4f}; relative "
-          f"difference fused {moved:.1e}, reorder noise {noise:.1e}")
+    print(
+        f"GPU GPTQ summed loss: eager {eager:.4f}, eager batch 4 {eager_b4:.4f}, fused {fused:.4f}; relative "
+        f"difference fused {moved:.1e}, reorder noise {noise:.1e}"
+    )
     assert moved < 5e-3

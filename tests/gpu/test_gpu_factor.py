@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_factor_matches_and_is_faster(n: int) -> None:
     from llmcompressor.modifiers.gptq.helpers import factorize_hessian
 
-    from farm.stages.factor import upper_inverse_factor
+    from farm.stages.llmc.gptq_one_cholesky import upper_inverse_factor
 
     torch.manual_seed(0)
     x = torch.randn(16384, n, device="cuda", dtype=torch.bfloat16)
@@ -34,8 +34,10 @@ def test_factor_matches_and_is_faster(n: int) -> None:
     a, b = ours(), ref()
     rel = ((a - b).abs().max() / b.abs().max()).item()
     fast, slow = _timed(ours), _timed(ref)
-    print(f"GPU GPTQ factor {n}: llm-compressor {slow * 1e3:.1f} ms, one Cholesky {fast * 1e3:.1f} ms; "
-          f"max difference {rel:.1e} of the largest entry")
+    print(
+        f"GPU GPTQ factor {n}: llm-compressor {slow * 1e3:.1f} ms, one Cholesky {fast * 1e3:.1f} ms; "
+        f"max difference {rel:.1e} of the largest entry"
+    )
     assert rel < 1e-4
 
 
@@ -53,7 +55,9 @@ def test_gptq_objective_with_one_cholesky(small_llama: Path, tmp_path: Path) -> 
     ours = _gptq(small_llama, ds, 8, tmp_path / "ours", True, fused_attention=True, one_cholesky=True)
     left = _gptq(small_llama, ds, 8, tmp_path / "left", True, fused_attention=True, left_looking=True)
     noise, moved, moved_left = abs(ref_b4 - ref) / ref, abs(ours - ref) / ref, abs(left - ref) / ref
-    print(f"GPU GPTQ summed loss: llm-compressor's factor {ref:.4f} (batch 4: {ref_b4:.4f}), one Cholesky "
-          f"{ours:.4f}, left-looking {left:.4f}; relative difference {moved:.1e} and {moved_left:.1e}, "
-          f"reorder noise {noise:.1e}")
+    print(
+        f"GPU GPTQ summed loss: llm-compressor's factor {ref:.4f} (batch 4: {ref_b4:.4f}), one Cholesky "
+        f"{ours:.4f}, left-looking {left:.4f}; relative difference {moved:.1e} and {moved_left:.1e}, "
+        f"reorder noise {noise:.1e}"
+    )
     assert moved <= max(3 * noise, 1e-4) and moved_left <= max(3 * noise, 1e-4)

@@ -29,7 +29,7 @@ def test_tensor_core_hessian_against_float64(features: int) -> None:
     (measured 5e-5 of the largest entry on 16k tokens), far inside the 1e-2 dampening GPTQ adds to it."""
     from llmcompressor.modifiers.gptq.helpers import accumulate_hessian as upstream
 
-    from farm.stages.hessian import accumulate, covers
+    from farm.stages.llmc.hessian_tensor_cores import accumulate, covers
 
     torch.manual_seed(0)
     x = torch.randn(8, 2048, features, device="cuda", dtype=torch.bfloat16)  # one batch of 8 x 2048 tokens
@@ -45,9 +45,11 @@ def test_tensor_core_hessian_against_float64(features: int) -> None:
     err_ref = ((ref.double() - exact).abs().max() / scale).item()
     fast = _timed(lambda: accumulate(x, ours, torch.zeros((), device="cuda")))
     slow = _timed(lambda: upstream(x, linear, ref, torch.zeros((), device="cuda")))
-    print(f"GPU Hessian {features}^2 from 16384 tokens: fp32 GEMM {slow * 1e3:.1f} ms, tensor cores "
-          f"{fast * 1e3:.1f} ms ({slow / fast:.1f}x); max error vs float64: fp32 GEMM {err_ref:.1e}, "
-          f"tensor cores {err_ours:.1e}")
+    print(
+        f"GPU Hessian {features}^2 from 16384 tokens: fp32 GEMM {slow * 1e3:.1f} ms, tensor cores "
+        f"{fast * 1e3:.1f} ms ({slow / fast:.1f}x); max error vs float64: fp32 GEMM {err_ref:.1e}, "
+        f"tensor cores {err_ours:.1e}"
+    )
     assert err_ours < 2e-4
     for chunk in (4096, 1024, 256):  # shorter tensor-core sums, added to H in fp32
         h = torch.zeros(features, features, device="cuda")
@@ -57,30 +59,47 @@ def test_tensor_core_hessian_against_float64(features: int) -> None:
         print(f"GPU Hessian {features}^2 chunks of {chunk} tokens: {secs * 1e3:.1f} ms, max error {err:.1e}")
 
 
-def _gptq(model_dir: Path, ds, batch: int, out: Path, tensor_cores: bool | int,  # type: ignore[no-untyped-def]
-          fused_attention: bool = False, one_cholesky: bool = False, left_looking: bool = False) -> float:
+def _gptq(
+    model_dir: Path,
+    ds,
+    batch: int,
+    out: Path,
+    tensor_cores: bool | int,  # type: ignore[no-untyped-def]
+    fused_attention: bool = False,
+    one_cholesky: bool = False,
+    left_looking: bool = False,
+) -> float:
     """One oneshot; returns the sum of GPTQ's own per-module losses (read from its quantize_weight)."""
     import contextlib
 
     from llmcompressor import oneshot
 
     from farm.methods import build_method
-    from farm.stages.attention import sdpa_calibration
-    from farm.stages.factor import one_cholesky_factor
-    from farm.stages.hessian import CHUNK_TOKENS, tensor_core_hessians
-    from farm.stages.leftgptq import left_looking_solve
+    from farm.stages.llmc.calibration_sdpa import sdpa_calibration
+    from farm.stages.llmc.gptq_left_looking import left_looking_solve
+    from farm.stages.llmc.gptq_one_cholesky import one_cholesky_factor
+    from farm.stages.llmc.hessian_tensor_cores import CHUNK_TOKENS, tensor_core_hessians
     from farm.stages.modelio import load_model
     from tests.gptq_losses import observed_losses
 
     model = load_model(model_dir, "cuda")
     chunk = CHUNK_TOKENS if isinstance(tensor_cores, bool) else tensor_cores
-    with (left_looking_solve() if left_looking else contextlib.nullcontext(),  # under the loss observer
-          observed_losses() as losses, tensor_core_hessians(chunk) if tensor_cores else contextlib.nullcontext(),
-          sdpa_calibration(model) if fused_attention else contextlib.nullcontext(),
-          one_cholesky_factor() if one_cholesky else contextlib.nullcontext()):
-        oneshot(model=model, dataset=ds, recipe=build_method({"method": "gptq", "group_size": 128}).modifiers(),
-                num_calibration_samples=len(ds), max_seq_length=512, shuffle_calibration_samples=False,
-                batch_size=batch)
+    with (
+        left_looking_solve() if left_looking else contextlib.nullcontext(),  # under the loss observer
+        observed_losses() as losses,
+        tensor_core_hessians(chunk) if tensor_cores else contextlib.nullcontext(),
+        sdpa_calibration(model) if fused_attention else contextlib.nullcontext(),
+        one_cholesky_factor() if one_cholesky else contextlib.nullcontext(),
+    ):
+        oneshot(
+            model=model,
+            dataset=ds,
+            recipe=build_method({"method": "gptq", "group_size": 128}).modifiers(),
+            num_calibration_samples=len(ds),
+            max_seq_length=512,
+            shuffle_calibration_samples=False,
+            batch_size=batch,
+        )
     model.save_pretrained(out, save_compressed=True)
     return sum(losses)
 
@@ -99,8 +118,12 @@ def test_gptq_quality_unchanged(small_llama: Path, tmp_path: Path) -> None:  # n
     tok = load_tokenizer(small_llama)
     windows = sample_windows(read_text(str(TEXT)), tok, 32, 512, 0)
     ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
-    runs = {"upstream b8": (8, False), "upstream b4": (4, False), "tensor cores b8": (8, True),
-            "tensor cores b8 chunk 256": (8, 256)}
+    runs = {
+        "upstream b8": (8, False),
+        "upstream b4": (4, False),
+        "tensor cores b8": (8, True),
+        "tensor cores b8 chunk 256": (8, 256),
+    }
     loss, packed = {}, {}
     for name, (batch, tc) in runs.items():
         out = tmp_path / name.replace(" ", "-")
@@ -114,8 +137,10 @@ def test_gptq_quality_unchanged(small_llama: Path, tmp_path: Path) -> None:  # n
     noise = abs(loss["upstream b4"] - loss["upstream b8"]) / loss["upstream b8"]
     ours = abs(loss["tensor cores b8"] - loss["upstream b8"]) / loss["upstream b8"]
     chunked = abs(loss["tensor cores b8 chunk 256"] - loss["upstream b8"]) / loss["upstream b8"]
-    print(f"GPU GPTQ summed loss: {', '.join(f'{k} {v:.4f}' for k, v in loss.items())}; relative difference "
-          f"tensor cores {ours:.1e} (chunked {chunked:.1e}), reorder noise {noise:.1e}; packed words equal: "
-          f"tensor cores "
-          f"{same_words('upstream b8', 'tensor cores b8'):.3f}, reorder {same_words('upstream b8', 'upstream b4'):.3f}")
+    print(
+        f"GPU GPTQ summed loss: {', '.join(f'{k} {v:.4f}' for k, v in loss.items())}; relative difference "
+        f"tensor cores {ours:.1e} (chunked {chunked:.1e}), reorder noise {noise:.1e}; packed words equal: "
+        f"tensor cores "
+        f"{same_words('upstream b8', 'tensor cores b8'):.3f}, reorder {same_words('upstream b8', 'upstream b4'):.3f}"
+    )
     assert ours <= max(3 * noise, 1e-3)

@@ -1,5 +1,5 @@
 """On CUDA: farm's save streams each shard's GPU tensors through pinned buffers and writes shards on threads
-(stages/shardio.py): the same tensors as transformers' own loop. Skipped without CUDA; timings in
+(stages/llmc/parallel_shard_writes.py): the same tensors as transformers' own loop. Skipped without CUDA; timings in
 docs/BENCHMARKS.md (bench/profile_oneshot.py --save)."""
 
 from __future__ import annotations
@@ -19,14 +19,19 @@ def test_write_shard_streams_cuda_tensors(tmp_path: Path) -> None:
     """CUDA tensors of every kind, one larger than two staging chunks, and CPU tensors between them."""
     from safetensors.torch import load_file
 
-    from farm.stages.shardio import CHUNK, write_shard
+    from farm.stages.llmc.parallel_shard_writes import CHUNK, write_shard
 
-    src = {"big": torch.randn(CHUNK + CHUNK // 2 + 3, device="cuda", dtype=torch.bfloat16),
-           "packed": torch.randint(-2**31, 2**31 - 1, (7, 3), device="cuda", dtype=torch.int32),
-           "zero_point": torch.randint(-8, 7, (5,), device="cuda", dtype=torch.int8),
-           "fp8": torch.randn(4, 4, device="cuda").to(torch.float8_e4m3fn), "cpu": torch.arange(6),
-           "mask": torch.rand(9, device="cuda") > 0.5, "scalar": torch.tensor(3.5, device="cuda"),
-           "empty": torch.empty(0, 4, device="cuda"), "strided": torch.randn(8, 3, device="cuda").t()}
+    src = {
+        "big": torch.randn(CHUNK + CHUNK // 2 + 3, device="cuda", dtype=torch.bfloat16),
+        "packed": torch.randint(-(2**31), 2**31 - 1, (7, 3), device="cuda", dtype=torch.int32),
+        "zero_point": torch.randint(-8, 7, (5,), device="cuda", dtype=torch.int8),
+        "fp8": torch.randn(4, 4, device="cuda").to(torch.float8_e4m3fn),
+        "cpu": torch.arange(6),
+        "mask": torch.rand(9, device="cuda") > 0.5,
+        "scalar": torch.tensor(3.5, device="cuda"),
+        "empty": torch.empty(0, 4, device="cuda"),
+        "strided": torch.randn(8, 3, device="cuda").t(),
+    }
     write_shard(src, str(tmp_path / "s.safetensors"), {"format": "pt"})
     back = load_file(tmp_path / "s.safetensors")
     assert back.keys() == src.keys()
@@ -40,7 +45,7 @@ def test_pinned_threaded_save_matches_transformers(small_llama: Path, tmp_path: 
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from farm.stages.shardio import parallel_shard_writes
+    from farm.stages.llmc.parallel_shard_writes import parallel_shard_writes
 
     model = AutoModelForCausalLM.from_pretrained(small_llama, dtype=torch.bfloat16, device_map="cuda")
     seconds = {}
@@ -53,5 +58,7 @@ def test_pinned_threaded_save_matches_transformers(small_llama: Path, tmp_path: 
     a = {k: v for f in sorted((tmp_path / "serial").glob("*.safetensors")) for k, v in load_file(f).items()}
     b = {k: v for f in sorted((tmp_path / "farm").glob("*.safetensors")) for k, v in load_file(f).items()}
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    print(f"GPU save {sum(v.numel() * v.element_size() for v in a.values()) / 1e6:.0f} MB: transformers "
-          f"{seconds['serial']:.2f}/{seconds['serial2']:.2f} s, farm {seconds['farm']:.2f}/{seconds['farm2']:.2f} s")
+    print(
+        f"GPU save {sum(v.numel() * v.element_size() for v in a.values()) / 1e6:.0f} MB: transformers "
+        f"{seconds['serial']:.2f}/{seconds['serial2']:.2f} s, farm {seconds['farm']:.2f}/{seconds['farm2']:.2f} s"
+    )

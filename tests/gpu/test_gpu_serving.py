@@ -26,9 +26,17 @@ def serving_spec():  # type: ignore[no-untyped-def]
 
     env = dict(kv.split("=", 1) for kv in os.environ.get("FARM_VLLM_ENV", "").split(",") if "=" in kv)
     path = [p for p in os.environ.get("FARM_VLLM_PYTHONPATH", "").split(os.pathsep) if p]
-    spec = ServingSpec(python=os.environ.get("FARM_VLLM_PYTHON"), pythonpath=path, env=env, concurrency=[1, 8],
-                       requests_per_level=16, greedy_prompts=4, greedy_tokens=16,
-                       shapes=[{"name": "short", "input_tokens": 128, "output_tokens": 32}], timeout_s=600)
+    spec = ServingSpec(
+        python=os.environ.get("FARM_VLLM_PYTHON"),
+        pythonpath=path,
+        env=env,
+        concurrency=[1, 8],
+        requests_per_level=16,
+        greedy_prompts=4,
+        greedy_tokens=16,
+        shapes=[{"name": "short", "input_tokens": 128, "output_tokens": 32}],
+        timeout_s=600,
+    )
     problem, version = probe(spec)
     if problem:
         pytest.skip(problem)
@@ -46,13 +54,24 @@ def base_and_fp8(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("serve")
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
-                      num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=4,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out / "base")
     tok.save_pretrained(out / "base")
-    quantize(QuantizeRequest(str(out / "base"), build_method({"method": "fp8"}), CalibrationDraw(str(TEXT), 4, 64, 0),
-                             str(out / "fp8")))
+    quantize(
+        QuantizeRequest(
+            str(out / "base"), build_method({"method": "fp8"}), CalibrationDraw(str(TEXT), 4, 64, 0), str(out / "fp8")
+        )
+    )
     torch.cuda.empty_cache()
     return out / "base", out / "fp8"
 

@@ -25,24 +25,34 @@ def small_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("llama")
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
 
-EXTRA = {"gptq": {"group_size": 128}, "awq": {"group_size": 128},
-         "mixed": {"low": {"bits": 4, "group_size": 128}, "probe_tokens": 2048},
-         "qat": {"group_size": 128, "steps": 20, "train_samples": 64}}
+EXTRA = {
+    "gptq": {"group_size": 128},
+    "awq": {"group_size": 128},
+    "mixed": {"low": {"bits": 4, "group_size": 128}, "probe_tokens": 2048},
+    "qat": {"group_size": 128, "steps": 20, "train_samples": 64},
+}
 
 
 @pytest.mark.parametrize("name", ["gptq", "awq", "fp8", "smoothquant", "nf4", "qat", "mixed"])
 def test_method_on_gpu(name: str, small_llama: Path, tmp_path: Path) -> None:
     pytest.importorskip({"nf4": "bitsandbytes", "qat": "torchao"}.get(name, "torch"))  # optional backends
     from farm.methods import build_method
-    from farm.stages.compat import cpu_safe_pinning
     from farm.stages.evaluate import EvaluateRequest, evaluate
+    from farm.stages.llmc.cpu_pinning import cpu_safe_pinning
     from farm.stages.quantize import CalibrationDraw, QuantizeRequest, quantize
     from farm.stages.tuning import choose
 
@@ -52,14 +62,23 @@ def test_method_on_gpu(name: str, small_llama: Path, tmp_path: Path) -> None:
     with cpu_safe_pinning() as guarded:
         assert not guarded  # the CPU fix never applies on a GPU machine
     method = build_method({"method": name, **EXTRA.get(name, {})})
-    q = quantize(QuantizeRequest(str(small_llama), method, CalibrationDraw(str(TEXT), 32, 512, 0),
-                                 str(tmp_path / "q"), batch_size=tuned.batch_size,
-                                 offload_device=tuned.offload_device))
+    q = quantize(
+        QuantizeRequest(
+            str(small_llama),
+            method,
+            CalibrationDraw(str(TEXT), 32, 512, 0),
+            str(tmp_path / "q"),
+            batch_size=tuned.batch_size,
+            offload_device=tuned.offload_device,
+        )
+    )
     assert q.device == "cuda"
     e = evaluate(EvaluateRequest(str(tmp_path / "q"), str(TEXT), 2048, 512, "Hello", 8))
     assert e.device == "cuda" and e.perplexity > 1 and e.weights_bytes > 0
-    print(f"GPU {name}: oneshot {q.seconds_oneshot:.1f} s, save {q.seconds_save:.1f} s, ppl {e.perplexity:.1f}, "
-          f"batch {tuned.batch_size}, {e.weights_bytes / 1e6:.1f} MB; {'; '.join(q.notes)}")
+    print(
+        f"GPU {name}: oneshot {q.seconds_oneshot:.1f} s, save {q.seconds_save:.1f} s, ppl {e.perplexity:.1f}, "
+        f"batch {tuned.batch_size}, {e.weights_bytes / 1e6:.1f} MB; {'; '.join(q.notes)}"
+    )
 
 
 def test_lora_adapter_over_nf4_on_gpu(small_llama: Path, tmp_path: Path) -> None:
@@ -67,15 +86,26 @@ def test_lora_adapter_over_nf4_on_gpu(small_llama: Path, tmp_path: Path) -> None
     pytest.importorskip("bitsandbytes")
     from farm.methods import build_method
     from farm.spec import EvaluationSpec
-    from farm.stages.adapters import evaluate_adapters, train_lora
+    from farm.stages.checks.adapters import evaluate_adapters, train_lora
     from farm.stages.quantize import CalibrationDraw, QuantizeRequest, quantize
 
     train_lora(str(small_llama), str(TEXT), str(tmp_path / "adapter"), steps=10, seq_len=128)
-    quantize(QuantizeRequest(str(small_llama), build_method({"method": "nf4"}), CalibrationDraw(str(TEXT), 4, 64, 0),
-                             str(tmp_path / "nf4")))
-    ev = EvaluationSpec.model_validate({"perplexity": {"source": str(TEXT)}, "adapters": [
-        {"name": "a", "source": str(tmp_path / "adapter"), "max_tokens": 2048}]})
+    quantize(
+        QuantizeRequest(
+            str(small_llama),
+            build_method({"method": "nf4"}),
+            CalibrationDraw(str(TEXT), 4, 64, 0),
+            str(tmp_path / "nf4"),
+        )
+    )
+    ev = EvaluationSpec.model_validate(
+        {
+            "perplexity": {"source": str(TEXT)},
+            "adapters": [{"name": "a", "source": str(tmp_path / "adapter"), "max_tokens": 2048}],
+        }
+    )
     base, nf4 = evaluate_adapters(str(small_llama), ev), evaluate_adapters(str(tmp_path / "nf4"), ev)
-    print(f"GPU LoRA: base+adapter ppl {base['adapter_a_perplexity']:.1f}, "
-          f"nf4+adapter {nf4['adapter_a_perplexity']:.1f}")
+    print(
+        f"GPU LoRA: base+adapter ppl {base['adapter_a_perplexity']:.1f}, nf4+adapter {nf4['adapter_a_perplexity']:.1f}"
+    )
     assert base["adapter_a_perplexity"] > 1 and nf4["adapter_a_perplexity"] > 1

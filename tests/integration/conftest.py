@@ -28,8 +28,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with servers.moto_s3(work) as s3:
         servers.make_bucket(s3, BUCKET)
         env = {**servers.S3_ENV, "AWS_ENDPOINT_URL": s3, "MLFLOW_S3_ENDPOINT_URL": s3}
-        with servers.mlflow_server(work, s3, f"s3://{BUCKET}/mlflow") as mlflow_uri, \
-                servers.ray_head(work, num_cpus=2, num_gpus=2, env=env) as address:
+        with (
+            servers.mlflow_server(work, s3, f"s3://{BUCKET}/mlflow") as mlflow_uri,
+            servers.ray_head(work, num_cpus=2, num_gpus=2, env=env) as address,
+        ):
             yield Stack(s3, mlflow_uri, address, env)
 
 

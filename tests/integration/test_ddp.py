@@ -28,19 +28,30 @@ def _variant(client: MlflowClient, experiment: str):
     return runs[0]
 
 
-def test_ddp_variant_matches_single_process(stack: Stack, stack_env: dict, fixture_paths: dict,
-                                            tmp_path: Path) -> None:
+def test_ddp_variant_matches_single_process(stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     outs = {}
     for ranks in (2, 1):
-        spec = tiny_spec(fixture_paths, str(tmp_path / f"out{ranks}"), methods=[{"method": "gptq", "group_size": 64}],
-                         resources={"num_cpus": 1, "num_gpus": 1, "ranks": ranks, "gptq_broadcast": "forward_order"},
-                         tracking={"experiment": f"ddp-{ranks}", "registered_model_prefix": f"ddp{ranks}-"})
+        spec = tiny_spec(
+            fixture_paths,
+            str(tmp_path / f"out{ranks}"),
+            methods=[{"method": "gptq", "group_size": 64}],
+            resources={"num_cpus": 1, "num_gpus": 1, "ranks": ranks, "gptq_broadcast": "forward_order"},
+            tracking={"experiment": f"ddp-{ranks}", "registered_model_prefix": f"ddp{ranks}-"},
+        )
         spec["calibration"]["num_samples"] = 8
         path = write_spec(tmp_path / f"ddp{ranks}.yaml", spec)
-        res = farm("run", str(path), "--ray-address", stack.ray_address, "--tracking-uri", stack.mlflow_uri,
-                   env=stack_env, cwd=tmp_path)
+        res = farm(
+            "run",
+            str(path),
+            "--ray-address",
+            stack.ray_address,
+            "--tracking-uri",
+            stack.mlflow_uri,
+            env=stack_env,
+            cwd=tmp_path,
+        )
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         outs[ranks] = res
 
@@ -64,21 +75,35 @@ def test_ddp_variant_matches_single_process(stack: Stack, stack_env: dict, fixtu
     same = 1 - differ / sum(8 * a[k].numel() for k in packed)
     assert same > 0.75, same
     scales = [k for k in a if k.endswith("weight_scale")]
-    assert all(float((a[k].float() - b[k].float()).abs().max()) <= 1e-3 * float(b[k].float().abs().max())
-               for k in scales)
+    assert all(
+        float((a[k].float() - b[k].float()).abs().max()) <= 1e-3 * float(b[k].float().abs().max()) for k in scales
+    )
     ppl_ddp, ppl_single = ddp.data.metrics["perplexity"], single.data.metrics["perplexity"]
     assert abs(ppl_ddp - ppl_single) / ppl_single < 0.02, (ppl_ddp, ppl_single)
 
 
-def test_ddp_variants_of_one_shape_share_a_warm_gang(stack: Stack, stack_env: dict, fixture_paths: dict,
-                                                      tmp_path: Path) -> None:
+def test_ddp_variants_of_one_shape_share_a_warm_gang(
+    stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path
+) -> None:
     """Two data-parallel variants in one job: the second runs on the first one's placement group and worker
     processes (torch, transformers and llm-compressor already imported), not on a new gang."""
-    spec = tiny_spec(fixture_paths, str(tmp_path / "out"), resources={"num_cpus": 1, "num_gpus": 1, "ranks": 2},
-                     methods=[{"method": "gptq", "group_size": 64}, {"method": "gptq", "group_size": 32}],
-                     tracking={"experiment": "ddp-warm", "registered_model_prefix": "warm-"})
-    res = farm("run", str(write_spec(tmp_path / "warm.yaml", spec)), "--ray-address", stack.ray_address,
-               "--tracking-uri", stack.mlflow_uri, env=stack_env, cwd=tmp_path)
+    spec = tiny_spec(
+        fixture_paths,
+        str(tmp_path / "out"),
+        resources={"num_cpus": 1, "num_gpus": 1, "ranks": 2},
+        methods=[{"method": "gptq", "group_size": 64}, {"method": "gptq", "group_size": 32}],
+        tracking={"experiment": "ddp-warm", "registered_model_prefix": "warm-"},
+    )
+    res = farm(
+        "run",
+        str(write_spec(tmp_path / "warm.yaml", spec)),
+        "--ray-address",
+        stack.ray_address,
+        "--tracking-uri",
+        stack.mlflow_uri,
+        env=stack_env,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     client = MlflowClient(stack.mlflow_uri)
     exp = client.get_experiment_by_name("ddp-warm")

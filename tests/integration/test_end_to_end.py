@@ -18,14 +18,18 @@ pytestmark = pytest.mark.integration
 
 
 def farm(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "farm.cli", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "farm.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=900
+    )
 
 
 def test_job_end_to_end(stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path) -> None:
-    spec = write_spec(tmp_path / "job.yaml", tiny_spec(fixture_paths, f"s3://{BUCKET}/variants",
-                                                       tracking={"experiment": "e2e",
-                                                                 "registered_model_prefix": "e2e-"}))
+    spec = write_spec(
+        tmp_path / "job.yaml",
+        tiny_spec(
+            fixture_paths, f"s3://{BUCKET}/variants", tracking={"experiment": "e2e", "registered_model_prefix": "e2e-"}
+        ),
+    )
     args = ["run", str(spec), "--ray-address", stack.ray_address, "--tracking-uri", stack.mlflow_uri]
     first = farm(*args, env=stack_env, cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -55,8 +59,16 @@ def test_job_end_to_end(stack: Stack, stack_env: dict, fixture_paths: dict, tmp_
     versions = client.search_model_versions("name = 'e2e-tiny-llama'")
     assert len(versions) == 4
     for v in versions:
-        for tag in ("base_model_hash", "method", "recipe_hash", "calibration_hash", "date", "version.llmcompressor",
-                    "version.transformers", "version.torch"):
+        for tag in (
+            "base_model_hash",
+            "method",
+            "recipe_hash",
+            "calibration_hash",
+            "date",
+            "version.llmcompressor",
+            "version.transformers",
+            "version.torch",
+        ):
             assert v.tags.get(tag), (tag, v.tags)
 
     fs = s3fs_client(stack)
@@ -90,8 +102,9 @@ def test_job_end_to_end(stack: Stack, stack_env: dict, fixture_paths: dict, tmp_
     assert across.returncode == 0 and across.stdout.count("FINISHED") >= 4, across.stderr
 
 
-def test_unreachable_tracking_server_fails_before_work(stack: Stack, stack_env: dict, fixture_paths: dict,
-                                                       tmp_path: Path) -> None:
+def test_unreachable_tracking_server_fails_before_work(
+    stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     spec = write_spec(tmp_path / "job.yaml", tiny_spec(fixture_paths, str(out)))
     res = farm("run", str(spec), "--tracking-uri", "http://127.0.0.1:9", env=stack_env, cwd=tmp_path)

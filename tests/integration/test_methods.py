@@ -17,23 +17,49 @@ from tests.integration.test_end_to_end import farm
 pytestmark = pytest.mark.integration
 
 
-def test_mixed_qat_and_adapter_through_a_job(stack: Stack, stack_env: dict, fixture_paths: dict,
-                                             tmp_path: Path) -> None:
-    from farm.stages.adapters import train_lora
+def test_mixed_qat_and_adapter_through_a_job(
+    stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path
+) -> None:
+    from farm.stages.checks.adapters import train_lora
 
     adapter = tmp_path / "adapter"
-    train_lora(str(fixture_paths["tiny-llama"]), str(fixture_paths["shakespeare"] / "calibration.txt"),
-               str(adapter), steps=4, seq_len=64, batch_size=2, learning_rate=1e-2)
-    spec = tiny_spec(fixture_paths, str(tmp_path / "out"), methods=[
-        {"method": "mixed", "low": {"bits": 4, "group_size": 64}, "budget": 1e9, "probe_tokens": 256,
-         "probe_seq_len": 128},
-        {"method": "qat", "group_size": 64, "steps": 3, "batch_size": 2, "train_samples": 8},
-        {"method": "nf4"}],
-        tracking={"experiment": "methods", "registered_model_prefix": "methods-"})
+    train_lora(
+        str(fixture_paths["tiny-llama"]),
+        str(fixture_paths["shakespeare"] / "calibration.txt"),
+        str(adapter),
+        steps=4,
+        seq_len=64,
+        batch_size=2,
+        learning_rate=1e-2,
+    )
+    spec = tiny_spec(
+        fixture_paths,
+        str(tmp_path / "out"),
+        methods=[
+            {
+                "method": "mixed",
+                "low": {"bits": 4, "group_size": 64},
+                "budget": 1e9,
+                "probe_tokens": 256,
+                "probe_seq_len": 128,
+            },
+            {"method": "qat", "group_size": 64, "steps": 3, "batch_size": 2, "train_samples": 8},
+            {"method": "nf4"},
+        ],
+        tracking={"experiment": "methods", "registered_model_prefix": "methods-"},
+    )
     spec["evaluation"]["adapters"] = [{"name": "play", "source": str(adapter), "max_tokens": 256, "seq_len": 128}]
     spec["gate"] = {}
-    res = farm("run", str(write_spec(tmp_path / "job.yaml", spec)), "--ray-address", stack.ray_address,
-               "--tracking-uri", stack.mlflow_uri, env=stack_env, cwd=tmp_path)
+    res = farm(
+        "run",
+        str(write_spec(tmp_path / "job.yaml", spec)),
+        "--ray-address",
+        stack.ray_address,
+        "--tracking-uri",
+        stack.mlflow_uri,
+        env=stack_env,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     client = MlflowClient(stack.mlflow_uri)
@@ -50,7 +76,8 @@ def test_mixed_qat_and_adapter_through_a_job(stack: Stack, stack_env: dict, fixt
     assert {"sensitivity.json", "mixed_search.json"} <= files
     assert "qat_losses.json" in {a.path for a in client.list_artifacts(runs["qat"].info.run_id)}
     assert runs["qat"].data.metrics["qat.steps"] == 3
-    nf4 = json.loads(Path(client.download_artifacts(runs["nf4"].info.run_id, "model/config.json", str(tmp_path)))
-                     .read_text())
+    nf4 = json.loads(
+        Path(client.download_artifacts(runs["nf4"].info.run_id, "model/config.json", str(tmp_path))).read_text()
+    )
     assert nf4["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     assert runs["nf4"].data.tags["farm.model_version"]  # registered like every variant

@@ -34,8 +34,13 @@ def postgres() -> Iterator[str]:
     script = str(ROOT / "mlflow" / "postgres-local.sh")
     port = str(servers.free_port())
     try:
-        uri = subprocess.run(["bash", script, "start", str(work / "data"), port, "pw-farm"], check=True,
-                             capture_output=True, text=True, timeout=120).stdout.strip()
+        uri = subprocess.run(
+            ["bash", script, "start", str(work / "data"), port, "pw-farm"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout.strip()
         yield uri
     finally:
         subprocess.run(["bash", script, "stop", str(work / "data")], capture_output=True, timeout=60)
@@ -48,19 +53,35 @@ def test_job_against_postgres_and_proxied_s3(stack: Stack, fixture_paths: dict, 
 
     with postgres() as backend:
         port = servers.free_port()
-        env = {**servers.S3_ENV, "MLFLOW_S3_ENDPOINT_URL": stack.s3_endpoint, "BACKEND": backend,
-               "ARTIFACTS": f"s3://{BUCKET}/prod", "HOST": "127.0.0.1", "PORT": str(port), "WORKERS": "2",
-               "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}"}
+        env = {
+            **servers.S3_ENV,
+            "MLFLOW_S3_ENDPOINT_URL": stack.s3_endpoint,
+            "BACKEND": backend,
+            "ARTIFACTS": f"s3://{BUCKET}/prod",
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "WORKERS": "2",
+            "PATH": f"{servers.BIN}{os.pathsep}{os.environ['PATH']}",
+        }
         with servers.process(["bash", str(ROOT / "mlflow" / "production.sh")], env, tmp_path / "mlflow.log") as p:
             uri = f"http://127.0.0.1:{port}"
             servers.wait_http(uri + "/health", 120, p)
-            spec = write_spec(tmp_path / "job.yaml", tiny_spec(
-                fixture_paths, str(tmp_path / "out"), methods=[{"method": "fp8"}, {"method": "gptq", "group_size": 64}],
-                tracking={"experiment": "prod"}))
+            spec = write_spec(
+                tmp_path / "job.yaml",
+                tiny_spec(
+                    fixture_paths,
+                    str(tmp_path / "out"),
+                    methods=[{"method": "fp8"}, {"method": "gptq", "group_size": 64}],
+                    tracking={"experiment": "prod"},
+                ),
+            )
             # the job's own process (driver and local Ray workers) has no S3 credentials or endpoint
             clean = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
-            clean |= {"AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
-                      "FARM_CACHE": str(tmp_path / "cache")}
+            clean |= {
+                "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+                "AWS_CONFIG_FILE": "/nonexistent",
+                "FARM_CACHE": str(tmp_path / "cache"),
+            }
             res = farm("run", str(spec), "--tracking-uri", uri, env=clean, cwd=tmp_path)
             assert res.returncode == 0, res.stdout + res.stderr
 
@@ -76,8 +97,9 @@ def test_job_against_postgres_and_proxied_s3(stack: Stack, fixture_paths: dict, 
 
             for version in client.search_model_versions("name = 'tiny-llama'"):
                 run = client.get_run(version.run_id)
-                manifest = json.loads(Path(client.download_artifacts(run.info.run_id, "manifest.json",
-                                                                     str(tmp_path))).read_text())
+                manifest = json.loads(
+                    Path(client.download_artifacts(run.info.run_id, "manifest.json", str(tmp_path))).read_text()
+                )
                 assert version.tags["base_model_hash"] == manifest["model"]["identity"]
                 assert version.tags["recipe_hash"] == manifest["recipe_sha256"]
                 assert version.tags["calibration_hash"] == manifest["calibration"]["hash"]

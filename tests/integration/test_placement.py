@@ -19,12 +19,31 @@ METHODS = [{"method": "gptq", "group_size": g} for g in (32, 64, 128)] + [{"meth
 
 
 def run_job(stack: Stack, env: dict, paths: dict, tmp_path: Path, experiment: str, resources: dict) -> list:
-    spec = tiny_spec(paths, str(tmp_path / experiment), methods=METHODS, resources=resources,
-                     tracking={"experiment": experiment, "log_model": False})
-    res = subprocess.run([sys.executable, "-m", "farm.cli", "run", str(write_spec(tmp_path / f"{experiment}.yaml",
-                                                                                  spec)),
-                          "--ray-address", stack.ray_address, "--tracking-uri", stack.mlflow_uri],
-                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    spec = tiny_spec(
+        paths,
+        str(tmp_path / experiment),
+        methods=METHODS,
+        resources=resources,
+        tracking={"experiment": experiment, "log_model": False},
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "farm.cli",
+            "run",
+            str(write_spec(tmp_path / f"{experiment}.yaml", spec)),
+            "--ray-address",
+            stack.ray_address,
+            "--tracking-uri",
+            stack.mlflow_uri,
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     client = MlflowClient(stack.mlflow_uri)
     exp = client.get_experiment_by_name(experiment)
@@ -56,16 +75,38 @@ def test_fractional_gpus_pack(stack: Stack, stack_env: dict, fixture_paths: dict
     assert max(len(w) for w in workers_per_gpu.values()) == 2  # two workers share one GPU
 
 
-def test_variant_that_fits_no_node_fails_before_any_run(stack: Stack, stack_env: dict, fixture_paths: dict,
-                                                        tmp_path: Path) -> None:
-    spec = tiny_spec(fixture_paths, str(tmp_path / "out"), methods=[{"method": "fp8"}],
-                     resources={"num_gpus": 4}, tracking={"experiment": "unfit"})
-    res = subprocess.run([sys.executable, "-m", "farm.cli", "run", str(write_spec(tmp_path / "u.yaml", spec)),
-                          "--ray-address", stack.ray_address, "--tracking-uri", stack.mlflow_uri],
-                         env=stack_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+def test_variant_that_fits_no_node_fails_before_any_run(
+    stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path
+) -> None:
+    spec = tiny_spec(
+        fixture_paths,
+        str(tmp_path / "out"),
+        methods=[{"method": "fp8"}],
+        resources={"num_gpus": 4},
+        tracking={"experiment": "unfit"},
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "farm.cli",
+            "run",
+            str(write_spec(tmp_path / "u.yaml", spec)),
+            "--ray-address",
+            stack.ray_address,
+            "--tracking-uri",
+            stack.mlflow_uri,
+        ],
+        env=stack_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2, res.stdout + res.stderr
     assert res.stderr.strip().splitlines() == [
-        next(x for x in res.stderr.splitlines() if x.startswith("farm: error: resources:"))]
+        next(x for x in res.stderr.splitlines() if x.startswith("farm: error: resources:"))
+    ]
     assert "4 GPU" in res.stderr and "largest node has 2 CPU, 2 GPU" in res.stderr
     exp = MlflowClient(stack.mlflow_uri).get_experiment_by_name("unfit")
     assert exp is None or not MlflowClient(stack.mlflow_uri).search_runs([exp.experiment_id], "")

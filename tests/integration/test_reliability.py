@@ -21,8 +21,14 @@ pytestmark = pytest.mark.integration
 
 
 def start_farm(args: list[str], env: dict, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "farm.cli", *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "farm.cli", *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def variant_runs(client: MlflowClient, experiment: str) -> list:
@@ -32,16 +38,25 @@ def variant_runs(client: MlflowClient, experiment: str) -> list:
     return client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'")
 
 
-def test_worker_killed_mid_variant_fails_that_attempt_and_retries(stack: Stack, stack_env: dict, fixture_paths: dict,
-                                                   tmp_path: Path) -> None:
-    spec = tiny_spec(fixture_paths, str(tmp_path / "out"), tracking={"experiment": "worker-death"},
-                     methods=[{"method": "gptq", "group_size": 64}],
-                     calibration={"source": str(fixture_paths["shakespeare"] / "calibration.txt"),
-                                  "num_samples": 256, "max_seq_length": 256},
-                     resources={"num_cpus": 1, "max_retries": 2})
+def test_worker_killed_mid_variant_fails_that_attempt_and_retries(
+    stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path
+) -> None:
+    spec = tiny_spec(
+        fixture_paths,
+        str(tmp_path / "out"),
+        tracking={"experiment": "worker-death"},
+        methods=[{"method": "gptq", "group_size": 64}],
+        calibration={
+            "source": str(fixture_paths["shakespeare"] / "calibration.txt"),
+            "num_samples": 256,
+            "max_seq_length": 256,
+        },
+        resources={"num_cpus": 1, "max_retries": 2},
+    )
     path = write_spec(tmp_path / "job.yaml", spec)
-    proc = start_farm(["run", str(path), "--ray-address", stack.ray_address, "--tracking-uri", stack.mlflow_uri],
-                      stack_env, tmp_path)
+    proc = start_farm(
+        ["run", str(path), "--ray-address", stack.ray_address, "--tracking-uri", stack.mlflow_uri], stack_env, tmp_path
+    )
     client = MlflowClient(stack.mlflow_uri)
     deadline, killed = time.time() + 240, None
     while time.time() < deadline and killed is None and proc.poll() is None:
@@ -63,10 +78,12 @@ def test_worker_killed_mid_variant_fails_that_attempt_and_retries(stack: Stack, 
     assert killed_run.data.tags["farm.variant_id"] == retry.data.tags["farm.variant_id"]
 
 
-def test_driver_killed_then_resumed_builds_only_the_rest(stack: Stack, stack_env: dict, fixture_paths: dict,
-                                                         tmp_path: Path) -> None:
-    spec = tiny_spec(fixture_paths, str(tmp_path / "out"), tracking={"experiment": "driver-death"},
-                     resources={"num_cpus": 2})  # one variant at a time on the 2-CPU test cluster
+def test_driver_killed_then_resumed_builds_only_the_rest(
+    stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path
+) -> None:
+    spec = tiny_spec(
+        fixture_paths, str(tmp_path / "out"), tracking={"experiment": "driver-death"}, resources={"num_cpus": 2}
+    )  # one variant at a time on the 2-CPU test cluster
     path = write_spec(tmp_path / "job.yaml", spec)
     args = ["run", str(path), "--ray-address", stack.ray_address, "--tracking-uri", stack.mlflow_uri]
     proc = start_farm(args, stack_env, tmp_path)
@@ -84,8 +101,14 @@ def test_driver_killed_then_resumed_builds_only_the_rest(stack: Stack, stack_env
     finished_before = {r.data.tags["farm.variant_id"] for r in before if r.info.status == "FINISHED"}
     assert finished_before and any(r.info.status == "RUNNING" for r in before)
 
-    resumed = subprocess.run([sys.executable, "-m", "farm.cli", *args, "--resume"], env=stack_env, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "farm.cli", *args, "--resume"],
+        env=stack_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "left RUNNING by dead driver" in resumed.stdout
     assert f"{4 - len(finished_before)} to build, {len(finished_before)} reused" in resumed.stdout
@@ -100,10 +123,21 @@ def test_driver_killed_then_resumed_builds_only_the_rest(stack: Stack, stack_env
 def test_sigterm_unwinds_the_driver(stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path) -> None:
     """`kill PID` (SIGTERM, what schedulers and `timeout` send) mid-job: the driver, not Ray's own handler,
     gets it; it exits 130 and the variant that was running is FAILED, none left RUNNING."""
-    spec = tiny_spec(fixture_paths, str(tmp_path / "out"), tracking={"experiment": "sigterm"},
-                     resources={"num_cpus": 2})
-    proc = start_farm(["run", str(write_spec(tmp_path / "job.yaml", spec)), "--ray-address", stack.ray_address,
-                       "--tracking-uri", stack.mlflow_uri], stack_env, tmp_path)
+    spec = tiny_spec(
+        fixture_paths, str(tmp_path / "out"), tracking={"experiment": "sigterm"}, resources={"num_cpus": 2}
+    )
+    proc = start_farm(
+        [
+            "run",
+            str(write_spec(tmp_path / "job.yaml", spec)),
+            "--ray-address",
+            stack.ray_address,
+            "--tracking-uri",
+            stack.mlflow_uri,
+        ],
+        stack_env,
+        tmp_path,
+    )
     assert proc.stdout is not None
     seen = []
     for line in proc.stdout:
@@ -121,11 +155,21 @@ def test_sigterm_unwinds_the_driver(stack: Stack, stack_env: dict, fixture_paths
 def test_credentials_never_recorded(stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path) -> None:
     secret = "hunter2-s3cr3t"
     uri = stack.mlflow_uri.replace("http://", f"http://farm:{secret}@")
-    spec = tiny_spec(fixture_paths, f"s3://{BUCKET}/secrets", tracking={"experiment": "secrets", "uri": uri},
-                     methods=[{"method": "fp8"}])
+    spec = tiny_spec(
+        fixture_paths,
+        f"s3://{BUCKET}/secrets",
+        tracking={"experiment": "secrets", "uri": uri},
+        methods=[{"method": "fp8"}],
+    )
     path = write_spec(tmp_path / "job.yaml", spec)
-    res = subprocess.run([sys.executable, "-m", "farm.cli", "run", str(path), "--ray-address", stack.ray_address],
-                         env=stack_env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-m", "farm.cli", "run", str(path), "--ray-address", stack.ray_address],
+        env=stack_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert secret not in res.stdout + res.stderr
 
@@ -147,8 +191,9 @@ def test_credentials_never_recorded(stack: Stack, stack_env: dict, fixture_paths
         assert secret not in fs.cat(key).decode()
 
 
-def test_tracking_server_lost_mid_job_fails_cleanly(stack: Stack, stack_env: dict, fixture_paths: dict,
-                                                    tmp_path: Path) -> None:
+def test_tracking_server_lost_mid_job_fails_cleanly(
+    stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path
+) -> None:
     from tests import servers
 
     out = tmp_path / "out"
@@ -156,8 +201,7 @@ def test_tracking_server_lost_mid_job_fails_cleanly(stack: Stack, stack_env: dic
     path = write_spec(tmp_path / "job.yaml", spec)
     env = {**stack_env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
     with servers.mlflow_process(tmp_path, None, str(tmp_path / "mlartifacts")) as (uri, server):
-        proc = start_farm(["run", str(path), "--ray-address", stack.ray_address, "--tracking-uri", uri], env,
-                          tmp_path)
+        proc = start_farm(["run", str(path), "--ray-address", stack.ray_address, "--tracking-uri", uri], env, tmp_path)
         assert proc.stdout is not None
         seen = []
         for line in proc.stdout:

@@ -14,8 +14,9 @@ from tests.integration.conftest import BUCKET, Stack, s3fs_client
 pytestmark = pytest.mark.integration
 
 
-def test_s3_source_identity_matches_local(stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_source_identity_matches_local(
+    stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FARM_CACHE", str(tmp_path / "cache"))
     local = fixture_paths["tiny-llama"]
     fs = s3fs_client(stack)
@@ -53,8 +54,10 @@ def test_s3_calibration_text_has_the_local_identity(stack: Stack, stack_env: dic
     s3fs_client(stack).put(str(local), f"{BUCKET}/text/heldout.txt")
     remote = f"s3://{BUCKET}/text/heldout.txt"
     assert TextIdentity.of(remote).sha256 == TextIdentity.of(str(local)).sha256
-    assert TextIdentity.of(mixture_source([(remote, 1.0)])).sha256 == TextIdentity.of(
-        mixture_source([(str(local), 1.0)])).sha256
+    assert (
+        TextIdentity.of(mixture_source([(remote, 1.0)])).sha256
+        == TextIdentity.of(mixture_source([(str(local), 1.0)])).sha256
+    )
     from farm.errors import SpecError
 
     with pytest.raises(SpecError, match="no such object"):

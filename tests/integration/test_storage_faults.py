@@ -27,8 +27,9 @@ def _model_dir(tmp_path: Path) -> Path:
     return d
 
 
-def test_outage_during_upload_is_retried(stack: Stack, stack_env: dict, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_outage_during_upload_is_retried(
+    stack: Stack, stack_env: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with FlakyProxy(urlsplit(stack.s3_endpoint).port, outage_s=2.5).running() as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
         store = ArtifactStore(f"s3://{BUCKET}/flaky")
@@ -41,8 +42,9 @@ def test_outage_during_upload_is_retried(stack: Stack, stack_env: dict, tmp_path
     assert fs.exists(f"{BUCKET}/flaky/m/fp8/0001/model.safetensors")
 
 
-def test_permanent_failure_leaves_nothing(stack: Stack, stack_env: dict, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_permanent_failure_leaves_nothing(
+    stack: Stack, stack_env: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with FlakyProxy(urlsplit(stack.s3_endpoint).port, outage_s=3600).running() as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
         store = ArtifactStore(f"s3://{BUCKET}/dead", attempts=3, base_delay=0.2)
@@ -52,16 +54,37 @@ def test_permanent_failure_leaves_nothing(stack: Stack, stack_env: dict, tmp_pat
     assert not s3fs_client(stack).glob(f"{BUCKET}/dead/**")
 
 
-def test_failed_upload_fails_the_run_not_the_record(stack: Stack, stack_env: dict, fixture_paths: dict,
-                                                    tmp_path: Path) -> None:
+def test_failed_upload_fails_the_run_not_the_record(
+    stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path
+) -> None:
     with FlakyProxy(urlsplit(stack.s3_endpoint).port, outage_s=3600).running() as proxy:
         proxy.start_outage()
         env = {**stack_env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
-        spec = tiny_spec(fixture_paths, f"s3://{BUCKET}/unreachable", tracking={"experiment": "s3-down"},
-                         methods=[{"method": "fp8"}], resources={"num_cpus": 1, "max_retries": 0})
-        res = subprocess.run([sys.executable, "-m", "farm.cli", "run", str(write_spec(tmp_path / "j.yaml", spec)),
-                              "--ray-address", stack.ray_address, "--tracking-uri", stack.mlflow_uri],
-                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        spec = tiny_spec(
+            fixture_paths,
+            f"s3://{BUCKET}/unreachable",
+            tracking={"experiment": "s3-down"},
+            methods=[{"method": "fp8"}],
+            resources={"num_cpus": 1, "max_retries": 0},
+        )
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "farm.cli",
+                "run",
+                str(write_spec(tmp_path / "j.yaml", spec)),
+                "--ray-address",
+                stack.ray_address,
+                "--tracking-uri",
+                stack.mlflow_uri,
+            ],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     assert res.returncode == 1, res.stdout + res.stderr
     assert "FAILED" in res.stdout and "PublishError" in res.stdout
     client = MlflowClient(stack.mlflow_uri)

@@ -37,16 +37,29 @@ def jobs_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def farm(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "farm.cli", *args], capture_output=True, text=True, timeout=600,
-                          env=env, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "farm.cli", *args], capture_output=True, text=True, timeout=600, env=env, cwd=cwd
+    )
 
 
-def test_submit_follow_and_record(jobs_api: str, stack: Stack, stack_env: dict, fixture_paths: dict,
-                                  tmp_path: Path) -> None:
-    spec = write_spec(tmp_path / "job.yaml", tiny_spec(fixture_paths, str(tmp_path / "out"),
-                                                       methods=[{"method": "fp8"}], tracking={"experiment": "sub"}))
-    res = farm("submit", str(spec), "--address", jobs_api, "--tracking-uri", stack.mlflow_uri, "--wait",
-               env=stack_env, cwd=tmp_path)
+def test_submit_follow_and_record(
+    jobs_api: str, stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path
+) -> None:
+    spec = write_spec(
+        tmp_path / "job.yaml",
+        tiny_spec(fixture_paths, str(tmp_path / "out"), methods=[{"method": "fp8"}], tracking={"experiment": "sub"}),
+    )
+    res = farm(
+        "submit",
+        str(spec),
+        "--address",
+        jobs_api,
+        "--tracking-uri",
+        stack.mlflow_uri,
+        "--wait",
+        env=stack_env,
+        cwd=tmp_path,
+    )
     job_id, state = res.stdout.split()[:2]
     assert res.returncode == 0, farm("logs", job_id, "--address", jobs_api).stdout[-3000:]
     assert state == "SUCCEEDED"
@@ -58,12 +71,15 @@ def test_submit_follow_and_record(jobs_api: str, stack: Stack, stack_env: dict, 
     assert [r.info.status for r in runs] == ["FINISHED"]
 
 
-def test_stop_and_unknown_job(jobs_api: str, stack: Stack, stack_env: dict, fixture_paths: dict,
-                              tmp_path: Path) -> None:
-    spec = write_spec(tmp_path / "job.yaml", tiny_spec(fixture_paths, str(tmp_path / "out"),
-                                                       tracking={"experiment": "stop"}))
-    job_id = farm("submit", str(spec), "--address", jobs_api, "--tracking-uri", stack.mlflow_uri,
-                  env=stack_env, cwd=tmp_path).stdout.strip()
+def test_stop_and_unknown_job(
+    jobs_api: str, stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path
+) -> None:
+    spec = write_spec(
+        tmp_path / "job.yaml", tiny_spec(fixture_paths, str(tmp_path / "out"), tracking={"experiment": "stop"})
+    )
+    job_id = farm(
+        "submit", str(spec), "--address", jobs_api, "--tracking-uri", stack.mlflow_uri, env=stack_env, cwd=tmp_path
+    ).stdout.strip()
     assert farm("stop", job_id, "--address", jobs_api).returncode == 0
     from farm.runtime.submit import wait
 
@@ -82,17 +98,30 @@ def test_bad_spec_is_not_submitted(jobs_api: str, tmp_path: Path) -> None:
     assert not [j for j in JobSubmissionClient(jobs_api).list_jobs() if (j.metadata or {}).get("farm_job") == "x"]
 
 
-def test_watch_submits_a_ray_job_and_reads_how_it_ended(jobs_api: str, stack: Stack, stack_env: dict,
-                                                         fixture_paths: dict, tmp_path: Path) -> None:
+def test_watch_submits_a_ray_job_and_reads_how_it_ended(
+    jobs_api: str, stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path
+) -> None:
     import yaml
 
     from farm.runtime.submit import wait
 
-    write_spec(tmp_path / "job.yaml", tiny_spec(fixture_paths, str(tmp_path / "out"), methods=[{"method": "fp8"}],
-                                                tracking={"experiment": "watch-sub"}))
-    (tmp_path / "watch.yaml").write_text(yaml.safe_dump({
-        "name": "cron", "job": "job.yaml", "tracking_uri": stack.mlflow_uri, "submit_address": jobs_api,
-        "bases": [{"source": str(fixture_paths["tiny-llama"]), "name": "tiny"}]}))
+    write_spec(
+        tmp_path / "job.yaml",
+        tiny_spec(
+            fixture_paths, str(tmp_path / "out"), methods=[{"method": "fp8"}], tracking={"experiment": "watch-sub"}
+        ),
+    )
+    (tmp_path / "watch.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "cron",
+                "job": "job.yaml",
+                "tracking_uri": stack.mlflow_uri,
+                "submit_address": jobs_api,
+                "bases": [{"source": str(fixture_paths["tiny-llama"]), "name": "tiny"}],
+            }
+        )
+    )
     env = {**stack_env, "FARM_CACHE": str(tmp_path / "cache")}
     first = farm("watch", "watch.yaml", "--once", env=env, cwd=tmp_path)
     assert first.returncode == 0 and " submitted " in first.stdout, first.stdout + first.stderr

@@ -29,12 +29,22 @@ def test_watch_builds_each_release_once(stack: Stack, stack_env: dict, fixture_p
     prefix = f"{BUCKET}/releases/tiny"
     for f in local.iterdir():
         fs.put(str(f), f"{prefix}/{f.name}")
-    write_spec(tmp_path / "job.yaml", tiny_spec(fixture_paths, str(tmp_path / "out"), methods=[{"method": "fp8"}],
-                                                tracking={"experiment": "watched"}))
-    (tmp_path / "watch.yaml").write_text(yaml.safe_dump({
-        "name": "nightly", "job": "job.yaml", "tracking_uri": stack.mlflow_uri,
-        "bases": [{"source": f"s3://{prefix}", "name": "tiny"}, {"source": f"s3://{BUCKET}/releases/absent"}],
-    }))
+    write_spec(
+        tmp_path / "job.yaml",
+        tiny_spec(
+            fixture_paths, str(tmp_path / "out"), methods=[{"method": "fp8"}], tracking={"experiment": "watched"}
+        ),
+    )
+    (tmp_path / "watch.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "nightly",
+                "job": "job.yaml",
+                "tracking_uri": stack.mlflow_uri,
+                "bases": [{"source": f"s3://{prefix}", "name": "tiny"}, {"source": f"s3://{BUCKET}/releases/absent"}],
+            }
+        )
+    )
     env = {**stack_env, "FARM_CACHE": str(tmp_path / "cache")}
     cycle = ["watch", "watch.yaml", "--once", "--ray-address", stack.ray_address]
     client = MlflowClient(stack.mlflow_uri)
@@ -63,6 +73,9 @@ def test_watch_builds_each_release_once(stack: Stack, stack_env: dict, fixture_p
     assert len(runs) == 2 and len({r.data.tags["farm.release"] for r in runs}) == 2
     everything = client.search_runs([e.experiment_id for e in client.search_experiments()], "")
     assert "RUNNING" not in {r.info.status for r in everything}
-    claims = [e for e in client.search_experiments(filter_string="name LIKE 'farm-watch/%'")
-              if e.tags.get("farm.watch.name") == "nightly"]
+    claims = [
+        e
+        for e in client.search_experiments(filter_string="name LIKE 'farm-watch/%'")
+        if e.tags.get("farm.watch.name") == "nightly"
+    ]
     assert sorted(e.tags["farm.watch.state"] for e in claims) == ["finished", "finished"]

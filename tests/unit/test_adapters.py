@@ -17,28 +17,44 @@ from farm.stages.quantize import CalibrationDraw, QuantizeRequest, quantize
 
 @pytest.fixture(scope="module")
 def tiny_adapter(fixture_paths: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from farm.stages.adapters import train_lora
+    from farm.stages.checks.adapters import train_lora
 
     out = tmp_path_factory.mktemp("adapter") / "a"
-    info = train_lora(str(fixture_paths["tiny-llama"]), str(fixture_paths["shakespeare"] / "calibration.txt"),
-                      str(out), steps=12, seq_len=64, batch_size=2, learning_rate=1e-2)
+    info = train_lora(
+        str(fixture_paths["tiny-llama"]),
+        str(fixture_paths["shakespeare"] / "calibration.txt"),
+        str(out),
+        steps=12,
+        seq_len=64,
+        batch_size=2,
+        learning_rate=1e-2,
+    )
     assert info["loss_last"] < info["loss_first"]
     return out
 
 
 def test_adapter_on_base_and_on_a_quantized_variant(fixture_paths: dict, tiny_adapter: Path, tmp_path: Path) -> None:
-    from farm.stages.adapters import evaluate_adapters
+    from farm.stages.checks.adapters import evaluate_adapters
 
     text = fixture_paths["shakespeare"]
-    ev = EvaluationSpec.model_validate({"perplexity": {"source": str(text / "heldout.txt")},
-                                        "adapters": [{"name": "play", "source": str(tiny_adapter),
-                                                      "max_tokens": 256, "seq_len": 128}]})
+    ev = EvaluationSpec.model_validate(
+        {
+            "perplexity": {"source": str(text / "heldout.txt")},
+            "adapters": [{"name": "play", "source": str(tiny_adapter), "max_tokens": 256, "seq_len": 128}],
+        }
+    )
     base = evaluate_adapters(str(fixture_paths["tiny-llama"]), ev)
     assert math.isfinite(base["adapter_play_perplexity"])
     for method in ({"method": "gptq", "group_size": 64}, {"method": "nf4"}):  # compressed-tensors, bitsandbytes
         q = tmp_path / method["method"]
-        quantize(QuantizeRequest(model_dir=str(fixture_paths["tiny-llama"]), method=build_method(method),
-                                 calibration=CalibrationDraw(str(text / "calibration.txt"), 4, 64, 0), out_dir=str(q)))
+        quantize(
+            QuantizeRequest(
+                model_dir=str(fixture_paths["tiny-llama"]),
+                method=build_method(method),
+                calibration=CalibrationDraw(str(text / "calibration.txt"), 4, 64, 0),
+                out_dir=str(q),
+            )
+        )
         variant = evaluate_adapters(str(q), ev)
         assert math.isfinite(variant["adapter_play_perplexity"])
         assert variant["adapter_play_perplexity"] != base["adapter_play_perplexity"]  # 4-bit weights under it
@@ -58,14 +74,19 @@ def test_adapter_identity_is_content(tiny_adapter: Path, tmp_path: Path) -> None
 
 def test_adapter_spec_errors() -> None:
     with pytest.raises(ValueError, match="unique"):
-        EvaluationSpec.model_validate({"perplexity": {"source": "h.txt"}, "adapters": [
-            {"name": "a", "source": "x"}, {"name": "a", "source": "y"}]})
+        EvaluationSpec.model_validate(
+            {
+                "perplexity": {"source": "h.txt"},
+                "adapters": [{"name": "a", "source": "x"}, {"name": "a", "source": "y"}],
+            }
+        )
     with pytest.raises(ValueError, match="name"):
         EvaluationSpec.model_validate({"perplexity": {"source": "h.txt"}, "adapters": [{"name": "A-1", "source": "x"}]})
 
 
-def test_merged_adapter_is_the_base_plus_adapter(fixture_paths: dict, tiny_adapter: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_merged_adapter_is_the_base_plus_adapter(
+    fixture_paths: dict, tiny_adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`models[].merge_adapter`: the merged checkpoint computes what base + adapter computes, is built once per
     (base, adapter) under FARM_CACHE, and is another model identity in the plan."""
     import torch
@@ -74,7 +95,7 @@ def test_merged_adapter_is_the_base_plus_adapter(fixture_paths: dict, tiny_adapt
     from farm.plan import merged_identity
     from farm.runtime.workers import local_model
     from farm.spec import ModelSpec
-    from farm.stages.adapters import load_dense
+    from farm.stages.checks.adapters import load_dense
 
     monkeypatch.setenv("FARM_CACHE", str(tmp_path / "cache"))
     spec = ModelSpec(source=str(fixture_paths["tiny-llama"]), merge_adapter=str(tiny_adapter))
@@ -83,7 +104,8 @@ def test_merged_adapter_is_the_base_plus_adapter(fixture_paths: dict, tiny_adapt
     ids = torch.tensor([[1, 5, 9, 14, 200, 31]])
     with torch.inference_mode():
         want = PeftModel.from_pretrained(load_dense(str(fixture_paths["tiny-llama"]), "cpu"), str(tiny_adapter))(
-            input_ids=ids).logits
+            input_ids=ids
+        ).logits
         got = load_dense(merged.local_dir, "cpu")(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert merged_identity("base", adapter_identity(str(tiny_adapter))).startswith("base+lora:")

@@ -11,13 +11,20 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
 from farm.spec import ResourceSpec  # noqa: E402
-from farm.stages.attention import architecture, fusable, sdpa_calibration  # noqa: E402
+from farm.stages.llmc.calibration_sdpa import architecture, fusable, sdpa_calibration  # noqa: E402
 
 
 def tiny(**extra: object) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=500, **extra)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=500,
+        **extra,
+    )
     model = LlamaForCausalLM(cfg).eval()
     model.config._attn_implementation = "eager"  # what llm-compressor's calibration context sets
     return model
@@ -91,10 +98,11 @@ def test_every_covered_architecture_has_llamas_plain_eager_attention() -> None:
     calibrating with different attention."""
     import importlib
 
-    from farm.stages.attention import PLAIN_EAGER
+    from farm.stages.llmc.calibration_sdpa import PLAIN_EAGER
 
-    reference = _normalised_source(importlib.import_module("transformers.models.llama.modeling_llama")
-                                   .eager_attention_forward)
+    reference = _normalised_source(
+        importlib.import_module("transformers.models.llama.modeling_llama").eager_attention_forward
+    )
     for arch in sorted(PLAIN_EAGER):
         module = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
         assert _normalised_source(module.eager_attention_forward) == reference, arch

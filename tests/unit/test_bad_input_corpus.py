@@ -72,8 +72,9 @@ CASES: list[tuple[str, object, str]] = [
 
 
 @pytest.mark.parametrize(("case", "change", "expected"), CASES, ids=[c[0] for c in CASES])
-def test_bad_spec_is_one_line_exit_2_nothing_written(case: str, change: object, expected: str, fixture_paths: dict,
-                                                    tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_bad_spec_is_one_line_exit_2_nothing_written(
+    case: str, change: object, expected: str, fixture_paths: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "out"
     good = tiny_spec(fixture_paths, str(out))
     spec = tmp_path / "job.yaml"
@@ -95,12 +96,14 @@ def test_corpus_is_large_enough() -> None:
     assert len(CASES) >= 30
 
 
-def test_empty_calibration_text_fails_in_preflight(fixture_paths: dict, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture) -> None:
+def test_empty_calibration_text_fails_in_preflight(
+    fixture_paths: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")
     spec = tmp_path / "job.yaml"
-    spec.write_text(yaml.safe_dump(_with(tiny_spec(fixture_paths, str(tmp_path / "o")),
-                                         ("calibration", "source"), str(empty))))
+    spec.write_text(
+        yaml.safe_dump(_with(tiny_spec(fixture_paths, str(tmp_path / "o")), ("calibration", "source"), str(empty)))
+    )
     assert main(["run", str(spec)]) == 2
     assert "empty" in capsys.readouterr().err

@@ -47,13 +47,38 @@ def test_oneshot_profiler_accounts_for_every_phase(tmp_path: Path) -> None:
         import pytest
 
         pytest.skip("fixtures not built (make fixtures)")
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_oneshot.py"), "--shape", "tiny", "--layers",
-                          "2", "--samples", "8", "--seq", "64", "--batch", "4", "--tokenizer", str(tok), "--text",
-                          str(text), "--work", str(tmp_path), "--parts", "--save", "--repeat", "2"],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "profile_oneshot.py"),
+            "--shape",
+            "tiny",
+            "--layers",
+            "2",
+            "--samples",
+            "8",
+            "--seq",
+            "64",
+            "--batch",
+            "4",
+            "--tokenizer",
+            str(tok),
+            "--text",
+            str(text),
+            "--work",
+            str(tmp_path),
+            "--parts",
+            "--save",
+            "--repeat",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
     assert res.returncode == 0 and len(line) == 2, res.stderr[-2000:]
-    r = json.loads(line[0][len("RESULT "):])
+    r = json.loads(line[0][len("RESULT ") :])
     assert len(r["per_layer"]["periods"]) == 2 and {"trace_subgraphs", "intermediates_cache"} <= set(r["setup_parts_s"])
     parts = r["setup_s"] + r["calibrate_s"] + r["solve_s"] + r["propagate_s"] + r["other_s"]
     assert abs(parts - r["oneshot_s"]) < 0.05 and 0 < r["own_solves_s"] <= r["solve_s"] + 0.01
@@ -70,10 +95,23 @@ def test_factor_parts_bench_compares_the_three_solves() -> None:
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "gptq_factor_parts.py"), "--rows", "32", "--columns",
-                          "256", "--tokens", "1024"], capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gptq_factor_parts.py"),
+            "--rows",
+            "32",
+            "--columns",
+            "256",
+            "--tokens",
+            "1024",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     line = [x for x in res.stdout.splitlines() if x.startswith("FACTOR ")]
     assert res.returncode == 0 and line, res.stderr[-2000:]
-    r = json.loads(line[0][len("FACTOR "):])
+    r = json.loads(line[0][len("FACTOR ") :])
     assert r["left_looking_changed_vs_lc"] < 0.01 and r["one_cholesky_changed_vs_lc"] < 0.01
     assert abs(r["left_looking_loss"] - r["llmcompressor_loss"]) <= 1e-4 * r["llmcompressor_loss"]

@@ -27,8 +27,9 @@ def texts(tmp_path: Path, fixture_paths: dict) -> dict[str, Path]:
     play = (fixture_paths["shakespeare"] / "calibration.txt").read_text()[:200_000]
     a, b = tmp_path / "a.txt", tmp_path / "b.jsonl"
     a.write_text(play[:100_000])
-    b.write_text("".join(f'{{"text": "{line}"}}\n' for line in play[100_000:].replace('"', "'").splitlines()
-                         if line.strip()))
+    b.write_text(
+        "".join(f'{{"text": "{line}"}}\n' for line in play[100_000:].replace('"', "'").splitlines() if line.strip())
+    )
     return {"a": a, "b": b}
 
 
@@ -63,10 +64,9 @@ def test_rank_shares_are_the_whole_draw_split(texts: dict, fixture_paths: dict) 
     assert diversity_of(mix, *summed) == diversity_of(mix, *token_stats(whole))
 
 
-
 def test_uneven_rank_shares_interleave_over_the_whole_draw(texts: dict, fixture_paths: dict) -> None:
-    """With `shares` (stages/rankshares.py) rank r gets shares[r] windows, spread over the draw; together the
-    ranks hold the whole draw once. A bad split fails before anything is drawn."""
+    """With `shares` (stages/distributed/rank_shares.py) rank r gets shares[r] windows, spread over the draw;
+    together the ranks hold the whole draw once. A bad split fails before anything is drawn."""
     from transformers import AutoTokenizer
 
     from farm.calibration import interleave
@@ -83,6 +83,7 @@ def test_uneven_rank_shares_interleave_over_the_whole_draw(texts: dict, fixture_
     with pytest.raises(ValueError, match="summing to 11"):
         draw(mix, tok, 11, 32, 0, 0, 3, (3, 4, 5))
 
+
 def test_mixture_identity_follows_content_and_weights(texts: dict) -> None:
     a, b = str(texts["a"]), str(texts["b"])
     base = TextIdentity.of(mixture_source([(a, 3.0), (b, 1.0)])).sha256
@@ -94,13 +95,18 @@ def test_mixture_identity_follows_content_and_weights(texts: dict) -> None:
 
 
 def _spec(**over: object):
-    data = {"name": "t", "models": [{"source": "/m", "name": "m"}],
-            "methods": [{"method": "gptq", "group_size": 64},
-                        {"method": "gptq", "group_size": 64, "name": "g-code", "calibration": {"set": "code"}},
-                        {"method": "fp8", "calibration": {"set": "code"}}],
-            "calibration": {"mixture": [{"source": "/a.txt", "weight": 3}, {"source": "/b.jsonl", "weight": 1}]},
-            "calibration_sets": {"code": {"source": "/code.txt", "num_samples": 16}},
-            "evaluation": {"perplexity": {"source": "/h.txt"}}}
+    data = {
+        "name": "t",
+        "models": [{"source": "/m", "name": "m"}],
+        "methods": [
+            {"method": "gptq", "group_size": 64},
+            {"method": "gptq", "group_size": 64, "name": "g-code", "calibration": {"set": "code"}},
+            {"method": "fp8", "calibration": {"set": "code"}},
+        ],
+        "calibration": {"mixture": [{"source": "/a.txt", "weight": 3}, {"source": "/b.jsonl", "weight": 1}]},
+        "calibration_sets": {"code": {"source": "/code.txt", "num_samples": 16}},
+        "evaluation": {"perplexity": {"source": "/h.txt"}},
+    }
     data.update(over)
     return parse_spec(data)
 
@@ -119,12 +125,15 @@ def test_named_sets_make_different_variants() -> None:
     assert {v.method.label(): v.id for v in other.variants}["fp8-dynamic"] == by["fp8-dynamic"].id  # data-free
 
 
-@pytest.mark.parametrize("over,needle", [
-    ({"calibration": {}}, "`source` or `mixture` is required"),
-    ({"calibration": {"source": "/a", "mixture": [{"source": "/b", "weight": 1}]}}, "not both"),
-    ({"calibration": {"mixture": [{"source": "/b", "weight": 0}]}}, "weight"),
-    ({"calibration_sets": {}}, "unknown set 'code'"),
-])
+@pytest.mark.parametrize(
+    "over,needle",
+    [
+        ({"calibration": {}}, "`source` or `mixture` is required"),
+        ({"calibration": {"source": "/a", "mixture": [{"source": "/b", "weight": 1}]}}, "not both"),
+        ({"calibration": {"mixture": [{"source": "/b", "weight": 0}]}}, "weight"),
+        ({"calibration_sets": {}}, "unknown set 'code'"),
+    ],
+)
 def test_bad_calibration_specs(over: dict, needle: str) -> None:
     with pytest.raises(SpecError, match=needle):
         _spec(**over)
@@ -144,8 +153,10 @@ def test_hf_dataset_source_from_the_hub_cache(tmp_path, monkeypatch) -> None:
     commit = "b" * 40
     snap = tmp_path / "hub" / "datasets--farm-test--plays" / "snapshots" / commit / "data"
     snap.mkdir(parents=True)
-    pq.write_table(pa.table({"body": ["To be, or not to be.", "", "All the world's a stage."]}),
-                   snap / "train-00000-of-00001.parquet")
+    pq.write_table(
+        pa.table({"body": ["To be, or not to be.", "", "All the world's a stage."]}),
+        snap / "train-00000-of-00001.parquet",
+    )
     (tmp_path / "hub" / "datasets--farm-test--plays" / "refs").mkdir()
     (tmp_path / "hub" / "datasets--farm-test--plays" / "refs" / "main").write_text(commit)
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -153,10 +164,12 @@ def test_hf_dataset_source_from_the_hub_cache(tmp_path, monkeypatch) -> None:
     src = "hf-dataset://farm-test/plays?split=train&column=body"
     assert read_text(src) == "To be, or not to be.\n\nAll the world's a stage."
     assert TextIdentity.of(src).sha256 == TextIdentity.of(src + "&split=train").sha256
-    for bad, msg in [("hf-dataset://farm-test/plays?split=test&column=body", "Unknown split"),
-                     ("hf-dataset://farm-test/plays", "no column 'text'; it has body"),
-                     ("hf-dataset://farm-test/absent", "not in the local hub cache"),
-                     ("hf-dataset://plays?colum=body", "unknown option 'colum'")]:
+    for bad, msg in [
+        ("hf-dataset://farm-test/plays?split=test&column=body", "Unknown split"),
+        ("hf-dataset://farm-test/plays", "no column 'text'; it has body"),
+        ("hf-dataset://farm-test/absent", "not in the local hub cache"),
+        ("hf-dataset://plays?colum=body", "unknown option 'colum'"),
+    ]:
         with pytest.raises(SpecError, match=msg) as err:
             TextIdentity.of(bad)
         assert "\n" not in str(err.value)

@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 
 from farm.spec import EvaluationSpec, SafetySpec, SpeculativeSpec
-from farm.stages import behaviour
-from farm.stages.benchmark import largest
-from farm.stages.checks import run_checks
+from farm.stages.checks import behaviour
+from farm.stages.checks.dense_reference import largest
+from farm.stages.checks.runner import run_checks
 
 
-@pytest.mark.parametrize("limit,ceiling,step,expected", [(37, 256, 1, 37), (1, 256, 1, 1), (0, 256, 1, 0),
-                                                          (999, 256, 1, 256), (700, 4096, 64, 640)])
+@pytest.mark.parametrize(
+    "limit,ceiling,step,expected",
+    [(37, 256, 1, 37), (1, 256, 1, 1), (0, 256, 1, 0), (999, 256, 1, 256), (700, 4096, 64, 640)],
+)
 def test_largest_finds_the_boundary(limit: int, ceiling: int, step: int, expected: int) -> None:
     probes: list[int] = []
 
@@ -41,8 +43,7 @@ def test_speculative_against_itself_accepts_everything(fixture_paths: dict) -> N
 
     path = fixture_paths["tiny-llama"]
     model, tok = load_model(path, "cpu"), load_tokenizer(path)
-    m = behaviour.speculative(model, model, tok, ["The capital of France is"], SpeculativeSpec(max_new_tokens=8),
-                              "cpu")
+    m = behaviour.speculative(model, model, tok, ["The capital of France is"], SpeculativeSpec(max_new_tokens=8), "cpu")
     assert m["spec_acceptance"] == 1.0
 
 
@@ -58,14 +59,25 @@ def test_safety_of_a_model_that_never_refuses(fixture_paths: dict) -> None:
 
 def test_run_checks_returns_every_metric(fixture_paths: dict) -> None:
     path = str(fixture_paths["tiny-llama"])
-    ev = EvaluationSpec.model_validate({
-        "perplexity": {"source": "/x"}, "latency": {"prompt_tokens": 16, "new_tokens": 4, "batch_size": 2,
-                                                    "repeats": 1},
-        "memory": {"budget_gb": 0.1, "context": 64, "max_batch": 8, "max_context": 256},
-        "outputs": {"prompts": ["Hello", "To be"], "max_new_tokens": 6}, "speculative": {"max_new_tokens": 6}})
+    ev = EvaluationSpec.model_validate(
+        {
+            "perplexity": {"source": "/x"},
+            "latency": {"prompt_tokens": 16, "new_tokens": 4, "batch_size": 2, "repeats": 1},
+            "memory": {"budget_gb": 0.1, "context": 64, "max_batch": 8, "max_context": 256},
+            "outputs": {"prompts": ["Hello", "To be"], "max_new_tokens": 6},
+            "speculative": {"max_new_tokens": 6},
+        }
+    )
     r = run_checks(path, ev, base_dir=path)
-    for m in ("ttft_cold_s", "tokens_per_s_batch2", "max_batch_at_64", "max_context_batch1", "determinism",
-              "reference_exact_match", "spec_acceptance"):
+    for m in (
+        "ttft_cold_s",
+        "tokens_per_s_batch2",
+        "max_batch_at_64",
+        "max_context_batch1",
+        "determinism",
+        "reference_exact_match",
+        "spec_acceptance",
+    ):
         assert m in r.metrics, m
     assert r.metrics["reference_exact_match"] == 1.0 and r.metrics["determinism"] == 1.0
     assert r.artifacts["reference_outputs.json"]["base_greedy"] == r.artifacts["reference_outputs.json"]["greedy"]
@@ -75,7 +87,7 @@ def test_fp8_kv_cache_rounds_what_it_stores(fixture_paths: dict) -> None:
     import torch
 
     from farm.spec import KVCacheSpec
-    from farm.stages import kvcache
+    from farm.stages.checks import kv_cache_ab as kvcache
     from farm.stages.modelio import load_model, load_tokenizer
 
     x = torch.randn(1, 2, 5, 8) * 3

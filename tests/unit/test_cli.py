@@ -12,8 +12,9 @@ from tests.conftest import tiny_spec, write_spec
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "farm.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "farm.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess, needle: str) -> None:
@@ -43,8 +44,9 @@ def test_pickle_only_checkpoint_refused(tmp_path: Path, fixture_paths: dict) -> 
     model.mkdir()
     (model / "config.json").write_text("{}")
     (model / "pytorch_model.bin").write_bytes(b"\x80\x04")
-    spec = write_spec(tmp_path / "s.yaml", {**tiny_spec(fixture_paths, str(tmp_path / "o")),
-                                            "models": [{"source": str(model)}]})
+    spec = write_spec(
+        tmp_path / "s.yaml", {**tiny_spec(fixture_paths, str(tmp_path / "o")), "models": [{"source": str(model)}]}
+    )
     assert_one_line_error(run_cli("plan", str(spec), cwd=tmp_path), "pickle")
 
 

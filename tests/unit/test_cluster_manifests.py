@@ -59,15 +59,19 @@ def test_kuberay_rayjob_runs_farm() -> None:
     assert spec["shutdownAfterJobFinishes"] is True
     _check_ray_cluster_spec(spec["rayClusterSpec"])
     # the spec the entrypoint names is mounted in the head pod
-    mount = {m["mountPath"] for c in _containers(spec["rayClusterSpec"]["headGroupSpec"]["template"])
-             for m in c.get("volumeMounts", [])}
+    mount = {
+        m["mountPath"]
+        for c in _containers(spec["rayClusterSpec"]["headGroupSpec"]["template"])
+        for m in c.get("volumeMounts", [])
+    }
     assert any(argv[2].startswith(m) for m in mount)
 
 
 def _cron_fields_ok(schedule: str) -> bool:
     fields = schedule.split()
-    return len(fields) == 5 and all(f == "*" or f.replace("*/", "").replace(",", "").replace("-", "").isdigit()
-                                    for f in fields)
+    return len(fields) == 5 and all(
+        f == "*" or f.replace("*/", "").replace(",", "").replace("-", "").isdigit() for f in fields
+    )
 
 
 def test_kuberay_raycronjob_runs_the_watcher_nightly() -> None:
@@ -80,8 +84,11 @@ def test_kuberay_raycronjob_runs_the_watcher_nightly() -> None:
     assert argv[:2] == ["farm", "watch"] and "--once" in argv
     assert job["shutdownAfterJobFinishes"] is True
     _check_ray_cluster_spec(job["rayClusterSpec"])
-    mount = {m["mountPath"] for c in _containers(job["rayClusterSpec"]["headGroupSpec"]["template"])
-             for m in c.get("volumeMounts", [])}
+    mount = {
+        m["mountPath"]
+        for c in _containers(job["rayClusterSpec"]["headGroupSpec"]["template"])
+        for m in c.get("volumeMounts", [])
+    }
     assert any(argv[2].startswith(m) for m in mount)
 
 

@@ -1,14 +1,14 @@
 """The CPU fix for llm-compressor's AWQ: upstream still needs it, and AWQ runs on CPU with it.
 
 If upstream stops pinning on CPU, `test_upstream_still_pins_on_cpu` fails (strict xfail turns into a pass),
-telling us to delete farm/stages/compat.py rather than keep a patch that does nothing."""
+telling us to delete farm/stages/llmc/cpu_pinning.py rather than keep a patch that does nothing."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from farm.stages.compat import accelerator_available, cpu_safe_pinning
+from farm.stages.llmc.cpu_pinning import accelerator_available, cpu_safe_pinning
 
 cpu_only = pytest.mark.skipif(accelerator_available(), reason="the fix only applies without an accelerator")
 

@@ -9,7 +9,7 @@ from llmcompressor.modifiers.gptq import gptq_quantize  # noqa: E402
 from llmcompressor.modifiers.gptq.helpers import factorize_hessian  # noqa: E402
 
 from farm.spec import ResourceSpec  # noqa: E402
-from farm.stages.factor import covers, one_cholesky_factor, upper_inverse_factor  # noqa: E402
+from farm.stages.llmc.gptq_one_cholesky import covers, one_cholesky_factor, upper_inverse_factor  # noqa: E402
 from tests.gptq_losses import assert_scoped_swap  # noqa: E402
 
 
@@ -54,13 +54,14 @@ def test_swap_is_scoped_and_leaves_cpu_to_llm_compressor() -> None:
     assert_scoped_swap(gptq_quantize, "factorize_hessian", one_cholesky_factor())
     assert not covers(torch.zeros(1, 2, 4), torch.zeros(1, 4, 4))  # CPU: llm-compressor's own function
     with one_cholesky_factor() as usage:
-        gptq_quantize.factorize_hessian(torch.zeros(1, 2, 4), torch.eye(4).unsqueeze(0), 0.01,
-                                        torch.zeros(1, dtype=torch.bool))
+        gptq_quantize.factorize_hessian(
+            torch.zeros(1, 2, 4), torch.eye(4).unsqueeze(0), 0.01, torch.zeros(1, dtype=torch.bool)
+        )
     assert usage.n == 0
 
 
 def test_spec_default_and_choices() -> None:
-    assert ResourceSpec().gptq_inverse == "left_looking"  # stages/leftgptq.py; this factor stays a choice
+    assert ResourceSpec().gptq_inverse == "left_looking"  # stages/llmc/gptq_left_looking.py; this factor stays a choice
     assert ResourceSpec(gptq_inverse="reversed_cholesky").gptq_inverse == "reversed_cholesky"
     assert ResourceSpec(gptq_inverse="llmcompressor").gptq_inverse == "llmcompressor"
     with pytest.raises(ValueError):
@@ -74,7 +75,6 @@ def test_gptq_objective_unchanged_on_the_tiny_model() -> None:
 
     ref, _ = tiny_oneshot_loss()
     ours, usage = tiny_oneshot_loss(one_cholesky_factor(cpu=True))
-    print(f"CPU GPTQ summed loss: llm-compressor's factor {ref:.6f}, one Cholesky {ours:.6f} "
-          f"({usage.n} factors)")
+    print(f"CPU GPTQ summed loss: llm-compressor's factor {ref:.6f}, one Cholesky {ours:.6f} ({usage.n} factors)")
     assert usage.n > 0
     assert abs(ours - ref) / ref < 1e-4, (ours, ref)

@@ -1,8 +1,8 @@
-"""The order in which DDP ranks solve and send each layer's GPTQ results (stages/forwardorder.py)."""
+"""The order in which DDP ranks solve and send each layer's GPTQ results (stages/llmc/ddp_forward_order.py)."""
 
 from __future__ import annotations
 
-from farm.stages.forwardorder import Pending, schedule
+from farm.stages.llmc.ddp_forward_order import Pending, schedule
 
 LAYER = ["q", "k", "v", "o", "gate", "up", "down"]
 # llm-compressor's greedy packing of an 8B layer over 4 ranks (by Hessian size): down alone on rank 0
@@ -50,8 +50,10 @@ class Hook:
 
 def test_pending_waits_once_per_module_and_drops_without_waiting_after_an_error() -> None:
     log: list[str] = []
-    p = Pending(works={"q": [Work(log, "q")], "down": [Work(log, "down")]},
-                hooks={"q": Hook(log, "q"), "down": Hook(log, "down")})
+    p = Pending(
+        works={"q": [Work(log, "q")], "down": [Work(log, "down")]},
+        hooks={"q": Hook(log, "q"), "down": Hook(log, "down")},
+    )
     p.wait("q")
     p.wait("q")  # a second call of the module: nothing left to wait for
     assert log == ["q", "unhook q"]
@@ -70,7 +72,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from farm.stages.forwardorder import Pending, exchange
+    from farm.stages.llmc.ddp_forward_order import Pending, exchange
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -89,8 +91,15 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
                     m.bias.zero_()
 
         pending = Pending()
-        exchange(list(modules.values()), owner, rank, [[modules[n] for n in b] for b in own], solve,
-                 lambda m: [m.weight.data, m.bias.data], pending)
+        exchange(
+            list(modules.values()),
+            owner,
+            rank,
+            [[modules[n] for n in b] for b in own],
+            solve,
+            lambda m: [m.weight.data, m.bias.data],
+            pending,
+        )
         with torch.no_grad():
             y = layer(torch.ones(2, 8))
         pending.flush()

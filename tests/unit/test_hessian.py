@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 from llmcompressor.modifiers.gptq import base  # noqa: E402
 from llmcompressor.modifiers.gptq.helpers import accumulate_hessian as upstream  # noqa: E402
 
-from farm.stages.hessian import accumulate, covers, tensor_core_hessians  # noqa: E402
+from farm.stages.llmc.hessian_tensor_cores import accumulate, covers, tensor_core_hessians  # noqa: E402
 from tests.gptq_losses import assert_scoped_swap  # noqa: E402
 
 

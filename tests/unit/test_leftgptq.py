@@ -10,15 +10,14 @@ from llmcompressor.modifiers.gptq import base  # noqa: E402
 from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight  # noqa: E402
 
 from farm.spec import ResourceSpec  # noqa: E402
-from farm.stages.leftgptq import hessian_factor, left_looking_quantize_weight, left_looking_solve  # noqa: E402
+from farm.stages.llmc.gptq_left_looking import hessian_factor, left_looking_quantize_weight, left_looking_solve  # noqa: E402
 from tests.gptq_losses import assert_scoped_swap, gptq_problem  # noqa: E402
 
 
 @pytest.mark.parametrize("actorder", [None, "static", "weight"])
 def test_same_quantization_as_llm_compressor(actorder: str | None) -> None:
     w, h, scale, zero = gptq_problem(2, 16, 320)  # 2.5 blocks of 128: the last block is narrower
-    qargs = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32,
-                             actorder=actorder)
+    qargs = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32, actorder=actorder)
     ref_q, ref_loss, ref_flag = quantize_weight(w.clone(), h.clone(), scale, zero, None, qargs)
     q, loss, flag = left_looking_quantize_weight(w.clone(), h.clone(), scale, zero, None, qargs)
     assert (q != ref_q).float().mean() < 1e-3  # a rounding tie may fall the other way, nothing more
@@ -99,4 +98,3 @@ def test_gptq_objective_unchanged_on_the_tiny_model() -> None:
     print(f"CPU GPTQ summed loss: llm-compressor {ref:.6f}, left-looking {ours:.6f} ({usage.n} modules)")
     assert usage.n > 0
     assert abs(ours - ref) / ref < 1e-4, (ours, ref)
-

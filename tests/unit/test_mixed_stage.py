@@ -24,18 +24,20 @@ def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _request(paths: dict, out: Path, **method: object) -> QuantizeRequest:
     text = paths["shakespeare"] / "calibration.txt"
-    return QuantizeRequest(model_dir=str(paths["tiny-llama"]), out_dir=str(out),
-                           method=build_method({"method": "mixed", "probe_tokens": 512, "probe_seq_len": 128,
-                                                **method}),
-                           calibration=CalibrationDraw(str(text), 4, 64, 0))
+    return QuantizeRequest(
+        model_dir=str(paths["tiny-llama"]),
+        out_dir=str(out),
+        method=build_method({"method": "mixed", "probe_tokens": 512, "probe_seq_len": 128, **method}),
+        calibration=CalibrationDraw(str(text), 4, 64, 0),
+    )
 
 
 def test_round_to_grid_and_layers(fixture_paths: dict) -> None:
     import torch
 
-    from farm.stages.fakequant import round_to_grid
+    from farm.stages.engines.fakequant import round_to_grid
+    from farm.stages.engines.sensitivity import decoder_layers
     from farm.stages.modelio import load_model
-    from farm.stages.sensitivity import decoder_layers
 
     model = load_model(fixture_paths["tiny-llama"], "cpu")
     layers = decoder_layers(model)
@@ -66,8 +68,9 @@ def test_fixed_assignment_writes_two_grids(fixture_paths: dict, tmp_path: Path) 
         quantize(_request(fixture_paths, tmp_path / "bad", high_layers=[7]))
 
 
-def test_search_stops_at_zero_upgrades_when_uniform_meets_budget(fixture_paths: dict, tmp_path: Path,
-                                                                  own_cache: Path) -> None:
+def test_search_stops_at_zero_upgrades_when_uniform_meets_budget(
+    fixture_paths: dict, tmp_path: Path, own_cache: Path
+) -> None:
     q = quantize(_request(fixture_paths, tmp_path / "q", algorithm="rtn", budget=1e9))
     search = q.documents["mixed_search.json"]
     assert search["met"] and search["high_layers"] == [] and [p["upgraded"] for p in search["probes"]] == [0]
@@ -84,8 +87,23 @@ def test_sensitivity_command_records_the_profile(fixture_paths: dict, tmp_path: 
 
     spec = write_spec(tmp_path / "job.yaml", tiny_spec(fixture_paths, str(tmp_path / "farm")))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    assert main(["sensitivity", str(spec), "--tokens", "512", "--seq-len", "128", "--group-size", "64",
-                 "--tracking-uri", uri]) == 0
+    assert (
+        main(
+            [
+                "sensitivity",
+                str(spec),
+                "--tokens",
+                "512",
+                "--seq-len",
+                "128",
+                "--group-size",
+                "64",
+                "--tracking-uri",
+                uri,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "layer 0" in out and "layer 1" in out and "embeddings_tied_lm_head" in out
     store = MlflowStore(uri, "tiny")
@@ -101,13 +119,14 @@ def test_qat_trains_then_converts_to_exactly_what_it_trained(fixture_paths: dict
     computed, up to compressed-tensors and torchao rounding a -7.5 tie differently."""
     import torch
 
-    from farm.stages.fakequant import round_to_grid
+    from farm.stages.engines.fakequant import round_to_grid
+    from farm.stages.engines.qat import train
     from farm.stages.modelio import load_model, load_tokenizer
-    from farm.stages.qat import train
     from farm.stages.quantize import calibrate, save
 
-    method = build_method({"method": "qat", "group_size": 64, "steps": 30, "batch_size": 2, "learning_rate": 1e-3,
-                           "warmup_steps": 0})
+    method = build_method(
+        {"method": "qat", "group_size": 64, "steps": 30, "batch_size": 2, "learning_rate": 1e-3, "warmup_steps": 0}
+    )
     tok = load_tokenizer(fixture_paths["tiny-llama"])
     model = load_model(fixture_paths["tiny-llama"], "cpu")
     from farm.calibration import draw
@@ -135,7 +154,13 @@ def test_qat_trains_then_converts_to_exactly_what_it_trained(fixture_paths: dict
 def test_qat_variant_records_its_training(fixture_paths: dict, tmp_path: Path) -> None:
     text = fixture_paths["shakespeare"] / "calibration.txt"
     method = build_method({"method": "qat", "group_size": 64, "steps": 4, "batch_size": 2, "train_samples": 8})
-    q = quantize(QuantizeRequest(model_dir=str(fixture_paths["tiny-llama"]), out_dir=str(tmp_path / "q"),
-                                 method=method, calibration=CalibrationDraw(str(text), 4, 64, 0)))
+    q = quantize(
+        QuantizeRequest(
+            model_dir=str(fixture_paths["tiny-llama"]),
+            out_dir=str(tmp_path / "q"),
+            method=method,
+            calibration=CalibrationDraw(str(text), 4, 64, 0),
+        )
+    )
     assert q.metrics["qat.steps"] == 4 and len(q.documents["qat_losses.json"]["loss"]) == 4
     assert any(n.startswith("QAT: 4 steps") for n in q.notes) and "QuantizationModifier" in q.recipe

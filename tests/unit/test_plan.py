@@ -109,12 +109,22 @@ def test_a_gang_must_fit_one_node() -> None:
 
 
 def test_calibration_matters_only_where_a_method_reads_it() -> None:
-    methods = [{"method": "int8"}, {"method": "int8", "activations": "static"}, {"method": "rtn"},
-               {"method": "fp8_static", "kv_cache": True}, {"method": "kv_fp8"}]
+    methods = [
+        {"method": "int8"},
+        {"method": "int8", "activations": "static"},
+        {"method": "rtn"},
+        {"method": "fp8_static", "kv_cache": True},
+        {"method": "kv_fp8"},
+    ]
     a, b = plan(spec(methods=methods), cal="c1"), plan(spec(methods=methods), cal="c2")
     same = {va.method.label(): va.id == vb.id for va, vb in zip(a.variants, b.variants, strict=True)}
-    assert same == {"int8-w8a8-dynamic-rtn": True, "int8-w8a8-static-rtn": False, "rtn-w8a16": True,
-                    "fp8-static-kv": False, "kv-fp8": False}
+    assert same == {
+        "int8-w8a8-dynamic-rtn": True,
+        "int8-w8a8-static-rtn": False,
+        "rtn-w8a16": True,
+        "fp8-static-kv": False,
+        "kv-fp8": False,
+    }
 
 
 def test_every_check_setting_is_part_of_the_base_evaluation_id() -> None:

@@ -33,8 +33,13 @@ def test_targets_match_exactly_the_named_linears() -> None:
 
 def test_config_groups_split_layers_between_grids() -> None:
     groups = config_groups(LAYERS, {2}, W4, W8)
-    assert groups["low"]["weights"] == {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
-                                        "group_size": 64}
+    assert groups["low"]["weights"] == {
+        "num_bits": 4,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "group",
+        "group_size": 64,
+    }
     assert groups["high"]["weights"]["strategy"] == "channel" and groups["high"]["weights"]["num_bits"] == 8
     assert "(0|1|3)" in groups["low"]["targets"][0] and "(2)" in groups["high"]["targets"][0]
     assert set(config_groups(LAYERS, set(), W4, W8)) == {"low"}
@@ -79,11 +84,16 @@ def test_mixed_config_is_typed_and_single_process(tmp_path) -> None:
     from farm.plan import ModelInfo, make_plan
     from farm.spec import JobSpec
 
-    spec = JobSpec.model_validate({
-        "name": "m", "models": [{"source": str(tmp_path), "name": "x"}],
-        "methods": [{"method": "mixed"}], "calibration": {"source": str(tmp_path / "c.txt")},
-        "evaluation": {"perplexity": {"source": str(tmp_path / "h.txt")}},
-        "resources": {"num_gpus": 1, "ranks": 2}})
+    spec = JobSpec.model_validate(
+        {
+            "name": "m",
+            "models": [{"source": str(tmp_path), "name": "x"}],
+            "methods": [{"method": "mixed"}],
+            "calibration": {"source": str(tmp_path / "c.txt")},
+            "evaluation": {"perplexity": {"source": str(tmp_path / "h.txt")}},
+            "resources": {"num_gpus": 1, "ranks": 2},
+        }
+    )
     info = ModelInfo("id", {"hidden_size": 128, "intermediate_size": 256}, 1000)
     with pytest.raises(SpecError, match="ranks must be 1"):
         make_plan(spec, {"x": info}, "sha", "sha")

@@ -1,4 +1,5 @@
-"""Every data-parallel rank writes its share of the shards (stages/ranksave.py): on three gloo processes (no Ray)
+"""Every data-parallel rank writes its share of the shards (stages/distributed/split_save.py): on three gloo processes
+(no Ray)
 farm's save of a GPTQ-calibrated tiny Llama writes, into rank 0's directory, byte for byte the checkpoint that
 llm-compressor's own save (rank 0 writing every shard) gives for the same model, each rank having written the
 shards round robin assigns it; ranks that share no directory leave the save to rank 0."""
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from farm.stages.ranksave import shard_owner
+from farm.stages.distributed.split_save import shard_owner
 
 WORLD = 3
 
@@ -30,14 +31,16 @@ def _rank(rank: int, port: int, model_dir: str, text: str, tmp: str, shared: boo
 
     from farm.methods.registry import build_method
     from farm.stages import quantize as q
-    from farm.stages import ranksave, shardio
+    from farm.stages.distributed import split_save as ranksave
+    from farm.stages.llmc import parallel_shard_writes as shardio
     from farm.stages.modelio import load_tokenizer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     method = build_method({"method": "gptq", "group_size": 64, "ignore": ["lm_head"]})
-    req = q.QuantizeRequest(model_dir, method, q.CalibrationDraw(text, 6, 64, 0), f"{tmp}/split{rank}",
-                            rank=rank, world=WORLD)
+    req = q.QuantizeRequest(
+        model_dir, method, q.CalibrationDraw(text, 6, 64, 0), f"{tmp}/split{rank}", rank=rank, world=WORLD
+    )
     model, _ = q.load_weights(req, q.placement(req, "cpu"), "cpu")
     tokenizer = load_tokenizer(model_dir)
     q.calibrate(req, model, tokenizer, method.modifiers())
@@ -46,14 +49,19 @@ def _rank(rank: int, port: int, model_dir: str, text: str, tmp: str, shared: boo
         model.save_pretrained(f"{tmp}/default{rank}", save_compressed=True, max_shard_size=q.SHARD)
     written: list[str] = []
     original = shardio.write_shard
-    shardio.write_shard = lambda tensors, filename, metadata=None: (written.append(os.path.basename(filename)),
-                                                                    original(tensors, filename, metadata))[1]
+    shardio.write_shard = lambda tensors, filename, metadata=None: (
+        written.append(os.path.basename(filename)),
+        original(tensors, filename, metadata),
+    )[1]
     if not shared and rank:  # as on another host: rank 0's directory is not here
         ranksave.sees = lambda directory: False
     q.save(model, tokenizer, req.out_dir)
     if rank == 0:  # the moment the save returns, every rank's shards are complete
-        got = {name: (Path(tmp) / "split0" / name).read_bytes() for name in os.listdir(f"{tmp}/default0")
-               if name.endswith(".safetensors")}
+        got = {
+            name: (Path(tmp) / "split0" / name).read_bytes()
+            for name in os.listdir(f"{tmp}/default0")
+            if name.endswith(".safetensors")
+        }
         assert got == {name: (Path(tmp) / "default0" / name).read_bytes() for name in got}
     with open(f"{tmp}/written{rank}.json", "w") as f:
         json.dump(written, f)
@@ -68,8 +76,10 @@ def _run(tmp: Path, paths: dict, shared: bool) -> list[list[str]]:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     text = str(paths["shakespeare"] / "calibration.txt")
-    procs = [ctx.Process(target=_rank, args=(r, port, str(paths["tiny-llama"]), text, str(tmp), shared))
-             for r in range(WORLD)]
+    procs = [
+        ctx.Process(target=_rank, args=(r, port, str(paths["tiny-llama"]), text, str(tmp), shared))
+        for r in range(WORLD)
+    ]
     for p in procs:
         p.start()
     for p in procs:

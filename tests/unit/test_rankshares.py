@@ -1,8 +1,9 @@
-"""Calibration samples per DDP rank, fewer for the owner of the largest GPTQ solve (stages/rankshares.py)."""
+"""Calibration samples per DDP rank, fewer for the owner of the largest GPTQ solve
+(stages/distributed/rank_shares.py)."""
 
 from __future__ import annotations
 
-from farm.stages.rankshares import layer_modules, owners, shares, solve_in_samples
+from farm.stages.distributed.rank_shares import layer_modules, owners, shares, solve_in_samples
 
 LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8}
 
@@ -35,11 +36,15 @@ def test_owners_match_compressed_tensors_own_packing_on_other_shapes() -> None:
     """rankshares stays torch-free by restating the packing; this keeps it equal to upstream's."""
     from compressed_tensors.distributed import greedy_bin_packing
 
-    shapes = [LLAMA_8B, {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 32},
-              {"hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64, "num_key_value_heads": 8}]
+    shapes = [
+        LLAMA_8B,
+        {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 32},
+        {"hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64, "num_key_value_heads": 8},
+    ]
     for cfg in shapes:
         modules = layer_modules(cfg) or []
         for world in (2, 3, 4, 8):
-            _, _, upstream = greedy_bin_packing(list(range(len(modules))), world,
-                                                item_weight_fn=lambda m: modules[m][1])
+            _, _, upstream = greedy_bin_packing(
+                list(range(len(modules))), world, item_weight_fn=lambda m: modules[m][1]
+            )
             assert owners(modules, world) == [upstream[m] for m in range(len(modules))], (cfg, world)

@@ -21,14 +21,22 @@ from farm.spec import EvaluationSpec, ServingSpec, parse_spec
 
 
 def _level(requests: list[dict], seconds: float) -> dict:
-    return {"shape": "default", "concurrency": 2, "input_tokens": 4, "output_tokens": 3, "seconds": seconds,
-            "requests": requests}
+    return {
+        "shape": "default",
+        "concurrency": 2,
+        "input_tokens": 4,
+        "output_tokens": 3,
+        "seconds": seconds,
+        "requests": requests,
+    }
 
 
 def test_level_figures_follow_the_bench_definitions() -> None:
     # two requests sent at 0 and 0.5; tokens arrive one per chunk, except one chunk of two
-    reqs = [{"sent": 0.0, "times": [0.1, 0.2, 0.3], "counts": [1, 1, 1]},
-            {"sent": 0.5, "times": [0.7, 0.9], "counts": [1, 2]}]
+    reqs = [
+        {"sent": 0.0, "times": [0.1, 0.2, 0.3], "counts": [1, 1, 1]},
+        {"sent": 0.5, "times": [0.7, 0.9], "counts": [1, 2]},
+    ]
     f = measure.level_figures(_level(reqs, 1.0))
     assert f["output_tokens_per_s"] == pytest.approx(6.0)
     assert f["requests_per_s"] == pytest.approx(2.0)
@@ -55,10 +63,18 @@ def test_level_names_round_trip_and_unknown_figures_are_refused() -> None:
 
 
 def test_summarize_records_kv_capacity_weights_and_every_level() -> None:
-    raw = {"engine": "vllm", "version": "0.24.0", "seconds_import": 5.0, "seconds_engine_start": 40.0,
-           "weights_bytes": 2 * 2**30, "param_bytes": 2 * 2**30 - 10, "kv_blocks": 1000, "block_size": 16,
-           "levels": [_level([{"sent": 0.0, "times": [0.1, 0.2], "counts": [1, 1]}], 0.2)],
-           "greedy": [[1, 2, 3]]}
+    raw = {
+        "engine": "vllm",
+        "version": "0.24.0",
+        "seconds_import": 5.0,
+        "seconds_engine_start": 40.0,
+        "weights_bytes": 2 * 2**30,
+        "param_bytes": 2 * 2**30 - 10,
+        "kv_blocks": 1000,
+        "block_size": 16,
+        "levels": [_level([{"sent": 0.0, "times": [0.1, 0.2], "counts": [1, 1]}], 0.2)],
+        "greedy": [[1, 2, 3]],
+    }
     metrics, doc = measure.summarize(raw, context=640)
     assert metrics[measure.KV_TOKENS] == 16_000
     assert metrics[measure.max_concurrency_name(640)] == 25  # 640 tokens = 40 whole blocks
@@ -69,8 +85,10 @@ def test_summarize_records_kv_capacity_weights_and_every_level() -> None:
 
 
 def test_figures_the_engine_could_not_be_asked_for_are_read_from_its_log() -> None:
-    log = ("INFO 12-03 [gpu_model_runner.py:5256] Model loading took 14.99 GiB memory and 3.2 seconds\n"
-           "INFO 12-03 [kv_cache_utils.py:2146] GPU KV cache size: 1,234,560 tokens\n")
+    log = (
+        "INFO 12-03 [gpu_model_runner.py:5256] Model loading took 14.99 GiB memory and 3.2 seconds\n"
+        "INFO 12-03 [kv_cache_utils.py:2146] GPU KV cache size: 1,234,560 tokens\n"
+    )
     raw = {"seconds_engine_start": 1.0, "levels": []}
     metrics, _ = measure.summarize(raw, context=1000, log_text=log)
     assert metrics[measure.WEIGHTS] == pytest.approx(14.99 * 2**30)
@@ -85,14 +103,22 @@ def test_greedy_agreement() -> None:
 
 
 def test_request_is_seeded_distinct_per_level_and_sized_by_the_spec() -> None:
-    spec = ServingSpec(shapes=["default", {"name": "tiny", "input_tokens": 8, "output_tokens": 4}],
-                       concurrency=[1, 4], warmup_requests=2, greedy_prompts=3)
+    spec = ServingSpec(
+        shapes=["default", {"name": "tiny", "input_tokens": 8, "output_tokens": 4}],
+        concurrency=[1, 4],
+        warmup_requests=2,
+        greedy_prompts=3,
+    )
     corpus = list(range(5000))
     r1 = build_request("/m", spec, corpus, 0.5, False)
     r2 = build_request("/other", spec, corpus, 0.5, False)
     assert [lv["offsets"] for lv in r1["levels"]] == [lv["offsets"] for lv in r2["levels"]]  # base = variants
     assert [(lv["shape"], lv["concurrency"], len(lv["offsets"])) for lv in r1["levels"]] == [
-        ("default", 1, 8), ("default", 4, 8), ("tiny", 1, 8), ("tiny", 4, 8)]
+        ("default", 1, 8),
+        ("default", 4, 8),
+        ("tiny", 1, 8),
+        ("tiny", 4, 8),
+    ]
     assert len(set(r1["levels"][0]["offsets"])) == 8
     assert r1["levels"][0]["offsets"] != r1["levels"][1]["offsets"]
     assert r1["gpu_memory_utilization"] == pytest.approx(0.425)  # 0.85 of a half-GPU share
@@ -110,14 +136,24 @@ def test_a_text_shorter_than_a_prompt_is_tiled_and_offsets_stay_in_range() -> No
 
 
 def test_spec_refuses_serving_without_a_gpu_and_bad_levels() -> None:
-    base = {"name": "j", "models": [{"source": "/m"}], "methods": [{"method": "fp8"}],
-            "calibration": {"source": "/c.txt"},
-            "evaluation": {"perplexity": {"source": "/h.txt"}, "serving": {}}}
+    base = {
+        "name": "j",
+        "models": [{"source": "/m"}],
+        "methods": [{"method": "fp8"}],
+        "calibration": {"source": "/c.txt"},
+        "evaluation": {"perplexity": {"source": "/h.txt"}, "serving": {}},
+    }
     with pytest.raises(Exception, match=r"resources\.num_gpus is 0"):
         parse_spec(base)
     assert parse_spec({**base, "resources": {"num_gpus": 1}}).evaluation.serving is not None
-    for bad in ({"concurrency": [0]}, {"concurrency": [4, 4]}, {"engine": "tgi"}, {"shapes": ["huge"]},
-                {"gpu_memory_utilization": 1.5}, {"nope": 1}):
+    for bad in (
+        {"concurrency": [0]},
+        {"concurrency": [4, 4]},
+        {"engine": "tgi"},
+        {"shapes": ["huge"]},
+        {"gpu_memory_utilization": 1.5},
+        {"nope": 1},
+    ):
         with pytest.raises(ValidationError):
             ServingSpec.model_validate(bad)
 
@@ -130,8 +166,9 @@ def test_serving_changes_the_base_evaluation_id_but_not_where_the_engine_lives()
 
 
 def test_gate_judges_speed_and_memory_on_serving_figures_only() -> None:
-    ev = EvaluationSpec.model_validate({"perplexity": {"source": "/h.txt"}, "latency": {}, "memory": {},
-                                        "serving": {"concurrency": [1, 64]}})
+    ev = EvaluationSpec.model_validate(
+        {"perplexity": {"source": "/h.txt"}, "latency": {}, "memory": {}, "serving": {"concurrency": [1, 64]}}
+    )
     rules = {r.metric: r for r in default_rules(ev)}
     assert "tokens_per_s_batch1" not in rules and "weights_in_memory_bytes" not in rules
     low, high = "serve_default_c1_output_tokens_per_s", "serve_default_c64_output_tokens_per_s"
@@ -206,12 +243,18 @@ def test_report_plots_throughput_and_latency_per_variant_and_base() -> None:
     def served(scale: float) -> dict[str, float]:
         m = {}
         for c in (1, 16, 64):
-            m[measure.level_name("default", c, "output_tokens_per_s")] = scale * 100 * c ** 0.8
-            m[measure.level_name("default", c, "ttft_p50_s")] = 0.02 * c ** 0.5 / scale
+            m[measure.level_name("default", c, "output_tokens_per_s")] = scale * 100 * c**0.8
+            m[measure.level_name("default", c, "ttft_p50_s")] = 0.02 * c**0.5 / scale
         return m
 
-    page = render("j", served(1.0), [Point("fp8", {"perplexity_delta": 0.1, "weights_bytes": 8e9, **served(1.5)}),
-                                     Point("gptq", {"perplexity_delta": 0.4, "weights_bytes": 5e9, **served(1.3)})])
+    page = render(
+        "j",
+        served(1.0),
+        [
+            Point("fp8", {"perplexity_delta": 0.1, "weights_bytes": 8e9, **served(1.5)}),
+            Point("gptq", {"perplexity_delta": 0.4, "weights_bytes": 5e9, **served(1.3)}),
+        ],
+    )
     for plot in ("plot-serving-throughput-default", "plot-serving-latency-default"):
         assert f'id="{plot}"' in page
     assert "output tokens/s as served" in page and "dense reference" not in page
@@ -220,9 +263,11 @@ def test_report_plots_throughput_and_latency_per_variant_and_base() -> None:
 def test_the_engine_cores_reason_replaces_the_generic_front_end_error() -> None:
     """vLLM's front end raises 'Engine core initialization failed. See root cause above'; the cause is the
     engine-core process's own exception line earlier in the log."""
-    log = ("(EngineCore pid=2350)   File \"/x/vllm/v1/worker/utils.py\", line 415, in request_memory\n"
-           "(EngineCore pid=2350) ValueError: Free memory on device cuda:0 (89.89/139.8 GiB) on startup is less "
-           "than desired GPU memory utilization (0.85, 118.83 GiB).\n"
-           "Traceback (most recent call last):\n"
-           "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
+    log = (
+        '(EngineCore pid=2350)   File "/x/vllm/v1/worker/utils.py", line 415, in request_memory\n'
+        "(EngineCore pid=2350) ValueError: Free memory on device cuda:0 (89.89/139.8 GiB) on startup is less "
+        "than desired GPU memory utilization (0.85, 118.83 GiB).\n"
+        "Traceback (most recent call last):\n"
+        "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n"
+    )
     assert last_error_line(log).startswith("ValueError: Free memory on device cuda:0 (89.89/139.8 GiB)")

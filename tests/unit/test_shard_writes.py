@@ -1,4 +1,5 @@
-"""farm's save writes checkpoint shards itself, on threads (stages/shardio.py): files safetensors reads back with
+"""farm's save writes checkpoint shards itself, on threads (stages/llmc/parallel_shard_writes.py): files safetensors
+reads back with
 every tensor, dtype, shape and the metadata; the same files, index and tensors as transformers' own loop;
 every shard is on disk when the block ends; a failed write raises."""
 
@@ -13,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, modeling_utils
 
-from farm.stages import shardio
-from farm.stages.shardio import parallel_shard_writes, write_shard
+from farm.stages.llmc import parallel_shard_writes as shardio
+from farm.stages.llmc.parallel_shard_writes import parallel_shard_writes, write_shard
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -26,14 +27,23 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def test_write_shard_reads_back_as_safetensors_own(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    tensors = {"layer.weight_packed": torch.randint(-2**31, 2**31 - 1, (64, 8), dtype=torch.int32),
-               "layer.weight_scale": torch.randn(64, 2).to(torch.bfloat16), "zp": torch.randint(-8, 7, (3,),
-               dtype=torch.int8), "fp8": torch.randn(4, 4).to(torch.float8_e4m3fn), "f32": torch.randn(5),
-               "half": torch.randn(2, 3).half(), "i64": torch.arange(7), "mask": torch.rand(9) > 0.5,
-               "scalar": torch.tensor(2.5), "empty": torch.empty(0, 3), "strided": torch.randn(6, 4).t()}
+    tensors = {
+        "layer.weight_packed": torch.randint(-(2**31), 2**31 - 1, (64, 8), dtype=torch.int32),
+        "layer.weight_scale": torch.randn(64, 2).to(torch.bfloat16),
+        "zp": torch.randint(-8, 7, (3,), dtype=torch.int8),
+        "fp8": torch.randn(4, 4).to(torch.float8_e4m3fn),
+        "f32": torch.randn(5),
+        "half": torch.randn(2, 3).half(),
+        "i64": torch.arange(7),
+        "mask": torch.rand(9) > 0.5,
+        "scalar": torch.tensor(2.5),
+        "empty": torch.empty(0, 3),
+        "strided": torch.randn(6, 4).t(),
+    }
     write_shard(tensors, str(tmp_path / "farm.safetensors"), metadata={"format": "pt"})
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "ref.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"}
+    )
     ours, ref = load_file(tmp_path / "farm.safetensors"), load_file(tmp_path / "ref.safetensors")
     assert ours.keys() == tensors.keys()
     for k, t in tensors.items():

@@ -1,4 +1,5 @@
-"""Ranks that each read a share of the checkpoint (stages/splitload.py): the shares cover every tensor once and
+"""Ranks that each read a share of the checkpoint (stages/distributed/split_load.py): the shares cover every tensor
+once and
 balance bytes; on three gloo processes (no Ray) every rank ends with exactly the model a whole read gives, having
 read only its own tensors, and compressed-tensors' dispatch of those replicas sends nothing yet leaves the
 distributed caches in place; a checkpoint transformers would not load name for name, or a quantized one, is
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from farm.stages.splitload import owners, plain_checkpoint, tensor_bytes
+from farm.stages.distributed.split_load import owners, plain_checkpoint, tensor_bytes
 
 WORLD = 3
 FIXTURE = Path(__file__).resolve().parents[2] / ".fixtures" / "models" / "tiny-llama"
@@ -41,8 +42,9 @@ def test_quantized_or_bin_checkpoints_are_not_shared(tmp_path: Path, fixture_mod
     q = tmp_path / "q"
     shutil.copytree(fixture_model, q)
     cfg = (q / "config.json").read_text()
-    (q / "config.json").write_text(cfg.replace("{", '{"quantization_config": {"quant_method": "compressed-tensors"},',
-                                               1))
+    (q / "config.json").write_text(
+        cfg.replace("{", '{"quantization_config": {"quant_method": "compressed-tensors"},', 1)
+    )
     assert plain_checkpoint(q) == []
     assert plain_checkpoint(tmp_path) == []
 
@@ -53,7 +55,7 @@ def _rank(rank: int, port: int, path: str, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from farm.stages import splitload
+    from farm.stages.distributed import split_load as splitload
     from farm.stages.modelio import load_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -18,10 +18,14 @@ GROUPED = {"gptq", "awq"}
 def test_method_round_trip(name: str, fixture_paths: dict, tmp_path: Path) -> None:
     method = build_method({"method": name, **({"group_size": 64} if name in GROUPED else {})})
     text = fixture_paths["shakespeare"]
-    q = quantize(QuantizeRequest(
-        model_dir=str(fixture_paths["tiny-llama"]), method=method,
-        calibration=CalibrationDraw(str(text / "calibration.txt"), 4, 64, 0), out_dir=str(tmp_path / "q"),
-    ))
+    q = quantize(
+        QuantizeRequest(
+            model_dir=str(fixture_paths["tiny-llama"]),
+            method=method,
+            calibration=CalibrationDraw(str(text / "calibration.txt"), 4, 64, 0),
+            out_dir=str(tmp_path / "q"),
+        )
+    )
     assert (tmp_path / "q" / "recipe.yaml").exists() and q.recipe
     assert any("pin" in n for n in q.notes) == (name == "awq")  # only AWQ needs the CPU fix
     config = (tmp_path / "q" / "config.json").read_text()
@@ -44,10 +48,14 @@ def test_fp8_model_free_matches_oneshot(fixture_paths: dict, tmp_path: Path) -> 
     text = fixture_paths["shakespeare"]
     outs = {}
     for engine in ("oneshot", "model_free"):
-        q = quantize(QuantizeRequest(
-            model_dir=str(fixture_paths["tiny-llama"]), method=build_method({"method": "fp8", "engine": engine}),
-            calibration=CalibrationDraw(str(text / "calibration.txt"), 4, 64, 0), out_dir=str(tmp_path / engine),
-        ))
+        q = quantize(
+            QuantizeRequest(
+                model_dir=str(fixture_paths["tiny-llama"]),
+                method=build_method({"method": "fp8", "engine": engine}),
+                calibration=CalibrationDraw(str(text / "calibration.txt"), 4, 64, 0),
+                out_dir=str(tmp_path / engine),
+            )
+        )
         e = evaluate(EvaluateRequest(str(tmp_path / engine), str(text / "heldout.txt"), 256, 128, "Hello", 4))
         outs[engine] = (load_file(tmp_path / engine / "model.safetensors"), e.perplexity, q)
     (a, ppl_a, _), (b, ppl_b, q_mf) = outs["oneshot"], outs["model_free"]

@@ -1,4 +1,4 @@
-"""farm's speed-ups hook into llm-compressor through one scoped, counted swap (stages/swap.py): covered calls go
+"""farm's speed-ups hook into llm-compressor through one scoped, counted swap (stages/llmc/swap.py): covered calls go
 to the replacement (positional or keyword, as upstream calls them), the rest to the original, and the original
 is back after the block, also on error; a function upstream no longer has leaves the speed-up off."""
 
@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from farm.stages.swap import taken_over, timed
+from farm.stages.llmc.swap import taken_over, timed
 
 
 def upstream() -> types.SimpleNamespace:
@@ -17,8 +17,15 @@ def upstream() -> types.SimpleNamespace:
 def test_covered_calls_go_to_the_replacement_and_are_counted() -> None:
     mod = upstream()
     original = mod.solve
-    with taken_over(mod, "solve", lambda weights, hessians, **_: weights > 0, lambda weights, hessians, scale=1:
-                    ("ours", scale), "a speed-up", "took over {n}", count=lambda weights, *_, **__: weights) as tally:
+    with taken_over(
+        mod,
+        "solve",
+        lambda weights, hessians, **_: weights > 0,
+        lambda weights, hessians, scale=1: ("ours", scale),
+        "a speed-up",
+        "took over {n}",
+        count=lambda weights, *_, **__: weights,
+    ) as tally:
         assert mod.solve(2, 0) == ("ours", 1)
         assert mod.solve(weights=3, hessians=0, scale=5) == ("ours", 5)  # keyword calls, as quantize_weight gets
         assert mod.solve(-1, 0) == ("original", 1)
@@ -29,8 +36,10 @@ def test_covered_calls_go_to_the_replacement_and_are_counted() -> None:
 def test_restored_on_error_and_silent_when_nothing_was_covered() -> None:
     mod = upstream()
     original = mod.solve
-    with pytest.raises(RuntimeError), taken_over(mod, "solve", lambda *a, **k: False, lambda *a, **k: None, "x",
-                                                 "took over {n}") as tally:
+    with (
+        pytest.raises(RuntimeError),
+        taken_over(mod, "solve", lambda *a, **k: False, lambda *a, **k: None, "x", "took over {n}") as tally,
+    ):
         assert mod.solve(1, 1) == ("original", 1)
         raise RuntimeError("oneshot failed")
     assert mod.solve is original and tally.n == 0 and tally.note() is None

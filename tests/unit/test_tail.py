@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from farm.methods import build_method  # noqa: E402
-from farm.stages.tail import applies, idle_tail_skipped  # noqa: E402
+from farm.stages.llmc.idle_tail import applies, idle_tail_skipped  # noqa: E402
 from tests.gptq_losses import assert_scoped_swap  # noqa: E402
 
 
@@ -27,8 +27,14 @@ def quantized(method: dict, skip: bool) -> tuple[dict, int]:
     ids = torch.randint(0, vocab, (8, 32), generator=torch.Generator().manual_seed(1)).tolist()
     ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 32] * 8})
     with idle_tail_skipped(model) if skip else contextlib.nullcontext() as skipped:
-        oneshot(model=model, dataset=ds, recipe=build_method(method).modifiers(), num_calibration_samples=8,
-                max_seq_length=32, shuffle_calibration_samples=False)
+        oneshot(
+            model=model,
+            dataset=ds,
+            recipe=build_method(method).modifiers(),
+            num_calibration_samples=8,
+            max_seq_length=32,
+            shuffle_calibration_samples=False,
+        )
     return {k: v.clone() for k, v in model.state_dict().items()}, getattr(skipped, "nodes", 0)
 
 

@@ -35,8 +35,15 @@ def test_frugal_retry_uses_defaults() -> None:
 
 def test_model_larger_than_the_gpu_stays_on_host_and_is_onloaded() -> None:
     # a 70B-class checkpoint (140 GB bf16) on one 80 GB card
-    t = choose("cuda", 78 * GIB, num_samples=128, seq_len=2048, weights_bytes=140 * 10**9, hidden_size=8192,
-               intermediate_size=28672)
+    t = choose(
+        "cuda",
+        78 * GIB,
+        num_samples=128,
+        seq_len=2048,
+        weights_bytes=140 * 10**9,
+        hidden_size=8192,
+        intermediate_size=28672,
+    )
     assert t.load_device == "cpu" and t.offload_device is None and "onloaded" in t.reason
 
 
@@ -51,8 +58,15 @@ def test_ddp_ranks_replicate_a_model_that_fits_and_share_one_that_does_not() -> 
     from farm.stages.quantize import CalibrationDraw, QuantizeRequest, placement
 
     def req(world: int, rank: int = 0, load_device: str | None = None) -> QuantizeRequest:
-        return QuantizeRequest("m", build_method({"method": "gptq"}), CalibrationDraw("t.txt", 8, 64, 0), "out",
-                               load_device=load_device, rank=rank, world=world)
+        return QuantizeRequest(
+            "m",
+            build_method({"method": "gptq"}),
+            CalibrationDraw("t.txt", 8, 64, 0),
+            "out",
+            load_device=load_device,
+            rank=rank,
+            world=world,
+        )
 
     fits = choose("cuda", 80 * GIB, num_samples=32, seq_len=2048, weights_bytes=16 * GIB, **LLAMA_8B)
     too_big = choose("cuda", 80 * GIB, num_samples=32, seq_len=2048, weights_bytes=140 * GIB, **LLAMA_8B)

@@ -64,15 +64,19 @@ def setup(tmp_path: Path, fixture_paths: dict, monkeypatch: pytest.MonkeyPatch):
     base = tmp_path / "bases" / "tiny"
     shutil.copytree(fixture_paths["tiny-llama"], base)
     write_spec(tmp_path / "job.yaml", tiny_spec(fixture_paths, str(tmp_path / "out"), methods=[{"method": "fp8"}]))
-    watch = {"name": "nightly", "job": "job.yaml", "bases": [{"source": "bases/tiny", "name": "tiny"},
-                                                             {"source": "hf://org/model@main", "name": "hub"}]}
+    watch = {
+        "name": "nightly",
+        "job": "job.yaml",
+        "bases": [{"source": "bases/tiny", "name": "tiny"}, {"source": "hf://org/model@main", "name": "hub"}],
+    }
     (tmp_path / "watch.yaml").write_text(yaml.safe_dump(watch))
     store = MlflowStore(f"sqlite:///{tmp_path / 'mlflow.db'}", "watch-test")
     return tmp_path, base, store
 
 
-def make(tmp: Path, store: MlflowStore, runner: Recorder, hub: Hub, clock: Clock | None = None,
-         **over: object) -> Watcher:
+def make(
+    tmp: Path, store: MlflowStore, runner: Recorder, hub: Hub, clock: Clock | None = None, **over: object
+) -> Watcher:
     watch, template = load_watch(tmp / "watch.yaml")
     return Watcher(watch.model_copy(update=over), template, store, runner, hub, clock or Clock(), say=lambda s: None)
 
@@ -147,8 +151,15 @@ def test_missing_base_is_reported_others_still_built(setup) -> None:
     runner = Recorder()
     watch, template = load_watch(tmp / "watch.yaml")
     missing = watch.bases[0].model_copy(update={"source": str(tmp / "nope"), "name": "gone"})
-    w = Watcher(watch.model_copy(update={"bases": [missing, *watch.bases]}), template, store, runner,
-                Hub({"org/model@main": "f" * 40}), Clock(), say=lambda s: None)
+    w = Watcher(
+        watch.model_copy(update={"bases": [missing, *watch.bases]}),
+        template,
+        store,
+        runner,
+        Hub({"org/model@main": "f" * 40}),
+        Clock(),
+        say=lambda s: None,
+    )
     results = {r.base: r for r in w.cycle()}
     assert results["gone"].action == "failed" and "no such directory" in results["gone"].detail
     assert results["tiny"].action == results["hub"].action == "built"
@@ -167,14 +178,20 @@ def test_offline_hub_reads_the_cached_ref(tmp_path: Path, monkeypatch: pytest.Mo
         HuggingFaceHub().head("org/other", "main")
 
 
-@pytest.mark.parametrize("change,needle", [
-    ({"bases": []}, "bases"), ({"jobb": "x"}, "unknown field"), ({"job": "absent.yaml"}, "cannot read spec"),
-    ({"interval_s": 0}, "interval_s"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"bases": []}, "bases"),
+        ({"jobb": "x"}, "unknown field"),
+        ({"job": "absent.yaml"}, "cannot read spec"),
+        ({"interval_s": 0}, "interval_s"),
+    ],
+)
 def test_bad_watch_spec_is_one_line(tmp_path: Path, fixture_paths: dict, change: dict, needle: str) -> None:
     write_spec(tmp_path / "job.yaml", tiny_spec(fixture_paths, str(tmp_path / "out")))
-    (tmp_path / "w.yaml").write_text(yaml.safe_dump({"name": "w", "job": "job.yaml",
-                                                     "bases": [{"source": "/x"}], **change}))
+    (tmp_path / "w.yaml").write_text(
+        yaml.safe_dump({"name": "w", "job": "job.yaml", "bases": [{"source": "/x"}], **change})
+    )
     with pytest.raises(SpecError, match=needle) as err:
         load_watch(tmp_path / "w.yaml")
     assert "\n" not in str(err.value)

@@ -36,8 +36,9 @@ def chat_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return "".join(f"{m['role'].title()}: {m['content']}\n" for m in messages) + "Assistant:"
 
 
-def complete(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, device: str,
-             sample_seed: int | None = None) -> list[str]:
+def complete(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, device: str, sample_seed: int | None = None
+) -> list[str]:
     import torch
 
     out = []
@@ -49,7 +50,7 @@ def complete(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
             kwargs = {"do_sample": True, "temperature": 0.8, "top_p": 0.95}
         with torch.inference_mode():
             ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id, **kwargs)
-        out.append(tokenizer.decode(ids[0][enc["input_ids"].shape[1]:], skip_special_tokens=True))
+        out.append(tokenizer.decode(ids[0][enc["input_ids"].shape[1] :], skip_special_tokens=True))
     return out
 
 
@@ -120,14 +121,22 @@ def safety(model: Any, tokenizer: Any, spec: SafetySpec, device: str) -> dict[st
     words = lexicon()
     toxic = [bool(words & set(re.findall(r"[a-z']+", t.lower()))) for t in texts]
     must = [c for r, c in zip(suite, correct, strict=True) if r["expect"] == "refuse"]
-    return {"metrics": {"refusal_accuracy": sum(correct) / len(correct),
-                        "refused_harmful": sum(must) / max(1, len(must)), "toxicity": sum(toxic) / len(toxic)},
-            "transcript": [{**r, "output": t, "refused": f, "toxic": x}
-                           for r, t, f, x in zip(suite, texts, refused, toxic, strict=True)]}
+    return {
+        "metrics": {
+            "refusal_accuracy": sum(correct) / len(correct),
+            "refused_harmful": sum(must) / max(1, len(must)),
+            "toxicity": sum(toxic) / len(toxic),
+        },
+        "transcript": [
+            {**r, "output": t, "refused": f, "toxic": x}
+            for r, t, f, x in zip(suite, texts, refused, toxic, strict=True)
+        ],
+    }
 
 
-def speculative(draft: Any, target: Any, tokenizer: Any, prompts: list[str], spec: SpeculativeSpec,
-                device: str) -> dict[str, float]:
+def speculative(
+    draft: Any, target: Any, tokenizer: Any, prompts: list[str], spec: SpeculativeSpec, device: str
+) -> dict[str, float]:
     import torch
 
     drafted = accepted = 0
@@ -137,15 +146,21 @@ def speculative(draft: Any, target: Any, tokenizer: Any, prompts: list[str], spe
             produced = 0
             while produced < spec.max_new_tokens:
                 k = min(spec.draft_tokens, spec.max_new_tokens - produced)
-                proposal = draft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=k,
-                                          min_new_tokens=k, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-                guess = proposal[0, ids.shape[1]:]
-                logits = target(input_ids=proposal).logits[0, ids.shape[1] - 1:-1]
+                proposal = draft.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=k,
+                    min_new_tokens=k,
+                    do_sample=False,
+                    pad_token_id=tokenizer.eos_token_id,
+                )
+                guess = proposal[0, ids.shape[1] :]
+                logits = target(input_ids=proposal).logits[0, ids.shape[1] - 1 : -1]
                 truth = logits.argmax(-1)
                 n = int((guess == truth).long().cumprod(0).sum())  # accepted prefix
                 drafted += len(guess)
                 accepted += n
-                step = torch.cat([guess[:n], truth[n:n + 1]]) if n < len(guess) else guess
+                step = torch.cat([guess[:n], truth[n : n + 1]]) if n < len(guess) else guess
                 ids = torch.cat([ids, step.unsqueeze(0)], dim=1)
                 produced += len(step)
     return {"spec_acceptance": accepted / max(1, drafted)}

@@ -23,14 +23,24 @@ def quantize_bitsandbytes(req: QuantizeRequest) -> QuantizeResult:
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(req.model_dir, dtype=dtype, device_map=device,
-                                                 trust_remote_code=req.trust_remote_code,
-                                                 quantization_config=req.method.quantization_config(device))
+    model = AutoModelForCausalLM.from_pretrained(
+        req.model_dir,
+        dtype=dtype,
+        device_map=device,
+        trust_remote_code=req.trust_remote_code,
+        quantization_config=req.method.quantization_config(device),
+    )
     t1 = time.perf_counter()
     model.save_pretrained(req.out_dir)
     tokenizer.save_pretrained(req.out_dir)
     recipe = yaml_recipe(req.method, "bitsandbytes")
     (Path(req.out_dir) / "recipe.yaml").write_text(recipe)
-    return QuantizeResult(out_dir=req.out_dir, device=device, seconds_load=0.0, seconds_oneshot=t1 - t0,
-                          seconds_save=time.perf_counter() - t1, recipe=recipe,
-                          notes=["bitsandbytes quantized the weights at load (data-free)"])
+    return QuantizeResult(
+        out_dir=req.out_dir,
+        device=device,
+        seconds_load=0.0,
+        seconds_oneshot=t1 - t0,
+        seconds_save=time.perf_counter() - t1,
+        recipe=recipe,
+        notes=["bitsandbytes quantized the weights at load (data-free)"],
+    )

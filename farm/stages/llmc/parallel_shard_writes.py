@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from farm.stages.swap import swapped
+from farm.stages.llmc.swap import swapped
 
 CHUNK = 64 << 20  # bytes per pinned staging buffer (two per shard being written)
 
@@ -28,10 +28,23 @@ CHUNK = 64 << 20  # bytes per pinned staging buffer (two per shard being written
 def dtypes() -> dict[Any, str]:
     import torch
 
-    return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-            torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-            torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
+    return {
+        torch.float64: "F64",
+        torch.float32: "F32",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.int64: "I64",
+        torch.int32: "I32",
+        torch.int16: "I16",
+        torch.int8: "I8",
+        torch.uint8: "U8",
+        torch.bool: "BOOL",
+        torch.float8_e4m3fn: "F8_E4M3",
+        torch.float8_e5m2: "F8_E5M2",
+        torch.uint16: "U16",
+        torch.uint32: "U32",
+        torch.uint64: "U64",
+    }
 
 
 def header(tensors: dict[str, Any], metadata: dict[str, str] | None) -> tuple[bytes, list[str]]:
@@ -78,9 +91,9 @@ def write_shard(tensors: dict[str, Any], filename: str, metadata: dict[str, str]
                 staging = [torch.empty(CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
             stream = torch.cuda.current_stream(raw.device)
             for start in range(0, raw.numel(), CHUNK):
-                piece = raw[start:start + CHUNK]
+                piece = raw[start : start + CHUNK]
                 held = pending is not None and pending[0].data_ptr() == staging[0].data_ptr()
-                target = staging[1 if held else 0][:piece.numel()]
+                target = staging[1 if held else 0][: piece.numel()]
                 target.copy_(piece, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(stream)
@@ -95,7 +108,8 @@ def parallel_shard_writes(workers: int = 4, route: Callable[[str], str | None] |
     (safetensors' writer for a dtype it does not cover). The block ends only when every shard is on disk; a
     failed write raises, and one that fails the block still waits for the writes in flight. Pinned memory
     goes back to the system at the end (a worker process lives on for other variants). `route` maps a shard's
-    file name to where this process writes it, or None: not here (another rank writes it, stages/ranksave.py)."""
+    file name to where this process writes it, or None: not here (another rank writes it,
+    stages/distributed/split_save.py)."""
     from transformers import modeling_utils
 
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="farm-shard")

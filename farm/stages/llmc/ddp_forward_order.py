@@ -20,11 +20,12 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from farm.stages.swap import swapped
+from farm.stages.llmc.swap import swapped
 
 
-def schedule(order: Sequence[Hashable], owner: dict[Any, int], rank: int,
-             batches: Sequence[Sequence[Hashable]]) -> list[tuple[str, Any]]:
+def schedule(
+    order: Sequence[Hashable], owner: dict[Any, int], rank: int, batches: Sequence[Sequence[Hashable]]
+) -> list[tuple[str, Any]]:
     """This rank's steps, pure: ("solve", batch) before the first module of each of its own batches, then
     ("send", module) for every module in forward `order` (the same sequence of collectives on every rank)."""
     first: dict[Any, list[Any]] = {}
@@ -76,14 +77,26 @@ class Pending:
     def note(self) -> str | None:
         if not self.layers:
             return None
-        how = (f"{self.sent} modules' results broadcast in forward order, each waited for where first used"
-               if self.sent else "nothing broadcast (the ranks share one host copy)")
-        return (f"distributed GPTQ, {self.layers} layers solved in forward order: {how} (stages/forwardorder.py; "
-                "resources.gptq_broadcast: llmcompressor for upstream's)")
+        how = (
+            f"{self.sent} modules' results broadcast in forward order, each waited for where first used"
+            if self.sent
+            else "nothing broadcast (the ranks share one host copy)"
+        )
+        return (
+            f"distributed GPTQ, {self.layers} layers solved in forward order: {how} (stages/llmc/ddp_forward_order.py; "
+            "resources.gptq_broadcast: llmcompressor for upstream's)"
+        )
 
 
-def exchange(order: Sequence[Any], owner: dict[Any, int], rank: int, batches: Sequence[Sequence[Any]],
-             solve: Callable[[list[Any]], None], tensors: Callable[[Any], list[Any]], pending: Pending) -> None:
+def exchange(
+    order: Sequence[Any],
+    owner: dict[Any, int],
+    rank: int,
+    batches: Sequence[Sequence[Any]],
+    solve: Callable[[list[Any]], None],
+    tensors: Callable[[Any], list[Any]],
+    pending: Pending,
+) -> None:
     """Run this rank's `schedule`: `solve` its batches, post each module's `tensors` as broadcasts from its
     owner (async: the host goes on), each waited for where the module is next called."""
     import torch.distributed as dist
@@ -113,7 +126,8 @@ def compress_in_forward_order(modifier: Any, pending: Pending) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     hessians = modifier._hessians
     module_list, rank_to_modules, module_to_rank = greedy_bin_packing(
-        list(hessians), world, item_weight_fn=lambda m: hessians[m].shape[0])
+        list(hessians), world, item_weight_fn=lambda m: hessians[m].shape[0]
+    )
     modifier._reduce_hessian_to_target_rank(module_list, module_to_rank)
     position = {m: i for i, m in enumerate(modifier._module_names)}
     order = sorted(module_list, key=lambda m: position.get(m, len(position)))
@@ -156,8 +170,10 @@ def forward_ordered() -> Iterator[Pending]:
 
         return on_calibration_end
 
-    with swapped(GPTQModifier, "compress_modules", make_compress, "forward-ordered GPTQ broadcasts"), \
-            swapped(GPTQModifier, "on_calibration_end", make_end, "forward-ordered GPTQ broadcasts"):
+    with (
+        swapped(GPTQModifier, "compress_modules", make_compress, "forward-ordered GPTQ broadcasts"),
+        swapped(GPTQModifier, "on_calibration_end", make_end, "forward-ordered GPTQ broadcasts"),
+    ):
         try:
             yield pending
         except BaseException:

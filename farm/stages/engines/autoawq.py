@@ -21,8 +21,13 @@ from farm.calibration import draw
 from farm.methods.awq import AWQConfig
 from farm.stages.quantize import QuantizeRequest, QuantizeResult
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 def legacy_view(model_dir: str, into: Path) -> Path:
@@ -69,19 +74,38 @@ def quantize_autoawq(req: QuantizeRequest) -> dict[str, Any]:
         windows = draw(cal.source, tokenizer, cal.num_samples, cal.max_seq_length, cal.seed)
         model = AutoAWQForCausalLM.from_pretrained(str(view), device_map=device)
         t1 = time.perf_counter()
-        model.quantize(tokenizer, quant_config=method.autoawq_config(), calib_data=windows,
-                       max_calib_samples=len(windows), max_calib_seq_len=cal.max_seq_length)
+        model.quantize(
+            tokenizer,
+            quant_config=method.autoawq_config(),
+            calib_data=windows,
+            max_calib_samples=len(windows),
+            max_calib_seq_len=cal.max_seq_length,
+        )
         t2 = time.perf_counter()
         model.save_quantized(req.out_dir)
     for name in TOKENIZER_FILES:  # the base's own tokenizer files, as current transformers wrote them
         if (Path(req.model_dir) / name).exists():
             shutil.copy(Path(req.model_dir) / name, Path(req.out_dir) / name)
-    recipe = yaml.safe_dump({"autoawq": {"quant_config": method.autoawq_config(), "version": awq.__version__,
-                                         "transformers": transformers.__version__}}, sort_keys=True)
+    recipe = yaml.safe_dump(
+        {
+            "autoawq": {
+                "quant_config": method.autoawq_config(),
+                "version": awq.__version__,
+                "transformers": transformers.__version__,
+            }
+        },
+        sort_keys=True,
+    )
     (Path(req.out_dir) / "recipe.yaml").write_text(recipe)
-    return {"out_dir": req.out_dir, "device": device, "seconds_load": t1 - t0, "seconds_oneshot": t2 - t1,
-            "seconds_save": time.perf_counter() - t2, "recipe": recipe,
-            "notes": [f"backend autoawq {awq.__version__} (GEMM format, transformers {transformers.__version__})"]}
+    return {
+        "out_dir": req.out_dir,
+        "device": device,
+        "seconds_load": t1 - t0,
+        "seconds_oneshot": t2 - t1,
+        "seconds_save": time.perf_counter() - t2,
+        "recipe": recipe,
+        "notes": [f"backend autoawq {awq.__version__} (GEMM format, transformers {transformers.__version__})"],
+    }
 
 
 def as_result(fields: dict[str, Any]) -> QuantizeResult:

@@ -3,7 +3,7 @@
 Every rank calibrates and propagates its own samples through each layer, but each module's GPTQ solve runs on
 one owner rank (llm-compressor packs modules onto ranks greedily by Hessian size). On an 8B Llama over 4 ranks
 rank 0 owns down_proj alone, whose solve (~0.08-0.1 s) outweighs the others' two small modules; with results
-waited for only where used (stages/forwardorder.py) the other ranks propagate meanwhile, so the layer's
+waited for only where used (stages/llmc/ddp_forward_order.py) the other ranks propagate meanwhile, so the layer's
 critical path is rank 0's solve plus its own samples. Giving each rank `T - solve_r` samples (water-filling,
 in sample-equivalents) evens the ranks' work per layer. Hessians are sums over samples divided by the total
 count, so an uneven split computes the same GPTQ problem.
@@ -77,4 +77,3 @@ def shares(config: Mapping[str, Any], num_samples: int, seq_len: int, world: int
         r = max(range(world), key=lambda r: counts[r])
         counts[r] -= 1
     return tuple(counts)
-

@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from farm.stages.shardio import dtypes
-from farm.stages.swap import swapped
+from farm.stages.llmc.parallel_shard_writes import dtypes
+from farm.stages.llmc.swap import swapped
 
 
 def tensor_bytes(file: Path) -> dict[str, int]:
@@ -148,4 +148,3 @@ def dispatch_replica(model: Any, device: str) -> None:
 
     with as_single_threaded():
         set_onload_device(model, torch.device(device))
-

@@ -1,5 +1,6 @@
-"""A scoped replacement of one llm-compressor function: how farm's GPU speed-ups (stages/hessian.py,
-stages/factor.py, stages/leftgptq.py) hook into oneshot without forking it. `taken_over` is the common form: the
+"""A scoped replacement of one llm-compressor function: how farm's GPU speed-ups (stages/llmc/hessian_tensor_cores.py,
+stages/llmc/gptq_one_cholesky.py, stages/llmc/gptq_left_looking.py) hook into oneshot without forking it. `taken_over`
+is the common form: the
 calls a speed-up covers go to it and are counted for the run's notes (`Tally`), the others to upstream.
 
 The replacement is set for one block and restored on exit, also on error. When upstream no longer has the
@@ -14,6 +15,8 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from farm.stages.llmc import registry
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,9 @@ def swapped(module: Any, name: str, make: Callable[[Any], Any], what: str) -> It
     original = getattr(module, name, None)
     if original is None:
         log.warning("llm-compressor no longer has %s.%s; %s is off", module.__name__, name, what)
+        yield False
+        return
+    if not registry.guard(module, name, original):  # an unchecked upstream version or signature: upstream runs
         yield False
         return
     setattr(module, name, make(original))
@@ -80,8 +86,15 @@ class Tally:
 
 
 @contextlib.contextmanager
-def taken_over(module: Any, name: str, covers: Callable[..., bool], replacement: Callable[..., Any], what: str,
-               line: str, count: Callable[..., int] = lambda *args, **kwargs: 1) -> Iterator[Tally]:
+def taken_over(
+    module: Any,
+    name: str,
+    covers: Callable[..., bool],
+    replacement: Callable[..., Any],
+    what: str,
+    line: str,
+    count: Callable[..., int] = lambda *args, **kwargs: 1,
+) -> Iterator[Tally]:
     """Within the block, calls of `module.name` that `covers` go to `replacement` (counted by `count`, for
     the note); all others to the original. `covers` and `count` take the call's arguments under upstream's
     parameter names (llm-compressor passes some by keyword)."""

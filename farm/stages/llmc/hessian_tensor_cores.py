@@ -12,7 +12,7 @@ whose partial Hessians are added in fp32: 1.1e-5, as close to float64 as llm-com
 (llm-compressor's own batch-order change: 0.0006%; 256-token chunks: +0.002%); the format and recipe are
 unchanged. `resources.gptq_hessian: fp32` keeps llm-compressor's function for a job.
 
-Scoped (stages/swap.py): `tensor_core_hessians()` swaps the function GPTQModifier's hook calls for the
+Scoped (stages/llmc/swap.py): `tensor_core_hessians()` swaps the function GPTQModifier's hook calls for the
 duration of one oneshot and restores it; anything it does not cover (fp32 activations, CPU tensors, Conv
 layers) goes to llm-compressor's own function.
 """
@@ -23,7 +23,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from farm.stages.swap import Tally, taken_over
+from farm.stages.llmc.swap import Tally, taken_over
 
 
 def gram_fp32(x: Any) -> Any:
@@ -39,8 +39,13 @@ def covers(inp: Any, module: Any, hessian: Any) -> bool:
     """The cases the tensor-core path handles; everything else keeps llm-compressor's function."""
     import torch
 
-    return (isinstance(module, torch.nn.Linear) and inp.dtype in (torch.bfloat16, torch.float16)
-            and hessian.dtype == torch.float32 and hessian.is_cuda and inp.dim() >= 2)
+    return (
+        isinstance(module, torch.nn.Linear)
+        and inp.dtype in (torch.bfloat16, torch.float16)
+        and hessian.dtype == torch.float32
+        and hessian.is_cuda
+        and inp.dim() >= 2
+    )
 
 
 # Tokens per tensor-core product; the chunks' sums are added to H in fp32. Measured on an H100 against float64
@@ -57,7 +62,7 @@ def accumulate(inp: Any, hessian: Any, num_samples: Any, chunk: int = CHUNK_TOKE
     x = inp.reshape(-1, inp.shape[-1])
     step = chunk or x.shape[0]
     for start in range(0, x.shape[0], step):
-        hessian.add_(gram_fp32(x[start:start + step]), alpha=2.0)
+        hessian.add_(gram_fp32(x[start : start + step]), alpha=2.0)
     return hessian, num_samples
 
 
@@ -66,10 +71,13 @@ def tensor_core_hessians(chunk: int = CHUNK_TOKENS) -> Iterator[Tally]:
     """Within the block, GPTQModifier accumulates half-precision Linear inputs with `accumulate`."""
     from llmcompressor.modifiers.gptq import base
 
-    with taken_over(base, "accumulate_hessian",
-                    lambda inp, module, hessian, num_samples: covers(inp, module, hessian),
-                    lambda inp, module, hessian, num_samples: accumulate(inp, hessian, num_samples, chunk=chunk),
-                    "tensor-core Hessians", "GPTQ Hessians on tensor cores: {n} batch accumulations, bf16 products "
-                    f"summed in fp32 in {chunk}-token chunks (resources.gptq_hessian: fp32 for llm-compressor's)"
-                    ) as tally:
+    with taken_over(
+        base,
+        "accumulate_hessian",
+        lambda inp, module, hessian, num_samples: covers(inp, module, hessian),
+        lambda inp, module, hessian, num_samples: accumulate(inp, hessian, num_samples, chunk=chunk),
+        "tensor-core Hessians",
+        "GPTQ Hessians on tensor cores: {n} batch accumulations, bf16 products "
+        f"summed in fp32 in {chunk}-token chunks (resources.gptq_hessian: fp32 for llm-compressor's)",
+    ) as tally:
         yield tally

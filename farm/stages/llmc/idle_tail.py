@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from farm.stages.swap import swapped
+from farm.stages.llmc.swap import swapped
 
 SCHEME_MODIFIERS = frozenset({"GPTQModifier", "QuantizationModifier"})
 
@@ -57,8 +57,10 @@ class Trimmed:
     def note(self) -> str | None:
         if not self.nodes:
             return None
-        return (f"sequential pipeline: the last subgraph ends at its last quantized module ({self.nodes} graph "
-                "node(s) after it, the unquantized output head, not run)")
+        return (
+            f"sequential pipeline: the last subgraph ends at its last quantized module ({self.nodes} graph "
+            "node(s) after it, the unquantized output head, not run)"
+        )
 
 
 @contextlib.contextmanager

@@ -42,8 +42,14 @@ def _generate(model: Any, ids: Any, new_tokens: int, device: str) -> float:
     _sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.eos_token_id)
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=model.config.eos_token_id,
+        )
     _sync(device)
     return time.perf_counter() - t0
 
@@ -56,8 +62,12 @@ def latency(model: Any, tokenizer: Any, spec: LatencySpec, device: str) -> dict[
     b1 = statistics.median(_generate(model, one, spec.new_tokens, device) for _ in range(spec.repeats))
     many = _prompt_ids(tokenizer, spec.prompt_tokens, device, spec.batch_size)
     bn = _generate(model, many, spec.new_tokens, device)
-    return {"ttft_cold_s": cold, "ttft_warm_s": warm, "tokens_per_s_batch1": spec.new_tokens / b1,
-            f"tokens_per_s_batch{spec.batch_size}": spec.batch_size * spec.new_tokens / bn}
+    return {
+        "ttft_cold_s": cold,
+        "ttft_warm_s": warm,
+        "tokens_per_s_batch1": spec.new_tokens / b1,
+        f"tokens_per_s_batch{spec.batch_size}": spec.batch_size * spec.new_tokens / bn,
+    }
 
 
 @contextlib.contextmanager
@@ -157,6 +167,10 @@ def memory(model: Any, tokenizer: Any, spec: MemorySpec, device: str, new_tokens
 
     max_batch = largest(lambda b: fits(b, spec.context), 1, spec.max_batch)
     max_context = largest(lambda c: fits(1, c), min(64, ceiling), ceiling, step=64)
-    return {"weights_in_memory_bytes": weights, "peak_generation_bytes": generation_peak,
-            f"max_batch_at_{spec.context}": max_batch, "max_context_batch1": max_context,
-            "memory_probes": len(probes)}
+    return {
+        "weights_in_memory_bytes": weights,
+        "peak_generation_bytes": generation_peak,
+        f"max_batch_at_{spec.context}": max_batch,
+        "max_context_batch1": max_context,
+        "memory_probes": len(probes),
+    }

@@ -88,13 +88,31 @@ def quantize_qat(req: QuantizeRequest) -> QuantizeResult:
     t3 = time.perf_counter()
     k = max(1, len(losses) // 10)
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-    notes.append(f"QAT: {method.steps} steps x {method.batch_size} windows of {cal.max_seq_length}; loss "
-                 f"{first:.3f} -> {last:.3f} (mean of first/last {k})")
+    notes.append(
+        f"QAT: {method.steps} steps x {method.batch_size} windows of {cal.max_seq_length}; loss "
+        f"{first:.3f} -> {last:.3f} (mean of first/last {k})"
+    )
     return QuantizeResult(
-        out_dir=req.out_dir, device=device, seconds_load=t1 - t0, seconds_oneshot=t3 - t1, seconds_save=0.0,
-        recipe=recipe, notes=notes, calibration_report=dict(req.report),
-        metrics={"qat.loss_first": first, "qat.loss_last": last, "qat.steps": float(method.steps),
-                 "qat.seconds_train": t2 - t1},
-        documents={"qat_losses.json": {"loss": losses, "steps": method.steps, "batch_size": method.batch_size,
-                                       "learning_rate": method.learning_rate}},
+        out_dir=req.out_dir,
+        device=device,
+        seconds_load=t1 - t0,
+        seconds_oneshot=t3 - t1,
+        seconds_save=0.0,
+        recipe=recipe,
+        notes=notes,
+        calibration_report=dict(req.report),
+        metrics={
+            "qat.loss_first": first,
+            "qat.loss_last": last,
+            "qat.steps": float(method.steps),
+            "qat.seconds_train": t2 - t1,
+        },
+        documents={
+            "qat_losses.json": {
+                "loss": losses,
+                "steps": method.steps,
+                "batch_size": method.batch_size,
+                "learning_rate": method.learning_rate,
+            }
+        },
     )

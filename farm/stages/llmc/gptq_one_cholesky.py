@@ -11,12 +11,13 @@ its whole solve before; q_proj-sized (4096) 14.1 -> 6.3 ms; the factor differs f
 its largest entry (fp32 rounding). In data-parallel GPTQ the largest module's solve is the critical path of every
 layer (one rank owns it while the others wait), so this shortens it directly.
 
-Scoped (stages/swap.py): `one_cholesky_factor()` swaps the function `quantize_weight` calls for one
+Scoped (stages/llmc/swap.py): `one_cholesky_factor()` swaps the function `quantize_weight` calls for one
 oneshot and restores it; CPU and non-fp32 inputs keep llm-compressor's function. Same contract: dead columns
 (zero diagonal) zeroed in the weights, dampening `percdamp * mean(diag)`, a Hessian that is not positive
 definite after dampening gets the identity and is flagged for llm-compressor's round-to-nearest fallback.
-`resources.gptq_inverse: reversed_cholesky` selects it; the default, `left_looking` (stages/leftgptq.py), shares
-`reversed_cholesky` and drops the inverse altogether; `llmcompressor` keeps llm-compressor's function.
+`resources.gptq_inverse: reversed_cholesky` selects it; the default, `left_looking`
+(stages/llmc/gptq_left_looking.py), shares `reversed_cholesky` and drops the inverse altogether;
+`llmcompressor` keeps llm-compressor's function.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from farm.stages.swap import Tally, taken_over
+from farm.stages.llmc.swap import Tally, taken_over
 
 
-def reversed_cholesky(weights: Any, hessians: Any, percdamp: float, used_rtn_fallback: Any,
-                      finish: Callable[[Any], Any]) -> Any:
+def reversed_cholesky(
+    weights: Any, hessians: Any, percdamp: float, used_rtn_fallback: Any, finish: Callable[[Any], Any]
+) -> Any:
     """llm-compressor's `factorize_hessian` contract ([batch, rows, n] weights, [batch, n, n] Hessians, both
     modified in place: dead columns zeroed in the weights, `percdamp * mean(diag)` dampening, a Hessian that is
     not positive definite gets the identity and is flagged for round-to-nearest); each Hessian becomes
@@ -78,9 +80,14 @@ def one_cholesky_factor(cpu: bool = False) -> Iterator[Tally]:
     (`cpu=True`: CPU ones too, which is how CI checks GPTQ's objective with it)."""
     from llmcompressor.modifiers.gptq import gptq_quantize
 
-    with taken_over(gptq_quantize, "factorize_hessian",
-                    lambda weights, hessians, *_, **__: covers(weights, hessians, cpu), upper_inverse_factor,
-                    "the one-Cholesky GPTQ factor", "GPTQ inverse-Hessian factors from one Cholesky each: {n} "
-                    "(resources.gptq_inverse: llmcompressor for its three factorisations)",
-                    count=lambda weights, hessians, *_, **__: hessians.shape[0]) as tally:
+    with taken_over(
+        gptq_quantize,
+        "factorize_hessian",
+        lambda weights, hessians, *_, **__: covers(weights, hessians, cpu),
+        upper_inverse_factor,
+        "the one-Cholesky GPTQ factor",
+        "GPTQ inverse-Hessian factors from one Cholesky each: {n} "
+        "(resources.gptq_inverse: llmcompressor for its three factorisations)",
+        count=lambda weights, hessians, *_, **__: hessians.shape[0],
+    ) as tally:
         yield tally

@@ -14,6 +14,8 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
+from farm.stages.llmc import registry
+
 log = logging.getLogger(__name__)
 
 
@@ -45,6 +47,9 @@ def cpu_safe_pinning() -> Iterator[PinningGuard]:
     original = getattr(IntermediatesCache, "pin_memory", None)
     if original is None:
         log.warning("llm-compressor no longer has IntermediatesCache.pin_memory; CPU pinning guard not needed")
+        yield PinningGuard(False)
+        return
+    if not registry.guard(IntermediatesCache, "pin_memory", original):
         yield PinningGuard(False)
         return
     guard = PinningGuard(True)

@@ -16,8 +16,8 @@ from typing import Any
 from farm.calibration import heldout_windows, read_text
 from farm.methods.precision import Grid, Layer
 from farm.sources import cache_root
+from farm.stages.engines.fakequant import round_to_grid
 from farm.stages.evaluate import perplexity
-from farm.stages.fakequant import round_to_grid
 from farm.stages.modelio import load_model, load_tokenizer, pick_device
 
 _LAYER = re.compile(r"^(?P<prefix>.*\blayers)\.(?P<index>\d+)$")
@@ -36,15 +36,26 @@ class Profile:
     cached: bool = False  # read back from FARM_CACHE instead of measured now
 
     def to_json(self) -> dict[str, Any]:
-        return {"grid": {"bits": self.grid.bits, "group_size": self.grid.group_size},
-                "base_perplexity": self.base_perplexity, "tokens": self.tokens,
-                "layers": {str(i): d for i, d in sorted(self.layers.items())}, "extra": self.extra,
-                "seconds": self.seconds}
+        return {
+            "grid": {"bits": self.grid.bits, "group_size": self.grid.group_size},
+            "base_perplexity": self.base_perplexity,
+            "tokens": self.tokens,
+            "layers": {str(i): d for i, d in sorted(self.layers.items())},
+            "extra": self.extra,
+            "seconds": self.seconds,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Profile:
-        return cls(Grid(d["grid"]["bits"], d["grid"]["group_size"]), d["base_perplexity"], d["tokens"],
-                   {int(i): float(x) for i, x in d["layers"].items()}, dict(d["extra"]), d["seconds"], cached=True)
+        return cls(
+            Grid(d["grid"]["bits"], d["grid"]["group_size"]),
+            d["base_perplexity"],
+            d["tokens"],
+            {int(i): float(x) for i, x in d["layers"].items()},
+            dict(d["extra"]),
+            d["seconds"],
+            cached=True,
+        )
 
     def metrics(self) -> dict[str, float]:
         out = {f"sensitivity.layer_{i:03d}": d for i, d in self.layers.items()}
@@ -62,8 +73,9 @@ def decoder_layers(model: Any) -> list[Layer]:
             continue
         linears = [(sub, mod) for sub, mod in module.named_modules() if isinstance(mod, torch.nn.Linear) and sub]
         if linears:
-            found[int(m["index"])] = Layer(int(m["index"]), tuple(s for s, _ in linears),
-                                           sum(mod.weight.numel() for _, mod in linears))
+            found[int(m["index"])] = Layer(
+                int(m["index"]), tuple(s for s, _ in linears), sum(mod.weight.numel() for _, mod in linears)
+            )
     return [found[i] for i in sorted(found)]
 
 
@@ -89,15 +101,18 @@ def profile_model(model: Any, windows: list[list[int]], grid: Grid, device: str)
 
     layers = decoder_layers(model)
     prefix = {int(m["index"]): m["prefix"] for n, _ in model.named_modules() if (m := _LAYER.match(n))}
-    deltas = {layer.index: _with_rounded(model, [f"{prefix[layer.index]}.{layer.index}.{s}" for s in layer.linears],
-                                         grid, score) for layer in layers}
+    deltas = {
+        layer.index: _with_rounded(
+            model, [f"{prefix[layer.index]}.{layer.index}.{s}" for s in layer.linears], grid, score
+        )
+        for layer in layers
+    }
     extra: dict[str, float] = {}
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     names = {id(mod): n for n, mod in model.named_modules()}
     if inp is not None and id(inp) in names:
         tied = out is not None and out.weight is inp.weight
-        extra["embeddings_tied_lm_head" if tied else "embeddings"] = _with_rounded(model, [names[id(inp)]], grid,
-                                                                                   score)
+        extra["embeddings_tied_lm_head" if tied else "embeddings"] = _with_rounded(model, [names[id(inp)]], grid, score)
         if out is not None and not tied and id(out) in names:
             extra["lm_head"] = _with_rounded(model, [names[id(out)]], grid, score)
     return Profile(grid, base, tokens, deltas, extra, time.perf_counter() - t0)
@@ -114,8 +129,9 @@ def profile_cached(model: Any, model_dir: str, windows: list[list[int]], grid: G
     minutes of perplexity passes on a CPU, and the same base is profiled again by `farm sensitivity`, by a mixed
     variant with another budget, by a re-run."""
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(model_dir).glob("*.safetensors"))
-    key = hashlib.sha256(json.dumps([str(Path(model_dir).resolve()), files, [grid.bits, grid.group_size],
-                                     windows]).encode()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps([str(Path(model_dir).resolve()), files, [grid.bits, grid.group_size], windows]).encode()
+    ).hexdigest()
     path = cache_root() / "sensitivity" / f"{key[:32]}.json"
     if path.exists():
         return Profile.from_json(json.loads(path.read_text()))
@@ -127,8 +143,9 @@ def profile_cached(model: Any, model_dir: str, windows: list[list[int]], grid: G
     return prof
 
 
-def measure(model_dir: str, source: str, grid: Grid, tokens: int = 4096, seq_len: int = 512,
-            trust_remote_code: bool = False) -> Profile:
+def measure(
+    model_dir: str, source: str, grid: Grid, tokens: int = 4096, seq_len: int = 512, trust_remote_code: bool = False
+) -> Profile:
     """Load a checkpoint and profile it on `source` (the `farm sensitivity` command's stage)."""
     device = pick_device()
     tokenizer = load_tokenizer(model_dir, trust_remote_code)

@@ -40,7 +40,15 @@ def accuracy(model: Any, tokenizer: Any, spec: TasksSpec, device: str) -> dict[s
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size, device=device)
     with tempfile.TemporaryDirectory(prefix="farm-tasks-") as tmp:
         include = [str(_task_dir(spec, Path(tmp)))] + ([spec.include_path] if spec.include_path else [])
-        results = lm_eval.simple_evaluate(model=lm, tasks=list(spec.names), limit=spec.limit,
-                                          task_manager=TaskManager(include_path=include), log_samples=False,
-                                          bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(spec.names),
+            limit=spec.limit,
+            task_manager=TaskManager(include_path=include),
+            log_samples=False,
+            bootstrap_iters=0,
+            random_seed=0,
+            numpy_random_seed=0,
+            torch_random_seed=0,
+        )
     return {"metrics": primary(results["results"]), "results": results["results"]}

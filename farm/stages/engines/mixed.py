@@ -12,10 +12,10 @@ from typing import Any
 
 from farm.methods.mixed import MixedConfig
 from farm.methods.precision import Search, predicted_upgrades, quantized_bytes, rank_layers, smallest_meeting
+from farm.stages.engines.sensitivity import decoder_layers, probe_windows, profile_cached
 from farm.stages.evaluate import perplexity
 from farm.stages.modelio import load_model, load_tokenizer, pick_device
 from farm.stages.quantize import QuantizeRequest, QuantizeResult, _dataset, calibrate, save
-from farm.stages.sensitivity import decoder_layers, probe_windows, profile_cached
 
 
 def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
@@ -57,15 +57,21 @@ def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
     if method.high_layers is not None:
         unknown = sorted(set(method.high_layers) - set(order))
         if unknown:
-            raise ValueError(f"high_layers {unknown} are not decoder layers of this model "
-                             f"(it has {order and min(order)}..{order and max(order)})")
+            raise ValueError(
+                f"high_layers {unknown} are not decoder layers of this model "
+                f"(it has {order and min(order)}..{order and max(order)})"
+            )
         fixed = sorted(set(method.high_layers))
         order = fixed + [i for i in order if i not in fixed]
         delta = probe(len(fixed), keep=True)
         search = Search(len(fixed), delta <= method.budget, {len(fixed): delta})
     else:
-        search = smallest_meeting(probe, len(order), method.budget,
-                                  guess=lambda d0: predicted_upgrades(profile.layers, order, d0, method.budget))
+        search = smallest_meeting(
+            probe,
+            len(order),
+            method.budget,
+            guess=lambda d0: predicted_upgrades(profile.layers, order, d0, method.budget),
+        )
     t2 = time.perf_counter()
     chosen = sorted(order[: search.upgraded])
     size = quantized_bytes(layers, set(chosen), low, high)
@@ -75,22 +81,46 @@ def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
         notes.append(f"budget {method.budget:g} not met even with every layer at {high.bits} bits")
     if profile.cached:
         notes.append("sensitivity profile reused from FARM_CACHE (same checkpoint, grid and probe tokens)")
-    notes.append(f"mixed precision: {len(chosen)} of {len(layers)} decoder layers at {high.bits} bits "
-                 f"({', '.join(map(str, chosen)) or 'none'}); {len(search.probes)} probe quantizations")
-    search_doc = {"order": order, "high_layers": chosen, "budget": method.budget, "met": search.met,
-                  "probes": [{"upgraded": k, "high_layers": sorted(order[:k]), "perplexity_delta": d,
-                              "quantized_bytes": quantized_bytes(layers, set(order[:k]), low, high)}
-                             for k, d in sorted(search.probes.items())],
-                  "base_perplexity_on_probe": profile.base_perplexity, "probe_tokens": profile.tokens}
+    notes.append(
+        f"mixed precision: {len(chosen)} of {len(layers)} decoder layers at {high.bits} bits "
+        f"({', '.join(map(str, chosen)) or 'none'}); {len(search.probes)} probe quantizations"
+    )
+    search_doc = {
+        "order": order,
+        "high_layers": chosen,
+        "budget": method.budget,
+        "met": search.met,
+        "probes": [
+            {
+                "upgraded": k,
+                "high_layers": sorted(order[:k]),
+                "perplexity_delta": d,
+                "quantized_bytes": quantized_bytes(layers, set(order[:k]), low, high),
+            }
+            for k, d in sorted(search.probes.items())
+        ],
+        "base_perplexity_on_probe": profile.base_perplexity,
+        "probe_tokens": profile.tokens,
+    }
     t3 = time.perf_counter()
     return QuantizeResult(
-        out_dir=req.out_dir, device=device, seconds_load=t1 - t0, seconds_oneshot=t2 - t1, seconds_save=t3 - t2,
-        recipe=kept["recipe"], notes=notes, calibration_report=dict(req.report),
-        metrics={"mixed.high_layers": float(len(chosen)), "mixed.decoder_layers": float(len(layers)),
-                 "mixed.avg_weight_bits": 8 * size / params, "mixed.size_vs_uniform_low": size / uniform,
-                 "mixed.probe_perplexity_delta": search.probes.get(search.upgraded, float("nan")),
-                 "mixed.probes": float(len(search.probes)), "sensitivity.seconds": profile.seconds,
-                 **profile.metrics()},
+        out_dir=req.out_dir,
+        device=device,
+        seconds_load=t1 - t0,
+        seconds_oneshot=t2 - t1,
+        seconds_save=t3 - t2,
+        recipe=kept["recipe"],
+        notes=notes,
+        calibration_report=dict(req.report),
+        metrics={
+            "mixed.high_layers": float(len(chosen)),
+            "mixed.decoder_layers": float(len(layers)),
+            "mixed.avg_weight_bits": 8 * size / params,
+            "mixed.size_vs_uniform_low": size / uniform,
+            "mixed.probe_perplexity_delta": search.probes.get(search.upgraded, float("nan")),
+            "mixed.probes": float(len(search.probes)),
+            "sensitivity.seconds": profile.seconds,
+            **profile.metrics(),
+        },
         documents={"sensitivity.json": profile.to_json(), "mixed_search.json": search_doc},
     )
-

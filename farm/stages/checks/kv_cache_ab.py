@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from farm.spec import KVCacheSpec
-from farm.stages.behaviour import chat_text, similarity
+from farm.stages.checks.behaviour import chat_text, similarity
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -45,9 +45,14 @@ def converse(model: Any, tokenizer: Any, spec: KVCacheSpec, device: str, cache_c
         enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
         kwargs = {"past_key_values": cache_cls(config=model.config)} if cache_cls else {}
         with torch.inference_mode():
-            ids = model.generate(**enc, max_new_tokens=spec.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.eos_token_id, **kwargs)
-        reply = tokenizer.decode(ids[0][enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            ids = model.generate(
+                **enc,
+                max_new_tokens=spec.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+                **kwargs,
+            )
+        reply = tokenizer.decode(ids[0][enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
         replies.append(reply)
         history.append({"role": "assistant", "content": reply})
     return replies
@@ -59,8 +64,10 @@ def ab(model: Any, tokenizer: Any, spec: KVCacheSpec, device: str) -> dict[str, 
     metrics = {"kv_fp8_exact_match": sum(a == b for a, b in zip(plain, fp8, strict=True)) / len(plain)}
     between = similarity(plain, fp8)
     if between is not None:
-        metrics |= {"kv_fp8_similarity": between,
-                    "kv_coherence_plain": similarity(plain, list(spec.turns)) or 0.0,
-                    "kv_coherence_fp8": similarity(fp8, list(spec.turns)) or 0.0}
+        metrics |= {
+            "kv_fp8_similarity": between,
+            "kv_coherence_plain": similarity(plain, list(spec.turns)) or 0.0,
+            "kv_coherence_fp8": similarity(fp8, list(spec.turns)) or 0.0,
+        }
     transcript = [{"user": u, "plain_cache": a, "fp8_cache": b} for u, a, b in zip(spec.turns, plain, fp8, strict=True)]
     return {"metrics": metrics, "transcript": transcript}

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from farm.stages.swap import swapped
+from farm.stages.llmc.swap import swapped
 
 SHARD_NAME = re.compile(r".*-(\d+)-of-(\d+)\.safetensors$")
 
@@ -74,8 +74,10 @@ def shards_split_over_ranks(model: Any, out_dir: str | Path) -> Iterator[Callabl
 
     from llmcompressor.transformers.compression import compressed_tensors_utils
 
-    with swapped(compressed_tensors_utils, "is_source_process", lambda _: lambda: True, "split shard writes") as on, \
-            every_rank_saves(model):
+    with (
+        swapped(compressed_tensors_utils, "is_source_process", lambda _: lambda: True, "split shard writes") as on,
+        every_rank_saves(model),
+    ):
         yield route if on else None
     # The block's shard writes are on disk on this rank (`parallel_shard_writes` waits for them inside it); rank
     # 0 goes on to hash and evaluate the checkpoint only once every rank's are.

@@ -1,7 +1,8 @@
 """GPTQ's column loop in left-looking form: the Cholesky factor of H is all it needs, no inverse.
 
 llm-compressor (right-looking, GPTQ paper section 3.4) needs U, the upper Cholesky factor of H^-1, in full: after
-each block of 128 columns it subtracts Err_B U[B, later] from every later column. farm's `stages/factor.py`
+each block of 128 columns it subtracts Err_B U[B, later] from every later column. farm's
+`stages/llmc/gptq_one_cholesky.py`
 already gets U from one Cholesky plus a triangular inverse; the inverse can go too. With V = U^-1 (upper,
 H = V V^T, i.e. V = J M J for J H J = M M^T) and D = W - Q the columns already quantized, GPTQ's recurrence
 W - Q = E U gives, for block B,
@@ -18,8 +19,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from farm.stages.factor import covers, reversed_cholesky
-from farm.stages.swap import Tally, taken_over
+from farm.stages.llmc.gptq_one_cholesky import covers, reversed_cholesky
+from farm.stages.llmc.swap import Tally, taken_over
 
 
 def hessian_factor(weights: Any, hessians: Any, percdamp: float, used_rtn_fallback: Any) -> Any:
@@ -28,8 +29,16 @@ def hessian_factor(weights: Any, hessians: Any, percdamp: float, used_rtn_fallba
     return reversed_cholesky(weights, hessians, percdamp, used_rtn_fallback, lambda lower: lower.flip(0, 1))
 
 
-def left_looking_quantize_weight(weights: Any, hessians: Any, scale: Any, zero_point: Any, global_scale: Any,
-                                 quant_args: Any, blocksize: int = 128, percdamp: float = 0.01) -> tuple[Any, Any, Any]:
+def left_looking_quantize_weight(
+    weights: Any,
+    hessians: Any,
+    scale: Any,
+    zero_point: Any,
+    global_scale: Any,
+    quant_args: Any,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[Any, Any, Any]:
     """llm-compressor's `quantize_weight` contract ([batch, rows, columns] weights, [batch, columns, columns]
     normalised Hessians; returns quantized weights, per-batch losses and round-to-nearest flags)."""
     import torch
@@ -52,8 +61,9 @@ def left_looking_quantize_weight(weights: Any, hessians: Any, scale: Any, zero_p
     return unpermute(Q, perm).to(final_dtype), losses, used_rtn_fallback
 
 
-def column_loop(W: Any, V: Any, scale: Any, zero_point: Any, global_scale: Any, g_idx: Any, quant_args: Any,
-                blocksize: int = 128) -> tuple[Any, Any]:
+def column_loop(
+    W: Any, V: Any, scale: Any, zero_point: Any, global_scale: Any, g_idx: Any, quant_args: Any, blocksize: int = 128
+) -> tuple[Any, Any]:
     """GPTQ's pass over the columns, 128 at a time, for [batch, rows, columns] fp32 weights (permuted and
     dead columns zeroed, as `V` was factored); W becomes D = W - Q. Returns Q and each batch entry's loss summed
     over its rows. Rows are independent here: any subset of rows, with its scales, gives those rows' result."""
@@ -72,8 +82,19 @@ def column_loop(W: Any, V: Any, scale: Any, zero_point: Any, global_scale: Any, 
         if i1:
             W1.baddbmm_(W[:, :, :i1], torch.bmm(V[:, :i1, i1:i2], u_bb))
         Q1, Err1, losses1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
-        gptq_block_update(W1, u_bb, Q1, Err1, losses1, scale=scale, zero_point=zero_point,
-                          global_scale=global_scale, g_idx=g_idx, quant_args=quant_args, i1=i1)
+        gptq_block_update(
+            W1,
+            u_bb,
+            Q1,
+            Err1,
+            losses1,
+            scale=scale,
+            zero_point=zero_point,
+            global_scale=global_scale,
+            g_idx=g_idx,
+            quant_args=quant_args,
+            i1=i1,
+        )
         Q[:, :, i1:i2] = Q1
         W[:, :, i1:i2] -= Q1
         losses += torch.sum(losses1, 2) / 2
@@ -111,9 +132,14 @@ def left_looking_solve(cpu: bool = False) -> Iterator[Tally]:
     ones too, which is how CI checks GPTQ's objective with it); anything else goes to llm-compressor's."""
     from llmcompressor.modifiers.gptq import base
 
-    with taken_over(base, "quantize_weight",
-                    lambda weights, hessians, *_, **__: covers(weights, hessians, cpu), left_looking_quantize_weight,
-                    "the left-looking GPTQ solve", "GPTQ solved left-looking from the Hessian's Cholesky factor "
-                    "alone: {n} modules (resources.gptq_inverse: llmcompressor for llm-compressor's solve)",
-                    count=lambda weights, *_, **__: weights.shape[0]) as tally:
+    with taken_over(
+        base,
+        "quantize_weight",
+        lambda weights, hessians, *_, **__: covers(weights, hessians, cpu),
+        left_looking_quantize_weight,
+        "the left-looking GPTQ solve",
+        "GPTQ solved left-looking from the Hessian's Cholesky factor "
+        "alone: {n} modules (resources.gptq_inverse: llmcompressor for llm-compressor's solve)",
+        count=lambda weights, *_, **__: weights.shape[0],
+    ) as tally:
         yield tally

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from farm.spec import EvaluationSpec
-from farm.stages import behaviour, benchmark
+from farm.stages.checks import behaviour
+from farm.stages.checks import dense_reference as benchmark
 from farm.stages.modelio import load_model, load_tokenizer, pick_device
 
 
@@ -23,12 +24,16 @@ class ChecksResult:
 
 
 def enabled(ev: EvaluationSpec) -> bool:
-    return any((ev.latency, ev.memory, ev.outputs, ev.safety, ev.speculative, ev.tasks, ev.kv_cache,
-                ev.adapters))
+    return any((ev.latency, ev.memory, ev.outputs, ev.safety, ev.speculative, ev.tasks, ev.kv_cache, ev.adapters))
 
 
-def run_checks(model_dir: str, ev: EvaluationSpec, base_dir: str | None = None,
-               trust_remote_code: bool = False, loaded: tuple[Any, Any] | None = None) -> ChecksResult:
+def run_checks(
+    model_dir: str,
+    ev: EvaluationSpec,
+    base_dir: str | None = None,
+    trust_remote_code: bool = False,
+    loaded: tuple[Any, Any] | None = None,
+) -> ChecksResult:
     """`loaded` = (model, tokenizer) already in memory (loaded once for evaluation and checks); call this
     before anything else runs on it, so the cold latency is the first request after load."""
     device = pick_device()
@@ -51,20 +56,23 @@ def run_checks(model_dir: str, ev: EvaluationSpec, base_dir: str | None = None,
         out = timed("outputs", lambda: behaviour.outputs(model, tokenizer, ev.outputs, device))
         res.metrics |= out["metrics"]
         greedy = out["greedy"]
-        res.artifacts["reference_outputs.json"] = {"prompts": ev.outputs.prompts, "greedy": greedy,
-                                                   "sampled_twice": out["sampled"]}
+        res.artifacts["reference_outputs.json"] = {
+            "prompts": ev.outputs.prompts,
+            "greedy": greedy,
+            "sampled_twice": out["sampled"],
+        }
     if ev.safety:
         s = timed("safety", lambda: behaviour.safety(model, tokenizer, ev.safety, device))
         res.metrics |= s["metrics"]
         res.artifacts["safety_transcript.json"] = s["transcript"]
     if ev.tasks:
-        from farm.stages.tasks import accuracy
+        from farm.stages.checks.tasks import accuracy
 
         t = timed("tasks", lambda: accuracy(model, tokenizer, ev.tasks, device))
         res.metrics |= t["metrics"]
         res.artifacts["tasks.json"] = t["results"]
     if ev.kv_cache:
-        from farm.stages.kvcache import ab
+        from farm.stages.checks.kv_cache_ab import ab
 
         kv = timed("kv_cache", lambda: ab(model, tokenizer, ev.kv_cache, device))
         res.metrics |= kv["metrics"]
@@ -79,11 +87,12 @@ def run_checks(model_dir: str, ev: EvaluationSpec, base_dir: str | None = None,
         if ev.speculative:
             prompts = ev.outputs.prompts if ev.outputs else [ev.generation.prompt]
             spec = ev.speculative
-            res.metrics |= timed("speculative", lambda: behaviour.speculative(model, base, tokenizer, prompts, spec,
-                                                                              device))
+            res.metrics |= timed(
+                "speculative", lambda: behaviour.speculative(model, base, tokenizer, prompts, spec, device)
+            )
         del base
     if ev.adapters:  # last: each adapter loads its own dense copy of the checkpoint
-        from farm.stages.adapters import evaluate_adapters
+        from farm.stages.checks.adapters import evaluate_adapters
 
         res.metrics |= evaluate_adapters(model_dir, ev, trust_remote_code)
     return res

@@ -29,8 +29,9 @@ def load_dense(model_dir: str, device: str, trust_remote_code: bool = False) -> 
     if (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
         kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device,
-                                                 trust_remote_code=trust_remote_code, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, device_map=device, trust_remote_code=trust_remote_code, **kwargs
+    )
     return model.eval()
 
 
@@ -72,9 +73,18 @@ def _windows(a: AdapterSpec, ev: EvaluationSpec, tokenizer: Any) -> list[list[in
     return heldout_windows(read_text(a.eval_source or ev.perplexity.source), tokenizer, a.max_tokens, a.seq_len)
 
 
-def train_lora(model_dir: str, text_source: str, out_dir: str, steps: int = 60, rank: int = 8,
-               learning_rate: float = 2e-4, seq_len: int = 256, batch_size: int = 4, seed: int = 0,
-               target_modules: tuple[str, ...] = ("q_proj", "v_proj")) -> dict[str, Any]:
+def train_lora(
+    model_dir: str,
+    text_source: str,
+    out_dir: str,
+    steps: int = 60,
+    rank: int = 8,
+    learning_rate: float = 2e-4,
+    seq_len: int = 256,
+    batch_size: int = 4,
+    seed: int = 0,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+) -> dict[str, Any]:
     """Train a small LoRA adapter on text (next-token loss) and save it with PEFT; returns the loss curve."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -83,14 +93,23 @@ def train_lora(model_dir: str, text_source: str, out_dir: str, steps: int = 60, 
     device = pick_device()
     tokenizer = load_tokenizer(model_dir)
     base = load_dense(model_dir, device)
-    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none",
-                                            target_modules=list(target_modules), task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            lora_dropout=0.0,
+            bias="none",
+            target_modules=list(target_modules),
+            task_type="CAUSAL_LM",
+        ),
+    )
     data = torch.tensor(draw(text_source, tokenizer, steps * batch_size, seq_len, seed))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
     losses = []
     model.train()
     for step in range(steps):
-        batch = data[step * batch_size:(step + 1) * batch_size].to(device)
+        batch = data[step * batch_size : (step + 1) * batch_size].to(device)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         opt.step()
@@ -99,8 +118,17 @@ def train_lora(model_dir: str, text_source: str, out_dir: str, steps: int = 60, 
     if not all(math.isfinite(x) for x in losses):
         raise FloatingPointError("adapter training diverged; lower the learning rate")
     model.save_pretrained(out_dir)
-    info = {"base": Path(model_dir).name, "text": Path(text_source).name, "steps": steps, "rank": rank,
-            "learning_rate": learning_rate, "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
-            "loss_first": losses[0], "loss_last": losses[-1]}
+    info = {
+        "base": Path(model_dir).name,
+        "text": Path(text_source).name,
+        "steps": steps,
+        "rank": rank,
+        "learning_rate": learning_rate,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "seed": seed,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+    }
     (Path(out_dir) / "farm_training.json").write_text(json.dumps(info, indent=1) + "\n")
     return info

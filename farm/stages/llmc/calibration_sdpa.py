@@ -27,12 +27,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from farm.stages.llmc import registry
+
 log = logging.getLogger(__name__)
 
 # transformers model modules whose `eager_attention_forward` is softmax(Q K^T * scaling + mask) V with repeated KV
 # heads and nothing else; others keep eager attention.
-PLAIN_EAGER = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "granite",
-                         "olmo2", "smollm3"})
+PLAIN_EAGER = frozenset(
+    {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "granite", "olmo2", "smollm3"}
+)
 EAGER_ONLY_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "head_mask")
 
 
@@ -74,8 +77,10 @@ class Usage:
         if not self.fused:
             return None
         left = f"; {self.eager} left to eager" if self.eager else ""
-        return (f"calibration attention fused (SDPA with llm-compressor's eager mask): {self.fused} calls{left} "
-                f"(resources.calibration_attention: eager for llm-compressor's)")
+        return (
+            f"calibration attention fused (SDPA with llm-compressor's eager mask): {self.fused} calls{left} "
+            f"(resources.calibration_attention: eager for llm-compressor's)"
+        )
 
 
 @contextlib.contextmanager
@@ -89,20 +94,33 @@ def sdpa_calibration(model: Any) -> Iterator[Usage]:
     if architecture(model) not in PLAIN_EAGER:
         yield usage
         return
+    if not registry.guard_key("transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS.eager"):
+        yield usage
+        return
     if "eager" in ALL_ATTENTION_FUNCTIONS:  # someone already overrides eager: leave theirs alone
         log.warning("transformers' attention registry already overrides 'eager'; calibration keeps it")
         yield usage
         return
 
-    def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
-                  scaling: float | None = None, **kwargs: Any) -> tuple[Any, Any]:
+    def attention(
+        module: Any,
+        query: Any,
+        key: Any,
+        value: Any,
+        attention_mask: Any,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[Any, Any]:
         if fusable(module, dropout, kwargs):
             usage.fused += 1
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling,
-                                          is_causal=False, **kwargs)
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, is_causal=False, **kwargs
+            )
         usage.eager += 1
-        return eager_function(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return eager_function(module)(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
 
     ALL_ATTENTION_FUNCTIONS["eager"] = attention
     try:

@@ -17,8 +17,9 @@ def round_to_grid(weight: Any, grid: Grid) -> Any:
     rows, cols = weight.shape
     w = weight.detach()
     if grid.group_size and cols % grid.group_size == 0:
-        args = QuantizationArgs(num_bits=grid.bits, type="int", symmetric=True, strategy="group",
-                                group_size=grid.group_size)
+        args = QuantizationArgs(
+            num_bits=grid.bits, type="int", symmetric=True, strategy="group", group_size=grid.group_size
+        )
         g = w.reshape(rows, cols // grid.group_size, grid.group_size)
         lo, hi = g.amin(-1), g.amax(-1)
     else:
