@@ -214,10 +214,14 @@ def guard_key(key: str, original: Any = None) -> bool:
 
 def markdown() -> str:
     """The table docs/DESIGN.md holds (a test keeps the two equal)."""
-    rows = ["| replaces | farm | what it does instead | checked on | switch | equivalence test |",
-            "|---|---|---|---|---|---|"]
-    rows += [f"| `{r.key}` | `{r.farm}` | {r.what} | {r.package} {', '.join(r.checked)} | {r.switch} | {r.test} |"
-             for r in REPLACEMENTS]
+    rows = [
+        "| replaces | farm | what it does instead | checked on | switch | equivalence test |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows += [
+        f"| `{r.key}` | `{r.farm}` | {r.what} | {r.package} {', '.join(r.checked)} | {r.switch} | {r.test} |"
+        for r in REPLACEMENTS
+    ]
     return "\n".join(rows)
 
 
