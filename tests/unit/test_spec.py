@@ -118,3 +118,12 @@ def test_ranks_need_whole_gpus(fixture_paths: dict, tmp_path) -> None:
         parse_spec(tiny_spec(fixture_paths, str(tmp_path), resources={"num_gpus": 0.5, "ranks": 2}))
     ok = parse_spec(tiny_spec(fixture_paths, str(tmp_path), resources={"num_gpus": 1, "ranks": 4}))
     assert ok.resources.ranks == 4
+
+
+def test_the_spec_reference_is_generated_from_the_models() -> None:
+    from pathlib import Path
+
+    from farm.spec_reference import render
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "SPEC.md"
+    assert doc.read_text() == render(), "regenerate: python -m farm.spec_reference > docs/SPEC.md"
