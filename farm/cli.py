@@ -40,12 +40,46 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
     print()
     print(table(["variant", "method", "status", "MB", "base ppl", "ppl", "delta", "s", "mlflow run", "artifact"], rows))
+    served = _served_rows(spec, outcome.variants)
+    if served:
+        print("\nas served (vLLM):")
+        print(table(served[0], served[1:]))
     phases = ", ".join(f"{k} {v:.1f}" for k, v in outcome.phases.items())
     print(
         f"\njob {outcome.plan.job_id} in {outcome.seconds:.0f} s ({phases}); tracking {outcome.tracking_uri}, "
         f"parent run {outcome.parent_run_id}"
     )
     return 0 if outcome.ok else 1
+
+
+def _served_rows(spec: Any, variants: Sequence[Any]) -> list[list[Any]]:
+    """The serving check's headline figures per variant: output tokens/s at the lowest and highest concurrency
+    of the first shape, TTFT p50 at the lowest, weights on the GPU; [] when the job has no serving check."""
+    from farm.report import fmt
+    from farm.serving import measure
+
+    ev = spec.evaluation.serving
+    if ev is None:
+        return []
+    shape, low, high = ev.resolved_shapes()[0].name, ev.concurrency[0], ev.concurrency[-1]
+    rows: list[list[Any]] = [
+        ["variant", f"tok/s c{low}", f"tok/s c{high}", f"TTFT p50 c{low} ms", "weights GB", "KV tokens"]
+    ]
+    for o in sorted(variants, key=lambda o: o.variant.label):
+        m = o.metrics
+        ttft = m.get(measure.level_name(shape, low, "ttft_p50_s"))
+        weights = m.get(measure.WEIGHTS)
+        rows.append(
+            [
+                o.variant.label,
+                fmt(m.get(measure.level_name(shape, low, "output_tokens_per_s")), ".0f"),
+                fmt(m.get(measure.level_name(shape, high, "output_tokens_per_s")), ".0f"),
+                fmt(ttft * 1e3 if ttft is not None else None, ".1f"),
+                fmt(weights / 1e9 if weights is not None else None, ".2f"),
+                fmt(m.get(measure.KV_TOKENS), ".0f"),
+            ]
+        )
+    return rows
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

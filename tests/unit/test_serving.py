@@ -271,3 +271,29 @@ def test_the_engine_cores_reason_replaces_the_generic_front_end_error() -> None:
         "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n"
     )
     assert last_error_line(log).startswith("ValueError: Free memory on device cuda:0 (89.89/139.8 GiB)")
+
+
+def test_farm_run_prints_the_served_headline_per_variant() -> None:
+    from types import SimpleNamespace
+
+    from farm.cli import _served_rows
+
+    spec = SimpleNamespace(evaluation=SimpleNamespace(serving=ServingSpec(concurrency=[1, 64])))
+    m = {
+        "serve_default_c1_output_tokens_per_s": 415.2,
+        "serve_default_c64_output_tokens_per_s": 12044.0,
+        "serve_default_c1_ttft_p50_s": 0.0113,
+        measure.WEIGHTS: 3.0e9,
+        measure.KV_TOKENS: 3768608.0,
+    }
+    rows = _served_rows(
+        spec,
+        [
+            SimpleNamespace(variant=SimpleNamespace(label="m/fp8"), metrics=m),
+            SimpleNamespace(variant=SimpleNamespace(label="m/gptq"), metrics={}),
+        ],
+    )
+    assert rows[0][:3] == ["variant", "tok/s c1", "tok/s c64"]
+    assert rows[1] == ["m/fp8", "415", "12044", "11.3", "3.00", "3768608"]
+    assert rows[2][0] == "m/gptq" and rows[2][1] != "415"
+    assert _served_rows(SimpleNamespace(evaluation=SimpleNamespace(serving=None)), []) == []
