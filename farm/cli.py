@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from farm.errors import FarmError, SpecError
+from farm.tracking.names import Tag
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -116,7 +117,6 @@ def _store(args: argparse.Namespace, experiment: str) -> Any:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from farm.report import fmt, table
-    from farm.tracking.mlflow_store import TAG
 
     store = _store(args, args.experiment)
     uri = store.uri
@@ -124,31 +124,31 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise SpecError("compare: give a job id / experiment name, or --model NAME (across jobs)")
     if args.model:
         runs = store.find_runs(
-            [f"tags.`{TAG}role` = 'variant'", f"tags.`{TAG}model` = '{args.model}'"],
+            [f"tags.`{Tag.ROLE}` = 'variant'", f"tags.`{Tag.MODEL}` = '{args.model}'"],
             status="FINISHED",
             experiment_ids=store.all_experiment_ids(),
         )
     else:
         runs = store.runs_of_job(args.job)
-    variants = [r for r in runs if r.tags.get(TAG + "role") == "variant"]
+    variants = [r for r in runs if r.tags.get(Tag.ROLE) == "variant"]
     if not variants:
         raise FarmError(f"no variants found for {args.model or args.job!r} at {uri}")
     rows = [
         [
-            r.tags.get(TAG + "job_id", "")[:8],
-            r.tags.get(TAG + "model"),
-            r.tags.get(TAG + "label"),
+            r.tags.get(Tag.JOB_ID, "")[:8],
+            r.tags.get(Tag.MODEL),
+            r.tags.get(Tag.LABEL),
             r.status,
             fmt(r.metrics.get("weights_bytes", 0) / 1e6, ".1f"),
             fmt(r.metrics.get("base_perplexity"), ".2f"),
             fmt(r.metrics.get("perplexity"), ".2f"),
             fmt(r.metrics.get("perplexity_delta"), "+.2f"),
             fmt(r.metrics.get("seconds_total"), ".0f"),
-            r.tags.get(TAG + "gate", ""),
-            r.tags.get(TAG + "model_version", ""),
+            r.tags.get(Tag.GATE, ""),
+            r.tags.get(Tag.MODEL_VERSION, ""),
             r.run_id,
         ]
-        for r in sorted(variants, key=lambda r: (r.tags.get(TAG + "model", ""), r.tags.get(TAG + "label", "")))
+        for r in sorted(variants, key=lambda r: (r.tags.get(Tag.MODEL, ""), r.tags.get(Tag.LABEL, "")))
     ]
     print(
         table(
@@ -176,37 +176,36 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from farm.report_html import Point, render
-    from farm.tracking.mlflow_store import TAG
 
     store = _store(args, args.experiment)
     uri = store.uri
     runs = store.runs_of_job(args.job)
     variants = sorted(
-        (r for r in runs if r.tags.get(TAG + "role") == "variant" and r.status == "FINISHED"),
-        key=lambda r: r.tags.get(TAG + "label", ""),
+        (r for r in runs if r.tags.get(Tag.ROLE) == "variant" and r.status == "FINISHED"),
+        key=lambda r: r.tags.get(Tag.LABEL, ""),
     )
     if not variants:
         raise FarmError(f"no finished variants for job or experiment {args.job!r} at {uri}")
-    base_ids = {r.tags.get(TAG + "base_eval_id") for r in variants}
+    base_ids = {r.tags.get(Tag.BASE_EVAL_ID) for r in variants}
     bases = store.find_runs(
-        [f"tags.`{TAG}role` = 'base'"], status="FINISHED", experiment_ids=[store.experiment_of(variants[0].run_id)]
+        [f"tags.`{Tag.ROLE}` = 'base'"], status="FINISHED", experiment_ids=[store.experiment_of(variants[0].run_id)]
     )
-    base = next((dict(b.metrics) for b in bases if b.tags.get(TAG + "base_eval_id") in base_ids), {})
+    base = next((dict(b.metrics) for b in bases if b.tags.get(Tag.BASE_EVAL_ID) in base_ids), {})
     points = [
         Point(
-            f"{r.tags.get(TAG + 'model')}/{r.tags.get(TAG + 'label')}",
+            f"{r.tags.get(Tag.MODEL)}/{r.tags.get(Tag.LABEL)}",
             dict(r.metrics),
-            r.tags.get(TAG + "gate", ""),
-            r.tags.get(TAG + "gate_reasons", ""),
-            r.tags.get(TAG + "gate_warnings", ""),
+            r.tags.get(Tag.GATE, ""),
+            r.tags.get(Tag.GATE_REASONS, ""),
+            r.tags.get(Tag.GATE_WARNINGS, ""),
         )
         for r in variants
     ]
-    job_id = variants[0].tags.get(TAG + "job_id", args.job)
+    job_id = variants[0].tags.get(Tag.JOB_ID, args.job)
     page = render(job_id, base, points)
     out = Path(args.out or f"report-{job_id}.html")
     out.write_text(page, encoding="utf-8")
-    parents = [r for r in runs if r.tags.get(TAG + "role") == "job"]
+    parents = [r for r in runs if r.tags.get(Tag.ROLE) == "job"]
     if parents:
         store.log_text(parents[0].run_id, page, "report.html")
     print(f"{out} ({len(points)} variants){'; logged to run ' + parents[0].run_id if parents else ''}")
@@ -256,8 +255,6 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     import getpass
     import json
 
-    from farm.tracking.mlflow_store import TAG
-
     store = _store(args, "farm")
     version, run_id = store.version_run(args.model, args.version)
     record = {
@@ -278,7 +275,7 @@ def _cmd_promote(args: argparse.Namespace) -> int:
         },
     )
     if run_id:
-        store.log(run_id, tags={TAG + "manual_promotion": json.dumps(record)})
+        store.log(run_id, tags={Tag.MANUAL_PROMOTION: json.dumps(record)})
     print(f"{args.model} version {version} is now @{args.alias} ({args.reason})")
     return 0
 

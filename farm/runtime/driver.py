@@ -38,6 +38,7 @@ from farm.tracking.mlflow_store import (
     is_tracking_failure,
     new_local_store,
 )
+from farm.tracking.names import Tag
 
 Printer = Callable[[str], None]
 DRIVER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -156,7 +157,7 @@ class Driver:
 
     # -- MLflow helpers --------------------------------------------------------------------------------------
     def _start(self, name: str, tags: dict[str, str], parent: str | None) -> str:
-        run_id = self.store.start_run(name, {**self.spec.tracking.tags, **tags, TAG + "driver": DRIVER_ID}, parent)
+        run_id = self.store.start_run(name, {**self.spec.tracking.tags, **tags, Tag.DRIVER: DRIVER_ID}, parent)
         self.open_runs.add(run_id)
         return run_id
 
@@ -258,7 +259,7 @@ class Driver:
     ) -> JobOutcome:
         parent = self._start(
             f"job:{plan.job_name}",
-            {TAG + "role": "job", TAG + "job_id": plan.job_id, TAG + "job_name": plan.job_name},
+            {Tag.ROLE: "job", Tag.JOB_ID: plan.job_id, Tag.JOB_NAME: plan.job_name},
             None,
         )
         outcome.parent_run_id = parent
@@ -268,7 +269,7 @@ class Driver:
             self.store.log(
                 parent,
                 params={"job_name": plan.job_name, "variants": len(plan.variants), "spec": recorded_spec},
-                tags={TAG + "versions": library_versions()},
+                tags={Tag.VERSIONS: library_versions()},
             )
             self.store.log_text(parent, recorded_spec, "spec.json")
             for v in plan.variants:
@@ -320,8 +321,8 @@ class Driver:
     def _reap_orphans(self, plan: Plan) -> None:
         """Runs of this job left RUNNING by a driver that died (kill -9, power loss) on this host are marked
         FAILED, so the record never shows work in progress that nobody is doing."""
-        for row in self.store.find_runs([f"tags.`{TAG}job_id` = '{plan.job_id}'"], status="RUNNING"):
-            driver = row.tags.get(TAG + "driver", "")
+        for row in self.store.find_runs([f"tags.`{Tag.JOB_ID}` = '{plan.job_id}'"], status="RUNNING"):
+            driver = row.tags.get(Tag.DRIVER, "")
             host, _, pid = driver.rpartition(":")
             if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
                 self.store.end_run(row.run_id, ok=False, reason=f"driver {driver} died before finishing this run")
@@ -336,8 +337,8 @@ class Driver:
             base,
             int(row.metrics.get("weights_bytes", 0)),
             row.metrics.get("seconds_total"),
-            row.tags.get(TAG + "artifact_uri"),
-            row.tags.get(TAG + "model_version"),
+            row.tags.get(Tag.ARTIFACT_URI),
+            row.tags.get(Tag.MODEL_VERSION),
             metrics=dict(row.metrics),
         )
 
@@ -412,7 +413,7 @@ class Driver:
             return {}
         pairs = list(zip(before["greedy"], outputs["greedy"], strict=True))
         rate = sum(a == b for a, b in pairs) / len(pairs)
-        self.store.log(run_id, metrics={"promoted_exact_match": rate}, tags={TAG + "promoted_run": promoted_run})
+        self.store.log(run_id, metrics={"promoted_exact_match": rate}, tags={Tag.PROMOTED_RUN: promoted_run})
         self.store.log_json(
             run_id,
             [
@@ -438,9 +439,9 @@ class Driver:
             self.store.log(
                 o.run_id,
                 tags={
-                    TAG + "gate": d.outcome,
-                    TAG + "gate_reasons": "; ".join(d.reasons),
-                    TAG + "gate_warnings": "; ".join(d.warnings),
+                    Tag.GATE: d.outcome,
+                    Tag.GATE_REASONS: "; ".join(d.reasons),
+                    Tag.GATE_WARNINGS: "; ".join(d.warnings),
                 },
             )
             self.store.log_json(
@@ -533,12 +534,12 @@ class Driver:
                         run_id = self._start(
                             f"base:{item.model_name}",
                             {
-                                TAG + "role": "base",
-                                TAG + "job_id": plan.job_id,
-                                TAG + "base_eval_id": item.id,
-                                TAG + "model": item.model_name,
-                                TAG + "model_identity": item.identity,
-                                TAG + "attempt": str(attempt),
+                                Tag.ROLE: "base",
+                                Tag.JOB_ID: plan.job_id,
+                                Tag.BASE_EVAL_ID: item.id,
+                                Tag.MODEL: item.model_name,
+                                Tag.MODEL_IDENTITY: item.identity,
+                                Tag.ATTEMPT: str(attempt),
                             },
                             parent,
                         )
@@ -548,7 +549,7 @@ class Driver:
                         pending[ref] = (item, worker, run_id)
                         continue
                     run_id = self._start(
-                        item.label, {**self._variant_tags(plan, item), TAG + "attempt": str(attempt)}, parent
+                        item.label, {**self._variant_tags(plan, item), Tag.ATTEMPT: str(attempt)}, parent
                     )
                     self.store.log(run_id, params=self._variant_params(item))
                     task = VariantTask(
@@ -662,7 +663,7 @@ class Driver:
             run_id,
             metrics=_eval_metrics(e),
             params={"model_source": redact(b.model.source)},
-            tags={TAG + "generation": e["generation"]},
+            tags={Tag.GENERATION: e["generation"]},
         )
         checks = result.get("checks") or {}
         self.base_metrics[b.id] = {**_eval_metrics(e), **self._log_checks(run_id, f"base {b.model_name}", checks)}
@@ -693,18 +694,18 @@ class Driver:
             metrics |= {"base_perplexity": base, "perplexity_delta": e["perplexity"] - base}
         limit = self.spec.evaluation.thresholds.max_perplexity_delta
         tags = {
-            TAG + "artifact_uri": result["artifact_uri"],
-            TAG + "generation": e["generation"],
-            TAG + "recipe_sha256": manifest["recipe_sha256"],
-            TAG + "device": q["device"],
+            Tag.ARTIFACT_URI: result["artifact_uri"],
+            Tag.GENERATION: e["generation"],
+            Tag.RECIPE_SHA256: manifest["recipe_sha256"],
+            Tag.DEVICE: q["device"],
         }
         if result.get("ddp"):
-            tags[TAG + "ddp_world_size"] = str(result["ddp"]["world"])
-            tags[TAG + "ddp_ranks"] = json.dumps(sorted(result["ddp"].get("ranks", []), key=lambda r: r["rank"]))
+            tags[Tag.DDP_WORLD_SIZE] = str(result["ddp"]["world"])
+            tags[Tag.DDP_RANKS] = json.dumps(sorted(result["ddp"].get("ranks", []), key=lambda r: r["rank"]))
         if q["notes"]:
-            tags[TAG + "notes"] = "; ".join(q["notes"])
+            tags[Tag.NOTES] = "; ".join(q["notes"])
         if limit is not None and base is not None:
-            tags[TAG + "within_threshold"] = str(e["perplexity"] - base <= limit).lower()
+            tags[Tag.WITHIN_THRESHOLD] = str(e["perplexity"] - base <= limit).lower()
         report = q.get("calibration_report") or {}
         if report:
             metrics |= {
@@ -737,7 +738,7 @@ class Driver:
                 self._version_tags(v, manifest),
                 description=f"{v.method.label()} of {redact(v.model.source)}",
             )
-            self.store.log(run_id, tags={TAG + "model_version": version})
+            self.store.log(run_id, tags={Tag.MODEL_VERSION: version})
         self._end(run_id, ok=True)
         outcome.variants.append(
             VariantOutcome(
@@ -758,15 +759,15 @@ class Driver:
     # -- records ---------------------------------------------------------------------------------------------
     def _variant_tags(self, plan: Plan, v: Variant) -> dict[str, str]:
         return {
-            TAG + "role": "variant",
-            TAG + "job_id": plan.job_id,
-            TAG + "variant_id": v.id,
-            TAG + "model": v.model_name,
-            TAG + "model_identity": v.identity,
-            TAG + "method": v.method.method,
-            TAG + "label": v.method.label(),
-            TAG + "calibration_hash": v.calibration.hash,
-            TAG + "base_eval_id": v.base_eval_id,
+            Tag.ROLE: "variant",
+            Tag.JOB_ID: plan.job_id,
+            Tag.VARIANT_ID: v.id,
+            Tag.MODEL: v.model_name,
+            Tag.MODEL_IDENTITY: v.identity,
+            Tag.METHOD: v.method.method,
+            Tag.LABEL: v.method.label(),
+            Tag.CALIBRATION_HASH: v.calibration.hash,
+            Tag.BASE_EVAL_ID: v.base_eval_id,
         }
 
     def _variant_params(self, v: Variant) -> dict[str, Any]:

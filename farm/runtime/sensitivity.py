@@ -15,7 +15,8 @@ from farm.methods.precision import Grid
 from farm.runtime.driver import tracking_target
 from farm.secrets import redact
 from farm.spec import JobSpec
-from farm.tracking.mlflow_store import TAG, MlflowStore
+from farm.tracking.mlflow_store import MlflowStore
+from farm.tracking.names import Tag
 
 
 @dataclass
@@ -46,9 +47,9 @@ def profile_job(
 
         tags = {
             **spec.tracking.tags,
-            TAG + "role": "sensitivity",
-            TAG + "model": name,
-            TAG + "model_identity": resolved.identity,
+            Tag.ROLE: "sensitivity",
+            Tag.MODEL: name,
+            Tag.MODEL_IDENTITY: resolved.identity,
         }
         run_id = store.start_run(f"sensitivity/{name}", tags, None)
         try:

@@ -27,6 +27,7 @@ from farm.runtime.ddp import Rank
 from farm.secrets import redact
 from farm.spec import EvaluationSpec
 from farm.stages import timed_call
+from farm.tracking.names import Tag
 
 VERSIONED = ("farm", "llmcompressor", "compressed-tensors", "transformers", "torch", "ray", "mlflow")
 OPTIONAL = ("gptqmodel", "bitsandbytes", "torchao", "peft")  # recorded where installed (backends, NF4, QAT, LoRA)
@@ -244,7 +245,7 @@ class Worker:
         mlflow = MlflowStore(tr.uri, tr.experiment, tr.artifact_location)
         if lead:
             mlflow.log(
-                task.run_id, tags={"farm.worker": me["worker"], "farm.cuda_visible_devices": me["cuda_visible_devices"]}
+                task.run_id, tags={Tag.WORKER: me["worker"], Tag.CUDA_VISIBLE_DEVICES: me["cuda_visible_devices"]}
             )
         model = local_model(v.model)
         scratch = tempfile.mkdtemp(prefix=f"farm-{v.id}-")

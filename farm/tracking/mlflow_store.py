@@ -20,8 +20,9 @@ from typing import Any
 
 from farm.errors import TrackingError
 from farm.secrets import redact
+from farm.tracking.names import PREFIX as TAG
+from farm.tracking.names import Tag
 
-TAG = "farm."
 PARENT = "mlflow.parentRunId"
 RUN_NAME = "mlflow.runName"
 MAX_PARAM = 6000
@@ -161,7 +162,7 @@ class MlflowStore:
 
     def end_run(self, run_id: str, ok: bool, reason: str | None = None) -> None:
         if reason:
-            self.client.set_tag(run_id, TAG + "failure", reason[:MAX_PARAM])
+            self.client.set_tag(run_id, Tag.FAILURE, reason[:MAX_PARAM])
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
     def find_runs(
@@ -187,7 +188,7 @@ class MlflowStore:
         resume."""
         extra = [f"tags.`{TAG}{k}` = '{v}'" for k, v in (also or {}).items()]
         rows = self.find_runs(
-            [f"tags.`{TAG}role` = '{role}'", f"tags.`{TAG}{key_tag}` = '{value}'", *extra],
+            [f"tags.`{Tag.ROLE}` = '{role}'", f"tags.`{TAG}{key_tag}` = '{value}'", *extra],
             status="FINISHED",
             max_results=1,
         )
@@ -209,11 +210,11 @@ class MlflowStore:
         exp = self.client.get_experiment_by_name(job)
         if exp is not None:
             exp_ids = [exp.experiment_id]
-            parents = self.find_runs([f"tags.`{TAG}role` = 'job'"], experiment_ids=exp_ids, max_results=1)
+            parents = self.find_runs([f"tags.`{Tag.ROLE}` = 'job'"], experiment_ids=exp_ids, max_results=1)
             if not parents:
                 return []
-            job = parents[0].tags.get(TAG + "job_id", "")
-        return self.find_runs([f"tags.`{TAG}job_id` = '{job}'"], experiment_ids=exp_ids)
+            job = parents[0].tags.get(Tag.JOB_ID, "")
+        return self.find_runs([f"tags.`{Tag.JOB_ID}` = '{job}'"], experiment_ids=exp_ids)
 
     # -- registry -----------------------------------------------------------------------------------------
     def register(self, name: str, run_id: str, artifact_path: str, tags: dict[str, str], description: str) -> str:

@@ -22,6 +22,7 @@ from farm.errors import FarmError, TrackingError
 from farm.secrets import redact
 from farm.spec import JobSpec, ModelSpec
 from farm.tracking.mlflow_store import TAG, Claim, MlflowStore
+from farm.tracking.names import Tag
 from farm.watch.releases import HubClient, Release, detect
 from farm.watch.spec import WatchSpec, job_for, recipe_hash
 
@@ -179,7 +180,7 @@ class Watcher:
             self.template,
             base,
             release.revision,
-            {TAG + "release": release.identity, TAG + "watch": self.watch.name, W + "claim": name},
+            {Tag.RELEASE: release.identity, Tag.WATCH: self.watch.name, W + "claim": name},
         )
         try:
             state, ref, detail = self.runner.start(spec)

@@ -1,0 +1,48 @@
+"""Every name farm records in MLflow under `farm.` (tags), defined once; metric names of the serving check
+live with their arithmetic in `farm.serving.measure`. Pure: no MLflow import."""
+
+from __future__ import annotations
+
+PREFIX = "farm."
+
+
+class Tag:
+    """Run tags, e.g. `Tag.ROLE` == "farm.role" (job | base | variant)."""
+
+    ARTIFACT_URI = PREFIX + "artifact_uri"
+    ATTEMPT = PREFIX + "attempt"
+    BASE_EVAL_ID = PREFIX + "base_eval_id"
+    CALIBRATION_HASH = PREFIX + "calibration_hash"
+    CUDA_VISIBLE_DEVICES = PREFIX + "cuda_visible_devices"
+    DDP_RANKS = PREFIX + "ddp_ranks"
+    DDP_WORLD_SIZE = PREFIX + "ddp_world_size"
+    DEVICE = PREFIX + "device"
+    DRIVER = PREFIX + "driver"
+    FAILURE = PREFIX + "failure"
+    GATE = PREFIX + "gate"
+    GATE_REASONS = PREFIX + "gate_reasons"
+    GATE_WARNINGS = PREFIX + "gate_warnings"
+    GENERATION = PREFIX + "generation"
+    JOB_ID = PREFIX + "job_id"
+    JOB_NAME = PREFIX + "job_name"
+    LABEL = PREFIX + "label"
+    MANUAL_PROMOTION = PREFIX + "manual_promotion"
+    METHOD = PREFIX + "method"
+    MODEL = PREFIX + "model"
+    MODEL_IDENTITY = PREFIX + "model_identity"
+    MODEL_VERSION = PREFIX + "model_version"
+    NOTES = PREFIX + "notes"
+    PROMOTED_RUN = PREFIX + "promoted_run"
+    RELEASE = PREFIX + "release"
+    ROLE = PREFIX + "role"
+    VARIANT_ID = PREFIX + "variant_id"
+    VERSIONS = PREFIX + "versions"
+    WATCH = PREFIX + "watch"
+    WITHIN_THRESHOLD = PREFIX + "within_threshold"
+    WORKER = PREFIX + "worker"
+    RECIPE_SHA256 = PREFIX + "recipe_sha256"
+
+
+def tag(name: str) -> str:
+    """The recorded name of a tag given without the prefix (a check's own tags)."""
+    return PREFIX + name
