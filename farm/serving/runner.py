@@ -54,12 +54,13 @@ def gpu_utilization(spec: ServingSpec, num_gpus: float) -> float:
     return round(0.85 * min(1.0, num_gpus), 4)
 
 
-def engine_command(spec: ServingSpec, request: Path, result: Path) -> tuple[list[str], dict[str, str]]:
+def engine_env(spec: ServingSpec) -> dict[str, str]:
+    """The engine process's environment: the worker's, the spec's directories first on PYTHONPATH, farm's
+    engine settings, then the spec's own variables."""
     env = dict(os.environ)
     path = [*spec.pythonpath, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     env["PYTHONPATH"] = os.pathsep.join(path)
-    env |= ENGINE_ENV | {"FARM_PARENT_PID": str(os.getpid())} | spec.env
-    return [spec.python or sys.executable, str(ENGINE_SCRIPT), str(request), str(result)], env
+    return env | ENGINE_ENV | {"FARM_PARENT_PID": str(os.getpid())} | spec.env
 
 
 def probe(spec: ServingSpec, timeout: float = 60) -> tuple[str | None, str]:
@@ -71,16 +72,14 @@ def probe(spec: ServingSpec, timeout: float = 60) -> tuple[str | None, str]:
         "print(m.version('vllm'))"
     )
     python = spec.python or sys.executable
-    with tempfile.TemporaryDirectory(prefix="farm-probe-") as tmp:
-        cmd, env = engine_command(spec, Path(tmp, "r"), Path(tmp, "o"))
-        try:
-            done = subprocess.run(
-                [cmd[0], "-c", code], env=env, capture_output=True, text=True, timeout=timeout, check=False
-            )
-        except FileNotFoundError:
-            return f"evaluation.serving.python: {python} does not exist", ""
-        except (OSError, subprocess.TimeoutExpired) as err:
-            return f"evaluation.serving: {python} could not be run ({type(err).__name__})", ""
+    try:
+        done = subprocess.run(
+            [python, "-c", code], env=engine_env(spec), capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except FileNotFoundError:
+        return f"evaluation.serving.python: {python} does not exist", ""
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"evaluation.serving: {python} could not be run ({type(err).__name__})", ""
     if done.returncode != 0:
         why = (done.stderr.strip().splitlines() or ["no output"])[-1]
         where = f"{python}" + (f" with PYTHONPATH {os.pathsep.join(spec.pythonpath)}" if spec.pythonpath else "")
@@ -181,12 +180,12 @@ def run_engine(request: dict[str, Any], spec: ServingSpec, context: int) -> Serv
     with tempfile.TemporaryDirectory(prefix="farm-serve-") as tmp:
         req_path, res_path, log_path = Path(tmp, "request.json"), Path(tmp, "result.json"), Path(tmp, "engine.log")
         req_path.write_text(json.dumps(request))
-        cmd, env = engine_command(spec, req_path, res_path)
+        cmd = [spec.python or sys.executable, str(ENGINE_SCRIPT), str(req_path), str(res_path)]
         t0 = time.perf_counter()
         with log_path.open("wb") as log:
             try:
                 proc = subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True
+                    cmd, stdout=log, stderr=subprocess.STDOUT, env=engine_env(spec), cwd=tmp, start_new_session=True
                 )
             except OSError as err:
                 return ServingResult(tags=tags, error=f"serving engine could not start: {cmd[0]}: {err.strerror}")
