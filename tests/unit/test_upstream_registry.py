@@ -24,7 +24,7 @@ def test_each_entry_names_a_real_module_a_switch_and_an_existing_test() -> None:
 
 
 def test_a_replacement_not_in_the_table_is_a_bug() -> None:
-    mod = types.ModuleType("somewhere.unlisted")
+    mod = types.ModuleType("llmcompressor.unlisted")
     mod.f = lambda: 1  # type: ignore[attr-defined]
     with pytest.raises(KeyError, match="not listed"), swap.swapped(mod, "f", lambda o: o, "x"):
         pass
@@ -62,3 +62,11 @@ def test_a_changed_signature_leaves_upstream_in_place(caplog) -> None:
 
 def test_design_doc_holds_the_generated_table() -> None:
     assert registry.markdown() in (ROOT / "docs" / "DESIGN.md").read_text()
+
+
+def test_farms_own_objects_need_no_listing() -> None:
+    """The swap mechanism also times and replaces farm's own functions (and tests' objects): not upstream."""
+    mod = types.ModuleType("farm.something")
+    mod.f = lambda: 1  # type: ignore[attr-defined]
+    with swap.swapped(mod, "f", lambda o: lambda: 2, "x") as on:
+        assert on and mod.f() == 2

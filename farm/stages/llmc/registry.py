@@ -163,9 +163,19 @@ REPLACEMENTS: tuple[Replacement, ...] = (
 BY_KEY = {r.key: r for r in REPLACEMENTS}
 
 
-def key_of(owner: Any, name: str) -> str:
-    module = owner.__name__ if inspect.ismodule(owner) else f"{owner.__module__}.{owner.__qualname__}"
-    return f"{module}.{name}"
+UPSTREAM = ("llmcompressor", "compressed_tensors", "transformers", "safetensors", "torch")
+
+
+def key_of(owner: Any, name: str) -> str | None:
+    """`owner.name` as the table keys it, or None when `owner` is not upstream code (farm's own objects, which
+    the swap mechanism also serves, need no listing)."""
+    if inspect.ismodule(owner):
+        module = owner.__name__
+    elif isinstance(owner, type):
+        module = f"{owner.__module__}.{owner.__qualname__}"
+    else:
+        return None
+    return f"{module}.{name}" if module.split(".")[0] in UPSTREAM else None
 
 
 def installed(package: str) -> str | None:
@@ -198,7 +208,8 @@ def refusal(rep: Replacement, original: Any = None) -> str | None:
 def guard(owner: Any, name: str, original: Any = None) -> bool:
     """Whether farm may replace `owner.name` now; a refusal is logged (upstream's own code then runs). A
     replacement missing from the table is a bug of farm's: it raises."""
-    return guard_key(key_of(owner, name), original)
+    key = key_of(owner, name)
+    return True if key is None else guard_key(key, original)
 
 
 def guard_key(key: str, original: Any = None) -> bool:
