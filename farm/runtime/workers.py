@@ -150,13 +150,28 @@ def is_device_oom(err: BaseException) -> bool:
 
 
 def release_device_memory() -> None:
+    """Give this process's GPU memory back: llm-compressor's global session keeps the last oneshot's model (and
+    its modifiers' state) until the next oneshot resets it, so a reused worker would otherwise hold the previous
+    variant's weights while the serving engine or a packed neighbour starts."""
     import gc
+    import sys
 
     import torch
 
+    if "llmcompressor" in sys.modules:
+        from llmcompressor.core import reset_session
+
+        reset_session()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def device_memory_held() -> int:
+    """Bytes of GPU memory this process's caching allocator holds (0 without a GPU)."""
+    import torch
+
+    return int(torch.cuda.memory_reserved()) if torch.cuda.is_available() else 0
 
 
 def local_model(m: Any) -> sources.ResolvedModel:
@@ -398,9 +413,10 @@ def _serve(
     from farm.stages.modelio import load_tokenizer
 
     tokenizer = load_tokenizer(path, trust)
+    held = device_memory_held()  # what the worker keeps while the engine starts beside it (should be ~0)
     r = serve(path, evaluation.serving, read_text(evaluation.perplexity.source), tokenizer, num_gpus, trust)
     out = checks or {"metrics": {}, "artifacts": {}, "tags": {}}
-    out["metrics"] |= r.metrics
+    out["metrics"] |= r.metrics | {measure.WORKER_HELD_BYTES: float(held)}
     out["tags"] = out.get("tags", {}) | r.tags | ({measure.TAG_ERROR: r.error} if r.error else {})
     out["artifacts"][f"{measure.DOCUMENT}"] = r.document | ({"error": r.error} if r.error else {})
     return out

@@ -25,6 +25,7 @@ KV_TOKENS = "serve_kv_cache_tokens"
 GREEDY_EXACT = "serve_greedy_exact_match"  # share of prompts whose greedy output equals the base's
 GREEDY_AGREE = "serve_greedy_token_agreement"  # mean share of the base's greedy tokens matched before a difference
 GPU_UTILIZATION = "serve_gpu_memory_utilization"
+WORKER_HELD_BYTES = "serve_worker_held_bytes"  # GPU memory the quantizing worker still held as the engine started
 # tags (under farm.)
 TAG_ENGINE = "serving_engine"
 TAG_VERSION = "serving_engine_version"

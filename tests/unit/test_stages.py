@@ -63,3 +63,31 @@ def test_fp8_model_free_matches_oneshot(fixture_paths: dict, tmp_path: Path) -> 
     weights = [k for k in a if k.endswith(".weight") and a[k].dtype.itemsize == 1]
     assert weights and all(k in b and (a[k].view(dtype=a[k].dtype).float() == b[k].float()).all() for k in weights)
     assert abs(ppl_a - ppl_b) / ppl_a < 1e-3
+
+
+def test_release_device_memory_drops_the_last_oneshot_model(fixture_paths: dict, tmp_path: Path) -> None:
+    """llm-compressor's global session holds the model of the last oneshot until the next one resets it; a reused
+    worker must not keep the previous variant's weights (on a GPU: while the serving engine starts beside it)."""
+    import gc
+    import weakref
+
+    from llmcompressor.core import active_session
+
+    from farm.runtime.workers import release_device_memory
+
+    quantize(
+        QuantizeRequest(
+            model_dir=str(fixture_paths["tiny-llama"]),
+            method=build_method({"method": "rtn"}),
+            calibration=CalibrationDraw(str(fixture_paths["shakespeare"] / "calibration.txt"), 2, 32, 0),
+            out_dir=str(tmp_path / "q"),
+        )
+    )
+    held = active_session().state.model
+    assert held is not None
+    ref = weakref.ref(held)
+    del held
+    gc.collect()
+    assert ref() is not None  # the session alone keeps it alive
+    release_device_memory()
+    assert active_session().state.model is None and ref() is None
