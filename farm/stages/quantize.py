@@ -17,6 +17,7 @@ from farm.stages.distributed.split_save import shards_split_over_ranks
 from farm.stages.llmc.calibration_sdpa import sdpa_calibration
 from farm.stages.llmc.cpu_pinning import cpu_safe_pinning
 from farm.stages.llmc.ddp_forward_order import forward_ordered
+from farm.stages.llmc.fx_wrap_release import autowrap_namespaces_released
 from farm.stages.llmc.gptq_left_looking import left_looking_solve
 from farm.stages.llmc.gptq_one_cholesky import one_cholesky_factor
 from farm.stages.llmc.hessian_tensor_cores import tensor_core_hessians
@@ -164,6 +165,7 @@ def calibrate(
         forward_ordered() if req.world > 1 and req.gptq_broadcast == "forward_order" else None,
     ]
     with contextlib.ExitStack() as stack:
+        stack.enter_context(autowrap_namespaces_released())
         guard = stack.enter_context(cpu_safe_pinning())
         used: list[Used] = [stack.enter_context(s) for s in speedups if s is not None]
         oneshot(model=model, recipe=recipe, tokenizer=tokenizer, **kwargs)

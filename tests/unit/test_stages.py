@@ -66,23 +66,28 @@ def test_fp8_model_free_matches_oneshot(fixture_paths: dict, tmp_path: Path) -> 
 
 
 def test_release_device_memory_drops_the_last_oneshot_model(fixture_paths: dict, tmp_path: Path) -> None:
-    """llm-compressor's global session holds the model of the last oneshot until the next one resets it; a reused
-    worker must not keep the previous variant's weights (on a GPU: while the serving engine starts beside it)."""
+    """A reused worker must not keep the previous variant's weights (on a GPU: while the serving engine starts
+    beside it). Two things held them: llm-compressor's global session, until the next oneshot resets it, and the
+    namespaces its sequential pipeline's autowrapped forwards register in torch.fx (farm drops those after
+    oneshot, stages/llmc/fx_wrap_release.py)."""
     import gc
     import weakref
 
     from llmcompressor.core import active_session
+    from torch.fx import _symbolic_trace
 
     from farm.runtime.workers import release_device_memory
 
+    wrapped = len(_symbolic_trace._wrapped_fns_to_patch)
     quantize(
         QuantizeRequest(
             model_dir=str(fixture_paths["tiny-llama"]),
-            method=build_method({"method": "rtn"}),
+            method=build_method({"method": "gptq", "group_size": 64}),
             calibration=CalibrationDraw(str(fixture_paths["shakespeare"] / "calibration.txt"), 2, 32, 0),
             out_dir=str(tmp_path / "q"),
         )
     )
+    assert len(_symbolic_trace._wrapped_fns_to_patch) == wrapped
     held = active_session().state.model
     assert held is not None
     ref = weakref.ref(held)

@@ -100,6 +100,16 @@ REPLACEMENTS: tuple[Replacement, ...] = (
         "tests/unit/test_tail.py",
     ),
     Replacement(
+        "torch.fx._symbolic_trace._wrapped_fns_to_patch",
+        "llmc.fx_wrap_release",
+        "the namespaces oneshot's autowrapped forwards registered in torch.fx dropped after it (they held the model)",
+        "llmcompressor",
+        LLMC,
+        None,
+        "none: only entries of the finished oneshot go",
+        "tests/unit/test_stages.py::test_release_device_memory_drops_the_last_oneshot_model",
+    ),
+    Replacement(
         "llmcompressor.pipelines.cache.IntermediatesCache.pin_memory",
         "llmc.cpu_pinning",
         "no activation pinning without an accelerator (upstream raises on CPU)",
