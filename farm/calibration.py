@@ -12,7 +12,7 @@ import json
 import random
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -130,27 +130,33 @@ def read_text(source: str) -> str:
     return raw
 
 
+SAMPLE_CHARS = 65_536
+
+
 @dataclass(frozen=True)
 class TextIdentity:
     source: str
     sha256: str
+    sample: str = field(default="", compare=False, repr=False)  # the text's start, for preflight's tokenizer check
 
     @classmethod
     def of(cls, source: str) -> TextIdentity:
         """Hash a text source after checking it is readable, UTF-8 and non-empty (so bad text fails in
         preflight, not in a worker minutes later)."""
         if source.startswith(MIX):  # a mixture's identity: its parts' contents and weights, in order
-            blob = json.dumps([[cls.of(src).sha256, w] for src, w in parts(source)])
-            return cls(source=source, sha256=hashlib.sha256(blob.encode()).hexdigest())
+            each = [(cls.of(src), w) for src, w in parts(source)]
+            blob = json.dumps([[t.sha256, w] for t, w in each])
+            sample = "\n".join(t.sample for t, _ in each)
+            return cls(source=source, sha256=hashlib.sha256(blob.encode()).hexdigest(), sample=sample)
         try:
-            read_text(source)
+            text = read_text(source)
         except UnicodeDecodeError as err:
             raise SpecError(f"text source {source}: not UTF-8 (byte {err.start})") from None
         except OSError as err:
             raise SpecError(f"text source {source}: unreadable ({err.strerror or err})") from None
         remote = source.startswith(("s3://", HF_DATASET))
         sha = hashlib.sha256(_read_bytes(source)).hexdigest() if remote else file_sha256(source)
-        return cls(source=source, sha256=sha)
+        return cls(source=source, sha256=sha, sample=text[:SAMPLE_CHARS])
 
 
 def calibration_hash(content_sha256: str, num_samples: int, max_seq_length: int, seed: int) -> str:

@@ -82,6 +82,57 @@ def content_identity(directory: Path, allow_pickle: bool = False) -> str:
     return "sha256:" + h.hexdigest()
 
 
+MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's framing, from its header alone (None: nothing): a truncated or
+    corrupt shard is found before any run is created, not when a worker loads it minutes later."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, shorter than a safetensors header"
+            n = int.from_bytes(head, "little")
+            if not 2 <= n <= min(MAX_HEADER, size - 8):
+                return f"header length {n} does not fit the file ({size} bytes): not safetensors, or corrupt"
+            raw = f.read(n)
+    except OSError as err:
+        return f"unreadable ({err.strerror or err})"
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        return "its header is not JSON: corrupt"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object: corrupt"
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+            or "dtype" not in entry
+            or "shape" not in entry
+        ):
+            return f"tensor {name!r} has a malformed header entry: corrupt"
+        end = max(end, offsets[1])
+    if 8 + n + end > size:
+        return f"truncated: its tensors need {8 + n + end} bytes, the file has {size}"
+    return None
+
+
+def check_weights(directory: Path, source: str) -> None:
+    for f in sorted(directory.glob("*.safetensors")):
+        problem = safetensors_problem(f)
+        if problem:
+            raise SourceError(f"model {source}: {f.name} {problem}")
+
+
 def check_checkpoint(directory: Path, source: str, allow_pickle: bool = False) -> dict[str, Any]:
     if not directory.is_dir():
         raise SourceError(f"model {source}: no such directory")
@@ -95,6 +146,7 @@ def check_checkpoint(directory: Path, source: str, allow_pickle: bool = False) -
                 "safetensors (set allow_pickle: true on the model to accept them)"
             )
         raise SourceError(f"model {source}: no *.safetensors weights")
+    check_weights(directory, source)
     try:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as err:
@@ -182,3 +234,26 @@ def adapter_identity(path: str) -> str:
     for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in {".json", ".safetensors"}):
         h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
+
+
+def tokenizer_problem(directory: str, texts: dict[str, str]) -> str | None:
+    """Which of `texts` (what -> a sample of it) the checkpoint's tokenizer turns into no tokens (None: each gives
+    some). Read with the `tokenizers` library from tokenizer.json, so preflight loads neither torch nor
+    transformers; a checkpoint without tokenizer.json (a SentencePiece-only tokenizer) is checked by its worker."""
+    path = Path(directory) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as err:  # a tokenizer.json the library cannot read is itself the problem
+        return f"its tokenizer.json cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+    for what, sample in texts.items():
+        try:
+            ids = tokenizer.encode(sample, add_special_tokens=False).ids
+        except Exception as err:
+            return f"its tokenizer (tokenizer.json) cannot tokenize the {what} ({str(err).splitlines()[0][:200]})"
+        if sample.strip() and not ids:
+            return f"its tokenizer (tokenizer.json) turns the {what} into no tokens"
+    return None

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from farm.calibration import MIX, mixture_source
 from farm.errors import SpecError
+from farm.locations import check_location, check_tracking_uri
 from farm.methods import REGISTRY, AnyMethod, MethodConfig
 
 # Type checkers see the common base; pydantic validates against the registry's discriminated union.
@@ -27,12 +28,16 @@ NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MAX_SPEC_BYTES = 1_000_000
 
 
+# A model, text or output location: s3:// and hf:// forms are checked as written (locations.py).
+Location = Annotated[str, AfterValidator(check_location)]
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ModelSpec(Strict):
-    source: str = Field(description="hf://org/name@rev, s3://bucket/prefix or a local directory")
+    source: Location = Field(description="hf://org/name@rev, s3://bucket/prefix or a local directory")
     name: str | None = Field(None, pattern=NAME, description="short name (default: last part of the source)")
     revision: str | None = Field(None, max_length=128, description="hub revision (also accepted as @rev)")
     trust_remote_code: bool = Field(False, description="allow the model's own Python code to run")
@@ -43,9 +48,11 @@ class ModelSpec(Strict):
         "before anything else: its variants ship the adapter inside",
     )
 
-    @field_validator("source")
+    @field_validator("source", mode="before")
     @classmethod
-    def _source(cls, v: str) -> str:
+    def _source(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v  # the type check names it
         v = v.strip()
         if not v:
             raise ValueError("must not be empty")
@@ -61,12 +68,12 @@ class ModelSpec(Strict):
 
 
 class MixtureItem(Strict):
-    source: str = Field(description="text file (.txt / JSONL with 'text'), local, s3:// or hf-dataset://")
+    source: Location = Field(description="text file (.txt / JSONL with 'text'), local, s3:// or hf-dataset://")
     weight: float = Field(gt=0, le=1e6, description="share of the samples, relative to the other parts")
 
 
 class CalibrationSpec(Strict):
-    source: str = Field(
+    source: Location = Field(
         "",
         description="text file (.txt) or JSONL with a 'text' field, local or s3://, or "
         "hf-dataset://org/name[@rev]?split=&column= from the hub cache (or use `mixture`)",
@@ -98,7 +105,7 @@ class CalibrationSpec(Strict):
 
 
 class PerplexitySpec(Strict):
-    source: str = Field(description="held-out text file (.txt) or JSONL with a 'text' field")
+    source: Location = Field(description="held-out text file (.txt) or JSONL with a 'text' field")
     max_tokens: int = Field(12_288, gt=0, le=10_000_000, description="tokens of held-out text evaluated")
     seq_len: int = Field(512, gt=0, le=131_072, description="window length (non-overlapping windows)")
 
@@ -204,7 +211,7 @@ class SpeculativeSpec(Strict):
 class AdapterSpec(Strict):
     name: str = Field(pattern=r"^[a-z0-9_]{1,32}$", description="short name; metrics are adapter_<name>_perplexity")
     source: str = Field(description="directory of a PEFT LoRA adapter trained on the base (adapter_config.json)")
-    eval_source: str | None = Field(None, description="text the adapter is judged on (default: the held-out text)")
+    eval_source: Location | None = Field(None, description="text the adapter is judged on (default: the held-out text)")
     max_tokens: int = Field(4096, gt=0, le=10_000_000, description="tokens scored")
     seq_len: int = Field(512, gt=1, le=131_072)
 
@@ -464,7 +471,9 @@ class ResourceSpec(Strict):
 
 
 class TrackingSpec(Strict):
-    uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite under output.root)")
+    uri: Annotated[str, AfterValidator(check_tracking_uri)] | None = Field(
+        None, description="MLflow tracking URI (default: sqlite under output.root)"
+    )
     experiment: str = Field("farm", min_length=1, max_length=200, description="MLflow experiment name")
     registered_model_prefix: str = Field("", pattern=r"^[A-Za-z0-9_.-]{0,64}$", description="registry name prefix")
     log_model: bool = Field(True, description="upload the quantized model as run artifacts")
@@ -486,7 +495,7 @@ class TrackingSpec(Strict):
 
 
 class OutputSpec(Strict):
-    root: str = Field(".farm", description="local directory or s3://bucket/prefix for variants")
+    root: Location = Field(".farm", description="local directory or s3://bucket/prefix for variants")
 
 
 class JobSpec(Strict):
@@ -619,14 +628,40 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
     )
 
 
+MAX_DEPTH = 32  # the deepest spec field is ~6 levels down; deeper is a mistake or an attack on the parser
+
+
 class _NoAliasLoader(yaml.SafeLoader):
-    """SafeLoader that refuses anchors/aliases: no billion-laughs expansion, and specs stay explicit."""
+    """SafeLoader that refuses anchors/aliases (no billion-laughs expansion, and specs stay explicit), mappings
+    with a key given twice (YAML would keep the last silently) and nesting deeper than MAX_DEPTH (the composer
+    recurses: a deep document would end in a RecursionError)."""
+
+    _depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise SpecError(f"spec line {event.start_mark.line + 1}: YAML aliases (*name) are not allowed")
+        if self.check_event(yaml.MappingStartEvent, yaml.SequenceStartEvent):
+            self._depth += 1
+            if self._depth > MAX_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise SpecError(f"spec line {line}: nested deeper than {MAX_DEPTH} levels")
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise SpecError(f"spec line {key_node.start_mark.line + 1}: key {key!r} is given twice")
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_yaml(path: Path) -> Any:

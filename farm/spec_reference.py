@@ -16,6 +16,8 @@ from farm.spec import JobSpec
 
 def _name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is typing.Annotated:  # a checked str (Location, a tracking URI): shown as its base type
+        return _name(typing.get_args(tp)[0])
     if origin is typing.Literal:
         return " \\| ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
@@ -78,8 +80,9 @@ def render() -> str:
         "# Job spec reference",
         "",
         "Generated from farm's pydantic models (`python -m farm.spec_reference`). Every model forbids unknown",
-        "fields; relative paths resolve against the spec file's directory. `methods` entries are picked by",
-        "their `method` field.",
+        "fields and types are strict: a boolean is `true`/`false`, a number is not a string, nothing is coerced.",
+        "s3:// and hf:// locations and the tracking URI are checked as written. Relative paths resolve against",
+        "the spec file's directory. `methods` entries are picked by their `method` field.",
         "",
     ]
     for model in seen:

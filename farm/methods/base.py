@@ -19,7 +19,7 @@ DEFAULT_IGNORE = ["lm_head", "re:.*embed_tokens$", "re:.*norm$"]
 class CalibrationOverride(BaseModel):
     """Per-method calibration size, for methods (AWQ) whose cost grows faster with tokens than GPTQ's."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     num_samples: int | None = Field(None, gt=0, le=100_000, description="calibration samples for this method")
     max_seq_length: int | None = Field(None, gt=0, le=131_072, description="tokens per calibration sample")
     set: str | None = Field(
@@ -32,7 +32,7 @@ class CalibrationOverride(BaseModel):
 class MethodConfig(BaseModel):
     """Base of every method config in the registry."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     method: str
     name: str | None = Field(

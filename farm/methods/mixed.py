@@ -16,7 +16,7 @@ from farm.methods.precision import Grid, Layer, config_groups
 
 
 class GridSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     bits: Literal[4, 8] = Field(description="integer weight bits")
     group_size: int | None = Field(None, gt=0, le=8192, description="weights per scale; null = per output channel")
 

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from farm import resources, sources
@@ -90,6 +91,7 @@ class JobOutcome:
 
 def preflight(spec: JobSpec) -> Plan:
     """Resolve every input and plan; raises SpecError/SourceError before anything is created."""
+    check_output_root(spec.output.root)
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(spec.models)))) as pool:  # hashing is I/O and hashlib
         futures = {
             m.display_name(): pool.submit(sources.resolve, m.source, m.revision, allow_pickle=m.allow_pickle)
@@ -101,14 +103,37 @@ def preflight(spec: JobSpec) -> Plan:
         n: ModelInfo(merged_identity(r.identity, merged[n]) if n in merged else r.identity, r.config, r.weights_bytes)
         for n, r in resolved.items()
     }
-    shas = {"": TextIdentity.of(spec.calibration.source).sha256}
-    shas |= {name: TextIdentity.of(s.source).sha256 for name, s in spec.calibration_sets.items()}
-    heldout = TextIdentity.of(spec.evaluation.perplexity.source)
+    texts = {"calibration text": TextIdentity.of(spec.calibration.source)}
+    texts |= {f"calibration set {name!r}": TextIdentity.of(s.source) for name, s in spec.calibration_sets.items()}
+    heldout = texts["held-out text"] = TextIdentity.of(spec.evaluation.perplexity.source)
+    shas = {"": texts["calibration text"].sha256}
+    shas |= {name: texts[f"calibration set {name!r}"].sha256 for name in spec.calibration_sets}
+    for name, r in resolved.items():  # text the model's tokenizer cannot read is found now, naming the tokenizer
+        problem = sources.tokenizer_problem(
+            r.local_dir, {f"{what} ({t.source})": t.sample for what, t in texts.items()}
+        )
+        if problem:
+            raise SpecError(f"model {name}: {problem}")
     adapters = {a.name: sources.adapter_identity(a.source) for a in spec.evaluation.adapters}
     for a in spec.evaluation.adapters:
         if a.eval_source:
             TextIdentity.of(a.eval_source)  # a missing adapter text is bad input: say so before anything runs
     return make_plan(spec, infos, shas, heldout.sha256, adapters)
+
+
+def check_output_root(root: str) -> None:
+    """A local output root must be a directory, or a path one can be made at (nothing is created here)."""
+    if "://" in root:
+        return
+    path = Path(root).expanduser()
+    for p in [path, *path.parents]:
+        if p.exists():
+            if not p.is_dir():
+                what = "is" if p == path else f"is under {p}, which is"
+                raise SpecError(f"output.root {root}: {what} a file, not a directory")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise SpecError(f"output.root {root}: {p} is not writable")
+            return
 
 
 def tracking_target(spec: JobSpec, override: str | None) -> tuple[str, str | None]:

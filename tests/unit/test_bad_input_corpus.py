@@ -3,7 +3,9 @@ submitted or written (no output root, no MLflow store, no Ray)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -68,6 +70,35 @@ CASES: list[tuple[str, object, str]] = [
     ("empty file", b"", "mapping"),
     ("python object tag", b"name: !!python/object/apply:os.system ['echo pwned']\n", "invalid YAML"),
     ("too large", b"name: x\n" + b"#" * 1_000_001, "limit"),
+    # strict types: nothing is coerced
+    ("string as boolean", (("models", 0, "trust_remote_code"), "yes"), "models.0.trust_remote_code"),
+    ("number as boolean", (("tracking",), {"log_model": 1}), "tracking.log_model"),
+    ("boolean as integer", (("calibration", "num_samples"), True), "calibration.num_samples"),
+    ("numeric string as integer", (("calibration", "seed"), "7"), "calibration.seed"),
+    ("float as integer", (("calibration", "max_seq_length"), 64.5), "calibration.max_seq_length"),
+    ("boolean as number", (("resources",), {"num_gpus": True}), "resources.num_gpus"),
+    ("number as string", (("models", 0, "name"), 5), "models.0.name"),
+    ("boolean method field", (("methods", 0, "group_size"), False), "group_size"),
+    # locations and URIs, checked as written
+    ("tracking uri not a uri", (("tracking",), {"uri": "not a uri"}), "tracking.uri"),
+    ("tracking uri unknown scheme", (("tracking",), {"uri": "ftp://host/x"}), "tracking.uri"),
+    ("tracking uri no host", (("tracking",), {"uri": "http://"}), "names no host"),
+    ("tracking uri bad port", (("tracking",), {"uri": "http://localhost:abc"}), "port"),
+    ("tracking uri sqlite no path", (("tracking",), {"uri": "sqlite://"}), "tracking.uri"),
+    ("s3 model no bucket", (("models", 0, "source"), "s3://"), "names no bucket"),
+    ("s3 model empty bucket", (("models", 0, "source"), "s3:///models/x"), "names no bucket"),
+    ("s3 model bad bucket", (("models", 0, "source"), "s3://My_Bucket/x"), "not an S3 bucket name"),
+    ("s3 empty segment", (("models", 0, "source"), "s3://bucket//x"), "empty path segment"),
+    ("s3 calibration no bucket", (("calibration", "source"), "s3:///c.txt"), "calibration.source"),
+    ("s3 output no bucket", (("output",), {"root": "s3://"}), "output.root"),
+    ("s3 heldout bad bucket", (("evaluation", "perplexity", "source"), "s3://a/x.txt"), "perplexity.source"),
+    ("s3 missing slashes", (("models", 0, "source"), "s3:bucket/x"), "expected s3://"),
+    ("hf empty repo", (("models", 0, "source"), "hf://"), "not a hub repository"),
+    ("hf empty revision", (("models", 0, "source"), "hf://org/name@"), "empty revision"),
+    # YAML that parses into something other than what was written
+    ("duplicate key", b"name: a\nname: b\n", "given twice"),
+    ("deep nesting", b"a: " + b"[" * 3000 + b"]" * 3000 + b"\n", "nested deeper"),
+    ("deep mappings", b"a: " + b"{b: " * 200 + b"1" + b"}" * 200 + b"\n", "nested deeper"),
 ]
 
 
@@ -107,3 +138,91 @@ def test_empty_calibration_text_fails_in_preflight(
     )
     assert main(["run", str(spec)]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+def _model_copy(src: Path, into: Path) -> Path:
+    """A copy of a fixture model whose files the case may break (weights linked: they are large and untouched)."""
+    into.mkdir()
+    for f in src.iterdir():
+        (into / f.name).write_bytes(f.read_bytes()) if f.suffix != ".safetensors" else (into / f.name).symlink_to(f)
+    return into
+
+
+def _truncate(d: Path) -> None:
+    shard = next(d.glob("*.safetensors"))
+    data = shard.resolve().read_bytes()
+    shard.unlink()
+    shard.write_bytes(data[: len(data) // 2])
+
+
+def _garbage_header(d: Path) -> None:
+    shard = next(d.glob("*.safetensors"))
+    data = shard.resolve().read_bytes()
+    shard.unlink()
+    n = int.from_bytes(data[:8], "little")
+    shard.write_bytes(data[:8] + b"{" * n + data[8 + n :])
+
+
+def _not_safetensors(d: Path) -> None:
+    shard = next(d.glob("*.safetensors"))
+    shard.unlink()
+    shard.write_bytes(b"PK\x03\x04" + b"\x00" * 4096)  # a zip (a torch pickle) renamed
+
+
+def _empty_tokenizer(d: Path) -> None:
+    """A tokenizer whose normalizer deletes every character: every text is no tokens."""
+    tok = json.loads((d / "tokenizer.json").read_text())
+    tok["normalizer"] = {"type": "Replace", "pattern": {"Regex": "[\\s\\S]"}, "content": ""}
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+
+
+def _broken_tokenizer(d: Path) -> None:
+    (d / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "NoSuchModel"}}')
+
+
+FILE_CASES = [
+    ("truncated shard", _truncate, "truncated"),
+    ("corrupt header", _garbage_header, "header is not JSON"),
+    ("not safetensors", _not_safetensors, "does not fit the file"),
+    ("tokenizer gives no tokens", _empty_tokenizer, "tokenizer (tokenizer.json) turns the calibration text"),
+    ("unreadable tokenizer", _broken_tokenizer, "tokenizer.json cannot be read"),
+]
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+@pytest.mark.parametrize(("case", "damage", "expected"), FILE_CASES, ids=[c[0] for c in FILE_CASES])
+def test_broken_model_files_fail_in_preflight(
+    case: str,
+    damage: Any,
+    expected: str,
+    command: str,
+    fixture_paths: dict,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """`plan` runs the same preflight as `run`: what one refuses, the other does too, before anything is written."""
+    model = _model_copy(fixture_paths["tiny-llama"], tmp_path / "model")
+    damage(model)
+    out = tmp_path / "out"
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(_with(tiny_spec(fixture_paths, str(out)), ("models", 0, "source"), str(model))))
+    assert main([command, str(spec)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+@pytest.mark.parametrize("under", [False, True])
+def test_output_root_that_is_a_file(
+    command: str, under: bool, fixture_paths: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    blocker = tmp_path / "taken"
+    blocker.write_text("precious")
+    root = blocker / "sub" if under else blocker
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec(fixture_paths, str(root))))
+    assert main([command, str(spec)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a file, not a directory" in err, err
+    assert blocker.read_text() == "precious"
