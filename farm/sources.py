@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,11 @@ from farm.calibration import file_sha256, sha256_many
 from farm.errors import SourceError, SpecError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-HASHED = ("config.json",)
+# Besides the weights, the identity covers every file that changes what the model computes or how it is
+# prompted: config, generation config, tokenizer files, special tokens, chat template, processor configs and
+# remote code. Documentation files do not count.
+IDENTITY_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken", ".py", ".vocab")
+NOT_IDENTITY = re.compile(r"^(readme|license|licence|notice|copying|citation|use_policy)", re.IGNORECASE)
 HF_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer*", "*.txt", "*.model"]
 
 
@@ -72,9 +77,21 @@ def cached_file_sha256(path: Path) -> str:
     return digest
 
 
+def identity_files(directory: Path) -> list[Path]:
+    """The checkpoint's files, other than weights, that its identity covers (see IDENTITY_SUFFIXES)."""
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.is_file()
+        and (p.suffix in IDENTITY_SUFFIXES or p.name.startswith("tokenizer"))
+        and not NOT_IDENTITY.match(p.name)
+    )
+
+
 def content_identity(directory: Path, allow_pickle: bool = False) -> str:
-    """sha256 over (file name, file sha256) of every weight shard and the config."""
-    files = weight_files(directory, allow_pickle) + [directory / n for n in HASHED if (directory / n).exists()]
+    """sha256 over (file name, file sha256) of every weight shard and every file `identity_files` names: two
+    checkpoints with the same weights but another tokenizer, chat template or generation config differ."""
+    files = weight_files(directory, allow_pickle) + identity_files(directory)
     shas = sha256_many(files, cached_file_sha256)
     h = hashlib.sha256()
     for f, sha in zip(files, shas, strict=True):

@@ -9,6 +9,7 @@ whose driver died - only builds what is missing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -300,6 +301,7 @@ class Driver:
             for v in plan.variants:
                 row = cached[v.id]
                 if row is not None:
+                    row = self._registered_as(v, row)
                     outcome.variants.append(self._reused(v, row, base_ppl.get(v.base_eval_id)))
                     self._print_variant(outcome.variants[-1], len(outcome.variants), len(plan.variants))
             t = time.perf_counter()
@@ -352,6 +354,27 @@ class Driver:
             if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
                 self.store.end_run(row.run_id, ok=False, reason=f"driver {driver} died before finishing this run")
                 self.say(f"  marked FAILED: run {row.run_id} left RUNNING by dead driver {driver}")
+
+    def _registered_as(self, v: Variant, row: Any) -> Any:
+        """A reused variant registered under this job's name for its model. The variant id hashes what the model
+        computes, not what it is called: the same checkpoint under another name (or registry prefix) is reused,
+        and gets that name's registry version and tags, once."""
+        if not row.tags.get(Tag.MODEL_VERSION):  # never registered (log_model off): nothing to add
+            return row
+        name = registered_name(self.spec, v.model_name)
+        version = self.store.version_of_run(name, row.run_id)
+        if version is None:
+            manifest = self.store.load_json(row.run_id, "manifest.json")
+            if manifest is None:
+                return row
+            version = self.store.register(
+                name,
+                row.run_id,
+                "model",
+                self._version_tags(v, manifest) | {"registered_from_reuse": "true"},
+                description=f"{v.method.label()} of {redact(v.model.source)} (the checkpoint of an equal model)",
+            )
+        return dataclasses.replace(row, tags={**row.tags, Tag.MODEL_VERSION: version})
 
     def _reused(self, v: Variant, row: Any, base: float | None) -> VariantOutcome:
         return VariantOutcome(

@@ -229,6 +229,11 @@ class MlflowStore:
         mv = self.client.create_model_version(name, source, run_id=run_id, tags=tags, description=description)
         return str(mv.version)
 
+    def version_of_run(self, name: str, run_id: str) -> str | None:
+        """The version of registered model `name` made from `run_id`, if any (None when the model is not there)."""
+        versions = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        return str(max(int(mv.version) for mv in versions)) if versions else None
+
     def set_aliases(self, name: str, aliases: dict[str, str]) -> None:
         for alias, version in aliases.items():
             self.client.set_registered_model_alias(name, alias, version)

@@ -95,6 +95,19 @@ def test_job_end_to_end(stack: Stack, stack_env: dict, fixture_paths: dict, tmp_
     assert len(client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'")) == 4
     assert len(client.search_model_versions("name = 'e2e-tiny-llama'")) == 4
 
+    # The same checkpoint under another name is reused, and registered under that name too (once).
+    renamed = tiny_spec(
+        fixture_paths, f"s3://{BUCKET}/variants", tracking={"experiment": "e2e", "registered_model_prefix": "e2e-"}
+    )
+    renamed["models"][0]["name"] = "tiny-copy"
+    rspec = write_spec(tmp_path / "renamed.yaml", renamed)
+    for _ in range(2):
+        third = farm("run", str(rspec), *args[2:], env=stack_env, cwd=tmp_path)
+        assert third.returncode == 0 and "0 to build, 4 reused" in third.stdout, third.stdout + third.stderr
+        copies = client.search_model_versions("name = 'e2e-tiny-copy'")
+        assert len(copies) == 4 and all(v.tags["registered_from_reuse"] == "true" for v in copies)
+        assert {v.run_id for v in copies} == {r.info.run_id for r in runs}
+
     cmp_ = farm("compare", "e2e", "--tracking-uri", stack.mlflow_uri, env=stack_env, cwd=tmp_path)
     assert cmp_.returncode == 0, cmp_.stderr
     assert cmp_.stdout.count("tiny-llama") >= 4

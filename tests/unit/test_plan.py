@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from farm.errors import SpecError
@@ -134,3 +137,29 @@ def test_every_check_setting_is_part_of_the_base_evaluation_id() -> None:
         ev = {"perplexity": {"source": "/h.txt"}, key: {}}
         seen.add(plan(spec(evaluation=ev)).base_evals[0].id)
     assert len(seen) == 8  # each check changes what a finished base/variant evaluation means
+
+
+def test_a_changed_tokenizer_is_another_model_with_other_variant_ids(
+    fixture_paths: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Same weights and config, another tokenizer: `farm plan` gives other ids, so nothing is reused."""
+    import shutil
+
+    from farm.cli import main
+    from tests.conftest import tiny_spec, write_spec
+
+    copy = tmp_path / "copy"
+    shutil.copytree(fixture_paths["tiny-llama"], copy)
+    cfg = json.loads((copy / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{{ messages[0]['content'] }}"
+    (copy / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+    def ids(source: Path) -> set[str]:
+        spec = tiny_spec(fixture_paths, str(tmp_path / "out"))
+        spec["models"][0]["source"] = str(source)
+        assert main(["plan", str(write_spec(tmp_path / "job.yaml", spec))]) == 0
+        rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+        return {r[0] for r in rows if r and len(r[0]) == 16 and all(c in "0123456789abcdef" for c in r[0])}
+
+    original, changed = ids(fixture_paths["tiny-llama"]), ids(copy)
+    assert original and changed and not original & changed
