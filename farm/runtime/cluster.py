@@ -14,7 +14,10 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-# Forwarded to workers so they reach the same S3 endpoint and caches; credentials are not forwarded:
+from farm.secrets import redact
+
+# Forwarded to workers so they reach the same S3 endpoint and caches (a value carrying a credential goes through
+# the worker's constructor, see forwarded_env); keys and tokens are not forwarded:
 # on a real cluster nodes carry their own (instance roles, mounted secrets).
 FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
@@ -54,17 +57,19 @@ def connect(address: str | None, verbose: bool = False) -> Iterator[Any]:
     quiet_env()
     import ray
 
-    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env_vars, _secret = forwarded_env()
     # Inside a submitted Ray job the job's runtime env already reaches every worker (and Ray refuses a second
     # one that sets the same variables).
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     runtime_env = {"env_vars": env_vars} if env_vars and not in_job else None
     main = threading.current_thread() is threading.main_thread()
     on_term = signal.getsignal(signal.SIGTERM) if main else None
+    address = address or os.environ.get("RAY_ADDRESS") or None  # a submitted job's, or the user's explicit one
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=verbose, logging_level=logging.WARNING)
     else:
         ray.init(
+            address="local",  # an embedded cluster of its own, even where `ray start` runs one on this host
             num_gpus=detected_gpus(),
             include_dashboard=False,
             log_to_driver=verbose,
@@ -78,6 +83,23 @@ def connect(address: str | None, verbose: bool = False) -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def holds_secret(value: str) -> bool:
+    """A value that carries a credential (a URL's user:password, a secret query parameter): Ray writes a
+    runtime_env's variables verbatim into its runtime_env_agent.log, so these never travel in one."""
+    return redact(value) != value
+
+
+def forwarded_env() -> tuple[dict[str, str], dict[str, str]]:
+    """(variables for the workers' runtime_env, variables that carry a credential): the second reach workers
+    through their constructor (`Worker(secrets=...)`), which Ray does not log."""
+    public: dict[str, str] = {}
+    secret: dict[str, str] = {}
+    for key in FORWARDED_ENV:
+        if key in os.environ:
+            (secret if holds_secret(os.environ[key]) else public)[key] = os.environ[key]
+    return public, secret
 
 
 def remote_actor(cls: type, options: dict[str, Any]) -> Any:

@@ -569,7 +569,7 @@ class Driver:
             if other:  # an idle worker of another environment holds the slot this one needs
                 cluster.kill(other.pop())
             return cluster.remote_actor(Worker, {**worker_opts, **({"runtime_env": env} if env else {})}).remote(
-                res.num_cpus
+                res.num_cpus, secrets=cluster.forwarded_env()[1]
             )
 
         try:
@@ -686,7 +686,7 @@ class Driver:
             Worker,
             r.ranks,
             {"CPU": r.num_cpus, "GPU": r.num_gpus, "memory": r.memory_bytes},
-            (r.num_cpus, r.ranks == 1),
+            (r.num_cpus, r.ranks == 1, cluster.forwarded_env()[1]),
         )
         if r.ranks == 1:
             return gang, [gang.actors[0].build.remote(task)]

@@ -24,3 +24,17 @@ def test_secrets_removed(text: str, secret: str) -> None:
 def test_plain_text_unchanged() -> None:
     for text in ("s3://bucket/prefix/model", "/data/models/m", "hf://org/name@main", "http://127.0.0.1:5000"):
         assert redact(text) == text
+
+
+def test_credentials_never_travel_in_a_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray writes a runtime_env's variables into runtime_env_agent.log: a value carrying a password goes to the
+    workers through their constructor instead; plain endpoints still travel in the runtime_env."""
+    from farm.runtime import cluster
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://user:hunter2@s3.internal:9000")
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", "http://s3.internal:9000")
+    monkeypatch.setenv("HF_HOME", "/data/hf?token=abc123")
+    public, secret = cluster.forwarded_env()
+    assert public == {"MLFLOW_S3_ENDPOINT_URL": "http://s3.internal:9000"}
+    assert set(secret) == {"AWS_ENDPOINT_URL", "HF_HOME"}
+    assert "hunter2" not in repr(public) and "abc123" not in repr(public)
