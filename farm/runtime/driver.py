@@ -78,6 +78,8 @@ class JobOutcome:
     # where the job's time went: preflight (resolve + hash inputs), tracking (MLflow lookups; alongside cluster when
     # a new local store is created), cluster (Ray start or connect), build (base evaluations and variants), finish
     phases: dict[str, float] = field(default_factory=dict)
+    failed_bases: dict[str, str] = field(default_factory=dict)  # base eval id -> why its evaluation failed
+    finished: bool = False  # the driver got to the end of the job (failures are the variants' own)
 
     def mark(self, phase: str, since: float) -> float:
         """Book the time since `since` to `phase`; returns now."""
@@ -87,7 +89,17 @@ class JobOutcome:
 
     @property
     def ok(self) -> bool:
-        return all(v.status != "failed" for v in self.variants)
+        return not self.failed_bases and all(v.status != "failed" for v in self.variants)
+
+    def reason(self) -> str | None:
+        """Why the job's run did not succeed, in a line (None when it did)."""
+        if not self.finished:
+            return "job did not finish (error or interrupt in the driver)"
+        failed = [v.variant.label for v in self.variants if v.status == "failed"]
+        parts = [f"base evaluation failed: {why}" for why in self.failed_bases.values()]
+        if failed:
+            parts.append(f"{len(failed)} variant(s) failed: {', '.join(failed[:8])}")
+        return "; ".join(parts) or None
 
 
 def preflight(spec: JobSpec) -> Plan:
@@ -322,7 +334,7 @@ class Driver:
                     **{f"seconds_{k}": v for k, v in outcome.phases.items()},
                 },
             )
-            ok = outcome.ok
+            ok, outcome.finished = outcome.ok, True
             return outcome
         except Exception as err:
             if is_tracking_failure(err):
@@ -338,7 +350,7 @@ class Driver:
                     self._end(
                         run_id,
                         ok=run_id == parent and ok,
-                        reason=None if ok else "job did not finish (error or interrupt in the driver)",
+                        reason=None if ok else outcome.reason() if run_id == parent else "job did not finish",
                     )
                 except Exception as err:  # the tracking server may be the thing that failed: stop trying
                     if not is_tracking_failure(err):
@@ -569,7 +581,7 @@ class Driver:
             if other:  # an idle worker of another environment holds the slot this one needs
                 cluster.kill(other.pop())
             return cluster.remote_actor(Worker, {**worker_opts, **({"runtime_env": env} if env else {})}).remote(
-                res.num_cpus, secrets=cluster.forwarded_env()[1]
+                res.num_cpus, secrets=cluster.forwarded_env()[1], cpu_only=not res.num_gpus
             )
 
         try:
@@ -657,6 +669,14 @@ class Driver:
                 if isinstance(item, BaseEval):
                     bases_left.discard(item.id)
                     self._finish_base(item, run_id, result, error, base_ppl)
+                    if item.id not in base_ppl:  # a variant is judged against its base: without one, not built
+                        outcome.failed_bases[item.id] = f"{item.model_name}: {error}"
+                        for v in [q for q in queue if isinstance(q, Variant) and q.base_eval_id == item.id]:
+                            queue.remove(v)
+                            outcome.variants.append(
+                                VariantOutcome(v, "skipped", None, reason=f"base evaluation failed: {error}")
+                            )
+                            self._print_variant(outcome.variants[-1], len(outcome.variants), len(plan.variants))
                     for w in [w for w in waiting if w[0].base_eval_id == item.id]:
                         waiting.remove(w)
                         self._finish_variant(w[0], w[1], w[2], base_ppl.get(item.id), outcome)
@@ -686,7 +706,7 @@ class Driver:
             Worker,
             r.ranks,
             {"CPU": r.num_cpus, "GPU": r.num_gpus, "memory": r.memory_bytes},
-            (r.num_cpus, r.ranks == 1, cluster.forwarded_env()[1]),
+            (r.num_cpus, r.ranks == 1, cluster.forwarded_env()[1], not r.num_gpus),
         )
         if r.ranks == 1:
             return gang, [gang.actors[0].build.remote(task)]

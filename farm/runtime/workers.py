@@ -216,10 +216,14 @@ class Worker:
     `join`, once it knows the gang's devices). What that cost is reported by the first job, as
     `seconds_worker_start`, apart from the job's own stage times."""
 
-    def __init__(self, num_cpus: float = 1, warm: bool = True, secrets: dict[str, str] | None = None):
-        from farm.stages.modelio import set_threads
+    def __init__(
+        self, num_cpus: float = 1, warm: bool = True, secrets: dict[str, str] | None = None, cpu_only: bool = False
+    ):
+        from farm.stages.modelio import pin_cpu_kernels, set_threads
 
         os.environ.update(secrets or {})  # credential-bearing variables: through the constructor, not runtime_env
+        if cpu_only:  # the same numbers on any x86-64 host (before torch loads)
+            pin_cpu_kernels()
 
         set_threads(num_cpus)
         self.devices = os.environ.get("CUDA_VISIBLE_DEVICES", "")  # the GPUs Ray gave this worker (`join` widens)

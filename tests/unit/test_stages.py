@@ -96,3 +96,24 @@ def test_release_device_memory_drops_the_last_oneshot_model(fixture_paths: dict,
     assert ref() is not None  # the session alone keeps it alive
     release_device_memory()
     assert active_session().state.model is None and ref() is None
+
+
+def test_cpu_workers_pin_their_kernels_before_torch_loads() -> None:
+    """A CPU-only worker gives the same numbers on any x86-64 host: torch's, MKL's and oneDNN's kernels are
+    pinned to AVX2 (an AVX-512 host otherwise rounds differently); a variable the user set wins."""
+    import platform
+    import subprocess
+    import sys
+
+    code = (
+        "import os; os.environ['MKL_CBWR'] = 'COMPATIBLE'\n"
+        "from farm.stages.modelio import pin_cpu_kernels\n"
+        "pinned = pin_cpu_kernels()\n"
+        "import torch\n"
+        "print(sorted(pinned), os.environ['MKL_CBWR'], torch.backends.cpu.get_cpu_capability())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    if platform.machine().lower() not in ("x86_64", "amd64") or "avx2" not in Path("/proc/cpuinfo").read_text():
+        assert out[:1] == ["[]"]
+        return
+    assert out == ["['ATEN_CPU_CAPABILITY',", "'ONEDNN_MAX_CPU_ISA']", "COMPATIBLE", "AVX2"]
