@@ -68,8 +68,11 @@ class MlflowStore:
         self.uri = uri
         self.experiment_name = experiment
         self._artifact_location = artifact_location
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self._experiment_id: str | None = None
+        if uri.startswith("sqlite:///"):
+            self.client = self._open_sqlite(Path(uri[len("sqlite:///") :]))
+        else:
+            self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     # -- connection ---------------------------------------------------------------------------------------
     def check_reachable(self, timeout: float = 5.0) -> None:
@@ -91,6 +94,35 @@ class MlflowStore:
                 reason = getattr(err, "reason", err)
                 raise TrackingError(f"MLflow server {redact(self.uri)} is unreachable ({reason})") from None
         self.experiment_id  # creates the experiment; also proves a sqlite store is writable  # noqa: B018
+
+    def _open_sqlite(self, path: Path) -> Any:
+        """Open (creating it if need be) a sqlite store under an exclusive lock beside it: MLflow's schema
+        migrations are not safe against a concurrent creator (two first-time drivers both failed and left
+        temporary tables behind). A store created here that cannot be finished is removed, not left half-made;
+        one that cannot be opened is one line."""
+        import fcntl
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = path.with_name(path.name + ".lock").open("a")
+        except OSError as err:
+            raise TrackingError(f"tracking store {redact(self.uri)}: cannot create ({err.strerror or err})") from None
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            new = not path.exists() or path.stat().st_size == 0
+            try:
+                from mlflow.tracking import MlflowClient
+
+                client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)  # migrates a new store
+                client.search_experiments(max_results=1)  # an old one answers
+                return client
+            except Exception as err:
+                if new:
+                    path.unlink(missing_ok=True)
+                first = (str(err).splitlines() or [""])[0][:300]
+                raise TrackingError(
+                    f"tracking store {redact(self.uri)} cannot be opened ({type(err).__name__}: {redact(first)})"
+                ) from None
 
     @property
     def experiment_id(self) -> str:

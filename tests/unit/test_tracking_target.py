@@ -13,3 +13,48 @@ def test_new_local_store(tmp_path: Path) -> None:
     assert not new_local_store(uri)
     assert not new_local_store("http://127.0.0.1:5000")  # a server: quick lookups, no migrations here
     assert not new_local_store("postgresql://u@db/mlflow")
+
+
+OPEN = (
+    "import sys\n"
+    "from farm.tracking.mlflow_store import MlflowStore\n"
+    "from farm.errors import TrackingError\n"
+    "try:\n"
+    "    MlflowStore(sys.argv[1], 'race').check_reachable()\n"
+    "except TrackingError as err:\n"
+    "    print(err); sys.exit(3)\n"
+)
+
+
+def test_concurrent_creators_of_a_new_sqlite_store_both_succeed(tmp_path: Path) -> None:
+    """Three first-time drivers sharing a new sqlite store: MLflow's migrations run once, under a lock; every
+    creator gets a working store (unlocked, they crashed and left temporary tables that broke later runs)."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", OPEN, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    import sqlite3
+
+    tables = {r[0] for r in sqlite3.connect(tmp_path / "store" / "mlflow.db").execute("select name from sqlite_master")}
+    assert "experiments" in tables and not [t for t in tables if t.startswith("_alembic_tmp")]
+
+
+def test_a_store_that_cannot_be_opened_is_one_line_and_a_new_one_is_not_left(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(b"this is not a sqlite database" * 100)
+    run = subprocess.run([sys.executable, "-c", OPEN, f"sqlite:///{broken}"], capture_output=True, text=True)
+    assert run.returncode == 3 and len(run.stdout.strip().splitlines()) == 1, run.stdout + run.stderr
+    assert "cannot be opened" in run.stdout and broken.exists()  # not ours to remove
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    run = subprocess.run([sys.executable, "-c", OPEN, f"sqlite:///{blocked}/mlflow.db"], capture_output=True, text=True)
+    assert run.returncode == 3 and "cannot create" in run.stdout, run.stdout + run.stderr
