@@ -28,10 +28,13 @@ from farm.methods.backends import BACKENDS
 from farm.plan import BaseEval, ModelInfo, Plan, Variant, make_plan, merged_identity
 from farm.runtime import cluster
 from farm.runtime.ddp import Rank
+from farm.runtime.results import BaseResult, RankReport, VariantResult
 from farm.runtime.workers import BaseTask, Tracking, VariantTask, Worker, library_versions
 from farm.secrets import redact
 from farm.serving import measure as serving
 from farm.spec import GateSpec, JobSpec
+from farm.stages.checks.runner import ChecksResult
+from farm.stages.evaluate import EvaluateResult
 from farm.tracking.mlflow_store import (
     TAG,
     MlflowStore,
@@ -443,16 +446,16 @@ class Driver:
                 if verdict != "promoted" and o.variant.model_name not in stopped:
                     stopped[o.variant.model_name] = f"ladder stopped: {o.variant.method.label()} was {verdict}"
 
-    def _log_checks(self, run_id: str, label: str, checks: dict[str, Any] | None) -> dict[str, float]:
-        if not checks:
+    def _log_checks(self, run_id: str, label: str, checks: ChecksResult | None) -> dict[str, float]:
+        if checks is None:
             return {}
-        tags = {TAG + k: v for k, v in (checks.get("tags") or {}).items()}
-        self.store.log(run_id, metrics=checks["metrics"], tags=tags)
-        for name, content in checks["artifacts"].items():
+        tags = {TAG + k: v for k, v in checks.tags.items()}
+        self.store.log(run_id, metrics=checks.metrics, tags=tags)
+        for name, content in checks.artifacts.items():
             self.store.log_json(run_id, content, f"checks/{name}")
         if TAG + serving.TAG_ERROR in tags:
             self.say(f"  serving  {label}: not measured: {tags[TAG + serving.TAG_ERROR]}")
-        return dict(checks["metrics"])
+        return dict(checks.metrics)
 
     def _greedy_of_base(self, base_eval_id: str) -> list[list[int]] | None:
         """The base's greedy token ids from its serving check (this job's, or its recorded run's)."""
@@ -556,8 +559,8 @@ class Driver:
         pending: dict[Any, tuple[BaseEval | Variant, Any, str]] = {}  # ref -> (item, worker or gang, run_id)
         followers: dict[Any, Any] = {}  # ref of a rank > 0 -> ref of its rank 0
         rank_errors: dict[Any, str] = {}  # rank-0 ref -> why another rank of its gang failed
-        rank_info: dict[Any, list[dict[str, Any]]] = {}  # rank-0 ref -> where the other ranks ran
-        waiting: list[tuple[Variant, str, dict[str, Any]]] = []  # variants done before their base
+        rank_info: dict[Any, list[RankReport]] = {}  # rank-0 ref -> where the other ranks ran
+        waiting: list[tuple[Variant, str, VariantResult]] = []  # variants done before their base
         bases_left = {b.id for b in bases}
         attempts: dict[str, int] = {}
         self.say(f"  {size} worker(s) of {res.num_cpus:g} CPU / {res.num_gpus:g} GPU each")
@@ -655,8 +658,9 @@ class Driver:
                         idle_gangs.setdefault(gang_shape(item), []).append(worker)  # for the next of its shape
                     else:
                         worker.close()
-                    if result is not None and result.get("ddp"):
-                        result["ddp"]["ranks"] = [{"rank": 0, **result["ddp"]["rank0"]}, *filter(None, others)]
+                    if isinstance(result, VariantResult) and result.ddp is not None:
+                        ranks = (*result.ddp.ranks, *(r for r in others if isinstance(r, RankReport)))
+                        result = dataclasses.replace(result, ddp=dataclasses.replace(result.ddp, ranks=ranks))
                 elif worker_lost:
                     cluster.kill(worker)
                 else:
@@ -720,85 +724,79 @@ class Driver:
         return gang, refs
 
     def _finish_base(
-        self, b: BaseEval, run_id: str, result: dict[str, Any] | None, error: str | None, base_ppl: dict[str, float]
+        self, b: BaseEval, run_id: str, result: BaseResult | None, error: str | None, base_ppl: dict[str, float]
     ) -> None:
-        if error or result is None:
+        if error or not isinstance(result, BaseResult):
             self._end(run_id, ok=False, reason=error)
             self.say(f"  base     {b.model_name}: FAILED {error}")
             return
-        e = result["evaluation"]
+        e = result.evaluation
         self.store.log(
             run_id,
             metrics=_eval_metrics(e),
             params={"model_source": redact(b.model.source)},
-            tags={Tag.GENERATION: e["generation"]},
+            tags={Tag.GENERATION: e.generation},
         )
-        checks = result.get("checks") or {}
+        checks = result.checks
         self.base_metrics[b.id] = {**_eval_metrics(e), **self._log_checks(run_id, f"base {b.model_name}", checks)}
-        self.base_greedy[b.id] = ((checks.get("artifacts") or {}).get(serving.DOCUMENT) or {}).get("greedy") or None
+        self.base_greedy[b.id] = _greedy(checks)
         self._end(run_id, ok=True)
-        base_ppl[b.id] = e["perplexity"]
-        self.say(f"  base     {b.model_name}: ppl {e['perplexity']:.2f}, {e['weights_bytes'] / 1e6:.1f} MB")
+        base_ppl[b.id] = e.perplexity
+        self.say(f"  base     {b.model_name}: ppl {e.perplexity:.2f}, {e.weights_bytes / 1e6:.1f} MB")
 
     def _finish_variant(
-        self, v: Variant, run_id: str, result: dict[str, Any], base: float | None, outcome: JobOutcome
+        self, v: Variant, run_id: str, result: VariantResult, base: float | None, outcome: JobOutcome
     ) -> None:
-        e, q, manifest = result["evaluation"], result["quantize"], result["manifest"]
-        timings = (
-            "seconds_total",
-            "seconds_manifest",
-            "seconds_publish",
-            "seconds_mlflow_upload",
-            "seconds_artifact_wait",
-        )
+        e, q, manifest = result.evaluation, result.quantize, result.manifest
         metrics = {
             **_eval_metrics(e),
-            **{k: result[k] for k in timings},
-            "seconds_quantize_load": q["seconds_load"],
-            "seconds_oneshot": q["seconds_oneshot"],
-            "seconds_save": q["seconds_save"],
+            **result.timings(),
+            "seconds_quantize_load": q.seconds_load,
+            "seconds_oneshot": q.seconds_oneshot,
+            "seconds_save": q.seconds_save,
         }
         if base is not None:
-            metrics |= {"base_perplexity": base, "perplexity_delta": e["perplexity"] - base}
+            metrics |= {"base_perplexity": base, "perplexity_delta": e.perplexity - base}
         limit = self.spec.evaluation.thresholds.max_perplexity_delta
         tags = {
-            Tag.ARTIFACT_URI: result["artifact_uri"],
-            Tag.GENERATION: e["generation"],
+            Tag.ARTIFACT_URI: result.artifact_uri,
+            Tag.GENERATION: e.generation,
             Tag.RECIPE_SHA256: manifest["recipe_sha256"],
-            Tag.DEVICE: q["device"],
+            Tag.DEVICE: q.device,
         }
-        if result.get("ddp"):
-            tags[Tag.DDP_WORLD_SIZE] = str(result["ddp"]["world"])
-            tags[Tag.DDP_RANKS] = json.dumps(sorted(result["ddp"].get("ranks", []), key=lambda r: r["rank"]))
-        if q["notes"]:
-            tags[Tag.NOTES] = "; ".join(q["notes"])
+        if result.ddp is not None:
+            tags[Tag.DDP_WORLD_SIZE] = str(result.ddp.world)
+            ranks = sorted(result.ddp.ranks, key=lambda r: r.rank)
+            tags[Tag.DDP_RANKS] = json.dumps([dataclasses.asdict(r) for r in ranks])
+        if q.notes:
+            tags[Tag.NOTES] = "; ".join(q.notes)
         if limit is not None and base is not None:
-            tags[Tag.WITHIN_THRESHOLD] = str(e["perplexity"] - base <= limit).lower()
-        report = q.get("calibration_report") or {}
+            tags[Tag.WITHIN_THRESHOLD] = str(e.perplexity - base <= limit).lower()
+        report = q.calibration_report
         if report:
             metrics |= {
                 "calibration_tokens": report["tokens"],
                 "calibration_unique_token_ratio": report["unique_token_ratio"],
             }
             self.store.log_json(run_id, report, "calibration_report.json")
-        metrics |= q.get("metrics") or {}
-        for name, doc in (q.get("documents") or {}).items():
+        metrics |= q.metrics
+        for name, doc in q.documents.items():
             self.store.log_json(run_id, doc, name)
         self.store.log(run_id, metrics=metrics, tags=tags)
-        metrics |= self._log_checks(run_id, v.label, result.get("checks"))
-        greedy = (((result.get("checks") or {}).get("artifacts") or {}).get(serving.DOCUMENT) or {}).get("greedy")
+        metrics |= self._log_checks(run_id, v.label, result.checks)
+        greedy = _greedy(result.checks)
         base_greedy = self._greedy_of_base(v.base_eval_id) if greedy else None
         if greedy and base_greedy:  # the same seeded prompts, greedy: does the served variant answer like its base?
             agreement = serving.greedy_agreement(greedy, base_greedy)
             self.store.log(run_id, metrics=agreement)
             metrics |= agreement
-        outputs = ((result.get("checks") or {}).get("artifacts") or {}).get("reference_outputs.json")
+        outputs = result.checks.artifacts.get("reference_outputs.json") if result.checks else None
         if outputs and self.spec.gate is not None:
             metrics |= self._diff_promoted(v, run_id, outputs, self.spec.gate.alias)
         self.store.log_json(run_id, manifest, "manifest.json")
         self.store.log_text(run_id, manifest["recipe"], "recipe.yaml")
         version = None
-        if result["model_uri"]:
+        if result.model_uri:
             version = self.store.register(
                 registered_name(self.spec, v.model_name),
                 run_id,
@@ -813,11 +811,11 @@ class Driver:
                 v,
                 "built",
                 run_id,
-                e["perplexity"],
+                e.perplexity,
                 base,
-                e["weights_bytes"],
-                result["seconds_total"],
-                result["artifact_uri"],
+                e.weights_bytes,
+                result.seconds_total,
+                result.artifact_uri,
                 version,
                 metrics=metrics,
             )
@@ -915,15 +913,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _eval_metrics(e: dict[str, Any]) -> dict[str, float]:
+def _greedy(checks: ChecksResult | None) -> list[list[int]] | None:
+    """The greedy token ids the serving check recorded, if it ran and generated."""
+    document = checks.artifacts.get(serving.DOCUMENT) if checks is not None else None
+    return (document or {}).get("greedy") or None
+
+
+def _eval_metrics(e: EvaluateResult) -> dict[str, float]:
     return {
-        "perplexity": e["perplexity"],
-        "ppl_tokens": e["ppl_tokens"],
-        "weights_bytes": e["weights_bytes"],
-        "dir_bytes": e["dir_bytes"],
-        "seconds_eval_load": e["seconds_load"],
-        "seconds_perplexity": e["seconds_perplexity"],
-        "seconds_generate": e["seconds_generate"],
+        "perplexity": e.perplexity,
+        "ppl_tokens": e.ppl_tokens,
+        "weights_bytes": e.weights_bytes,
+        "dir_bytes": e.dir_bytes,
+        "seconds_eval_load": e.seconds_load,
+        "seconds_perplexity": e.seconds_perplexity,
+        "seconds_generate": e.seconds_generate,
     }
 
 

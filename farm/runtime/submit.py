@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from farm.errors import FarmError
+from farm.secrets import redact
 
 if TYPE_CHECKING:  # the CLI imports this module to build its parser: keep it light
     from farm.spec import JobSpec
@@ -38,16 +40,27 @@ def _client(address: str) -> Any:
 
 
 def submit(spec: JobSpec, address: str, tracking_uri: str | None = None) -> str:
-    import yaml
-
     client = _client(address)
     workdir = Path(tempfile.mkdtemp(prefix="farm-submit-"))
+    try:  # Ray packages and uploads the working_dir while submitting: the staging directory is not needed after
+        return _submit(client, address, spec, workdir, tracking_uri)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _submit(client: Any, address: str, spec: JobSpec, workdir: Path, tracking_uri: str | None) -> str:
+    import yaml
+
     (workdir / "job.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     cmd = ["python", "-m", "farm.cli", "run", "job.yaml", "--ray-address", "auto"]
     if tracking_uri:
         cmd += ["--tracking-uri", tracking_uri]
+    # Ray records a job's runtime_env (its dashboard, its logs): a value that carries a credential stays out of it
+    # and must be configured on the cluster instead.
     env_vars = {
-        k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "HF_HUB_OFFLINE") if k in os.environ
+        k: os.environ[k]
+        for k in ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "HF_HUB_OFFLINE")
+        if k in os.environ and redact(os.environ[k]) == os.environ[k]
     }
     runtime_env = {
         "working_dir": str(workdir),

@@ -14,8 +14,9 @@ import socket
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from farm import sources
@@ -24,9 +25,12 @@ from farm.methods.backends import BACKENDS
 from farm.plan import BaseEval, Variant
 from farm.runtime import cluster, ddp
 from farm.runtime.ddp import Rank
+from farm.runtime.results import BaseResult, DataParallel, RankReport, VariantResult
 from farm.secrets import redact
 from farm.spec import EvaluationSpec
 from farm.stages import timed_call
+from farm.stages.checks.runner import ChecksResult
+from farm.stages.evaluate import EvaluateResult
 from farm.tracking.names import Tag
 
 VERSIONED = ("farm", "llmcompressor", "compressed-tensors", "transformers", "torch", "ray", "mlflow")
@@ -167,6 +171,31 @@ def release_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
+SCRATCH = "farm-scratch-"  # + "<pid>-<variant id>-": a variant's checkpoint before it is published
+
+
+def sweep_scratch(root: str | None = None) -> int:
+    """Remove the scratch checkpoints of workers on this host that died without cleaning up (kill -9, out of
+    memory): the worker's pid is in the name. Returns how many went."""
+    gone = 0
+    for path in Path(root or tempfile.gettempdir()).glob(f"{SCRATCH}*"):
+        pid = path.name[len(SCRATCH) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            gone += 1
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def device_memory_held() -> int:
     """Bytes of GPU memory this process's caching allocator holds (0 without a GPU)."""
     import torch
@@ -224,6 +253,7 @@ class Worker:
         os.environ.update(secrets or {})  # credential-bearing variables: through the constructor, not runtime_env
         if cpu_only:  # the same numbers on any x86-64 host (before torch loads)
             pin_cpu_kernels()
+        sweep_scratch()  # what workers killed on this host left behind
 
         set_threads(num_cpus)
         self.devices = os.environ.get("CUDA_VISIBLE_DEVICES", "")  # the GPUs Ray gave this worker (`join` widens)
@@ -240,7 +270,7 @@ class Worker:
         seconds, self.start_seconds = self.start_seconds, 0.0
         return seconds
 
-    def evaluate_base(self, task: BaseTask) -> dict[str, Any]:
+    def evaluate_base(self, task: BaseTask) -> BaseResult:
         self._started()  # a base evaluation reports no stage times
         model = local_model(task.base.model)
         try:
@@ -249,15 +279,15 @@ class Worker:
             checks = _serve(model.local_dir, task.evaluation, task.base.model.trust_remote_code, task.num_gpus, checks)
         finally:
             release_device_memory()  # the worker is reused; give its GPU share back to packed neighbours
-        return {"evaluation": result, "checks": checks}
+        return BaseResult(result, checks)
 
-    def build(self, task: VariantTask, rank: Rank | None = None) -> dict[str, Any]:
+    def build(self, task: VariantTask, rank: Rank | None = None) -> VariantResult | RankReport:
         """Quantize, evaluate and publish one variant. With `rank`, this worker is one rank of a data-parallel
         variant: every rank calibrates on its share; rank 0 alone evaluates, publishes and reports."""
         from farm.stages.quantize import CalibrationDraw, QuantizeRequest, quantize
         from farm.tracking.mlflow_store import MlflowStore
 
-        me = {"worker": f"{socket.gethostname()}:{os.getpid()}", "cuda_visible_devices": self.devices}
+        me = RankReport(rank.rank if rank else 0, f"{socket.gethostname()}:{os.getpid()}", self.devices)
         if rank is not None:
             ddp.use_devices(rank)
         v = task.variant
@@ -265,11 +295,9 @@ class Worker:
         lead = rank is None or rank.rank == 0
         mlflow = MlflowStore(tr.uri, tr.experiment, tr.artifact_location)
         if lead:
-            mlflow.log(
-                task.run_id, tags={Tag.WORKER: me["worker"], Tag.CUDA_VISIBLE_DEVICES: me["cuda_visible_devices"]}
-            )
+            mlflow.log(task.run_id, tags={Tag.WORKER: me.worker, Tag.CUDA_VISIBLE_DEVICES: me.cuda_visible_devices})
         model = local_model(v.model)
-        scratch = tempfile.mkdtemp(prefix=f"farm-{v.id}-")
+        scratch = tempfile.mkdtemp(prefix=f"{SCRATCH}{os.getpid()}-{v.id}-")
         try:
             out = f"{scratch}/model"
             cal = v.calibration
@@ -304,7 +332,7 @@ class Worker:
                 finally:
                     ddp.destroy()
                 if not lead:
-                    return {"rank": rank.rank, **me}
+                    return me
                 split = (
                     f"samples per rank {list(shares)} (stages/distributed/rank_shares.py)" if shares else "even split"
                 )
@@ -337,20 +365,20 @@ class Worker:
             store = ArtifactStore(task.artifact_root)
             artifact_uri = store.publish(out, store.key(*v.artifact_key), manifest)
             t_end = time.perf_counter()
-            return {
-                "quantize": {k: val for k, val in asdict(q).items() if k != "recipe"},
-                "evaluation": e,
-                "checks": checks,
-                "manifest": manifest,
-                "artifact_uri": artifact_uri,
-                "model_uri": model_uri,
-                "seconds_manifest": seconds_hash,  # in the background, during evaluation
-                "seconds_mlflow_upload": seconds_upload,  # likewise
-                "seconds_artifact_wait": t_manifest - t_wait,  # what hashing and uploading added after evaluation
-                "seconds_publish": t_end - t_manifest,
-                "seconds_total": t_end - t0,
-                "ddp": {"world": world, "rank0": me} if rank else None,
-            }
+            return VariantResult(
+                quantize=replace(q, recipe=""),  # the manifest carries it
+                evaluation=e,
+                checks=checks,
+                manifest=manifest,
+                artifact_uri=artifact_uri,
+                model_uri=model_uri,
+                seconds_manifest=seconds_hash,
+                seconds_mlflow_upload=seconds_upload,
+                seconds_artifact_wait=t_manifest - t_wait,
+                seconds_publish=t_end - t_manifest,
+                seconds_total=t_end - t0,
+                ddp=DataParallel(world, (me,)) if rank else None,
+            )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
             release_device_memory()
@@ -390,7 +418,7 @@ class Worker:
 
 def _evaluate(
     path: str, evaluation: EvaluationSpec, trust: bool, base_dir: str | None
-) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+) -> tuple[ChecksResult | None, EvaluateResult]:
     """The checks (a variant's against its base at `base_dir`) and the evaluation of the checkpoint at `path`,
     from one load; the checks go first (cold latency)."""
     from farm.stages.checks.runner import enabled, run_checks
@@ -399,16 +427,14 @@ def _evaluate(
     request = _eval_request(path, evaluation, trust)
     loaded = load(request)
     checks = (
-        asdict(run_checks(path, evaluation, base_dir, trust, (loaded.model, loaded.tokenizer)))
-        if enabled(evaluation)
-        else None
+        run_checks(path, evaluation, base_dir, trust, (loaded.model, loaded.tokenizer)) if enabled(evaluation) else None
     )
-    return checks, asdict(evaluate(request, loaded))
+    return checks, evaluate(request, loaded)
 
 
 def _serve(
-    path: str, evaluation: EvaluationSpec, trust: bool, num_gpus: float, checks: dict[str, Any] | None
-) -> dict[str, Any] | None:
+    path: str, evaluation: EvaluationSpec, trust: bool, num_gpus: float, checks: ChecksResult | None
+) -> ChecksResult | None:
     """The serving check (evaluation.serving) of the checkpoint at `path`, merged into the checks' record; a
     failure is one line under farm.serving_error, and the variant's other records stand."""
     if evaluation.serving is None:
@@ -421,10 +447,10 @@ def _serve(
     tokenizer = load_tokenizer(path, trust)
     held = device_memory_held()  # what the worker keeps while the engine starts beside it (should be ~0)
     r = serve(path, evaluation.serving, read_text(evaluation.perplexity.source), tokenizer, num_gpus, trust)
-    out = checks or {"metrics": {}, "artifacts": {}, "tags": {}}
-    out["metrics"] |= r.metrics | {measure.WORKER_HELD_BYTES: float(held)}
-    out["tags"] = out.get("tags", {}) | r.tags | ({measure.TAG_ERROR: r.error} if r.error else {})
-    out["artifacts"][f"{measure.DOCUMENT}"] = r.document | ({"error": r.error} if r.error else {})
+    out = checks or ChecksResult()
+    out.metrics |= r.metrics | {measure.WORKER_HELD_BYTES: float(held)}
+    out.tags |= r.tags | ({measure.TAG_ERROR: r.error} if r.error else {})
+    out.artifacts[measure.DOCUMENT] = r.document | ({"error": r.error} if r.error else {})
     return out
 
 

@@ -77,9 +77,19 @@ def test_stop_and_unknown_job(
     spec = write_spec(
         tmp_path / "job.yaml", tiny_spec(fixture_paths, str(tmp_path / "out"), tracking={"experiment": "stop"})
     )
+    staging = tmp_path / "tmp"
+    staging.mkdir()
     job_id = farm(
-        "submit", str(spec), "--address", jobs_api, "--tracking-uri", stack.mlflow_uri, env=stack_env, cwd=tmp_path
+        "submit",
+        str(spec),
+        "--address",
+        jobs_api,
+        "--tracking-uri",
+        stack.mlflow_uri,
+        env={**stack_env, "TMPDIR": str(staging)},
+        cwd=tmp_path,
     ).stdout.strip()
+    assert not [p for p in staging.iterdir() if p.name.startswith("farm-submit-")]  # Ray has the upload
     assert farm("stop", job_id, "--address", jobs_api).returncode == 0
     from farm.runtime.submit import wait
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from farm.secrets import redact
@@ -38,3 +41,21 @@ def test_credentials_never_travel_in_a_runtime_env(monkeypatch: pytest.MonkeyPat
     assert public == {"MLFLOW_S3_ENDPOINT_URL": "http://s3.internal:9000"}
     assert set(secret) == {"AWS_ENDPOINT_URL", "HF_HOME"}
     assert "hunter2" not in repr(public) and "abc123" not in repr(public)
+
+
+def test_scratch_of_dead_workers_is_swept(tmp_path: Path) -> None:
+    """A worker killed with -9 cannot remove its scratch checkpoint; the next worker on the host does (the
+    owner's pid is in the name), and a live worker's scratch stays."""
+    import subprocess
+    import sys
+
+    from farm.runtime.workers import SCRATCH, sweep_scratch
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = tmp_path / f"{SCRATCH}{dead.stdout.strip()}-abc-x1"
+    live = tmp_path / f"{SCRATCH}{os.getpid()}-abc-x2"
+    other = tmp_path / "someone-elses"
+    for d in (gone, live, other):
+        (d / "model").mkdir(parents=True)
+    assert sweep_scratch(str(tmp_path)) == 1
+    assert not gone.exists() and live.exists() and other.exists()
