@@ -62,12 +62,6 @@ class MethodConfig(BaseModel):
     # Start order in a job: lower runs first (a packed job finishes soonest when its slowest variants start early).
     cost_rank: ClassVar[int] = 9
 
-    def stage(self) -> str | None:
-        """ "module:function" of the quantize stage for this config; None = llm-compressor's oneshot with
-        `modifiers()` (stages/quantize.py). A method with its own engine names it here, so adding one touches
-        neither the quantize stage nor the driver."""
-        return None
-
     def label(self) -> str:
         suffix = "" if self.backend_name == "llmcompressor" else f"-{self.backend_name}"
         return self.name or self.default_label() + suffix

@@ -27,9 +27,6 @@ class FP8Config(MethodConfig):
         base = "fp8-dynamic" if self.scheme == "FP8_DYNAMIC" else "fp8-block"
         return base + ("-mf" if self.engine == "model_free" else "")
 
-    def stage(self) -> str | None:
-        return "farm.stages.quantize:quantize_model_free" if self.engine == "model_free" else None
-
     def check_model(self, model_config: dict[str, Any]) -> list[str]:
         if self.scheme != "FP8_BLOCK":
             return []

@@ -32,9 +32,6 @@ class GPTQConfig(MethodConfig):
             raise ValueError("actorder 'weight' is llm-compressor's; gptqmodel has static, group or null")
         return self
 
-    def stage(self) -> str | None:
-        return "farm.stages.engines.gptqmodel:quantize_gptqmodel" if self.backend == "gptqmodel" else None
-
     def gptqmodel_config(self) -> dict[str, Any]:
         """GPTQModel's QuantizeConfig arguments for the same settings (actorder -> desc_act/static_groups)."""
         return {

@@ -51,9 +51,6 @@ class MixedConfig(MethodConfig):
     def group_sizes(self) -> list[int]:
         return [g.group_size for g in (self.low, self.high) if g.group_size]
 
-    def stage(self) -> str | None:
-        return "farm.stages.engines.mixed:quantize_mixed"
-
     def modifiers(self) -> list[Any]:
         raise TypeError("the mixed method's recipe depends on the model's layers; use modifiers_for()")
 

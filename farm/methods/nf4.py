@@ -41,9 +41,6 @@ class NF4Config(MethodConfig):
     def default_label(self) -> str:
         return self.quant_type + ("-dq" if self.double_quant else "")
 
-    def stage(self) -> str | None:
-        return "farm.stages.engines.bitsandbytes:quantize_bitsandbytes"
-
     def modifiers(self) -> list[Any]:
         raise TypeError("nf4 is not an llm-compressor recipe; use quantization_config()")
 

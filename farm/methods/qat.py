@@ -42,9 +42,6 @@ class QATConfig(MethodConfig):
     def group_sizes(self) -> list[int]:
         return [self.group_size] if self.group_size else []
 
-    def stage(self) -> str | None:
-        return "farm.stages.engines.qat:quantize_qat"
-
     def modifiers(self) -> list[Any]:
         """The conversion after training: round-to-nearest at the trained grid (what the forward pass saw)."""
         from llmcompressor.modifiers.quantization import QuantizationModifier

@@ -9,7 +9,9 @@ from typing import Any
 
 
 def call(path: str, *args: Any) -> Any:
-    """Call the stage function named "module:function" (how methods and backends name their stages)."""
+    """Call the function named "module:function": how a backend names the quantize step that runs in its own
+    Python environment (a Ray task there imports it by that path; in-process engines are registered by config
+    type instead, stages/engines/registry.py)."""
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)(*args)
 

@@ -11,9 +11,11 @@ from typing import Any
 
 from farm.calibration import diversity_of, draw, summed_stats, token_stats
 from farm.methods import MethodConfig
-from farm.stages import call, timed_call
+from farm.methods.fp8 import FP8Config
+from farm.stages import timed_call
 from farm.stages.distributed.split_load import dispatch_replica, load_split
 from farm.stages.distributed.split_save import shards_split_over_ranks
+from farm.stages.engines.registry import register_engine
 from farm.stages.llmc.calibration_sdpa import sdpa_calibration
 from farm.stages.llmc.cpu_pinning import cpu_safe_pinning
 from farm.stages.llmc.ddp_forward_order import forward_ordered
@@ -101,6 +103,7 @@ def _dataset(req: QuantizeRequest, tokenizer: Any, windows: list[list[int]] | No
     return Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
 
 
+@register_engine(FP8Config, when=lambda c: c.engine == "model_free")
 def quantize_model_free(req: QuantizeRequest) -> QuantizeResult:
     """Data-free schemes straight from the safetensors shards (llm-compressor's model_free_ptq): no model is
     built, shards are spread over every GPU this worker holds (a sharded 8B FP8 checkpoint in seconds)."""
@@ -242,11 +245,13 @@ def _tokenizer_and_windows(req: QuantizeRequest) -> tuple[Any, list[list[int]] |
 
 
 def quantize(req: QuantizeRequest) -> QuantizeResult:
-    """The method's own stage if it names one (model_free, mixed, QAT, NF4, GPTQModel), else oneshot."""
-    path = req.method.stage()
-    if path:
-        result: QuantizeResult = call(path, req)
-        return result
+    """The engine registered for the method's config (model_free FP8, mixed, QAT, NF4, GPTQModel:
+    stages/engines/registry.py), else llm-compressor's oneshot."""
+    from farm.stages.engines.registry import engine_for
+
+    engine = engine_for(req.method)
+    if engine is not None:
+        return engine(req)
     device = pick_device()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="farm-tokenizer") as side:  # beside the weights

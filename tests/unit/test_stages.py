@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from farm.methods import REGISTRY, build_method
+from farm.stages.engines.registry import engine_for
 from farm.stages.evaluate import EvaluateRequest, evaluate
 from farm.stages.quantize import CalibrationDraw, QuantizeRequest, quantize
 
@@ -31,7 +32,7 @@ def test_method_round_trip(name: str, fixture_paths: dict, tmp_path: Path) -> No
     config = (tmp_path / "q" / "config.json").read_text()
     fmt = "bitsandbytes" if name == "nf4" else "compressed-tensors"  # NF4 is bitsandbytes' own format
     assert "quantization_config" in config and fmt in config
-    if not method.stage():  # oneshot's own path splits its load and save (the GPU benches read these)
+    if engine_for(method) is None:  # oneshot's own path splits its load and save (the GPU benches read these)
         assert 0 < q.metrics["seconds_save_compress"] < q.seconds_save
         # the tokenizer is read alongside the weights: each part lies within the load, their sum need not
         assert max(q.metrics["seconds_load_tokenizer"], q.metrics["seconds_load_device"]) <= q.seconds_load
@@ -117,3 +118,25 @@ def test_cpu_workers_pin_their_kernels_before_torch_loads() -> None:
         assert out[:1] == ["[]"]
         return
     assert out == ["['ATEN_CPU_CAPABILITY',", "'ONEDNN_MAX_CPU_ISA']", "COMPATIBLE", "AVX2"]
+
+
+def test_engines_are_registered_by_config_type() -> None:
+    """One entry per config type (with a condition where a type has several engines); everything else is
+    llm-compressor's oneshot. Looking engines up imports no torch (the engine modules load it lazily)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from farm.methods import build_method\n"
+        "from farm.stages.engines.registry import engine_for\n"
+        "cases = [{'method': 'gptq'}, {'method': 'gptq', 'backend': 'gptqmodel'}, {'method': 'fp8'},\n"
+        "         {'method': 'fp8', 'engine': 'model_free'}, {'method': 'nf4'}, {'method': 'mixed'},\n"
+        "         {'method': 'qat'}]\n"
+        "print([getattr(engine_for(build_method(c)), '__name__', None) for c in cases], 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == (
+        "[None, 'quantize_gptqmodel', None, 'quantize_model_free', 'quantize_bitsandbytes', 'quantize_mixed', "
+        "'quantize_qat'] False"
+    )

@@ -5,10 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from farm.methods.nf4 import NF4Config
+from farm.stages.engines.registry import register_engine
 from farm.stages.modelio import load_tokenizer, pick_device
 from farm.stages.quantize import QuantizeRequest, QuantizeResult, yaml_recipe
 
 
+@register_engine(NF4Config)
 def quantize_bitsandbytes(req: QuantizeRequest) -> QuantizeResult:
     """bitsandbytes quantizes while transformers loads the checkpoint; saving writes its 4-bit serialization."""
     import torch

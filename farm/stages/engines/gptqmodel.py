@@ -13,10 +13,12 @@ import yaml
 
 from farm.calibration import draw
 from farm.methods.gptq import GPTQConfig
+from farm.stages.engines.registry import register_engine
 from farm.stages.modelio import load_tokenizer, pick_device
 from farm.stages.quantize import QuantizeRequest, QuantizeResult
 
 
+@register_engine(GPTQConfig, when=lambda c: c.backend == "gptqmodel")
 def quantize_gptqmodel(req: QuantizeRequest) -> QuantizeResult:
     method = req.method
     if not isinstance(method, GPTQConfig):

@@ -12,12 +12,14 @@ from typing import Any
 
 from farm.methods.mixed import MixedConfig
 from farm.methods.precision import Search, predicted_upgrades, quantized_bytes, rank_layers, smallest_meeting
+from farm.stages.engines.registry import register_engine
 from farm.stages.engines.sensitivity import decoder_layers, probe_windows, profile_cached
 from farm.stages.evaluate import perplexity
 from farm.stages.modelio import load_model, load_tokenizer, pick_device
 from farm.stages.quantize import QuantizeRequest, QuantizeResult, _dataset, calibrate, save
 
 
+@register_engine(MixedConfig)
 def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
     method = req.method
     if not isinstance(method, MixedConfig):

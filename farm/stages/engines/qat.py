@@ -11,6 +11,7 @@ from typing import Any
 
 from farm.calibration import draw
 from farm.methods.qat import QATConfig
+from farm.stages.engines.registry import register_engine
 from farm.stages.modelio import load_model, load_tokenizer, pick_device
 from farm.stages.quantize import QuantizeRequest, QuantizeResult, calibrate, save
 
@@ -63,6 +64,7 @@ def train(model: Any, windows: list[list[int]], method: QATConfig, device: str) 
     return losses
 
 
+@register_engine(QATConfig)
 def quantize_qat(req: QuantizeRequest) -> QuantizeResult:
     import torch
 
