@@ -105,6 +105,9 @@ class JobOutcome:
         return "; ".join(parts) or None
 
 
+RECORD_WAIT_S = 120.0  # how long a recording claim blocks others: recording a variant takes seconds
+
+
 def preflight(spec: JobSpec) -> Plan:
     """Resolve every input and plan; raises SpecError/SourceError before anything is created."""
     check_output_root(spec.output.root)
@@ -202,9 +205,35 @@ class Driver:
         self.open_runs.add(run_id)
         return run_id
 
-    def _end(self, run_id: str, ok: bool, reason: str | None = None) -> None:
-        self.store.end_run(run_id, ok, reason)
+    def _end(self, run_id: str, ok: bool, reason: str | None = None, status: str | None = None) -> None:
+        self.store.end_run(run_id, ok, reason, status)
         self.open_runs.discard(run_id)
+
+    # -- one record per variant, however many jobs race -------------------------------------------------------
+    def _recorded(self, v: Variant) -> Any:
+        """The FINISHED run of this variant (judged the same way) in the experiment, if any job recorded it."""
+        return self.store.finished("variant", "variant_id", v.id, {"base_eval_id": v.base_eval_id})
+
+    def _claim_record(self, v: Variant, run_id: str, job_id: str) -> tuple[Any, str | None]:
+        """(the run another job recorded this variant in, None) when this build is a duplicate, else (None, the
+        claim this job now holds). Claims are MLflow experiments (unique names, as `farm watch` claims a
+        release), one per recording attempt: a recorder that died leaves a claim the next attempt steps over
+        once it is RECORD_WAIT_S old."""
+        prefix = f"farm-record/{self.store.experiment_id}/{v.id}/"
+        while True:
+            row = self._recorded(v)
+            if row is not None and row.run_id != run_id:
+                return row, None
+            claims = self.store.claims(prefix)
+            age = time.time() - claims[-1].created_ms / 1000 if claims else None
+            last = claims[-1].tags if claims else {}
+            busy = last.get(Tag.RECORDING_RUN) != run_id and last.get(Tag.RECORD_STATE) != "failed"
+            if age is not None and age < RECORD_WAIT_S and busy:
+                time.sleep(0.5)  # another job is recording it now: its record, when it lands, is the one
+                continue
+            name = f"{prefix}{len(claims)}"
+            if self.store.claim(name, {Tag.RECORDING_RUN: run_id, Tag.JOB_ID: job_id}):
+                return None, name
 
     # -- the job ---------------------------------------------------------------------------------------------
     def run(self) -> JobOutcome:
@@ -611,6 +640,13 @@ class Driver:
                         )
                         pending[ref] = (item, worker, run_id)
                         continue
+                    row = self._recorded(item) if attempt == 1 else None
+                    if row is not None:  # another job recorded it after this one looked: nothing to build
+                        outcome.variants.append(
+                            self._reused(item, self._registered_as(item, row), base_ppl.get(item.base_eval_id))
+                        )
+                        self._print_variant(outcome.variants[-1], len(outcome.variants), len(plan.variants))
+                        continue
                     run_id = self._start(
                         item.label, {**self._variant_tags(plan, item), Tag.ATTEMPT: str(attempt)}, parent
                     )
@@ -745,6 +781,32 @@ class Driver:
         self.say(f"  base     {b.model_name}: ppl {e.perplexity:.2f}, {e.weights_bytes / 1e6:.1f} MB")
 
     def _finish_variant(
+        self, v: Variant, run_id: str, result: VariantResult, base: float | None, outcome: JobOutcome
+    ) -> None:
+        """Record a built variant, unless a concurrent job recorded it first: then this build's run ends KILLED
+        with the reason and the variant is reported as reused from that job's run (one FINISHED run and one
+        registry version per variant)."""
+        row, claim = self._claim_record(v, run_id, outcome.plan.job_id)
+        if row is not None:
+            self._end(
+                run_id,
+                ok=False,
+                reason=f"a concurrent job recorded this variant first (run {row.run_id})",
+                status="KILLED",
+            )
+            outcome.variants.append(self._reused(v, self._registered_as(v, row), base))
+            self._print_variant(outcome.variants[-1], len(outcome.variants), len(outcome.plan.variants))
+            return
+        try:
+            self._record_variant(v, run_id, result, base, outcome)
+        except BaseException:
+            if claim:
+                self.store.tag_claim(claim, {Tag.RECORD_STATE: "failed"})
+            raise
+        if claim:
+            self.store.hide_claim(claim)
+
+    def _record_variant(
         self, v: Variant, run_id: str, result: VariantResult, base: float | None, outcome: JobOutcome
     ) -> None:
         e, q, manifest = result.evaluation, result.quantize, result.manifest

@@ -192,10 +192,10 @@ class MlflowStore:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
         return f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
 
-    def end_run(self, run_id: str, ok: bool, reason: str | None = None) -> None:
+    def end_run(self, run_id: str, ok: bool, reason: str | None = None, status: str | None = None) -> None:
         if reason:
             self.client.set_tag(run_id, Tag.FAILURE, reason[:MAX_PARAM])
-        self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+        self.client.set_terminated(run_id, status=status or ("FINISHED" if ok else "FAILED"))
 
     def find_runs(
         self,
@@ -319,6 +319,12 @@ class MlflowStore:
             token = page.token
             if not token:
                 return out
+
+    def hide_claim(self, name: str) -> None:
+        """Delete a claim's experiment: out of the UI's list, and its name stays taken."""
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            self.client.delete_experiment(exp.experiment_id)
 
     def tag_claim(self, name: str, tags: dict[str, str]) -> None:
         exp = self.client.get_experiment_by_name(name)

@@ -217,3 +217,37 @@ def test_tracking_server_lost_mid_job_fails_cleanly(
     assert len(error) == 1 and "failed mid-job" in error[0]
     manifests = list(out.glob("tiny-llama/*/*/manifest.json"))
     assert manifests, "the finished variant's artifact must survive"
+
+
+def test_concurrent_jobs_record_each_variant_once(
+    stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path
+) -> None:
+    """Two `farm run` of one spec at once against one MLflow server: both exit 0, and every variant has exactly
+    one FINISHED run and one registry version (a duplicate build ends KILLED, naming the run that won)."""
+    spec = tiny_spec(
+        fixture_paths,
+        str(tmp_path / "out"),
+        methods=[{"method": "fp8"}, {"method": "rtn"}],
+        tracking={"experiment": "race", "registered_model_prefix": "race-"},
+    )
+    path = write_spec(tmp_path / "job.yaml", spec)
+    args = ["run", str(path), "--ray-address", stack.ray_address, "--tracking-uri", stack.mlflow_uri]
+    procs = [start_farm(args, stack_env, tmp_path) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    client = MlflowClient(stack.mlflow_uri)
+    runs = variant_runs(client, "race")
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert sorted(r.data.tags["farm.variant_id"] for r in finished) == sorted(
+        {r.data.tags["farm.variant_id"] for r in runs}
+    ), [(r.data.tags["farm.label"], r.info.status) for r in runs]
+    assert len(finished) == 2
+    for r in runs:
+        if r.info.status != "FINISHED":
+            assert r.info.status == "KILLED" and "recorded this variant first" in r.data.tags["farm.failure"]
+    assert len(client.search_model_versions("name = 'race-tiny-llama'")) == 2
+    exp = client.get_experiment_by_name("race")
+    from mlflow.entities import ViewType
+
+    claims = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, filter_string="name LIKE 'farm-record/%'")
+    assert not [c for c in claims if c.name.startswith(f"farm-record/{exp.experiment_id}/")]  # hidden once recorded
