@@ -200,6 +200,21 @@ class Driver:
         self.base_greedy: dict[str, list[list[int]] | None] = {}  # base_eval_id -> serving greedy token ids
 
     # -- MLflow helpers --------------------------------------------------------------------------------------
+    def _job_run(self, plan: Plan) -> tuple[str, int]:
+        """The job's one parent run and this attempt's number: a re-run of the same job reopens the run it
+        recorded (its variant runs, this attempt's among them, stay nested in it) rather than adding another."""
+        rows = self.store.find_runs(
+            [f"tags.`{Tag.ROLE}` = 'job'", f"tags.`{Tag.JOB_ID}` = '{plan.job_id}'"], max_results=1
+        )
+        if not rows:
+            tags = {Tag.ROLE: "job", Tag.JOB_ID: plan.job_id, Tag.JOB_NAME: plan.job_name, Tag.ATTEMPT: "1"}
+            return self._start(f"job:{plan.job_name}", tags, None), 1
+        row = rows[0]
+        attempt = int(row.tags.get(Tag.ATTEMPT, "1")) + 1
+        self.store.reopen_run(row.run_id, {Tag.ATTEMPT: str(attempt), Tag.DRIVER: DRIVER_ID})
+        self.open_runs.add(row.run_id)
+        return row.run_id, attempt
+
     def _start(self, name: str, tags: dict[str, str], parent: str | None) -> str:
         run_id = self.store.start_run(name, {**self.spec.tracking.tags, **tags, Tag.DRIVER: DRIVER_ID}, parent)
         self.open_runs.add(run_id)
@@ -327,21 +342,20 @@ class Driver:
         base_ppl: dict[str, float],
         t0: float,
     ) -> JobOutcome:
-        parent = self._start(
-            f"job:{plan.job_name}",
-            {Tag.ROLE: "job", Tag.JOB_ID: plan.job_id, Tag.JOB_NAME: plan.job_name},
-            None,
-        )
+        parent, attempt = self._job_run(plan)
         outcome.parent_run_id = parent
         ok = False
         try:
-            recorded_spec = redact(self.spec.model_dump_json(indent=2))
-            self.store.log(
-                parent,
-                params={"job_name": plan.job_name, "variants": len(plan.variants), "spec": recorded_spec},
-                tags={Tag.VERSIONS: library_versions()},
-            )
-            self.store.log_text(parent, recorded_spec, "spec.json")
+            if attempt == 1:
+                recorded_spec = redact(self.spec.model_dump_json(indent=2))
+                self.store.log(
+                    parent,
+                    params={"job_name": plan.job_name, "variants": len(plan.variants), "spec": recorded_spec},
+                    tags={Tag.VERSIONS: library_versions()},
+                )
+                self.store.log_text(parent, recorded_spec, "spec.json")
+            else:
+                self.store.log(parent, tags={Tag.VERSIONS: library_versions()})
             for v in plan.variants:
                 row = cached[v.id]
                 if row is not None:

@@ -8,6 +8,7 @@ and never lets a run it opened stay RUNNING: callers end every run they start th
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import time
 import urllib.error
@@ -192,6 +193,13 @@ class MlflowStore:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
         return f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
 
+    def reopen_run(self, run_id: str, tags: dict[str, str]) -> None:
+        """A finished or failed run RUNNING again (a re-run of its job), with its failure reason cleared."""
+        self.client.update_run(run_id, status="RUNNING")
+        with contextlib.suppress(Exception):  # no reason was recorded
+            self.client.delete_tag(run_id, Tag.FAILURE)
+        self.log(run_id, tags=tags)
+
     def end_run(self, run_id: str, ok: bool, reason: str | None = None, status: str | None = None) -> None:
         if reason:
             self.client.set_tag(run_id, Tag.FAILURE, reason[:MAX_PARAM])
@@ -230,7 +238,7 @@ class MlflowStore:
         return [
             e.experiment_id
             for e in self.client.search_experiments(max_results=1000)
-            if not e.name.startswith("farm-watch/")
+            if not e.name.startswith(("farm-watch/", "farm-record/"))
         ]
 
     def experiment_of(self, run_id: str) -> str:
@@ -246,7 +254,10 @@ class MlflowStore:
             if not parents:
                 return []
             job = parents[0].tags.get(Tag.JOB_ID, "")
-        return self.find_runs([f"tags.`{Tag.JOB_ID}` = '{job}'"], experiment_ids=exp_ids)
+        runs = self.find_runs([f"tags.`{Tag.JOB_ID}` = '{job}'"], experiment_ids=exp_ids)
+        if not runs and exp is None:  # a job id is unique: find it in whichever experiment holds it
+            runs = self.find_runs([f"tags.`{Tag.JOB_ID}` = '{job}'"], experiment_ids=self.all_experiment_ids())
+        return runs
 
     # -- registry -----------------------------------------------------------------------------------------
     def register(self, name: str, run_id: str, artifact_path: str, tags: dict[str, str], description: str) -> str:

@@ -94,6 +94,12 @@ def test_job_end_to_end(stack: Stack, stack_env: dict, fixture_paths: dict, tmp_
         assert ppl_and_delta(first.stdout, label) == ppl_and_delta(second.stdout, label)
     assert len(client.search_runs([exp.experiment_id], "tags.`farm.role` = 'variant'")) == 4
     assert len(client.search_model_versions("name = 'e2e-tiny-llama'")) == 4
+    parents = client.search_runs([exp.experiment_id], "tags.`farm.role` = 'job'")
+    assert len(parents) == 1 and parents[0].data.tags["farm.attempt"] == "2"  # one job, one parent run
+    assert parents[0].info.status == "FINISHED"
+    job_id = parents[0].data.tags["farm.job_id"]
+    by_id = farm("compare", job_id, "--tracking-uri", stack.mlflow_uri, env=stack_env, cwd=tmp_path)
+    assert by_id.returncode == 0 and by_id.stdout.count("tiny-llama") >= 4, by_id.stdout + by_id.stderr
 
     # The same checkpoint under another name is reused, and registered under that name too (once).
     renamed = tiny_spec(
