@@ -106,6 +106,29 @@ class ArtifactStore:
         except (FileNotFoundError, OSError, ValueError):
             return None
 
+    def problem(self, key: str, variant_id: str) -> str | None:
+        """Why the published variant at `key` cannot be reused (None: it can): no manifest, another variant's
+        manifest, or a file the manifest lists that is missing or has another size."""
+        manifest = self.read_manifest(key)
+        if manifest is None:
+            return f"no manifest at {key}"
+        if manifest.get("variant_id") != variant_id:
+            return f"the manifest at {key} is another variant's"
+        listed: dict[str, Any] = manifest.get("files") or {}
+        try:
+            if self.is_s3:
+                found = self._fs().find(key, detail=True)
+                sizes = {name[len(key.removeprefix("s3://")) + 1 :]: o.get("size") for name, o in found.items()}
+            else:
+                root = Path(key)
+                sizes = {str(f.relative_to(root)): f.stat().st_size for f in root.rglob("*") if f.is_file()}
+        except OSError as err:
+            return f"cannot list {key} ({err})"
+        for name, entry in listed.items():
+            if sizes.get(name) != entry.get("bytes"):
+                return f"{key}/{name} is {'missing' if name not in sizes else 'not the size its manifest says'}"
+        return None
+
     def publish(self, local_dir: str | Path, key: str, manifest: dict[str, Any]) -> str:
         """Copy a finished variant to `key` and make it visible by writing its manifest last."""
         body = json.dumps(manifest, indent=2, sort_keys=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from farm import resources, sources
+from farm.artifacts import ArtifactStore
 from farm.calibration import TextIdentity
 from farm.errors import SpecError, TrackingError
 from farm.methods.backends import BACKENDS
@@ -195,6 +196,7 @@ class Driver:
         self.say = printer
         self.tracking_override = tracking_uri
         self.open_runs: set[str] = set()
+        self.stale: set[str] = set()  # FINISHED variant runs whose published artifact is gone
         self.base_metrics: dict[str, dict[str, float]] = {}
         self.base_runs: dict[str, str] = {}  # base_eval_id -> its recorded run
         self.base_greedy: dict[str, list[list[int]] | None] = {}  # base_eval_id -> serving greedy token ids
@@ -226,8 +228,33 @@ class Driver:
 
     # -- one record per variant, however many jobs race -------------------------------------------------------
     def _recorded(self, v: Variant) -> Any:
-        """The FINISHED run of this variant (judged the same way) in the experiment, if any job recorded it."""
-        return self.store.finished("variant", "variant_id", v.id, {"base_eval_id": v.base_eval_id})
+        """The newest FINISHED run of this variant (judged the same way) in the experiment whose artifact is not
+        known to be gone, if any job recorded it."""
+        rows = self.store.find_runs(
+            [
+                f"tags.`{Tag.ROLE}` = 'variant'",
+                f"tags.`{Tag.VARIANT_ID}` = '{v.id}'",
+                f"tags.`{Tag.BASE_EVAL_ID}` = '{v.base_eval_id}'",
+            ],
+            status="FINISHED",
+            max_results=20,
+        )
+        return next((r for r in rows if Tag.STALE not in r.tags and r.run_id not in self.stale), None)
+
+    def _reusable(self, v: Variant) -> Any:
+        """The recorded run of this variant if its published artifact is still there and matches its manifest;
+        otherwise the run is tagged `farm.stale` with the reason and the variant is built again."""
+        row = self._recorded(v)
+        uri = row.tags.get(Tag.ARTIFACT_URI) if row is not None else None
+        if row is None or not uri:
+            return row
+        problem = ArtifactStore(uri).problem(uri, v.id)
+        if problem is None:
+            return row
+        self.stale.add(row.run_id)
+        self.store.log(row.run_id, tags={Tag.STALE: problem})
+        self.say(f"  stale    {v.label}: {redact(problem)}; building it again")
+        return None
 
     def _claim_record(self, v: Variant, run_id: str, job_id: str) -> tuple[Any, str | None]:
         """(the run another job recorded this variant in, None) when this build is a duplicate, else (None, the
@@ -320,10 +347,7 @@ class Driver:
         self.store.check_reachable()
         self._reap_orphans(plan)
         # a variant is reused only if it was judged the same way (base_eval_id hashes the evaluation settings)
-        cached = {
-            v.id: self.store.finished("variant", "variant_id", v.id, {"base_eval_id": v.base_eval_id})
-            for v in plan.variants
-        }
+        cached = {v.id: self._reusable(v) for v in plan.variants}
         todo = [v for v in plan.variants if cached[v.id] is None]
         base_cached = {b.id: self.store.finished("base", "base_eval_id", b.id) for b in plan.base_evals}
         base_ppl = {b: float(r.metrics["perplexity"]) for b, r in base_cached.items() if r is not None}

@@ -37,6 +37,7 @@ class Tag:
     RECORDING_RUN = PREFIX + "recording_run"  # on a recording claim: the run that records the variant
     RELEASE = PREFIX + "release"
     ROLE = PREFIX + "role"
+    STALE = PREFIX + "stale"  # on a FINISHED variant run whose published artifact is gone: why it is not reused
     VARIANT_ID = PREFIX + "variant_id"
     VERSIONS = PREFIX + "versions"
     WATCH = PREFIX + "watch"

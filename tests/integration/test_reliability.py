@@ -251,3 +251,59 @@ def test_concurrent_jobs_record_each_variant_once(
 
     claims = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, filter_string="name LIKE 'farm-record/%'")
     assert not [c for c in claims if c.name.startswith(f"farm-record/{exp.experiment_id}/")]  # hidden once recorded
+
+
+def test_a_reused_variant_whose_artifact_is_gone_is_built_again(
+    stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path
+) -> None:
+    """Reuse checks the published artifact: one deleted (or a file of it) is built again, not reported cached
+    at a path that no longer exists; the old run says why it was not reused."""
+    import shutil
+
+    spec = tiny_spec(
+        fixture_paths,
+        str(tmp_path / "out"),
+        methods=[{"method": "fp8"}, {"method": "rtn"}],
+        tracking={"experiment": "stale"},
+    )
+    path = write_spec(tmp_path / "job.yaml", spec)
+    args = ["run", str(path), "--ray-address", stack.ray_address, "--tracking-uri", stack.mlflow_uri]
+    first = subprocess.run(
+        [sys.executable, "-m", "farm.cli", *args],
+        env=stack_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    client = MlflowClient(stack.mlflow_uri)
+    runs = {r.data.tags["farm.label"]: r for r in variant_runs(client, "stale")}
+    fp8_dir = Path(runs["fp8-dynamic"].data.tags["farm.artifact_uri"])
+    rtn = next(label for label in runs if label != "fp8-dynamic")
+    rtn_dir = Path(runs[rtn].data.tags["farm.artifact_uri"])
+    shutil.rmtree(fp8_dir)
+    next(rtn_dir.glob("*.safetensors")).write_bytes(b"short")
+    second = subprocess.run(
+        [sys.executable, "-m", "farm.cli", *args],
+        env=stack_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"{len(runs)} to build, 0 reused" in second.stdout and "stale    tiny-llama/fp8-dynamic" in second.stdout
+    assert (fp8_dir / "manifest.json").exists()
+    old = client.get_run(runs["fp8-dynamic"].info.run_id)
+    assert "no manifest" in old.data.tags["farm.stale"]
+    assert "not the size" in client.get_run(runs[rtn].info.run_id).data.tags["farm.stale"]
+    third = subprocess.run(
+        [sys.executable, "-m", "farm.cli", *args],
+        env=stack_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert third.returncode == 0 and f"0 to build, {len(runs)} reused" in third.stdout, third.stdout
