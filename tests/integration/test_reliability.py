@@ -31,6 +31,12 @@ def start_farm(args: list[str], env: dict, cwd: Path) -> subprocess.Popen:
     )
 
 
+def run_farm(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "farm.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
 def variant_runs(client: MlflowClient, experiment: str) -> list:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -268,14 +274,7 @@ def test_a_reused_variant_whose_artifact_is_gone_is_built_again(
     )
     path = write_spec(tmp_path / "job.yaml", spec)
     args = ["run", str(path), "--ray-address", stack.ray_address, "--tracking-uri", stack.mlflow_uri]
-    first = subprocess.run(
-        [sys.executable, "-m", "farm.cli", *args],
-        env=stack_env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    first = run_farm(args, stack_env, tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
     client = MlflowClient(stack.mlflow_uri)
     runs = {r.data.tags["farm.label"]: r for r in variant_runs(client, "stale")}
@@ -284,26 +283,12 @@ def test_a_reused_variant_whose_artifact_is_gone_is_built_again(
     rtn_dir = Path(runs[rtn].data.tags["farm.artifact_uri"])
     shutil.rmtree(fp8_dir)
     next(rtn_dir.glob("*.safetensors")).write_bytes(b"short")
-    second = subprocess.run(
-        [sys.executable, "-m", "farm.cli", *args],
-        env=stack_env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    second = run_farm(args, stack_env, tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"{len(runs)} to build, 0 reused" in second.stdout and "stale    tiny-llama/fp8-dynamic" in second.stdout
     assert (fp8_dir / "manifest.json").exists()
     old = client.get_run(runs["fp8-dynamic"].info.run_id)
     assert "no manifest" in old.data.tags["farm.stale"]
     assert "not the size" in client.get_run(runs[rtn].info.run_id).data.tags["farm.stale"]
-    third = subprocess.run(
-        [sys.executable, "-m", "farm.cli", *args],
-        env=stack_env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    third = run_farm(args, stack_env, tmp_path)
     assert third.returncode == 0 and f"0 to build, {len(runs)} reused" in third.stdout, third.stdout
