@@ -30,7 +30,7 @@ from farm.plan import BaseEval, ModelInfo, Plan, Variant, make_plan, merged_iden
 from farm.runtime import cluster
 from farm.runtime.ddp import Rank
 from farm.runtime.results import BaseResult, RankReport, VariantResult
-from farm.runtime.workers import BaseTask, Tracking, VariantTask, Worker, library_versions
+from farm.runtime.workers import BaseTask, Tracking, VariantTask, Worker, library_versions, pid_alive
 from farm.secrets import redact
 from farm.serving import measure as serving
 from farm.spec import GateSpec, JobSpec
@@ -433,7 +433,7 @@ class Driver:
         for row in self.store.find_runs([f"tags.`{Tag.JOB_ID}` = '{plan.job_id}'"], status="RUNNING"):
             driver = row.tags.get(Tag.DRIVER, "")
             host, _, pid = driver.rpartition(":")
-            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
                 self.store.end_run(row.run_id, ok=False, reason=f"driver {driver} died before finishing this run")
                 self.say(f"  marked FAILED: run {row.run_id} left RUNNING by dead driver {driver}")
 
@@ -1001,16 +1001,6 @@ def backend_env(item: BaseEval | Variant) -> dict[str, Any] | None:
 
 def env_key(env: dict[str, Any] | None) -> str:
     return json.dumps(env, sort_keys=True) if env else ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _greedy(checks: ChecksResult | None) -> list[list[int]] | None:

@@ -180,13 +180,14 @@ def sweep_scratch(root: str | None = None) -> int:
     gone = 0
     for path in Path(root or tempfile.gettempdir()).glob(f"{SCRATCH}*"):
         pid = path.name[len(SCRATCH) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             gone += 1
     return gone
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host has that pid (the driver's orphaned runs, dead workers' scratch)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
