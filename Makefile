@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.farm-installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup fixtures browser run test test-unit test-integration lint bench clean
+.PHONY: setup fixtures browser run test test-core test-engine test-integration lint bench clean
 
 setup: $(STAMP)
 
@@ -35,8 +35,12 @@ browser:
 	   || (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1))) \
 	  || echo "no chromium: the report's browser test will be skipped"
 
-test-unit: fixtures
-	$(PY) -m pytest -q tests/unit
+# The torch-free tier (spec, plan, gate, identity, scheduler): seconds, no fixtures needed
+test-core: setup
+	$(PY) -m pytest -q tests/core
+
+test-engine: fixtures
+	$(PY) -m pytest -q tests/engine
 
 test-integration: fixtures
 	$(PY) -m pytest -q -m integration tests/integration

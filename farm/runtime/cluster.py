@@ -217,6 +217,7 @@ class Gang:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         bundle = {k: v for k, v in bundle.items() if v}
+        self.fresh = True  # its ranks have not imported the stages' libraries yet (`join` does, once)
         self.pg = placement_group([bundle] * count, strategy="STRICT_PACK")
         ready, _ = ray.wait([self.pg.ready()], timeout=timeout_s)
         if not ready:

@@ -9,26 +9,45 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests import servers
 from tests.conftest import tiny_spec, write_spec
 from tests.integration.conftest import BUCKET, Stack, s3fs_client
 
 pytestmark = pytest.mark.integration
 
 
+STARTED: list[subprocess.Popen] = []  # every `farm` this module starts; none outlives its test
+
+
+@pytest.fixture(autouse=True)
+def no_farm_left_running() -> Iterator[None]:
+    """A test that fails (a timeout, an assertion) still ends the `farm` processes it started, so they cannot hold
+    the shared cluster's workers while the next tests wait for them."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            servers.stop(proc)
+
+
 def start_farm(args: list[str], env: dict, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "farm.cli", *args],
         env=env,
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group, ended as a whole
     )
+    STARTED.append(proc)
+    return proc
 
 
 def run_farm(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
@@ -200,8 +219,6 @@ def test_credentials_never_recorded(stack: Stack, stack_env: dict, fixture_paths
 def test_tracking_server_lost_mid_job_fails_cleanly(
     stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path
 ) -> None:
-    from tests import servers
-
     out = tmp_path / "out"
     spec = tiny_spec(fixture_paths, str(out), tracking={"experiment": "mlflow-down"}, resources={"num_cpus": 2})
     path = write_spec(tmp_path / "job.yaml", spec)

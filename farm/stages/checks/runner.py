@@ -1,12 +1,18 @@
 """Runs the evaluation checks a job enables on one loaded model (and, for a variant, against its base).
 
-The order matters: latency first (its cold number is the first request after load), then memory, outputs,
-safety, and last the paired checks that need the base loaded beside the variant.
+Every check is one entry of `CHECKS`: its name (the `seconds_check_<name>` metric), the `evaluation:` setting that
+enables it, and a function from the loaded model to what it found. Adding a check is a setting in `farm.spec`, a
+function in a module of this package, and one entry here; nothing else names it.
+
+The order of `CHECKS` is the order they run, and it matters: latency first (its cold number is the first request
+after load), then memory, outputs, safety, tasks and the KV-cache A/B; then the paired checks that need the base
+loaded beside the variant; adapters last (each loads its own dense copy of the checkpoint).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +29,104 @@ class ChecksResult:
     tags: dict[str, str] = field(default_factory=dict)  # names under farm.
 
 
+@dataclass
+class Loaded:
+    """What a check runs on: the model under test, its tokenizer and device, and its base (loaded on first use)."""
+
+    model: Any
+    tokenizer: Any
+    device: str
+    model_dir: str
+    ev: EvaluationSpec
+    base_dir: str | None
+    trust_remote_code: bool
+    result: ChecksResult  # what the checks before this one found (outputs' greedy text, for the reference)
+    _base: Any = None
+
+    def base(self) -> Any:
+        if self._base is None:
+            if self.base_dir is None:
+                raise ValueError("a paired check ran without a base model")
+            self._base = load_model(self.base_dir, self.device, self.trust_remote_code)
+        return self._base
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    setting: Callable[[EvaluationSpec], Any]  # the check's settings, falsy when the job does not ask for it
+    run: Callable[[Loaded, Any], ChecksResult]  # metrics and artifacts it adds
+    paired: bool = False  # compares against the base: runs only for a variant
+
+
+def _metrics(fn: Callable[[Any, Any, Any, str], dict[str, float]]) -> Callable[[Loaded, Any], ChecksResult]:
+    return lambda m, cfg: ChecksResult(fn(m.model, m.tokenizer, cfg, m.device))
+
+
+def _with_document(
+    fn: Callable[[Any, Any, Any, str], dict[str, Any]], key: str, file: str
+) -> Callable[[Loaded, Any], ChecksResult]:
+    def run(m: Loaded, cfg: Any) -> ChecksResult:
+        out = fn(m.model, m.tokenizer, cfg, m.device)
+        return ChecksResult(out["metrics"], {file: out[key]})
+
+    return run
+
+
+def _outputs(m: Loaded, cfg: Any) -> ChecksResult:
+    out = behaviour.outputs(m.model, m.tokenizer, cfg, m.device)
+    document = {"prompts": cfg.prompts, "greedy": out["greedy"], "sampled_twice": out["sampled"]}
+    return ChecksResult(out["metrics"], {"reference_outputs.json": document})
+
+
+def _reference(m: Loaded, cfg: Any) -> ChecksResult:
+    """The variant's greedy outputs against the base's on the same prompts."""
+    document = m.result.artifacts.get("reference_outputs.json")
+    if document is None or document["greedy"] is None:
+        return ChecksResult()
+    base_greedy = behaviour.complete(m.base(), m.tokenizer, cfg.prompts, cfg.max_new_tokens, m.device)
+    document["base_greedy"] = base_greedy
+    return ChecksResult(behaviour.compare_outputs(document["greedy"], base_greedy))
+
+
+def _speculative(m: Loaded, cfg: Any) -> ChecksResult:
+    prompts = m.ev.outputs.prompts if m.ev.outputs else [m.ev.generation.prompt]
+    return ChecksResult(behaviour.speculative(m.model, m.base(), m.tokenizer, prompts, cfg, m.device))
+
+
+def _tasks(m: Loaded, cfg: Any) -> ChecksResult:
+    from farm.stages.checks.tasks import accuracy
+
+    return _with_document(accuracy, "results", "tasks.json")(m, cfg)
+
+
+def _kv_cache(m: Loaded, cfg: Any) -> ChecksResult:
+    from farm.stages.checks.kv_cache_ab import ab
+
+    return _with_document(ab, "transcript", "kv_cache_ab.json")(m, cfg)
+
+
+def _adapters(m: Loaded, cfg: Any) -> ChecksResult:
+    from farm.stages.checks.adapters import evaluate_adapters
+
+    return ChecksResult(evaluate_adapters(m.model_dir, m.ev, m.trust_remote_code))
+
+
+CHECKS: tuple[Check, ...] = (
+    Check("latency", lambda ev: ev.latency, _metrics(benchmark.latency)),
+    Check("memory", lambda ev: ev.memory, _metrics(benchmark.memory)),
+    Check("outputs", lambda ev: ev.outputs, _outputs),
+    Check("safety", lambda ev: ev.safety, _with_document(behaviour.safety, "transcript", "safety_transcript.json")),
+    Check("tasks", lambda ev: ev.tasks, _tasks),
+    Check("kv_cache", lambda ev: ev.kv_cache, _kv_cache),
+    Check("reference", lambda ev: ev.outputs, _reference, paired=True),
+    Check("speculative", lambda ev: ev.speculative, _speculative, paired=True),
+    Check("adapters", lambda ev: ev.adapters, _adapters),
+)
+
+
 def enabled(ev: EvaluationSpec) -> bool:
-    return any((ev.latency, ev.memory, ev.outputs, ev.safety, ev.speculative, ev.tasks, ev.kv_cache, ev.adapters))
+    return any(check.setting(ev) for check in CHECKS)
 
 
 def run_checks(
@@ -40,59 +142,16 @@ def run_checks(
     tokenizer = loaded[1] if loaded else load_tokenizer(model_dir, trust_remote_code)
     model = loaded[0] if loaded else load_model(model_dir, device, trust_remote_code)
     res = ChecksResult()
-
-    def timed(name: str, fn: Any) -> Any:
+    m = Loaded(model, tokenizer, device, model_dir, ev, base_dir, trust_remote_code, res)
+    for check in CHECKS:
+        cfg = check.setting(ev)
+        if not cfg or (check.paired and not base_dir):
+            continue
         t0 = time.perf_counter()
-        value = fn()
-        res.metrics[f"seconds_check_{name}"] = time.perf_counter() - t0
-        return value
-
-    if ev.latency:
-        res.metrics |= timed("latency", lambda: benchmark.latency(model, tokenizer, ev.latency, device))
-    if ev.memory:
-        res.metrics |= timed("memory", lambda: benchmark.memory(model, tokenizer, ev.memory, device))
-    greedy = None
-    if ev.outputs:
-        out = timed("outputs", lambda: behaviour.outputs(model, tokenizer, ev.outputs, device))
-        res.metrics |= out["metrics"]
-        greedy = out["greedy"]
-        res.artifacts["reference_outputs.json"] = {
-            "prompts": ev.outputs.prompts,
-            "greedy": greedy,
-            "sampled_twice": out["sampled"],
-        }
-    if ev.safety:
-        s = timed("safety", lambda: behaviour.safety(model, tokenizer, ev.safety, device))
-        res.metrics |= s["metrics"]
-        res.artifacts["safety_transcript.json"] = s["transcript"]
-    if ev.tasks:
-        from farm.stages.checks.tasks import accuracy
-
-        t = timed("tasks", lambda: accuracy(model, tokenizer, ev.tasks, device))
-        res.metrics |= t["metrics"]
-        res.artifacts["tasks.json"] = t["results"]
-    if ev.kv_cache:
-        from farm.stages.checks.kv_cache_ab import ab
-
-        kv = timed("kv_cache", lambda: ab(model, tokenizer, ev.kv_cache, device))
-        res.metrics |= kv["metrics"]
-        res.artifacts["kv_cache_ab.json"] = kv["transcript"]
-    if base_dir and (ev.outputs or ev.speculative):
-        base = load_model(base_dir, device, trust_remote_code)
-        if ev.outputs and greedy is not None:
-            outputs = ev.outputs
-            base_greedy = behaviour.complete(base, tokenizer, outputs.prompts, outputs.max_new_tokens, device)
-            res.metrics |= timed("reference", lambda: behaviour.compare_outputs(greedy, base_greedy))
-            res.artifacts["reference_outputs.json"]["base_greedy"] = base_greedy
-        if ev.speculative:
-            prompts = ev.outputs.prompts if ev.outputs else [ev.generation.prompt]
-            spec = ev.speculative
-            res.metrics |= timed(
-                "speculative", lambda: behaviour.speculative(model, base, tokenizer, prompts, spec, device)
-            )
-        del base
-    if ev.adapters:  # last: each adapter loads its own dense copy of the checkpoint
-        from farm.stages.checks.adapters import evaluate_adapters
-
-        res.metrics |= evaluate_adapters(model_dir, ev, trust_remote_code)
+        found = check.run(m, cfg)
+        res.metrics |= found.metrics
+        res.metrics[f"seconds_check_{check.name}"] = time.perf_counter() - t0
+        res.artifacts |= found.artifacts
+        res.tags |= found.tags
+    m._base = None  # the base's memory goes back before the caller's next step
     return res

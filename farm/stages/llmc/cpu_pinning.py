@@ -4,7 +4,7 @@ AWQ pins its cached activations (`IntermediatesCache.pin_memory`) before every g
 host-to-device copies can be asynchronous. Pinning needs an accelerator; on a CPU-only machine torch raises
 "Cannot access accelerator device when none is available". With no accelerator there is no transfer to speed
 up, so skipping the pin is exactly right. The guard is scoped (a context manager, undone on exit), applies only
-when no accelerator is present, and tests/unit/test_compat.py checks both that upstream still needs it and that
+when no accelerator is present, and tests/engine/test_compat.py checks both that upstream still needs it and that
 AWQ runs on CPU with it, so an upstream fix or rename shows up as a test result rather than a silent no-op.
 """
 

@@ -47,7 +47,7 @@ REPLACEMENTS: tuple[Replacement, ...] = (
         LLMC,
         ("inp", "module", "hessian", "num_samples"),
         "resources.gptq_hessian: fp32",
-        "tests/unit/test_hessian.py, tests/gpu/test_gpu_hessian.py",
+        "tests/engine/test_hessian.py, tests/gpu/test_gpu_hessian.py",
     ),
     Replacement(
         "llmcompressor.modifiers.gptq.base.quantize_weight",
@@ -57,7 +57,7 @@ REPLACEMENTS: tuple[Replacement, ...] = (
         LLMC,
         ("weights", "hessians", "scale", "zero_point", "global_scale", "quant_args", "blocksize", "percdamp"),
         "resources.gptq_inverse: llmcompressor",
-        "tests/unit/test_leftgptq.py",
+        "tests/engine/test_leftgptq.py",
     ),
     Replacement(
         "llmcompressor.modifiers.gptq.gptq_quantize.factorize_hessian",
@@ -67,7 +67,7 @@ REPLACEMENTS: tuple[Replacement, ...] = (
         LLMC,
         ("weights", "hessians", "percdamp", "used_rtn_fallback"),
         "resources.gptq_inverse: left_looking",
-        "tests/unit/test_factor.py, tests/gpu/test_gpu_factor.py",
+        "tests/engine/test_factor.py, tests/gpu/test_gpu_factor.py",
     ),
     Replacement(
         "llmcompressor.modifiers.gptq.base.GPTQModifier.compress_modules",
@@ -77,7 +77,7 @@ REPLACEMENTS: tuple[Replacement, ...] = (
         LLMC,
         ("self",),
         "resources.gptq_broadcast: llmcompressor (the default)",
-        "tests/unit/test_forwardorder.py",
+        "tests/engine/test_forwardorder.py",
     ),
     Replacement(
         "llmcompressor.modifiers.gptq.base.GPTQModifier.on_calibration_end",
@@ -87,7 +87,7 @@ REPLACEMENTS: tuple[Replacement, ...] = (
         LLMC,
         ("self", "state", "event", "kwargs"),
         "resources.gptq_broadcast: llmcompressor (the default)",
-        "tests/unit/test_forwardorder.py",
+        "tests/engine/test_forwardorder.py",
     ),
     Replacement(
         "llmcompressor.pipelines.sequential.pipeline.trace_subgraphs",
@@ -97,7 +97,7 @@ REPLACEMENTS: tuple[Replacement, ...] = (
         LLMC,
         ("model", "sample_input", "sequential_targets", "ignore", "targets_per_subgraph"),
         "on when the head is not quantized; no switch (byte-equal weights)",
-        "tests/unit/test_tail.py",
+        "tests/engine/test_tail.py",
     ),
     Replacement(
         "torch.fx._symbolic_trace._wrapped_fns_to_patch",
@@ -107,7 +107,7 @@ REPLACEMENTS: tuple[Replacement, ...] = (
         LLMC,
         None,
         "none: only entries of the finished oneshot go",
-        "tests/unit/test_stages.py::test_release_device_memory_drops_the_last_oneshot_model",
+        "tests/engine/test_stages.py::test_release_device_memory_drops_the_last_oneshot_model",
     ),
     Replacement(
         "llmcompressor.pipelines.cache.IntermediatesCache.pin_memory",
@@ -117,7 +117,7 @@ REPLACEMENTS: tuple[Replacement, ...] = (
         LLMC,
         ("self", "batch_index", "input_names"),
         "on only without an accelerator",
-        "tests/unit/test_compat.py",
+        "tests/engine/test_compat.py",
     ),
     Replacement(
         "transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS.eager",
@@ -127,7 +127,7 @@ REPLACEMENTS: tuple[Replacement, ...] = (
         TRANSFORMERS,
         None,
         "resources.calibration_attention: eager",
-        "tests/unit/test_attention.py, tests/gpu/test_gpu_attention.py",
+        "tests/engine/test_attention.py, tests/gpu/test_gpu_attention.py",
     ),
     Replacement(
         "transformers.modeling_utils.safe_save_file",
@@ -137,7 +137,7 @@ REPLACEMENTS: tuple[Replacement, ...] = (
         TRANSFORMERS,
         ("tensors", "filename", "metadata"),
         "none: byte-equal files",
-        "tests/unit/test_shard_writes.py",
+        "tests/engine/test_shard_writes.py",
     ),
     Replacement(
         "llmcompressor.transformers.compression.compressed_tensors_utils.is_source_process",
@@ -147,7 +147,7 @@ REPLACEMENTS: tuple[Replacement, ...] = (
         CT,
         (),
         "ranks without a shared directory: rank 0 writes all",
-        "tests/unit/test_ranksave.py",
+        "tests/engine/test_ranksave.py",
     ),
     Replacement(
         "transformers.modeling_utils.safe_open",
@@ -157,7 +157,7 @@ REPLACEMENTS: tuple[Replacement, ...] = (
         TRANSFORMERS,
         ("filename", "framework", "device"),
         "whole read for quantized checkpoints",
-        "tests/unit/test_splitload.py",
+        "tests/engine/test_splitload.py",
     ),
     Replacement(
         "compressed_tensors.compressors.model_compressors.model_compressor.ModelCompressor.compress_model",
@@ -167,7 +167,7 @@ REPLACEMENTS: tuple[Replacement, ...] = (
         CT,
         None,
         "none: nothing replaced",
-        "tests/unit/test_swap.py",
+        "tests/core/test_swap.py",
     ),
 )
 BY_KEY = {r.key: r for r in REPLACEMENTS}
