@@ -80,15 +80,10 @@ class ArtifactStore:
         self.base_delay = base_delay
 
     def _fs(self) -> Any:
-        import s3fs
+        from farm import s3
 
         # s3fs's own retries cover throttling; farm's retries cover whole-step failures (connection resets).
-        fs = s3fs.S3FileSystem(
-            skip_instance_cache=True,
-            config_kwargs={"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 2}},
-        )
-        fs.retries = 2
-        return fs
+        return s3.filesystem()
 
     def key(self, *parts: str) -> str:
         rel = PurePosixPath(*parts)

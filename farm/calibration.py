@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from farm.errors import SpecError
+from farm.errors import InputChanged, SpecError
 
 CHARS_PER_TOKEN_BOUND = 8  # generous: a window of this many chars per token always tokenizes to enough tokens
 
@@ -94,15 +94,18 @@ def _read_bytes(source: str) -> bytes:
     if source.startswith(HF_DATASET):
         return _hf_dataset_text(source).encode()
     if source.startswith("s3://"):
-        import s3fs
         from botocore.exceptions import BotoCoreError, ClientError
 
+        from farm import s3
+
         try:
-            return bytes(s3fs.S3FileSystem(skip_instance_cache=True).cat(source.removeprefix("s3://")))
+            return bytes(s3.filesystem().cat(source.removeprefix("s3://")))
         except FileNotFoundError:
             raise SpecError(f"text source {source}: no such object") from None
         except (OSError, BotoCoreError, ClientError) as err:
-            raise SpecError(f"text source {source}: cannot read ({type(err).__name__}: {err})") from None
+            raise SpecError(
+                f"text source {source}: cannot read from {s3.endpoint()} ({type(err).__name__}: {err})"
+            ) from None
     path = Path(source)
     if not path.is_file():
         raise SpecError(f"text source {source}: no such file")
@@ -114,7 +117,24 @@ def read_text(source: str) -> str:
     column joined by blank lines."""
     if source.startswith(MIX):
         return "\n\n".join(read_text(src) for src, _ in parts(source))
-    raw = _read_bytes(source).decode("utf-8", errors="strict")
+    return _parse(source, _read_bytes(source))
+
+
+def read_identified(source: str) -> tuple[str, str]:
+    """(the text of one source, the sha256 of the bytes it was read from): one read, so the identity a variant
+    records is that of the text it was calibrated on, whatever happened to the file since planning."""
+    raw = _read_bytes(source)
+    return _parse(source, raw), hashlib.sha256(raw).hexdigest()
+
+
+def mixture_sha256(shas: Sequence[str], weights: Sequence[float]) -> str:
+    """A mixture's identity: its parts' contents and weights, in order."""
+    blob = json.dumps([[sha, w] for sha, w in zip(shas, weights, strict=True)])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _parse(source: str, data: bytes) -> str:
+    raw = data.decode("utf-8", errors="strict")
     path = Path(source)
     if path.suffix == ".jsonl":
         texts = []
@@ -145,9 +165,9 @@ class TextIdentity:
         preflight, not in a worker minutes later)."""
         if source.startswith(MIX):  # a mixture's identity: its parts' contents and weights, in order
             each = [(cls.of(src), w) for src, w in parts(source)]
-            blob = json.dumps([[t.sha256, w] for t, w in each])
             sample = "\n".join(t.sample for t, _ in each)
-            return cls(source=source, sha256=hashlib.sha256(blob.encode()).hexdigest(), sample=sample)
+            sha = mixture_sha256([t.sha256 for t, _ in each], [w for _, w in each])
+            return cls(source=source, sha256=sha, sample=sample)
         try:
             text = read_text(source)
         except UnicodeDecodeError as err:
@@ -218,11 +238,14 @@ def draw(
     rank: int = 0,
     world: int = 1,
     shares: Sequence[int] | None = None,
+    expect_sha256: str | None = None,
 ) -> list[list[int]]:
     """The calibration windows of a source or a mixture: each part contributes its share, drawn with its own
     seed (seed + part index), in the mixture's order. Same inputs, same windows. With `world` > 1 only the
     windows `rank::world` of that list: the disjoint shares of data-parallel ranks, each tokenizing its own;
-    with `shares` (samples per rank), rank r's `shares[r]` windows, interleaved over the draw (`interleave`)."""
+    with `shares` (samples per rank), rank r's `shares[r]` windows, interleaved over the draw (`interleave`).
+    `expect_sha256`: the identity planned for the source (`TextIdentity`); text that no longer has it raises
+    InputChanged rather than calibrating a variant whose recorded identity would not be the text it used."""
     if shares is not None and (len(shares) != world or sum(shares) != num_samples):
         raise ValueError(f"shares {list(shares)} must give each of {world} ranks a count summing to {num_samples}")
     ranks = interleave(shares) if shares is not None else None
@@ -230,10 +253,22 @@ def draw(
     counts = allocate([w for _, w in items], num_samples)
     windows: list[list[int]] = []
     offset = 0  # the index of the part's first window in the whole draw
-    for i, ((src, _), n) in enumerate(zip(items, counts, strict=True)):
+    texts = [
+        read_identified(src) if n or expect_sha256 else ("", "") for (src, _), n in zip(items, counts, strict=True)
+    ]
+    if expect_sha256:
+        sha = (
+            texts[0][1] if not source.startswith(MIX) else mixture_sha256([t[1] for t in texts], [w for _, w in items])
+        )
+        if sha != expect_sha256:
+            raise InputChanged(
+                f"calibration text {source} changed since the job was planned (sha256 {expect_sha256[:12]} planned, "
+                f"{sha[:12]} read): this variant was not built; re-run the job to plan it on the new text"
+            )
+    for i, ((_src, _), n, (text, _sha)) in enumerate(zip(items, counts, texts, strict=True)):
         if n:
             windows += sample_windows(
-                read_text(src),
+                text,
                 tokenizer,
                 n,
                 seq_len,

@@ -21,3 +21,8 @@ class TrackingError(FarmError):
     """The MLflow tracking server cannot be reached or refused a call."""
 
     exit_code = 3
+
+
+class InputChanged(FarmError):
+    """A model or text a job planned on changed before (or while) a variant was built from it: the variant is not
+    recorded under an identity that is not the one of the bytes it used."""

@@ -195,10 +195,11 @@ def _resolve_hf(source: str, revision: str | None, allow_pickle: bool) -> Resolv
 
 
 def _resolve_s3(source: str, identify: bool, allow_pickle: bool) -> ResolvedModel:
-    import s3fs
     from botocore.exceptions import BotoCoreError, ClientError
 
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)  # credentials are read now: a long-lived watcher sees rotations
+    from farm import s3
+
+    fs = s3.filesystem()
     prefix = source.removeprefix("s3://").rstrip("/")
     try:
         listing = fs.ls(prefix, detail=True, refresh=True)
@@ -219,7 +220,7 @@ def _resolve_s3(source: str, identify: bool, allow_pickle: bool) -> ResolvedMode
     except PermissionError as err:
         raise SourceError(f"model {source}: access denied ({err})") from None
     except (OSError, BotoCoreError, ClientError) as err:  # credentials missing or refused, endpoint down
-        raise SourceError(f"model {source}: cannot read ({type(err).__name__}: {err})") from None
+        raise SourceError(f"model {source}: cannot read from {s3.endpoint()} ({type(err).__name__}: {err})") from None
     config = check_checkpoint(dest, source, allow_pickle)
     identity = content_identity(dest, allow_pickle) if identify else ""
     return ResolvedModel(source, "s3", str(dest), identity, None, config)

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,7 +61,7 @@ def connect(address: str | None, verbose: bool = False) -> Iterator[Any]:
     env_vars, _secret = forwarded_env()
     # Inside a submitted Ray job the job's runtime env already reaches every worker (and Ray refuses a second
     # one that sets the same variables).
-    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    in_job = in_ray_job()
     runtime_env = {"env_vars": env_vars} if env_vars and not in_job else None
     main = threading.current_thread() is threading.main_thread()
     on_term = signal.getsignal(signal.SIGTERM) if main else None
@@ -83,6 +84,11 @@ def connect(address: str | None, verbose: bool = False) -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def in_ray_job() -> bool:
+    """This process is the entrypoint of a job submitted to Ray's Jobs API."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
 def holds_secret(value: str) -> bool:
@@ -151,11 +157,15 @@ def nodes() -> list[dict[str, float]]:
     return [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
 
 
-def wait_one(refs: list[Any]) -> Any:
+def wait_one(refs: list[Any], timeout_s: float | None = None) -> Any:
+    """The first of `refs` to finish; None when none did within `timeout_s`."""
     import ray
 
-    done, _ = ray.wait(refs, num_returns=1)
-    return done[0]
+    if not refs:
+        time.sleep(timeout_s or 0)
+        return None
+    done, _ = ray.wait(refs, num_returns=1, timeout=timeout_s)
+    return done[0] if done else None
 
 
 def result(ref: Any) -> tuple[Any, str | None, bool]:

@@ -79,6 +79,29 @@ def check_output_root(root: str) -> None:
             return
 
 
+def job_directory_problem(spec: JobSpec, override: str | None, cwd: Path, in_job: bool) -> str | None:
+    """Inside a job started with `ray job submit`, the working directory is Ray's copy of the job's working_dir,
+    deleted with the job: an output root or a sqlite store there (a relative path, or the defaults) would be lost
+    without a word. `farm submit` sends absolute paths, which are kept."""
+    if not in_job:
+        return None
+    root = spec.output.root
+    places = [] if "://" in root else [("output.root", root)]
+    uri = override or spec.tracking.uri or environ_uri()
+    if uri is None:
+        places.append(("the default tracking store", str(Path(root if "://" not in root else ".farm") / "mlflow.db")))
+    elif uri.startswith("sqlite:///"):
+        places.append(("tracking.uri", uri[len("sqlite:///") :]))
+    for what, place in places:
+        full = (cwd / Path(place).expanduser()).resolve()
+        if full == cwd or cwd in full.parents:
+            return (
+                f"{what} {place} lies in the Ray job's working directory ({cwd}), which Ray deletes with the job: "
+                "use an s3:// output root and an MLflow server (tracking.uri), or absolute paths on shared storage"
+            )
+    return None
+
+
 def tracking_target(spec: JobSpec, override: str | None) -> tuple[str, str | None]:
     uri = override or spec.tracking.uri or environ_uri()
     if uri:
@@ -118,6 +141,9 @@ class Driver:
     def run(self) -> JobOutcome:
         t0 = time.perf_counter()
         plan = preflight(self.spec)  # bad input stops here, before anything is created
+        problem = job_directory_problem(self.spec, self.tracking_override, Path.cwd().resolve(), cluster.in_ray_job())
+        if problem:
+            raise SpecError(problem)
         outcome = JobOutcome(plan, None, "")
         t = outcome.mark("preflight", t0)
         # A new local tracking store costs seconds of MLflow migrations and means every variant is to be built:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from farm import resources
 from farm.methods.backends import BACKENDS
 from farm.plan import BaseEval, Plan, Variant
 from farm.runtime import cluster
+from farm.runtime.claims import BUILD_BEAT_S
 from farm.runtime.ddp import Rank
 from farm.runtime.outcome import JobOutcome, VariantOutcome
 from farm.runtime.records import JobRecords
@@ -27,8 +29,11 @@ from farm.runtime.results import RankReport, VariantResult
 from farm.runtime.scheduler import Run, Scheduler, Start, Stop, Unit
 from farm.runtime.workers import BaseTask, Tracking, VariantTask, Worker
 from farm.spec import JobSpec
+from farm.tracking.heartbeat import beating
+from farm.tracking.names import Tag
 
 Item = BaseEval | Variant
+PARK_POLL_S = 5.0  # how often a variant another job is building is looked up again
 
 
 def backend_env(item: Item) -> dict[str, Any] | None:
@@ -75,6 +80,7 @@ class Execution:
         self.starting: dict[Any, Unit[Item]] = {}  # a new worker's `ready` ref -> its unit
         self.waiting: list[tuple[Variant, str, VariantResult]] = []  # variants done before their base
         self.bases_left: set[str] = set()
+        self.told: set[str] = set()  # variants this job said it waits for
 
     def run(self, todo: list[Variant], bases: list[BaseEval], base_ppl: dict[str, float], tracking: Tracking) -> None:
         res = self.spec.resources
@@ -97,14 +103,25 @@ class Execution:
         self.sched: Scheduler[Item] = Scheduler(size, res.max_retries, profile)
         self.sched.add([*bases, *sorted(todo, key=lambda v: v.method.cost_rank)])
         self.say(f"  {size} worker(s) of {res.num_cpus:g} CPU / {res.num_gpus:g} GPU each")
+        records = self.records
         try:
-            while self.sched.active:
-                self._act()
-                if self.sched.active:
-                    self._settle(cluster.wait_one([*self.starting, *self.tasks, *self.followers]))
+            with beating(
+                lambda: list(records.claims.building.values()), records.store.tag_claim, BUILD_BEAT_S, time.time
+            ):
+                while self.sched.active:
+                    self._act()
+                    if not self.sched.active:
+                        break
+                    refs = [*self.starting, *self.tasks, *self.followers]
+                    ref = cluster.wait_one(refs, PARK_POLL_S if self.sched.parked else None)
+                    if ref is None:  # look again at variants another job is building
+                        self.sched.unpark()
+                    else:
+                        self._settle(ref)
         finally:
             for unit in self.sched.units:
                 self._close(unit)
+            records.claims.release_builds()
 
     # -- the scheduler's actions -------------------------------------------------------------------------------
     def _act(self) -> None:
@@ -157,6 +174,13 @@ class Execution:
             base = self.base_ppl.get(item.base_eval_id)
             self.say(self.outcome.add(self.records.reused(item, self.records.registered_as(item, row), base)))
             self.sched.skipped(unit)
+            return
+        holder = self.records.claims.claim_build(item, self.plan.job_id)
+        if holder is not None:  # another job is building it: wait for its record, then reuse it
+            if item.id not in self.told:
+                self.told.add(item.id)
+                self.say(f"  waiting  {item.label}: {holder.tags.get(Tag.BUILDER, '?')} is building it")
+            self.sched.park(unit)
             return
         run_id = self.records.start_variant(self.plan, item, attempt, self.parent)
         vt = VariantTask(self.plan.job_name, item, run_id, self.spec.evaluation, self.spec.output.root, self.tracking)
@@ -225,6 +249,7 @@ class Execution:
         if run_id is not None:
             self.records.fail(run_id, error)
         if isinstance(item, Variant):
+            self.records.claims.release_build(item)
             self.say(self.outcome.add(VariantOutcome(item, "failed", run_id, reason=error)))
         elif run_id is None:  # a base whose worker never started
             self._base_done(item, None, None, error)

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,9 +14,11 @@ from farm.artifacts import ArtifactStore
 from farm.errors import TrackingError
 from farm.plan import BaseEval, Plan, Variant
 from farm.promote import Decision
+from farm.runtime.claims import VariantClaims
+from farm.runtime.liveness import pid_alive, process_id
 from farm.runtime.outcome import JobOutcome, VariantOutcome
 from farm.runtime.results import BaseResult, VariantResult
-from farm.runtime.workers import library_versions, pid_alive
+from farm.runtime.workers import library_versions
 from farm.secrets import redact
 from farm.serving import measure as serving
 from farm.spec import JobSpec
@@ -28,8 +28,7 @@ from farm.tracking.mlflow_store import TAG, MlflowStore, is_tracking_failure
 from farm.tracking.names import Tag
 
 Printer = Callable[[str], None]
-DRIVER_ID = f"{socket.gethostname()}:{os.getpid()}"
-RECORD_WAIT_S = 120.0  # how long a recording claim blocks others: recording a variant takes seconds
+DRIVER_ID = process_id()
 
 
 def registered_name(spec: JobSpec, model_name: str) -> str:
@@ -48,6 +47,7 @@ class JobRecords:
         self.base_metrics: dict[str, dict[str, float]] = {}
         self.base_runs: dict[str, str] = {}  # base_eval_id -> its recorded run
         self.base_greedy: dict[str, list[list[int]] | None] = {}  # base_eval_id -> serving greedy token ids
+        self.claims = VariantClaims(store)
 
     # -- runs ------------------------------------------------------------------------------------------------
     def _job_run(self, plan: Plan) -> tuple[str, int]:
@@ -74,7 +74,6 @@ class JobRecords:
         self.store.end_run(run_id, ok, reason, status)
         self.open_runs.discard(run_id)
 
-    # -- one record per variant, however many jobs race -------------------------------------------------------
     def open_job(self, plan: Plan) -> tuple[str, int]:
         """The job's parent run (reopened on a re-run) with the spec and library versions on it."""
         parent, attempt = self._job_run(plan)
@@ -123,7 +122,7 @@ class JobRecords:
     def fail(self, run_id: str, reason: str | None) -> None:
         self._end(run_id, ok=False, reason=reason)
 
-    # -- one record per variant, however many jobs race -------------------------------------------------------
+    # -- what is recorded ------------------------------------------------------------------------------------
     def recorded(self, v: Variant) -> Any:
         """The newest FINISHED run of this variant (judged the same way) in the experiment whose artifact is not
         known to be gone, if any job recorded it."""
@@ -153,28 +152,7 @@ class JobRecords:
         self.say(f"  stale    {v.label}: {redact(problem)}; building it again")
         return None
 
-    def _claim_record(self, v: Variant, run_id: str, job_id: str) -> tuple[Any, str | None]:
-        """(the run another job recorded this variant in, None) when this build is a duplicate, else (None, the
-        claim this job now holds). Claims are MLflow experiments (unique names, as `farm watch` claims a
-        release), one per recording attempt: a recorder that died leaves a claim the next attempt steps over
-        once it is RECORD_WAIT_S old."""
-        prefix = f"farm-record/{self.store.experiment_id}/{v.id}/"
-        while True:
-            row = self.recorded(v)
-            if row is not None and row.run_id != run_id:
-                return row, None
-            claims = self.store.claims(prefix)
-            age = time.time() - claims[-1].created_ms / 1000 if claims else None
-            last = claims[-1].tags if claims else {}
-            busy = last.get(Tag.RECORDING_RUN) != run_id and last.get(Tag.RECORD_STATE) != "failed"
-            if age is not None and age < RECORD_WAIT_S and busy:
-                time.sleep(0.5)  # another job is recording it now: its record, when it lands, is the one
-                continue
-            name = f"{prefix}{len(claims)}"
-            if self.store.claim(name, {Tag.RECORDING_RUN: run_id, Tag.JOB_ID: job_id}):
-                return None, name
-
-    # -- the job ---------------------------------------------------------------------------------------------
+    # -- what earlier jobs left ------------------------------------------------------------------------------
     def reap_orphans(self, plan: Plan) -> None:
         """Runs of this job left RUNNING by a driver that died (kill -9, power loss) on this host are marked
         FAILED, so the record never shows work in progress that nobody is doing."""
@@ -302,10 +280,10 @@ class JobRecords:
     def finish_variant(
         self, v: Variant, run_id: str, result: VariantResult, base: float | None, outcome: JobOutcome
     ) -> None:
-        """Record a built variant, unless a concurrent job recorded it first: then this build's run ends KILLED
-        with the reason and the variant is reported as reused from that job's run (one FINISHED run and one
-        registry version per variant)."""
-        row, claim = self._claim_record(v, run_id, outcome.plan.job_id)
+        """Record a built variant, unless a concurrent job recorded it first (possible only when this job stepped
+        over a build claim it judged dead): then this build's run ends KILLED with the reason and the variant is
+        reported as reused from that job's run (one FINISHED run and one registry version per variant)."""
+        row, claim = self.claims.claim_record(v, run_id, outcome.plan.job_id, self.recorded)
         if row is not None:
             self._end(
                 run_id,
@@ -314,6 +292,7 @@ class JobRecords:
                 status="KILLED",
             )
             self.say(outcome.add(self.reused(v, self.registered_as(v, row), base)))
+            self.claims.release_build(v)
             return
         try:
             self._record_variant(v, run_id, result, base, outcome)
@@ -323,6 +302,7 @@ class JobRecords:
             raise
         if claim:
             self.store.hide_claim(claim)
+        self.claims.release_build(v)
 
     def _record_variant(
         self, v: Variant, run_id: str, result: VariantResult, base: float | None, outcome: JobOutcome

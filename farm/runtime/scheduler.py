@@ -68,6 +68,7 @@ class Scheduler(Generic[T]):
     queue: deque[T] = field(default_factory=deque)
     units: list[Unit[T]] = field(default_factory=list)
     attempts: dict[str, int] = field(default_factory=dict)
+    parked: list[T] = field(default_factory=list)  # items waiting on something outside the job (`park`)
     start_failures: dict[Hashable, int] = field(default_factory=dict)  # consecutive, by kind
 
     def add(self, items: Iterable[T]) -> None:
@@ -75,8 +76,8 @@ class Scheduler(Generic[T]):
 
     @property
     def active(self) -> bool:
-        """Work is queued or running (a job ends when this turns False)."""
-        return bool(self.queue) or any(u.state == "busy" for u in self.units)
+        """Work is queued, parked or running (a job ends when this turns False)."""
+        return bool(self.queue or self.parked) or any(u.state == "busy" for u in self.units)
 
     def attempt(self, item: T) -> int:
         return self.attempts.get(item.id, 0)
@@ -152,11 +153,25 @@ class Scheduler(Generic[T]):
         """The item handed to `unit` needed no work after all (another job recorded it): the unit is idle again."""
         unit.item, unit.state = None, "idle"
 
+    def park(self, unit: Unit[T]) -> None:
+        """The item handed to `unit` cannot start yet (another job is building it): the unit is idle again, and
+        the item waits outside the queue, its attempt not counted, until `unpark`."""
+        item = unit.item
+        unit.item, unit.state = None, "idle"
+        if item is not None:
+            self.attempts[item.id] = self.attempt(item) - 1
+            self.parked.append(item)
+
+    def unpark(self) -> None:
+        """Parked items go back to the end of the queue, to be looked at again."""
+        self.queue.extend(self.parked)
+        self.parked.clear()
+
     def drop(self, which: Callable[[T], bool]) -> list[T]:
         """Take the queued items `which` selects out of the queue (e.g. the variants of a base that failed)."""
-        gone = [i for i in self.queue if which(i)]
-        for i in gone:
-            self.queue.remove(i)
+        gone = [i for i in [*self.queue, *self.parked] if which(i)]
+        self.queue = deque(i for i in self.queue if not which(i))
+        self.parked = [i for i in self.parked if not which(i)]
         return gone
 
     def _used(self) -> int:

@@ -21,10 +21,12 @@ from typing import Any
 
 from farm import sources
 from farm.artifacts import ArtifactStore, file_table
+from farm.errors import InputChanged
 from farm.methods.backends import BACKENDS
 from farm.plan import BaseEval, Variant
 from farm.runtime import cluster, ddp
 from farm.runtime.ddp import Rank
+from farm.runtime.liveness import pid_alive
 from farm.runtime.results import BaseResult, DataParallel, RankReport, VariantResult
 from farm.secrets import redact
 from farm.spec import EvaluationSpec
@@ -186,17 +188,6 @@ def sweep_scratch(root: str | None = None) -> int:
     return gone
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this host has that pid (the driver's orphaned runs, dead workers' scratch)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def device_memory_held() -> int:
     """Bytes of GPU memory this process's caching allocator holds (0 without a GPU)."""
     import torch
@@ -223,6 +214,21 @@ def local_model(m: Any) -> sources.ResolvedModel:
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
     return replace(resolved, local_dir=str(dest))
+
+
+def unchanged(v: Any, local_dir: str) -> None:
+    """InputChanged when a local model directory no longer has the identity the job planned on (rewritten before
+    or during the build). Cheap when nothing changed: file hashes are remembered by (path, size, mtime). Remote
+    sources are pinned snapshots (a revision, an S3 listing) fetched into a cache; a merged adapter's identity is
+    the merge's, checked where the adapter is read."""
+    if "://" in v.model.source or v.model.merge_adapter:
+        return
+    now = sources.content_identity(Path(local_dir), v.model.allow_pickle)
+    if now != v.identity:
+        raise InputChanged(
+            f"model {v.model_name}: {redact(v.model.source)} changed since the job was planned ({v.identity[:19]} "
+            f"planned, {now[:19]} now): this variant was not published; re-run the job to plan it on the new files"
+        )
 
 
 def warm_imports() -> float:
@@ -311,7 +317,7 @@ class Worker:
             request = QuantizeRequest(
                 model_dir=model.local_dir,
                 method=v.method,
-                calibration=CalibrationDraw(cal.source, cal.num_samples, cal.max_seq_length, cal.seed),
+                calibration=CalibrationDraw(cal.source, cal.num_samples, cal.max_seq_length, cal.seed, cal.sha256),
                 out_dir=out,
                 trust_remote_code=v.model.trust_remote_code,
                 batch_size=tuned.batch_size,
@@ -347,6 +353,7 @@ class Worker:
             else:
                 q = self._quantize_with_retry(v, model, request, tuned)
             q.metrics["seconds_worker_start"] = started
+            unchanged(v, model.local_dir)  # nothing is published for a model rewritten under the build
             # The checkpoint is final: hash it and upload it to MLflow while the GPU evaluates it.
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="farm-artifact") as background:
                 files = background.submit(timed_call, file_table, out)

@@ -35,6 +35,7 @@ class CalibrationDraw:
     num_samples: int
     max_seq_length: int
     seed: int
+    sha256: str | None = None  # the identity planned for the source: a draw from other text fails (InputChanged)
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,17 @@ class QuantizeResult:
 def _windows(req: QuantizeRequest, tokenizer: Any) -> list[list[int]]:
     """This rank's calibration windows: the draw's `rank::world` share, the only ones it tokenizes."""
     cal = req.calibration
-    return draw(cal.source, tokenizer, cal.num_samples, cal.max_seq_length, cal.seed, req.rank, req.world, req.shares)
+    return draw(
+        cal.source,
+        tokenizer,
+        cal.num_samples,
+        cal.max_seq_length,
+        cal.seed,
+        req.rank,
+        req.world,
+        req.shares,
+        expect_sha256=cal.sha256,
+    )
 
 
 def _dataset(req: QuantizeRequest, tokenizer: Any, windows: list[list[int]] | None = None) -> Any:

@@ -12,6 +12,8 @@ class Tag:
     ARTIFACT_URI = PREFIX + "artifact_uri"
     ATTEMPT = PREFIX + "attempt"
     BASE_EVAL_ID = PREFIX + "base_eval_id"
+    BUILD_STATE = PREFIX + "build_state"  # on a build claim: "done" once the variant is recorded or gave up
+    BUILDER = PREFIX + "builder"  # on a build claim: the driver (host:pid) building the variant
     CALIBRATION_HASH = PREFIX + "calibration_hash"
     CUDA_VISIBLE_DEVICES = PREFIX + "cuda_visible_devices"
     DDP_RANKS = PREFIX + "ddp_ranks"
@@ -20,6 +22,7 @@ class Tag:
     DRIVER = PREFIX + "driver"
     FAILURE = PREFIX + "failure"
     GATE = PREFIX + "gate"
+    HEARTBEAT = PREFIX + "heartbeat"  # on a claim: when its holder last said it is alive (epoch seconds)
     GATE_REASONS = PREFIX + "gate_reasons"
     GATE_WARNINGS = PREFIX + "gate_warnings"
     GENERATION = PREFIX + "generation"

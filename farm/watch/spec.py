@@ -26,6 +26,13 @@ class WatchSpec(Strict):
     submit_address: str | None = Field(None, description="Ray Jobs API address; the job runs in-process if unset")
     interval_s: float = Field(3600, gt=0, le=7 * 86400, description="seconds between cycles when not --once")
     stale_after_s: float = Field(24 * 3600, gt=0, description="an unfinished claim older than this may be retried")
+    heartbeat_s: float = Field(
+        60,
+        gt=0,
+        le=3600,
+        description="how often a watcher running a job marks its claim alive; a claim silent for 5 heartbeats, or "
+        "whose watcher process on this host is gone, is taken over by the next cycle",
+    )
     max_attempts: int = Field(3, ge=1, le=20, description="attempts per release before the watcher gives up")
 
     @model_validator(mode="after")

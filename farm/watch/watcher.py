@@ -4,8 +4,10 @@ this recipe, claim it in MLflow and run (or submit) the job template for it.
 The watermark lives in MLflow, not on a disk: each attempt at a (release, recipe) is a claim - an experiment
 named `farm-watch/<key>/<attempt>` whose tags hold the base, release, recipe, state and job. Experiment names
 are unique in the tracking database, so when two watchers race for a release exactly one creates the claim and
-runs the job. A failed attempt (or one left unfinished past `stale_after_s`) may be retried up to
-`max_attempts`; the job's own dedup by variant id then rebuilds only what is missing.
+runs the job. A failed attempt may be retried up to `max_attempts`, and so may an unfinished one whose watcher is
+gone: its process no longer exists on this host, or its heartbeat (a tag it renews every `heartbeat_s` while the
+job runs) stopped for 5 beats, or it is older than `stale_after_s`. The job's own dedup by variant id then
+rebuilds only what is missing, and its driver marks the dead one's runs FAILED.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from farm.errors import FarmError, TrackingError
+from farm.runtime.liveness import pid_alive
 from farm.secrets import redact
 from farm.spec import JobSpec, ModelSpec
+from farm.tracking.heartbeat import beating, silent
 from farm.tracking.mlflow_store import TAG, Claim, MlflowStore
 from farm.tracking.names import Tag
 from farm.watch.releases import HubClient, Release, detect
@@ -183,7 +187,8 @@ class Watcher:
             {Tag.RELEASE: release.identity, Tag.WATCH: self.watch.name, W + "claim": name},
         )
         try:
-            state, ref, detail = self.runner.start(spec)
+            with beating(lambda: [name], self.store.tag_claim, self.watch.heartbeat_s, self.clock, W + "heartbeat"):
+                state, ref, detail = self.runner.start(spec)
         except TrackingError:
             raise
         except FarmError as err:
@@ -207,5 +212,13 @@ class Watcher:
         return state
 
     def _stale(self, claim: Claim) -> bool:
-        claimed = float(claim.tags.get(W + "claimed_at", "0"))
-        return self.clock() - claimed > self.watch.stale_after_s
+        """An unfinished claim nobody is working on: its watcher died on this host, its heartbeat stopped, or it
+        is older than `stale_after_s` (a submitted job is polled instead: its watcher is not needed)."""
+        now = self.clock()
+        if claim.tags.get(W + "state", "running") == "running":
+            host, _, pid = claim.tags.get(W + "owner", "").rpartition(":")
+            if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+                return True
+            if silent(claim.tags.get(W + "heartbeat") or claim.tags.get(W + "claimed_at"), self.watch.heartbeat_s, now):
+                return True
+        return now - float(claim.tags.get(W + "claimed_at", "0")) > self.watch.stale_after_s

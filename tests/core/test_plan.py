@@ -163,3 +163,25 @@ def test_a_changed_tokenizer_is_another_model_with_other_variant_ids(
 
     original, changed = ids(fixture_paths["tiny-llama"]), ids(copy)
     assert original and changed and not original & changed
+
+
+def test_a_submitted_job_refuses_locations_inside_rays_job_directory(tmp_path: Path) -> None:
+    """`ray job submit -- farm run spec.yaml` runs in Ray's copy of the working_dir, deleted with the job: a
+    relative output root or the default sqlite store there is refused in one line; s3, a server URI or an
+    absolute path elsewhere is kept; outside a Ray job nothing is refused."""
+    from farm.runtime.driver import job_directory_problem
+
+    cwd = tmp_path / "runtime_resources" / "working_dir_files" / "job"
+    cwd.mkdir(parents=True)
+
+    def problem(root: str, uri: str | None = None, in_job: bool = True) -> str | None:
+        return job_directory_problem(
+            spec(output={"root": root}, tracking={"uri": uri} if uri else {}), None, cwd, in_job
+        )
+
+    assert "output.root out lies in the Ray job's working directory" in (problem("out") or "")
+    assert "default tracking store" in (problem("s3://bucket/farm") or "")
+    assert "tracking.uri" in (problem("s3://bucket/farm", "sqlite:///mlflow.db") or "")
+    assert problem("s3://bucket/farm", "http://mlflow:5000") is None
+    assert problem(str(tmp_path / "shared"), f"sqlite:///{tmp_path / 'shared' / 'm.db'}") is None
+    assert problem("out", in_job=False) is None

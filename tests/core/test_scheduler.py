@@ -174,3 +174,22 @@ def test_a_skipped_item_leaves_its_unit_idle_and_drop_takes_items_out() -> None:
     assert start.unit.state == "idle"
     assert [i.id for i in s.drop(lambda i: i.id == "c")] == ["c"]
     assert [a.item.id for a in s.step() if isinstance(a, Run)] == ["b"]
+
+
+def test_a_parked_item_waits_outside_the_queue_and_keeps_its_attempts() -> None:
+    """Another job is building the item: it is parked (its worker idle, nothing counted), the job stays active,
+    idle workers go back meanwhile, and after `unpark` it runs as a first attempt."""
+    s = sched(capacity=1)
+    s.add([It("a")])
+    (start,) = s.step()
+    s.ready(start.unit)
+    s.step()
+    s.park(start.unit)
+    assert s.active and not s.queue and s.attempt(It("a")) == 0
+    assert s.step() == [Stop(start.unit)]  # nothing queued: the worker is given back while it waits
+    s.unpark()
+    (again,) = s.step()
+    s.ready(again.unit)
+    (run,) = s.step()
+    assert run.item.id == "a" and s.attempt(run.item) == 1
+    assert s.drop(lambda i: True) == [] and s.finished(again.unit, failed=False, unit_lost=False) is False

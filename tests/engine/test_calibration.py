@@ -173,3 +173,52 @@ def test_hf_dataset_source_from_the_hub_cache(tmp_path, monkeypatch) -> None:
         with pytest.raises(SpecError, match=msg) as err:
             TextIdentity.of(bad)
         assert "\n" not in str(err.value)
+
+
+def test_a_draw_from_text_that_changed_since_planning_fails(texts: dict, fixture_paths: dict, tmp_path: Path) -> None:
+    """The identity a variant records is that of the text it was calibrated on: the planned hash is checked
+    against the bytes the draw read, for a file and for a mixture, and a change fails the draw in one line."""
+    from transformers import AutoTokenizer
+
+    from farm.errors import InputChanged
+
+    tok = AutoTokenizer.from_pretrained(fixture_paths["tiny-llama"])
+    a = str(texts["a"])
+    mix = mixture_source([(a, 1.0), (str(texts["b"]), 1.0)])
+    planned = {src: TextIdentity.of(src).sha256 for src in (a, mix)}
+    same = draw(a, tok, 4, 32, 0)
+    assert draw(a, tok, 4, 32, 0, expect_sha256=planned[a]) == same
+    assert draw(mix, tok, 4, 32, 0, expect_sha256=planned[mix]) == draw(mix, tok, 4, 32, 0)
+    texts["a"].write_text(texts["a"].read_text()[::-1])  # replaced between planning and building
+    for src in (a, mix):
+        with pytest.raises(InputChanged, match="changed since the job was planned") as err:
+            draw(src, tok, 4, 32, 0, expect_sha256=planned[src])
+        assert "\n" not in str(err.value)
+
+
+def test_a_model_directory_rewritten_after_planning_is_not_published(fixture_paths: dict, tmp_path: Path) -> None:
+    import shutil
+
+    from farm.errors import InputChanged
+    from farm.runtime.workers import unchanged
+
+    model = tmp_path / "m"
+    shutil.copytree(fixture_paths["tiny-llama"], model)
+    spec = parse_spec(
+        {
+            "name": "t",
+            "models": [{"source": str(model), "name": "m"}],
+            "methods": [{"method": "fp8"}],
+            "calibration": {"source": str(fixture_paths["shakespeare"] / "calibration.txt")},
+            "evaluation": {"perplexity": {"source": str(fixture_paths["shakespeare"] / "heldout.txt")}},
+        }
+    )
+    from farm import sources
+
+    config = sources.check_checkpoint(model, str(model))
+    info = ModelInfo(sources.content_identity(model), config, 1)
+    (v,) = make_plan(spec, {"m": info}, "c", "h").variants
+    unchanged(v, str(model))  # as planned: passes
+    (model / "generation_config.json").write_text('{"do_sample": true}')
+    with pytest.raises(InputChanged, match=r"model m: .* changed since the job was planned"):
+        unchanged(v, str(model))

@@ -245,8 +245,9 @@ def test_tracking_server_lost_mid_job_fails_cleanly(
 def test_concurrent_jobs_record_each_variant_once(
     stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path
 ) -> None:
-    """Two `farm run` of one spec at once against one MLflow server: both exit 0, and every variant has exactly
-    one FINISHED run and one registry version (a duplicate build ends KILLED, naming the run that won)."""
+    """Two `farm run` of one spec at once against one MLflow server (on a cluster that holds the workers of only
+    one): both exit 0, every variant is built once (one run, FINISHED) and has one registry version; the job that
+    found a variant claimed waits for it and reuses it."""
     spec = tiny_spec(
         fixture_paths,
         str(tmp_path / "out"),
@@ -264,10 +265,7 @@ def test_concurrent_jobs_record_each_variant_once(
     assert sorted(r.data.tags["farm.variant_id"] for r in finished) == sorted(
         {r.data.tags["farm.variant_id"] for r in runs}
     ), [(r.data.tags["farm.label"], r.info.status) for r in runs]
-    assert len(finished) == 2
-    for r in runs:
-        if r.info.status != "FINISHED":
-            assert r.info.status == "KILLED" and "recorded this variant first" in r.data.tags["farm.failure"]
+    assert len(finished) == len(runs) == 2, [(r.data.tags["farm.label"], r.info.status) for r in runs]
     assert len(client.search_model_versions("name = 'race-tiny-llama'")) == 2
     exp = client.get_experiment_by_name("race")
     from mlflow.entities import ViewType

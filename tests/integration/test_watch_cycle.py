@@ -237,3 +237,50 @@ def test_long_running_mode_cycles_on_the_injected_clock(setup) -> None:
     assert [r.action for r in reports[1] if r.base == "hub"] == ["built"]
     assert [r.action for r in reports[1] if r.base == "tiny"] == ["unchanged"]
     assert len(runner.jobs) == 4  # tiny once, the hub base once per commit
+
+
+def _claim_hub_release(tmp: Path, store: MlflowStore, clock: Clock, tags: dict[str, str]):
+    from farm.watch.releases import detect
+    from farm.watch.watcher import PREFIX, release_key
+
+    watch, template = load_watch(tmp / "watch.yaml")
+    hub, hub_base = Hub({"org/model@main": "e" * 40}), watch.bases[1]
+    key = release_key(detect(hub_base, hub).identity, recipe_hash(template))
+    base_tags = {W + "state": "running", W + "claimed_at": str(int(clock.now))}
+    assert store.claim(f"{PREFIX}{key}/1", base_tags | tags)
+    return make(tmp, store, Recorder(), hub, clock, bases=[hub_base])
+
+
+def test_a_claim_whose_watcher_died_on_this_host_is_taken_over_at_once(setup) -> None:
+    """`kill -9` of a watcher mid-build: its claim stays "running", but its process is gone from this host, so the
+    next cycle builds the release again instead of waiting out `stale_after_s`."""
+    import socket
+    import subprocess
+    import sys
+
+    tmp, _, store = setup
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    w = _claim_hub_release(tmp, store, Clock(), {W + "owner": f"{socket.gethostname()}:{dead.pid}"})
+    assert [r.action for r in w.cycle()] == ["built"]
+
+
+def test_a_claim_whose_heartbeat_stopped_is_taken_over(setup) -> None:
+    """A watcher on another host cannot be asked whether it lives: its heartbeat tag can. Fresh: in progress;
+    silent for more than 5 heartbeats: taken over."""
+    tmp, _, store = setup
+    clock = Clock()
+    w = _claim_hub_release(tmp, store, clock, {W + "owner": "elsewhere:1", W + "heartbeat": str(int(clock.now))})
+    clock.now += 4 * 60
+    assert [r.action for r in w.cycle()] == ["in progress"]
+    clock.now += 2 * 60
+    assert [r.action for r in w.cycle()] == ["built"]
+
+
+def test_a_running_job_keeps_its_claim_alive(setup) -> None:
+    tmp, _, store = setup
+    runner = Recorder(delay=1.5)
+    w = make(tmp, store, runner, Hub({"org/model@main": "f" * 40}), time.time, heartbeat_s=0.2)
+    w.cycle()
+    beats = [c.tags.get(W + "heartbeat") for c in store.claims("farm-watch/")]
+    assert all(beats), beats

@@ -71,7 +71,7 @@ def quantize_autoawq(req: QuantizeRequest) -> dict[str, Any]:
         view = legacy_view(req.model_dir, Path(tmp) / "base")
         tokenizer = AutoTokenizer.from_pretrained(view)
         cal = req.calibration
-        windows = draw(cal.source, tokenizer, cal.num_samples, cal.max_seq_length, cal.seed)
+        windows = draw(cal.source, tokenizer, cal.num_samples, cal.max_seq_length, cal.seed, expect_sha256=cal.sha256)
         model = AutoAWQForCausalLM.from_pretrained(str(view), device_map=device)
         t1 = time.perf_counter()
         model.quantize(

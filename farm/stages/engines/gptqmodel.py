@@ -37,7 +37,7 @@ def quantize_gptqmodel(req: QuantizeRequest) -> QuantizeResult:
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
     cal = req.calibration
-    windows = draw(cal.source, tokenizer, cal.num_samples, cal.max_seq_length, cal.seed)
+    windows = draw(cal.source, tokenizer, cal.num_samples, cal.max_seq_length, cal.seed, expect_sha256=cal.sha256)
     settings = method.gptqmodel_config()
     model = GPTQModel.load(
         req.model_dir, QuantizeConfig(**settings), device=device, trust_remote_code=req.trust_remote_code

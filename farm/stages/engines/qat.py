@@ -78,7 +78,7 @@ def quantize_qat(req: QuantizeRequest) -> QuantizeResult:
     dtype = model.dtype
     model.to(torch.float32)  # full-precision master weights, also on GPUs
     cal = req.calibration
-    windows = draw(cal.source, tokenizer, method.train_samples, cal.max_seq_length, cal.seed)
+    windows = draw(cal.source, tokenizer, method.train_samples, cal.max_seq_length, cal.seed, expect_sha256=cal.sha256)
     t1 = time.perf_counter()
     losses = train(model, windows, method, device)
     if not all(math.isfinite(x) for x in losses):
