@@ -187,6 +187,59 @@ def build_tasks(root: Path, shakespeare: Path, items: int = 200) -> Path:
     return out
 
 
+MOE_SHAPES = {
+    # Mixtral's block: 4 experts, top-2 routing; Qwen3-MoE's: 8 narrow experts, top-2, routing weights renormed
+    "tiny-mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(intermediate_size=256, num_local_experts=4, num_experts_per_tok=2),
+    ),
+    "tiny-qwen3-moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(intermediate_size=256, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2, head_dim=32),
+    ),
+}
+
+
+def build_tiny_moe(root: Path, tokenizer_dir: Path, name: str) -> Path:
+    """A 2-layer random mixture-of-experts model of one of `MOE_SHAPES`, with SmolLM2's tokenizer: the MoE paths
+    (expert linearization, all-expert calibration, routers left unquantized, expert coverage) in seconds."""
+    out = root / "models" / name
+    if (out / DONE).exists():
+        return out
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    config_cls, model_cls, shape = MOE_SHAPES[name]
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(
+        vocab_size=len(tok),
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        **shape,
+    )
+    model = getattr(transformers, model_cls)(config).eval()
+    work = Path(tempfile.mkdtemp(dir=root))
+    staged = work / "model"
+    model.save_pretrained(staged)
+    tok.save_pretrained(staged)
+    (staged / DONE).write_text(json.dumps({"source": config_cls, "seed": 0}))
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged.rename(out)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 def ensure_all(root: Path | None = None) -> dict[str, Path]:
     root = (root or default_root()).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -194,7 +247,8 @@ def ensure_all(root: Path | None = None) -> dict[str, Path]:
     smol = build_smollm2(root)
     tiny = build_tiny_llama(root, smol)
     tasks = build_tasks(root, text)
-    return {"shakespeare": text, "smollm2": smol, "tiny-llama": tiny, "tasks": tasks}
+    moe = {name: build_tiny_moe(root, smol, name) for name in MOE_SHAPES}
+    return {"shakespeare": text, "smollm2": smol, "tiny-llama": tiny, "tasks": tasks, **moe}
 
 
 def main(argv: list[str] | None = None) -> int:

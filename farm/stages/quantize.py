@@ -16,6 +16,7 @@ from farm.stages import timed_call
 from farm.stages.distributed.split_load import dispatch_replica, load_split
 from farm.stages.distributed.split_save import shards_split_over_ranks
 from farm.stages.engines.registry import register_engine
+from farm.stages.expert_coverage import expert_coverage
 from farm.stages.llmc.calibration_sdpa import sdpa_calibration
 from farm.stages.llmc.cpu_pinning import cpu_safe_pinning
 from farm.stages.llmc.ddp_forward_order import forward_ordered
@@ -274,8 +275,11 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
         tokenizer, windows, phases = text.result()
     t1 = time.perf_counter()
     dataset = _dataset(req, tokenizer, windows) if windows is not None else None
-    notes += calibrate(req, model, tokenizer, req.method.modifiers(), dataset)
+    with expert_coverage(model) as coverage:
+        notes += calibrate(req, model, tokenizer, req.method.modifiers(), dataset)
     t2 = time.perf_counter()
+    tokens = sum(len(w) for w in dataset["input_ids"]) if dataset is not None else 0
+    moe_metrics, moe_document = coverage.result(tokens) if tokens else ({}, None)
     phases["seconds_load_device"] = t_dev - t0  # like the tokenizer's and the draw's: within the load
     recipe = save(model, tokenizer, req.out_dir, phases)
     t3 = time.perf_counter()
@@ -288,5 +292,6 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
         recipe=recipe,
         notes=notes,
         calibration_report=dict(req.report),
-        metrics=phases,
+        metrics={**phases, **moe_metrics},
+        documents={"expert_coverage.json": moe_document} if moe_document else {},
     )
