@@ -157,6 +157,7 @@ def make_plan(
                 gptq_inverse=spec.resources.gptq_inverse,
                 calibration_attention=spec.resources.calibration_attention,
                 gptq_broadcast=spec.resources.gptq_broadcast,
+                gpu_memory_bytes=int((spec.resources.gpu_memory_gb or 0) * resources.GIB),
             )
             if spec.resources.ranks > 1 and not method.distributable:
                 raise SpecError(

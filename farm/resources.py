@@ -18,6 +18,7 @@ class Resources:
     num_cpus: float
     memory_bytes: int
     ranks: int = 1  # >1: a placement group of `ranks` workers of this shape (data-parallel calibration)
+    gpu_memory_bytes: int = 0  # a cap on the GPU memory the variant may use (0: its share of the GPU)
     gptq_hessian: str = "tensor_cores"  # how GPTQ Hessians are summed on a GPU (stages/llmc/hessian_tensor_cores.py)
     gptq_inverse: str = (
         "left_looking"  # how GPTQ uses H^-1 (stages/llmc/gptq_left_looking.py, stages/llmc/gptq_one_cholesky.py)

@@ -426,6 +426,13 @@ class ResourceSpec(Strict):
     num_gpus: float = Field(0, ge=0, le=64, description="GPUs per variant (fractions pack variants on a GPU)")
     num_cpus: float = Field(1, gt=0, le=512, description="CPUs per variant (also torch threads)")
     memory_gb: float | None = Field(None, gt=0, le=4096, description="host memory reserved per variant")
+    gpu_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        le=4096,
+        description="GPU memory a variant may use (default: its share of the GPU); a checkpoint that does not fit "
+        "70% of it stays on the host and is onloaded layer by layer",
+    )
     max_retries: int = Field(1, ge=0, le=10, description="times a variant whose worker died is retried")
     ranks: int = Field(
         1,

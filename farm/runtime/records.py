@@ -413,6 +413,7 @@ class JobRecords:
             "resources.calibration_attention": v.resources.calibration_attention,
             "resources.gptq_inverse": v.resources.gptq_inverse,
             "resources.gptq_broadcast": v.resources.gptq_broadcast,
+            "resources.gpu_memory_bytes": v.resources.gpu_memory_bytes,
         }
         return params
 

@@ -13,6 +13,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from importlib import metadata
@@ -92,14 +93,38 @@ def _eval_request(model_dir: str, ev: EvaluationSpec, trust: bool) -> Any:
     )
 
 
-def gpu_budget_bytes(num_gpus: float) -> int:
-    """This worker's share of its GPU: all free memory for a whole GPU, its fraction of the card when packed."""
+def gpu_budget_bytes(num_gpus: float, cap_bytes: int = 0) -> int:
+    """This worker's share of its GPU: all free memory for a whole GPU, its fraction of the card when packed; at
+    most `cap_bytes` when the spec sets `resources.gpu_memory_gb`."""
     import torch
 
     if not torch.cuda.is_available():
         return 0
     free, total = torch.cuda.mem_get_info()
-    return int(free if num_gpus >= 1 else min(free, total * num_gpus))
+    share = int(free if num_gpus >= 1 else min(free, total * num_gpus))
+    return min(share, cap_bytes) if cap_bytes else share
+
+
+@contextlib.contextmanager
+def gpu_memory_capped(cap_bytes: int) -> Iterator[dict[str, float]]:
+    """Hold this process's CUDA allocator to `cap_bytes` while the block runs (an out-of-memory error past it, as
+    on a smaller GPU), and report the peak it allocated as `gpu_peak_bytes`. Without a GPU: nothing."""
+    import torch
+
+    found: dict[str, float] = {}
+    if not torch.cuda.is_available():
+        yield found
+        return
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if cap_bytes:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total))
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        yield found
+    finally:
+        found["gpu_peak_bytes"] = float(torch.cuda.max_memory_allocated())
+        if cap_bytes:
+            torch.cuda.set_per_process_memory_fraction(1.0)
 
 
 def overlapping(v: Variant, world: int) -> bool:
@@ -135,7 +160,7 @@ def tune(
     loaded_bytes = model.weights_bytes // 2 if on_disk == "float32" else model.weights_bytes  # loaded as bf16
     return choose(
         pick_device(),
-        gpu_budget_bytes(v.resources.num_gpus),
+        gpu_budget_bytes(v.resources.num_gpus, v.resources.gpu_memory_bytes),
         per_rank,
         v.calibration.max_seq_length,
         int(cfg.get("hidden_size") or 0),
@@ -351,8 +376,11 @@ class Worker:
 
                 q = QuantizeResult(**cluster.call_in_env(lib.stage, BACKENDS[lib.quantize_in].runtime_env(), request))
             else:
-                q = self._quantize_with_retry(v, model, request, tuned)
+                with gpu_memory_capped(v.resources.gpu_memory_bytes) as memory:
+                    q = self._quantize_with_retry(v, model, request, tuned)
+                q.metrics |= memory
             q.metrics["seconds_worker_start"] = started
+            q.metrics["onloaded"] = float(tuned.load_device == "cpu")  # weights on the host, a layer at a time
             unchanged(v, model.local_dir)  # nothing is published for a model rewritten under the build
             # The checkpoint is final: hash it and upload it to MLflow while the GPU evaluates it.
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="farm-artifact") as background:

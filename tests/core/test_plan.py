@@ -185,3 +185,20 @@ def test_a_submitted_job_refuses_locations_inside_rays_job_directory(tmp_path: P
     assert problem("s3://bucket/farm", "http://mlflow:5000") is None
     assert problem(str(tmp_path / "shared"), f"sqlite:///{tmp_path / 'shared' / 'm.db'}") is None
     assert problem("out", in_job=False) is None
+
+
+def test_a_gpu_memory_budget_reaches_the_variant_and_onloads_what_exceeds_it() -> None:
+    """`resources.gpu_memory_gb` caps what a variant may use on its GPU: an 8B bf16 checkpoint (16 GB) under a
+    6 GB budget is kept on the host and onloaded layer by layer; with the whole card it is loaded whole."""
+    from farm.resources import GIB
+    from farm.stages.tuning import choose
+
+    (v, _) = plan(spec(resources={"num_gpus": 1, "gpu_memory_gb": 6})).variants
+    assert v.resources.gpu_memory_bytes == 6 * GIB
+    llama8b = dict(num_samples=128, seq_len=2048, hidden_size=4096, intermediate_size=14336)
+    capped = choose("cuda", v.resources.gpu_memory_bytes, weights_bytes=16 * 10**9, **llama8b)
+    whole = choose("cuda", 140 * GIB, weights_bytes=16 * 10**9, **llama8b)
+    assert capped.load_device == "cpu" and "onloaded layer by layer" in capped.reason
+    assert whole.load_device is None
+    with pytest.raises(SpecError, match="gpu_memory_gb"):
+        spec(resources={"gpu_memory_gb": "6"})
