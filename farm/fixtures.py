@@ -114,37 +114,9 @@ def build_smollm2(root: Path) -> Path:
 
 def build_tiny_llama(root: Path, tokenizer_dir: Path) -> Path:
     """A 2-layer random Llama with SmolLM2's tokenizer: every quantization path runs in seconds."""
-    out = root / "models" / "tiny-llama"
-    if (out / DONE).exists():
-        return out
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+    return build_random(
+        root, tokenizer_dir, "tiny-llama", "LlamaConfig", "LlamaForCausalLM", {"intermediate_size": 256}
     )
-    model = LlamaForCausalLM(config).eval()
-    work = Path(tempfile.mkdtemp(dir=root))
-    staged = work / "model"
-    model.save_pretrained(staged)
-    tok.save_pretrained(staged)
-    (staged / DONE).write_text(json.dumps({"source": "LlamaConfig", "seed": 0}))
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staged.rename(out)
-    shutil.rmtree(work, ignore_errors=True)
-    return out
 
 
 def _verse(line: str) -> bool:
@@ -205,6 +177,14 @@ MOE_SHAPES = {
 def build_tiny_moe(root: Path, tokenizer_dir: Path, name: str) -> Path:
     """A 2-layer random mixture-of-experts model of one of `MOE_SHAPES`, with SmolLM2's tokenizer: the MoE paths
     (expert linearization, all-expert calibration, routers left unquantized, expert coverage) in seconds."""
+    return build_random(root, tokenizer_dir, name, *MOE_SHAPES[name])
+
+
+def build_random(
+    root: Path, tokenizer_dir: Path, name: str, config_cls: str, model_cls: str, shape: dict[str, int]
+) -> Path:
+    """A random-init 2-layer model of a transformers architecture (hidden 128, 4 heads, seed 0) with SmolLM2's
+    tokenizer, saved under root/models/<name> (staged, then renamed: a half-built one is never used)."""
     out = root / "models" / name
     if (out / DONE).exists():
         return out
@@ -212,7 +192,6 @@ def build_tiny_moe(root: Path, tokenizer_dir: Path, name: str) -> Path:
     import transformers
     from transformers import AutoTokenizer
 
-    config_cls, model_cls, shape = MOE_SHAPES[name]
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(
