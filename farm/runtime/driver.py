@@ -112,6 +112,7 @@ def tracking_target(spec: JobSpec, override: str | None) -> tuple[str, str | Non
 class Lookup(NamedTuple):
     """What the tracking store already holds for a plan, and what is left to do."""
 
+    records: JobRecords  # the job's records, holding what earlier jobs recorded for its bases
     cached: dict[str, Any]  # variant id -> its finished run, or None
     todo: list[Variant]
     bases_todo: list[BaseEval]
@@ -159,6 +160,7 @@ class Driver:
             with cluster.connect(self.ray_address, self.verbose) if needed else contextlib.nullcontext():
                 outcome.mark("cluster", t)
                 found = found or lookup.result()
+                self.records = found.records  # made on the lookup's thread, used only from here on
                 outcome.phases["tracking"] = found.seconds  # alongside "cluster" when a new store is created
                 outcome.tracking_uri = redact(self.uri)
                 self.say(
@@ -204,11 +206,12 @@ class Driver:
             raise SpecError(problem)
 
     def _lookup(self, plan: Plan) -> Lookup:
-        """The tracking store, and what it already holds: variants and base evaluations to reuse, the rest to do."""
+        """The tracking store, and what it already holds: variants and base evaluations to reuse, the rest to do.
+        Runs on a thread beside the cluster's start: it returns everything it finds and sets nothing on `self`."""
         t = time.perf_counter()
         store = MlflowStore(self.uri, self.spec.tracking.experiment, self.artifact_location)
         store.check_reachable()
-        self.records = records = JobRecords(store, self.spec, self.say)
+        records = JobRecords(store, self.spec, self.say)
         records.reap_orphans(plan)
         # a variant is reused only if it was judged the same way (base_eval_id hashes the evaluation settings)
         cached = {v.id: records.reusable(v) for v in plan.variants}
@@ -218,7 +221,7 @@ class Driver:
         records.base_runs = {b: r.run_id for b, r in base_cached.items() if r is not None}
         records.base_metrics = {b: dict(r.metrics) for b, r in base_cached.items() if r is not None}
         bases_todo = [b for b in plan.base_evals if b.id not in base_ppl and any(v.base_eval_id == b.id for v in todo)]
-        return Lookup(cached, todo, bases_todo, base_ppl, time.perf_counter() - t)
+        return Lookup(records, cached, todo, bases_todo, base_ppl, time.perf_counter() - t)
 
     def _record(
         self,
