@@ -42,7 +42,7 @@ def test_s3_source_without_credentials_is_one_line(stack: Stack, monkeypatch: py
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    with pytest.raises(SourceError, match=r"cannot read \(NoCredentialsError") as err:
+    with pytest.raises(SourceError, match=r"cannot read from \S+ \(NoCredentialsError") as err:
         sources.resolve(f"s3://{BUCKET}/models/tiny")
     assert "\n" not in str(err.value)
 
