@@ -108,16 +108,19 @@ class Execution:
             with beating(
                 lambda: list(records.claims.building.values()), records.store.tag_claim, BUILD_BEAT_S, time.time
             ):
+                look_again = time.monotonic() + PARK_POLL_S
                 while self.sched.active:
                     self._act()
                     if not self.sched.active:
                         break
                     refs = [*self.starting, *self.tasks, *self.followers]
-                    ref = cluster.wait_one(refs, PARK_POLL_S if self.sched.parked else None)
-                    if ref is None:  # look again at variants another job is building
-                        self.sched.unpark()
-                    else:
+                    wait = max(0.0, look_again - time.monotonic()) if self.sched.parked else None
+                    ref = cluster.wait_one(refs, wait)
+                    if ref is not None:
                         self._settle(ref)
+                    if self.sched.parked and time.monotonic() >= look_again:  # variants another job is building
+                        self.sched.unpark()
+                        look_again = time.monotonic() + PARK_POLL_S
         finally:
             for unit in self.sched.units:
                 self._close(unit)

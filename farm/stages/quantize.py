@@ -266,6 +266,10 @@ def quantize(req: QuantizeRequest) -> QuantizeResult:
         return engine(req)
     device = pick_device()
     t0 = time.perf_counter()
+    # transformers' lazy module is not safe to import from two threads at once: the first import of the model
+    # and tokenizer classes happens here, before the tokenizer thread starts (a warm worker has them already)
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="farm-tokenizer") as side:  # beside the weights
         text = side.submit(_tokenizer_and_windows, req)
         where = placement(req, device)
