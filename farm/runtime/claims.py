@@ -10,14 +10,13 @@ wrongly (a builder alive but silent), the later record still finds the earlier o
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 from farm.errors import TrackingError
 from farm.plan import Variant
-from farm.runtime.liveness import pid_alive, process_id
+from farm.runtime.liveness import alive_here, process_id
 from farm.tracking.heartbeat import silent
 from farm.tracking.mlflow_store import Claim, MlflowStore, is_tracking_failure
 from farm.tracking.names import Tag
@@ -53,9 +52,9 @@ class VariantClaims:
     def _building(self, claim: Claim) -> bool:
         if claim.tags.get(Tag.BUILD_STATE) == "done":
             return False
-        host, _, pid = claim.tags.get(Tag.BUILDER, "").rpartition(":")
-        if host == socket.gethostname() and pid.isdigit():
-            return pid_alive(int(pid))
+        here = alive_here(claim.tags.get(Tag.BUILDER, ""))
+        if here is not None:
+            return here
         return not silent(claim.tags.get(Tag.HEARTBEAT), BUILD_BEAT_S, time.time())
 
     def release_build(self, v: Variant) -> None:

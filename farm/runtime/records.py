@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +14,7 @@ from farm.errors import TrackingError
 from farm.plan import BaseEval, Plan, Variant
 from farm.promote import Decision
 from farm.runtime.claims import VariantClaims
-from farm.runtime.liveness import pid_alive, process_id
+from farm.runtime.liveness import alive_here, process_id
 from farm.runtime.outcome import JobOutcome, VariantOutcome
 from farm.runtime.results import BaseResult, VariantResult
 from farm.runtime.workers import library_versions
@@ -158,8 +157,7 @@ class JobRecords:
         FAILED, so the record never shows work in progress that nobody is doing."""
         for row in self.store.find_runs([f"tags.`{Tag.JOB_ID}` = '{plan.job_id}'"], status="RUNNING"):
             driver = row.tags.get(Tag.DRIVER, "")
-            host, _, pid = driver.rpartition(":")
-            if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+            if alive_here(driver) is False:
                 self.store.end_run(row.run_id, ok=False, reason=f"driver {driver} died before finishing this run")
                 self.say(f"  marked FAILED: run {row.run_id} left RUNNING by dead driver {driver}")
 

@@ -13,15 +13,13 @@ rebuilds only what is missing, and its driver marks the dead one's runs FAILED.
 from __future__ import annotations
 
 import hashlib
-import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from farm.errors import FarmError, TrackingError
-from farm.runtime.liveness import pid_alive
+from farm.runtime.liveness import alive_here, process_id
 from farm.secrets import redact
 from farm.spec import JobSpec, ModelSpec
 from farm.tracking.heartbeat import beating, silent
@@ -110,7 +108,7 @@ class Watcher:
     ):
         self.watch, self.template, self.store, self.runner, self.hub = watch, template, store, runner, hub
         self.clock, self.say = clock, say
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.owner = process_id()
 
     def cycle(self) -> list[CycleResult]:
         """One pass over every base. A base that fails (missing, no weights, credentials) is reported and the
@@ -216,8 +214,7 @@ class Watcher:
         is older than `stale_after_s` (a submitted job is polled instead: its watcher is not needed)."""
         now = self.clock()
         if claim.tags.get(W + "state", "running") == "running":
-            host, _, pid = claim.tags.get(W + "owner", "").rpartition(":")
-            if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            if alive_here(claim.tags.get(W + "owner", "")) is False:
                 return True
             if silent(claim.tags.get(W + "heartbeat") or claim.tags.get(W + "claimed_at"), self.watch.heartbeat_s, now):
                 return True
