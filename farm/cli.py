@@ -140,6 +140,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             r.tags.get(Tag.LABEL),
             r.status,
             fmt(r.metrics.get("weights_bytes", 0) / 1e6, ".1f"),
+            fmt(r.metrics["decoder_linear_bytes"] / 1e6 if "decoder_linear_bytes" in r.metrics else None, ".1f"),
             fmt(r.metrics.get("base_perplexity"), ".2f"),
             fmt(r.metrics.get("perplexity"), ".2f"),
             fmt(r.metrics.get("perplexity_delta"), "+.2f"),
@@ -158,6 +159,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                 "variant",
                 "status",
                 "MB",
+                "linear MB",
                 "base ppl",
                 "ppl",
                 "delta",
@@ -318,13 +320,15 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
     if args.bits not in (4, 8):
         raise SpecError(f"sensitivity: --bits must be 4 or 8 (got {args.bits})")
     grid = Grid(args.bits, args.group_size or None)
-    for rec in profile_job(load_spec(args.spec), grid, args.tokens, args.seq_len, args.model, args.tracking_uri):
+    spec = load_spec(args.spec)
+    text = "validation" if spec.validation else "calibration"
+    for rec in profile_job(spec, grid, args.tokens, args.seq_len, args.model, args.tracking_uri):
         p = rec.profile
         worst = max(max(p.layers.values(), default=0.0), 1e-9)
         rows = [[f"layer {i}", f"{d:+.3f}", "#" * max(0, round(30 * d / worst))] for i, d in sorted(p.layers.items())]
         rows += [[k, f"{d:+.3f}", ""] for k, d in p.extra.items()]
         print(
-            f"{rec.model}: perplexity {p.base_perplexity:.2f} on {p.tokens} calibration tokens; each row alone "
+            f"{rec.model}: perplexity {p.base_perplexity:.2f} on {p.tokens} {text} tokens; each row alone "
             f"at W{grid.bits}{f' g{grid.group_size}' if grid.group_size else ''} (round-to-nearest)"
         )
         print(table(["module", "ppl delta", ""], rows))

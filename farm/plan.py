@@ -49,6 +49,19 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class Validation:
+    """The job's validation text as a search or mixed variant is judged on it."""
+
+    source: str
+    sha256: str
+    max_tokens: int
+    seq_len: int
+
+    def key(self) -> list[Any]:
+        return ["validation", self.sha256, self.max_tokens, self.seq_len]
+
+
+@dataclass(frozen=True)
 class BaseEval:
     id: str
     model: ModelSpec
@@ -66,6 +79,8 @@ class Variant:
     calibration: Calibration
     resources: resources.Resources
     base_eval_id: str
+    validation: Validation | None = None  # methods that choose between candidates (search, mixed)
+    candidate_calibrations: tuple[Calibration, ...] = ()  # a search's draw per candidate, in its order
 
     @property
     def label(self) -> str:
@@ -110,10 +125,11 @@ def make_plan(
     calibration_sha: str | Mapping[str, str],
     heldout_sha: str,
     adapter_shas: Mapping[str, str] | None = None,
+    validation_sha: str | None = None,
 ) -> Plan:
     """`models` maps each model's display name to its resolved info; `calibration_sha` is the content hash of
-    the job's calibration text, or a map of set name -> hash ("" = the job's own). Raises SpecError on any
-    mismatch."""
+    the job's calibration text, or a map of set name -> hash ("" = the job's own); `validation_sha` that of the
+    job's validation text. Raises SpecError on any mismatch."""
     shas = {"": calibration_sha} if isinstance(calibration_sha, str) else dict(calibration_sha)
     ev = spec.evaluation
     eval_key: list[Any] = [ev.perplexity.model_dump(exclude={"source"}), heldout_sha, ev.generation.model_dump()]
@@ -127,6 +143,13 @@ def make_plan(
     if ev.adapters:  # an adapter is judged by its content, not its path
         eval_key.append(
             [[a.model_dump(exclude={"source"}), (adapter_shas or {}).get(a.name, a.source)] for a in ev.adapters]
+        )
+    validation = None
+    if spec.validation is not None:
+        if validation_sha is None:
+            raise SpecError("the validation text was not hashed")
+        validation = Validation(
+            spec.validation.source, validation_sha, spec.validation.max_tokens, spec.validation.seq_len
         )
     variants, bases = [], []
     for mi, model in enumerate(spec.models):
@@ -170,8 +193,34 @@ def make_plan(
             elif getattr(method, "engine", "") == "model_free" and spec.resources.ranks > 1:
                 # one worker holding `ranks` GPUs: model_free_ptq spreads the shards over them
                 res = replace(res, num_gpus=res.num_gpus * spec.resources.ranks)
-            vid = _hash("variant", info.identity, method.config_hash(), cal_id)  # ranks change speed, not output
-            variants.append(Variant(vid, model, name, info.identity, method, cal, res, base_id))
+            key: list[Any] = ["variant", info.identity, method.config_hash(), cal_id]  # ranks change speed, not output
+            drawn = tuple(_calibration_for(spec, c, shas) for c in method.candidate_methods())
+            if drawn:  # a search: what each candidate reads is part of what it builds
+                key.append(
+                    [
+                        c.hash if m.requires_calibration else "data-free"
+                        for c, m in zip(drawn, method.candidate_methods(), strict=True)
+                    ]
+                )
+            if method.uses_validation:  # which candidate wins depends on the text that judges them
+                if validation is None:
+                    raise SpecError(f"methods.{ki} ({method.label()}): needs the job's validation text")
+                key.append(validation.key())
+            vid = _hash(*key)
+            variants.append(
+                Variant(
+                    vid,
+                    model,
+                    name,
+                    info.identity,
+                    method,
+                    cal,
+                    res,
+                    base_id,
+                    validation if method.uses_validation else None,
+                    drawn,
+                )
+            )
     ids = [v.id for v in variants]
     job_id = _hash("job", spec.name, sorted(ids))
     return Plan(spec.name, job_id, tuple(variants), tuple(bases))

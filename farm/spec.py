@@ -104,6 +104,17 @@ class CalibrationSpec(Strict):
         )
 
 
+class ValidationSpec(Strict):
+    source: Location = Field(
+        description="text that judges a search's or a mixed variant's candidates: apart from the calibration text "
+        "and the held-out evaluation text, so the evaluation figure stays a held-out number"
+    )
+    max_tokens: int = Field(
+        4096, gt=0, le=10_000_000, description="tokens of validation text each candidate is scored on"
+    )
+    seq_len: int = Field(512, gt=1, le=131_072, description="window length (non-overlapping windows)")
+
+
 class PerplexitySpec(Strict):
     source: Location = Field(description="held-out text file (.txt) or JSONL with a 'text' field")
     max_tokens: int = Field(12_288, gt=0, le=10_000_000, description="tokens of held-out text evaluated")
@@ -516,6 +527,9 @@ class JobSpec(Strict):
         description="named calibration sets a method can pick "
         "(`calibration: {set: name}`); a variant calibrated on a different set is a different variant",
     )
+    validation: ValidationSpec | None = Field(
+        None, description="validation text for methods that choose between candidates (search, mixed)"
+    )
     evaluation: EvaluationSpec
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
@@ -532,11 +546,16 @@ class JobSpec(Strict):
             if dup:
                 raise ValueError(f"{what}: duplicate name(s) {', '.join(dup)}; give each a distinct `name`")
         for i, m in enumerate(self.methods):
-            wanted = m.calibration.set if m.calibration else None
-            if wanted and wanted not in self.calibration_sets:
+            for where, wanted in m.calibration_sets_named():
+                if wanted not in self.calibration_sets:
+                    raise ValueError(
+                        f"methods.{i}.{where}calibration.set: unknown set {wanted!r}; defined: "
+                        f"{', '.join(sorted(self.calibration_sets)) or 'none'}"
+                    )
+            if m.uses_validation and self.validation is None:
                 raise ValueError(
-                    f"methods.{i}.calibration.set: unknown set {wanted!r}; defined: "
-                    f"{', '.join(sorted(self.calibration_sets)) or 'none'}"
+                    f"methods.{i} ({m.label()}): {m.method} judges its candidates on validation text; add a "
+                    "`validation:` section (text apart from the calibration and the held-out evaluation text)"
                 )
         if self.evaluation.serving and self.resources.num_gpus <= 0:
             raise ValueError(
@@ -605,6 +624,9 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
             ],
             "calibration": spec.calibration.with_paths(base),
             "calibration_sets": {k: v.with_paths(base) for k, v in spec.calibration_sets.items()},
+            "validation": spec.validation.model_copy(update={"source": _resolve(spec.validation.source, base)})
+            if spec.validation
+            else None,
             "evaluation": ev.model_copy(
                 update={
                     "perplexity": ev.perplexity.model_copy(update={"source": _resolve(ev.perplexity.source, base)}),

@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from farm.methods.base import MethodConfig, int_weight_group
+from farm.methods.base import MethodConfig, int_weight_bits, int_weight_group
 
 
 class AWQConfig(MethodConfig):
@@ -32,6 +32,9 @@ class AWQConfig(MethodConfig):
 
     def group_sizes(self) -> list[int]:
         return [self.group_size]
+
+    def weight_bits(self) -> float:
+        return int_weight_bits(4, self.group_size, self.symmetric)
 
     def modifiers(self) -> list[Any]:
         from llmcompressor.modifiers.quantization import QuantizationModifier

@@ -50,6 +50,22 @@ class MethodConfig(BaseModel):
         return True
 
     @property
+    def uses_validation(self) -> bool:
+        """Whether the method chooses between candidates by scoring them on the job's validation text."""
+        return False
+
+    def candidate_methods(self) -> list[MethodConfig]:
+        """The configs this method builds and chooses between (a search's candidates); empty for one recipe."""
+        return []
+
+    def calibration_sets_named(self) -> list[tuple[str, str]]:
+        """(where in the config, set name) for every named calibration set this method reads."""
+        named = [("", self.calibration.set)] if self.calibration and self.calibration.set else []
+        for c in self.candidate_methods():
+            named += [(f"candidates[{c.label()}].{where}", name) for where, name in c.calibration_sets_named()]
+        return named
+
+    @property
     def backend_name(self) -> str:
         """Which library quantizes (methods with a `backend` field choose; see methods/backends.py)."""
         return str(getattr(self, "backend", "llmcompressor"))
@@ -61,6 +77,9 @@ class MethodConfig(BaseModel):
 
     # Start order in a job: lower runs first (a packed job finishes soonest when its slowest variants start early).
     cost_rank: ClassVar[int] = 9
+    # Fields added after variants of this method were first published, with the value that reproduces those
+    # variants: left at that value they stay out of the identity, so existing variant ids do not change.
+    later_fields: ClassVar[dict[str, Any]] = {}
 
     def label(self) -> str:
         suffix = "" if self.backend_name == "llmcompressor" else f"-{self.backend_name}"
@@ -74,7 +93,15 @@ class MethodConfig(BaseModel):
         out = self.model_dump(mode="json", exclude={"name"})
         if out.get("backend") == "llmcompressor":  # variants made before backends existed keep their ids
             out.pop("backend")
+        for key, unchanged in self.later_fields.items():
+            if key in out and out[key] == unchanged:
+                out.pop(key)
         return out
+
+    def weight_bits(self) -> float | None:
+        """Estimated stored bits per quantized Linear weight (scales and zero points included), for ordering
+        candidates by size before any is built; None where the method does not say."""
+        return None
 
     def config_hash(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
@@ -103,6 +130,14 @@ class MethodConfig(BaseModel):
     @abstractmethod
     def modifiers(self) -> list[Any]:
         """The llm-compressor modifiers (the recipe) for this config."""
+
+
+def int_weight_bits(num_bits: int, group_size: int | None, symmetric: bool) -> float:
+    """Bits per weight of an int grid as compressed-tensors stores it: packed weights, a 16-bit scale per group
+    (a per-channel scale is negligible per weight) and, when asymmetric, a zero point per group."""
+    if not group_size:
+        return float(num_bits)
+    return num_bits + (16 + (0 if symmetric else num_bits)) / group_size
 
 
 def int_weight_group(num_bits: int, group_size: int | None, symmetric: bool) -> dict[str, Any]:

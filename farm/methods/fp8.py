@@ -23,6 +23,9 @@ class FP8Config(MethodConfig):
     def requires_calibration(self) -> bool:
         return False
 
+    def weight_bits(self) -> float:
+        return 8.0  # one byte per weight; per-channel or per-block scales are negligible per weight
+
     def default_label(self) -> str:
         base = "fp8-dynamic" if self.scheme == "FP8_DYNAMIC" else "fp8-block"
         return base + ("-mf" if self.engine == "model_free" else "")

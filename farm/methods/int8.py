@@ -21,6 +21,9 @@ class INT8Config(MethodConfig):
     def requires_calibration(self) -> bool:
         return self.activations == "static" or self.weights == "gptq"
 
+    def weight_bits(self) -> float:
+        return 8.0  # one byte per weight; per-channel or per-block scales are negligible per weight
+
     def default_label(self) -> str:
         return f"int8-w8a8-{self.activations}-{self.weights}"
 

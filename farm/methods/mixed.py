@@ -1,8 +1,10 @@
 """Automatic mixed precision: most decoder layers at a low integer grid, the most fragile at a high one.
 
 A layer's fragility is measured (stages/engines/sensitivity.py: quantize that layer alone, round-to-nearest, perplexity
-on calibration text); the layers are ranked by perplexity lost per byte saved; the fewest upgrades that keep the
-measured perplexity delta within `budget` are found by bisection over real quantizations (stages/engines/mixed.py).
+on the job's validation text); the layers are ranked by perplexity lost per byte saved; the fewest upgrades that keep
+the perplexity delta on the validation text within `budget` are found by bisection over real quantizations
+(stages/engines/mixed.py). Validation text is apart from the calibration draw and from the evaluation text, so the
+evaluated figure of the chosen variant is a held-out number, not the one the search optimised.
 Which layers were kept high depends on the model, so the recipe is built per model, not by `modifiers()`."""
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from farm.methods.base import MethodConfig
+from farm.methods.budget import BUDGET_UNIT_HELP, BudgetUnit
 from farm.methods.precision import Grid, Layer, config_groups
 
 
@@ -19,9 +22,10 @@ class GridSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     bits: Literal[4, 8] = Field(description="integer weight bits")
     group_size: int | None = Field(None, gt=0, le=8192, description="weights per scale; null = per output channel")
+    symmetric: bool = Field(True, description="symmetric int grid (no zero point)")
 
     def grid(self) -> Grid:
-        return Grid(self.bits, self.group_size)
+        return Grid(self.bits, self.group_size, self.symmetric)
 
 
 class MixedConfig(MethodConfig):
@@ -30,14 +34,17 @@ class MixedConfig(MethodConfig):
     low: GridSpec = Field(GridSpec(bits=4, group_size=128), description="grid for most layers")
     high: GridSpec = Field(GridSpec(bits=8, group_size=None), description="grid for the fragile layers")
     algorithm: Literal["gptq", "rtn"] = Field("gptq", description="how weights are rounded (GPTQ reads calibration)")
-    budget: float = Field(1.0, gt=0, description="largest perplexity increase allowed on the calibration probe text")
-    probe_tokens: int = Field(4096, gt=0, le=1_000_000, description="calibration tokens each probe is scored on")
-    probe_seq_len: int = Field(512, gt=1, le=131_072, description="tokens per probe window")
+    budget: float = Field(1.0, gt=0, description="largest perplexity increase allowed on the job's validation text")
+    budget_unit: BudgetUnit = Field("delta", description=BUDGET_UNIT_HELP)
     high_layers: list[int] | None = Field(None, description="fixed decoder layers to keep high (skips the search)")
 
     @property
     def requires_calibration(self) -> bool:
-        return True  # the sensitivity probe reads calibration text even when the rounding is RTN
+        return self.algorithm == "gptq"
+
+    @property
+    def uses_validation(self) -> bool:
+        return True
 
     @property
     def distributable(self) -> bool:
@@ -46,7 +53,7 @@ class MixedConfig(MethodConfig):
     def default_label(self) -> str:
         g = f"g{self.low.group_size}" if self.low.group_size else "ch"
         budget = f"{self.budget:g}".replace("+", "")  # labels become registry aliases: [a-z0-9_.-] only
-        return f"mixed-w{self.low.bits}{g}-w{self.high.bits}-d{budget}"
+        return f"mixed-w{self.low.bits}{g}-w{self.high.bits}-{self.budget_unit[0]}{budget}"
 
     def group_sizes(self) -> list[int]:
         return [g.group_size for g in (self.low, self.high) if g.group_size]
@@ -64,3 +71,6 @@ class MixedConfig(MethodConfig):
         from llmcompressor.modifiers.gptq import GPTQModifier
 
         return [GPTQModifier(config_groups=groups, ignore=list(self.ignore), actorder="static")]
+
+    def weight_bits(self) -> float:
+        return self.low.grid().bits_per_weight()  # at least: the search upgrades layers from here

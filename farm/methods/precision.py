@@ -9,22 +9,26 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from farm.methods.base import int_weight_group
+from farm.methods.base import int_weight_bits, int_weight_group
 
 
 @dataclass(frozen=True)
 class Grid:
-    """An integer weight grid: bits and group size (None = one scale per output channel)."""
+    """An integer weight grid: bits, group size (None = one scale per output channel) and symmetry."""
 
     bits: int
     group_size: int | None
+    symmetric: bool = True
+
+    def bits_per_weight(self) -> float:
+        return int_weight_bits(self.bits, self.group_size, self.symmetric)
 
     def bytes_per_weight(self) -> float:
-        """Packed weight bits plus one 16-bit scale per group (or per row, counted as negligible per weight)."""
-        return self.bits / 8 + (2 / self.group_size if self.group_size else 0.0)
+        """Packed weight bits plus a 16-bit scale (and an asymmetric grid's zero point) per group."""
+        return self.bits_per_weight() / 8
 
     def weights(self) -> dict[str, Any]:
-        return int_weight_group(self.bits, self.group_size, symmetric=True)["group_0"]["weights"]
+        return int_weight_group(self.bits, self.group_size, self.symmetric)["group_0"]["weights"]
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
+from farm.methods.autoround import AutoRoundConfig
 from farm.methods.awq import AWQConfig
 from farm.methods.base import MethodConfig
 from farm.methods.fp8 import FP8Config, FP8StaticConfig, KVCacheFP8Config
@@ -17,11 +18,13 @@ from farm.methods.mixed import MixedConfig
 from farm.methods.nf4 import NF4Config
 from farm.methods.qat import QATConfig
 from farm.methods.rtn import RTNConfig
+from farm.methods.search import SearchConfig
 from farm.methods.smoothquant import SmoothQuantConfig
 
 REGISTRY: dict[str, type[MethodConfig]] = {
     "gptq": GPTQConfig,
     "awq": AWQConfig,
+    "autoround": AutoRoundConfig,
     "fp8": FP8Config,
     "fp8_static": FP8StaticConfig,
     "kv_fp8": KVCacheFP8Config,
@@ -31,6 +34,7 @@ REGISTRY: dict[str, type[MethodConfig]] = {
     "mixed": MixedConfig,
     "qat": QATConfig,
     "nf4": NF4Config,
+    "search": SearchConfig,
 }
 
 

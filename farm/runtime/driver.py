@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from farm import resources, sources
-from farm.calibration import TextIdentity
+from farm.calibration import MIX, TextIdentity, parts
 from farm.errors import SpecError, TrackingError
 from farm.plan import BaseEval, ModelInfo, Plan, Variant, make_plan, merged_identity
 from farm.runtime import cluster
@@ -51,6 +51,16 @@ def preflight(spec: JobSpec) -> Plan:
     heldout = texts["held-out text"] = TextIdentity.of(spec.evaluation.perplexity.source)
     shas = {"": texts["calibration text"].sha256}
     shas |= {name: texts[f"calibration set {name!r}"].sha256 for name in spec.calibration_sets}
+    validation = None
+    if spec.validation is not None:
+        validation = texts["validation text"] = TextIdentity.of(spec.validation.source)
+        for what, t in texts.items():
+            pieces = [t] if not t.source.startswith(MIX) else [TextIdentity.of(src) for src, _ in parts(t.source)]
+            if what != "validation text" and validation.sha256 in {p.sha256 for p in pieces}:
+                raise SpecError(
+                    f"validation.source: the validation text is the {what} ({t.source}); it must be apart from "
+                    "both, or the figures it chooses by are not held out"
+                )
     for name, r in resolved.items():  # text the model's tokenizer cannot read is found now, naming the tokenizer
         problem = sources.tokenizer_problem(
             r.local_dir, {f"{what} ({t.source})": t.sample for what, t in texts.items()}
@@ -61,7 +71,7 @@ def preflight(spec: JobSpec) -> Plan:
     for a in spec.evaluation.adapters:
         if a.eval_source:
             TextIdentity.of(a.eval_source)  # a missing adapter text is bad input: say so before anything runs
-    return make_plan(spec, infos, shas, heldout.sha256, adapters)
+    return make_plan(spec, infos, shas, heldout.sha256, adapters, validation.sha256 if validation else None)
 
 
 def check_output_root(root: str) -> None:

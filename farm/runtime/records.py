@@ -340,6 +340,7 @@ class JobRecords:
         metrics |= q.metrics
         for name, doc in q.documents.items():
             self.store.log_json(run_id, doc, name)
+        self._record_candidates(v, run_id, q.candidates)
         self.store.log(run_id, metrics=metrics, tags=tags)
         metrics |= self._log_checks(run_id, v.label, result.checks)
         greedy = _greedy(result.checks)
@@ -381,6 +382,28 @@ class JobRecords:
             )
         )
 
+    def _record_candidates(self, v: Variant, run_id: str, rows: list[dict[str, Any]]) -> None:
+        """One finished run per candidate a search (or mixed) built, under the variant's run: its settings as
+        params, its validation figures and size as metrics, whether it was chosen as a tag."""
+        for row in rows:
+            child = self.store.start_run(
+                f"{v.label}/{row['label']}",
+                {
+                    **self.spec.tracking.tags,
+                    Tag.ROLE: "candidate",
+                    Tag.VARIANT_ID: v.id,
+                    Tag.MODEL: v.model_name,
+                    Tag.LABEL: row["label"],
+                    Tag.CANDIDATE_STATUS: row["status"],
+                },
+                run_id,
+            )
+            params = {
+                f"method.{k}": json.dumps(x) if isinstance(x, (dict, list)) else x for k, x in row["method"].items()
+            }
+            self.store.log(child, params={**params, "candidate.index": row["index"]}, metrics=row["metrics"])
+            self.store.end_run(child, ok=row["error"] is None, reason=row["error"])
+
     # -- records ---------------------------------------------------------------------------------------------
     def _variant_tags(self, plan: Plan, v: Variant) -> dict[str, str]:
         return {
@@ -413,6 +436,14 @@ class JobRecords:
             "resources.gptq_broadcast": v.resources.gptq_broadcast,
             "resources.gpu_memory_bytes": v.resources.gpu_memory_bytes,
         }
+        if v.validation is not None:
+            val = v.validation
+            params |= {
+                "validation.source": redact(val.source),
+                "validation.sha256": val.sha256,
+                "validation.max_tokens": val.max_tokens,
+                "validation.seq_len": val.seq_len,
+            }
         return params
 
     def _version_tags(self, v: Variant, manifest: dict[str, Any]) -> dict[str, str]:
@@ -442,6 +473,7 @@ def _eval_metrics(e: EvaluateResult) -> dict[str, float]:
         "ppl_tokens": e.ppl_tokens,
         "weights_bytes": e.weights_bytes,
         "dir_bytes": e.dir_bytes,
+        "decoder_linear_bytes": e.decoder_linear_bytes,
         "seconds_eval_load": e.seconds_load,
         "seconds_perplexity": e.seconds_perplexity,
         "seconds_generate": e.seconds_generate,

@@ -1,4 +1,5 @@
-"""`farm sensitivity`: profile each model of a job layer by layer on its calibration text and record the profile
+"""`farm sensitivity`: profile each model of a job layer by layer on its validation text (its calibration text when
+the job declares none) and record the profile
 in MLflow (one run per model: a metric per layer, `sensitivity.json`), so a team can see which layers a mixed
 recipe will keep high before paying for the search. Runs in this process: one model, no quantization."""
 
@@ -35,7 +36,8 @@ def profile_job(
     uri, artifacts = tracking_target(spec, tracking_uri)
     store = MlflowStore(uri, spec.tracking.experiment, artifacts)
     store.check_reachable()
-    calibration = spec.calibration.source
+    role = "validation" if spec.validation else "calibration"
+    calibration = spec.validation.source if spec.validation else spec.calibration.source
     cal_sha = TextIdentity.of(calibration).sha256
     out = []
     for m in spec.models:
@@ -62,8 +64,9 @@ def profile_job(
                     "grid.bits": grid.bits,
                     "grid.group_size": grid.group_size,
                     "probe_tokens": prof.tokens,
-                    "calibration.source": redact(calibration),
-                    "calibration.sha256": cal_sha,
+                    "text.role": role,
+                    "text.source": redact(calibration),
+                    "text.sha256": cal_sha,
                 },
                 metrics={
                     **prof.metrics(),

@@ -316,7 +316,7 @@ class Worker:
     def build(self, task: VariantTask, rank: Rank | None = None) -> VariantResult | RankReport:
         """Quantize, evaluate and publish one variant. With `rank`, this worker is one rank of a data-parallel
         variant: every rank calibrates on its share; rank 0 alone evaluates, publishes and reports."""
-        from farm.stages.quantize import CalibrationDraw, QuantizeRequest, quantize
+        from farm.stages.quantize import CalibrationDraw, QuantizeRequest, ValidationText, quantize
         from farm.tracking.mlflow_store import MlflowStore
 
         me = RankReport(rank.rank if rank else 0, f"{socket.gethostname()}:{os.getpid()}", self.devices)
@@ -332,7 +332,7 @@ class Worker:
         scratch = tempfile.mkdtemp(prefix=f"{SCRATCH}{os.getpid()}-{v.id}-")
         try:
             out = f"{scratch}/model"
-            cal = v.calibration
+            cal, val = v.calibration, v.validation
             t0 = time.perf_counter()
             world = rank.world if rank else 1
             lib = BACKENDS[v.method.backend_name]
@@ -343,6 +343,11 @@ class Worker:
                 model_dir=model.local_dir,
                 method=v.method,
                 calibration=CalibrationDraw(cal.source, cal.num_samples, cal.max_seq_length, cal.seed, cal.sha256),
+                validation=ValidationText(val.source, val.sha256, val.max_tokens, val.seq_len) if val else None,
+                candidate_calibrations=tuple(
+                    CalibrationDraw(c.source, c.num_samples, c.max_seq_length, c.seed, c.sha256)
+                    for c in v.candidate_calibrations
+                ),
                 out_dir=out,
                 trust_remote_code=v.model.trust_remote_code,
                 batch_size=tuned.batch_size,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from farm.calibration import heldout_windows, read_text
-from farm.stages.modelio import dir_bytes, load_model, load_tokenizer, pick_device, weights_bytes
+from farm.stages.modelio import decoder_linear_bytes, dir_bytes, load_model, load_tokenizer, pick_device, weights_bytes
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class EvaluateResult:
     seconds_load: float
     seconds_perplexity: float
     seconds_generate: float
+    decoder_linear_bytes: int = 0  # the decoder layers' Linear modules: the bytes quantization changes
 
 
 def perplexity(model: object, windows: list[list[int]], device: str) -> tuple[float, int]:
@@ -96,4 +97,5 @@ def evaluate(req: EvaluateRequest, loaded: Loaded | None = None) -> EvaluateResu
         seconds_load=loaded.seconds,
         seconds_perplexity=t2 - t1,
         seconds_generate=t3 - t2,
+        decoder_linear_bytes=decoder_linear_bytes(req.model_dir),
     )

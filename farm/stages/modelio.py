@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +102,22 @@ def weights_bytes(path: str | Path) -> int:
 
 def dir_bytes(path: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+_IN_DECODER_LAYER = re.compile(r"(^|\.)layers\.\d+\.")
+
+
+def decoder_linear_bytes(path: str | Path) -> int:
+    """Bytes the checkpoint stores for its decoder layers' Linear modules (packed weights, scales, zero points,
+    biases; norms excluded), read from the safetensors headers alone: the size quantization changes, apart from
+    embeddings and lm_head that stay in high precision."""
+    total = 0
+    for shard in Path(path).glob("*.safetensors"):
+        with shard.open("rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        for name, info in header.items():
+            module = name.rsplit(".", 1)[0]
+            if name != "__metadata__" and _IN_DECODER_LAYER.search(name) and not module.endswith("norm"):
+                start, end = info["data_offsets"]
+                total += end - start
+    return total

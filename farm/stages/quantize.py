@@ -40,6 +40,17 @@ class CalibrationDraw:
 
 
 @dataclass(frozen=True)
+class ValidationText:
+    """The job's validation text: what search and mixed candidates are judged on (never calibration or
+    evaluation text)."""
+
+    source: str
+    sha256: str | None
+    max_tokens: int
+    seq_len: int
+
+
+@dataclass(frozen=True)
 class QuantizeRequest:
     model_dir: str
     method: MethodConfig
@@ -64,6 +75,8 @@ class QuantizeRequest:
     calibration_attention: str = (
         "sdpa"  # or "eager": llm-compressor's forced eager attention (stages/llmc/calibration_sdpa.py)
     )
+    validation: ValidationText | None = None  # methods that choose between candidates (search, mixed)
+    candidate_calibrations: tuple[CalibrationDraw, ...] = ()  # a search's draw per candidate, in its order
     report: dict[str, Any] = field(default_factory=dict, compare=False)  # filled: the calibration's diversity
 
 
@@ -79,6 +92,7 @@ class QuantizeResult:
     calibration_report: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)  # method-specific numbers for the variant's run
     documents: dict[str, Any] = field(default_factory=dict)  # method-specific JSON artifacts, by file name
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # what a search tried: one MLflow run each
 
 
 def _windows(req: QuantizeRequest, tokenizer: Any) -> list[list[int]]:

@@ -7,7 +7,7 @@ PREFIX = "farm."
 
 
 class Tag:
-    """Run tags, e.g. `Tag.ROLE` == "farm.role" (job | base | variant)."""
+    """Run tags, e.g. `Tag.ROLE` == "farm.role" (job | base | variant | candidate)."""
 
     ARTIFACT_URI = PREFIX + "artifact_uri"
     ATTEMPT = PREFIX + "attempt"
@@ -15,6 +15,7 @@ class Tag:
     BUILD_STATE = PREFIX + "build_state"  # on a build claim: "done" once the variant is recorded or gave up
     BUILDER = PREFIX + "builder"  # on a build claim: the driver (host:pid) building the variant
     CALIBRATION_HASH = PREFIX + "calibration_hash"
+    CANDIDATE_STATUS = PREFIX + "candidate_status"  # on a search candidate's run: chosen | passed | missed | failed
     CUDA_VISIBLE_DEVICES = PREFIX + "cuda_visible_devices"
     DDP_RANKS = PREFIX + "ddp_ranks"
     DDP_WORLD_SIZE = PREFIX + "ddp_world_size"

@@ -90,13 +90,14 @@ def test_mixed_config_is_typed_and_single_process(tmp_path) -> None:
             "models": [{"source": str(tmp_path), "name": "x"}],
             "methods": [{"method": "mixed"}],
             "calibration": {"source": str(tmp_path / "c.txt")},
+            "validation": {"source": str(tmp_path / "v.txt")},
             "evaluation": {"perplexity": {"source": str(tmp_path / "h.txt")}},
             "resources": {"num_gpus": 1, "ranks": 2},
         }
     )
     info = ModelInfo("id", {"hidden_size": 128, "intermediate_size": 256}, 1000)
     with pytest.raises(SpecError, match="ranks must be 1"):
-        make_plan(spec, {"x": info}, "sha", "sha")
+        make_plan(spec, {"x": info}, "sha", "sha", validation_sha="vsha")
 
 
 def test_guided_search_settles_in_three_probes_when_the_profile_predicts_well() -> None:

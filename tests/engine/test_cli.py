@@ -31,6 +31,18 @@ def test_bad_inputs(fixture_paths: dict, tmp_path: Path) -> None:
         "bad group size": ({**good, "methods": [{"method": "gptq", "group_size": 96}]}, "group_size=96"),
         "missing model": ({**good, "models": [{"source": str(tmp_path / "nope")}]}, "no such directory"),
         "missing calibration": ({**good, "calibration": {"source": str(tmp_path / "c.txt")}}, "no such file"),
+        "search without validation": (
+            {**good, "methods": [{"method": "search", "budget": 1, "candidates": [{"method": "fp8"}]}]},
+            "add a `validation:` section",
+        ),
+        "validation is the held-out text": (
+            {**good, "validation": {"source": good["evaluation"]["perplexity"]["source"]}},
+            "the validation text is the held-out text",
+        ),
+        "validation is the calibration text": (
+            {**good, "validation": {"source": good["calibration"]["source"]}},
+            "the validation text is the calibration text",
+        ),
     }
     for name, (spec, needle) in cases.items():
         p = write_spec(tmp_path / f"{name.replace(' ', '_')}.yaml", spec)

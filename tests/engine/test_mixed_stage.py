@@ -11,7 +11,7 @@ import pytest
 from farm.methods import build_method
 from farm.methods.precision import Grid
 from farm.stages.evaluate import EvaluateRequest, evaluate
-from farm.stages.quantize import CalibrationDraw, QuantizeRequest, quantize
+from farm.stages.quantize import CalibrationDraw, QuantizeRequest, ValidationText, quantize
 from tests.conftest import tiny_spec, write_spec
 
 
@@ -27,8 +27,9 @@ def _request(paths: dict, out: Path, **method: object) -> QuantizeRequest:
     return QuantizeRequest(
         model_dir=str(paths["tiny-llama"]),
         out_dir=str(out),
-        method=build_method({"method": "mixed", "probe_tokens": 512, "probe_seq_len": 128, **method}),
+        method=build_method({"method": "mixed", **method}),
         calibration=CalibrationDraw(str(text), 4, 64, 0),
+        validation=ValidationText(str(paths["validation"] / "validation.txt"), None, 512, 128),
     )
 
 
@@ -109,7 +110,7 @@ def test_sensitivity_command_records_the_profile(fixture_paths: dict, tmp_path: 
     store = MlflowStore(uri, "tiny")
     (run,) = store.find_runs(["tags.`farm.role` = 'sensitivity'"], status="FINISHED")
     assert {"sensitivity.layer_000", "sensitivity.layer_001", "base_perplexity"} <= set(run.metrics)
-    assert store.load_json(run.run_id, "sensitivity.json")["grid"] == {"bits": 4, "group_size": 64}
+    assert store.load_json(run.run_id, "sensitivity.json")["grid"] == {"bits": 4, "group_size": 64, "symmetric": True}
     assert main(["sensitivity", str(spec), "--model", "nope", "--tracking-uri", uri]) == 2
     assert "no model 'nope'" in capsys.readouterr().err
 

@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = Path(os.environ.get("FARM_GPU_TOKENIZER", ROOT / ".fixtures" / "models" / "tiny-llama")).resolve()
 TEXT = Path(os.environ.get("FARM_GPU_TEXT", ROOT / ".fixtures" / "shakespeare" / "calibration.txt")).resolve()
+VALIDATION = Path(os.environ.get("FARM_GPU_VALIDATION", ROOT / ".fixtures" / "validation" / "validation.txt")).resolve()
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +43,19 @@ def small_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 EXTRA = {
     "gptq": {"group_size": 128},
     "awq": {"group_size": 128},
-    "mixed": {"low": {"bits": 4, "group_size": 128}, "probe_tokens": 2048},
+    "mixed": {"low": {"bits": 4, "group_size": 128}},
+    "autoround": {"group_size": 128, "iters": 20},
     "qat": {"group_size": 128, "steps": 20, "train_samples": 64},
 }
 
 
-@pytest.mark.parametrize("name", ["gptq", "awq", "fp8", "smoothquant", "nf4", "qat", "mixed"])
+@pytest.mark.parametrize("name", ["gptq", "awq", "autoround", "fp8", "smoothquant", "nf4", "qat", "mixed"])
 def test_method_on_gpu(name: str, small_llama: Path, tmp_path: Path) -> None:
     pytest.importorskip({"nf4": "bitsandbytes", "qat": "torchao"}.get(name, "torch"))  # optional backends
     from farm.methods import build_method
     from farm.stages.evaluate import EvaluateRequest, evaluate
     from farm.stages.llmc.cpu_pinning import cpu_safe_pinning
-    from farm.stages.quantize import CalibrationDraw, QuantizeRequest, quantize
+    from farm.stages.quantize import CalibrationDraw, QuantizeRequest, ValidationText, quantize
     from farm.stages.tuning import choose
 
     free, _ = torch.cuda.mem_get_info()
@@ -70,6 +72,7 @@ def test_method_on_gpu(name: str, small_llama: Path, tmp_path: Path) -> None:
             str(tmp_path / "q"),
             batch_size=tuned.batch_size,
             offload_device=tuned.offload_device,
+            validation=ValidationText(str(VALIDATION), None, 2048, 512),
         )
     )
     assert q.device == "cuda"

@@ -1,7 +1,8 @@
 """The mixed-precision quantize stage: profile the base, rank its layers, then bisect over real quantizations
 (GPTQ or RTN, with the variant's own calibration draw) for the fewest layers kept at the high grid that hold
-the perplexity delta on the calibration probe text within the budget. Only passing probes are written, the
-best one becomes the variant; the profile and every probe are returned as documents for MLflow."""
+the perplexity delta on the job's validation text within the budget. Only passing probes are written, the
+best one becomes the variant; the profile and every probe are returned as documents for MLflow, and every probe
+as a candidate row (one MLflow run each)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Any
 from farm.methods.mixed import MixedConfig
 from farm.methods.precision import Search, predicted_upgrades, quantized_bytes, rank_layers, smallest_meeting
 from farm.stages.engines.registry import register_engine
-from farm.stages.engines.sensitivity import decoder_layers, probe_windows, profile_cached
+from farm.stages.engines.sensitivity import decoder_layers, profile_cached
+from farm.stages.engines.validation import allowed_delta, validation_windows
 from farm.stages.evaluate import perplexity
 from farm.stages.modelio import load_model, load_tokenizer, pick_device
 from farm.stages.quantize import QuantizeRequest, QuantizeResult, _dataset, calibrate, save
@@ -26,11 +28,13 @@ def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
         raise TypeError(f"quantize_mixed needs a MixedConfig, got {type(method).__name__}")
     if req.world > 1:
         raise ValueError("the mixed method calibrates in one process (ranks: 1)")
+    if req.validation is None:
+        raise ValueError("a mixed variant is judged on the job's validation text, and the request carries none")
     device = pick_device()
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
-    windows = probe_windows(req.calibration.source, tokenizer, method.probe_tokens, method.probe_seq_len)
-    dataset = _dataset(req, tokenizer)
+    windows = validation_windows(req.validation, tokenizer)
+    dataset = _dataset(req, tokenizer) if method.requires_calibration else None
     base = load_model(req.model_dir, req.load_device or device, req.trust_remote_code)
     layers = decoder_layers(base)
     if not layers:
@@ -39,19 +43,23 @@ def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
     profile = profile_cached(base, req.model_dir, windows, low, device)
     del base
     order = rank_layers(profile.layers, layers, low, high)
+    budget = allowed_delta(method.budget, method.budget_unit, profile.base_perplexity)
     t1 = time.perf_counter()
 
     out = Path(req.out_dir)
     kept: dict[str, Any] = {}
     notes: list[str] = []
+    seconds: dict[int, float] = {}
 
     def probe(k: int, keep: bool = False) -> float:
         """Quantize with the k most fragile layers high; write it if it is the best passing one so far (or
         `keep`: a fixed assignment, or every layer high when even that misses the budget)."""
+        start = time.perf_counter()
         model = load_model(req.model_dir, req.load_device or device, req.trust_remote_code)
         notes[:] = calibrate(req, model, tokenizer, method.modifiers_for(layers, set(order[:k])), dataset)
         delta = perplexity(model, windows, device)[0] - profile.base_perplexity
-        if keep or k == len(order) or (delta <= method.budget and k < kept.get("k", len(order) + 1)):
+        seconds[k] = time.perf_counter() - start
+        if keep or k == len(order) or (delta <= budget and k < kept.get("k", len(order) + 1)):
             shutil.rmtree(out, ignore_errors=True)
             kept.update(k=k, recipe=save(model, tokenizer, out))
         return delta
@@ -66,13 +74,10 @@ def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
         fixed = sorted(set(method.high_layers))
         order = fixed + [i for i in order if i not in fixed]
         delta = probe(len(fixed), keep=True)
-        search = Search(len(fixed), delta <= method.budget, {len(fixed): delta})
+        search = Search(len(fixed), delta <= budget, {len(fixed): delta})
     else:
         search = smallest_meeting(
-            probe,
-            len(order),
-            method.budget,
-            guess=lambda d0: predicted_upgrades(profile.layers, order, d0, method.budget),
+            probe, len(order), budget, guess=lambda d0: predicted_upgrades(profile.layers, order, d0, budget)
         )
     t2 = time.perf_counter()
     chosen = sorted(order[: search.upgraded])
@@ -80,9 +85,11 @@ def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
     uniform = quantized_bytes(layers, set(), low, high)
     params = sum(layer.params for layer in layers)
     if not search.met:
-        notes.append(f"budget {method.budget:g} not met even with every layer at {high.bits} bits")
+        notes.append(
+            f"budget {method.budget:g} ({method.budget_unit}) not met even with every layer at {high.bits} bits"
+        )
     if profile.cached:
-        notes.append("sensitivity profile reused from FARM_CACHE (same checkpoint, grid and probe tokens)")
+        notes.append("sensitivity profile reused from FARM_CACHE (same checkpoint, grid and validation windows)")
     notes.append(
         f"mixed precision: {len(chosen)} of {len(layers)} decoder layers at {high.bits} bits "
         f"({', '.join(map(str, chosen)) or 'none'}); {len(search.probes)} probe quantizations"
@@ -91,6 +98,8 @@ def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
         "order": order,
         "high_layers": chosen,
         "budget": method.budget,
+        "budget_unit": method.budget_unit,
+        "allowed_delta": budget,
         "met": search.met,
         "probes": [
             {
@@ -101,9 +110,25 @@ def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
             }
             for k, d in sorted(search.probes.items())
         ],
-        "base_perplexity_on_probe": profile.base_perplexity,
-        "probe_tokens": profile.tokens,
+        "validation_base_perplexity": profile.base_perplexity,
+        "validation_tokens": profile.tokens,
     }
+    rows = [
+        {
+            "index": i,
+            "label": f"{method.label()}.high{k}",
+            "method": {**method.identity(), "high_layers": sorted(order[:k])},
+            "status": "chosen" if k == search.upgraded else "passed" if d <= budget else "missed",
+            "error": None,
+            "metrics": {
+                "validation_perplexity": profile.base_perplexity + d,
+                "validation_perplexity_delta": d,
+                "quantized_bytes_estimate": quantized_bytes(layers, set(order[:k]), low, high),
+                "seconds_candidate": seconds.get(k, 0.0),
+            },
+        }
+        for i, (k, d) in enumerate(sorted(search.probes.items()))
+    ]
     t3 = time.perf_counter()
     return QuantizeResult(
         out_dir=req.out_dir,
@@ -119,10 +144,12 @@ def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
             "mixed.decoder_layers": float(len(layers)),
             "mixed.avg_weight_bits": 8 * size / params,
             "mixed.size_vs_uniform_low": size / uniform,
-            "mixed.probe_perplexity_delta": search.probes.get(search.upgraded, float("nan")),
+            "mixed.validation_perplexity_delta": search.probes.get(search.upgraded, float("nan")),
+            "mixed.allowed_delta": budget,
             "mixed.probes": float(len(search.probes)),
             "sensitivity.seconds": profile.seconds,
             **profile.metrics(),
         },
         documents={"sensitivity.json": profile.to_json(), "mixed_search.json": search_doc},
+        candidates=rows,
     )

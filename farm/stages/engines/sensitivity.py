@@ -37,7 +37,7 @@ class Profile:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "grid": {"bits": self.grid.bits, "group_size": self.grid.group_size},
+            "grid": {"bits": self.grid.bits, "group_size": self.grid.group_size, "symmetric": self.grid.symmetric},
             "base_perplexity": self.base_perplexity,
             "tokens": self.tokens,
             "layers": {str(i): d for i, d in sorted(self.layers.items())},
@@ -48,7 +48,7 @@ class Profile:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Profile:
         return cls(
-            Grid(d["grid"]["bits"], d["grid"]["group_size"]),
+            Grid(d["grid"]["bits"], d["grid"]["group_size"], d["grid"].get("symmetric", True)),
             d["base_perplexity"],
             d["tokens"],
             {int(i): float(x) for i, x in d["layers"].items()},
@@ -119,8 +119,8 @@ def profile_model(model: Any, windows: list[list[int]], grid: Grid, device: str)
 
 
 def probe_windows(source: str, tokenizer: Any, tokens: int, seq_len: int) -> list[list[int]]:
-    """The text sensitivity and the mixed-precision search are scored on: the start of the calibration text,
-    never the evaluation's held-out text (a recipe tuned on the test set would flatter itself)."""
+    """The text `farm sensitivity` scores on: the start of the job's validation text (its calibration text when it
+    has none), never the evaluation's held-out text (a recipe tuned on the test set would flatter itself)."""
     return heldout_windows(read_text(source), tokenizer, tokens, seq_len)
 
 
@@ -130,7 +130,9 @@ def profile_cached(model: Any, model_dir: str, windows: list[list[int]], grid: G
     variant with another budget, by a re-run."""
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(model_dir).glob("*.safetensors"))
     key = hashlib.sha256(
-        json.dumps([str(Path(model_dir).resolve()), files, [grid.bits, grid.group_size], windows]).encode()
+        json.dumps(
+            [str(Path(model_dir).resolve()), files, [grid.bits, grid.group_size, grid.symmetric], windows]
+        ).encode()
     ).hexdigest()
     path = cache_root() / "sensitivity" / f"{key[:32]}.json"
     if path.exists():
