@@ -98,10 +98,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             v.resources.num_gpus,
             v.resources.num_cpus,
             f"{v.resources.memory_bytes / 2**30:.1f}",
+            ", ".join(v.method.ignore) or "nothing",
         ]
         for v in plan.variants
     ]
-    print(table(["variant id", "variant", "samples", "seq len", "gpus", "cpus", "mem GiB"], rows))
+    heads = ["variant id", "variant", "samples", "seq len", "gpus", "cpus", "mem GiB", "kept in high precision"]
+    print(table(heads, rows))
+    if any(v.method.uses_validation for v in plan.variants):
+        val = next(v.validation for v in plan.variants if v.validation)
+        print(f"candidates judged on {val.source} ({val.max_tokens} tokens, windows of {val.seq_len})")
     print(f"job {plan.job_name} ({plan.job_id})")
     return 0
 

@@ -132,6 +132,30 @@ def serving_plots(base: dict[str, float], points: list[Point]) -> list[str]:
     return plots
 
 
+SENSITIVITY = "sensitivity.layer_"
+
+
+def sensitivity_plot(points: list[Point]) -> list[str]:
+    """The per-layer profile of every variant that measured one (mixed precision): the perplexity each decoder
+    layer costs rounded alone, so a reader sees which layers were kept high and why."""
+    profiles = {
+        p.label: sorted((float(k[len(SENSITIVITY) :]), v) for k, v in p.metrics.items() if k.startswith(SENSITIVITY))
+        for p in points
+    }
+    profiles = {label: pts for label, pts in profiles.items() if pts}
+    if not profiles:
+        return []
+    return [
+        _lines(
+            profiles,
+            "Layer sensitivity (each decoder layer rounded alone)",
+            "decoder layer",
+            "perplexity - base on validation text",
+            "plot-sensitivity",
+        )
+    ]
+
+
 def render(job: str, base: dict[str, float], points: list[Point]) -> str:
     for p in points:
         p.metrics.setdefault("size_mb", p.metrics.get("weights_bytes", 0) / 1e6)
@@ -178,6 +202,7 @@ def render(job: str, base: dict[str, float], points: list[Point]) -> str:
             "plot-speed-quality",
         ),
         *serving_plots(base, points),
+        *sensitivity_plot(points),
     ]
     e = html.escape
     gate_rows = "".join(

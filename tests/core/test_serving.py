@@ -258,6 +258,16 @@ def test_report_plots_throughput_and_latency_per_variant_and_base() -> None:
     for plot in ("plot-serving-throughput-default", "plot-serving-latency-default"):
         assert f'id="{plot}"' in page
     assert "output tokens/s as served" in page and "dense reference" not in page
+    assert 'id="plot-sensitivity"' not in page  # no variant measured a profile
+
+
+def test_report_shows_the_layer_profile_of_mixed_variants() -> None:
+    pytest.importorskip("matplotlib")
+    from farm.report_html import Point, render
+
+    profile = {f"sensitivity.layer_{i:03d}": 0.1 * i for i in range(4)}
+    page = render("j", {}, [Point("mixed", {"perplexity_delta": 0.5, "weights_bytes": 1e9, **profile})])
+    assert 'id="plot-sensitivity"' in page and "Layer sensitivity" in page
 
 
 def test_the_engine_cores_reason_replaces_the_generic_front_end_error() -> None:

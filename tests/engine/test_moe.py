@@ -87,3 +87,34 @@ def test_every_expert_quantized_routers_kept_and_coverage_recorded(
         return
     e = evaluate(reload)
     assert e.perplexity > 1 and isinstance(e.generation, str)  # reloads with plain transformers and generates
+
+
+@pytest.mark.parametrize("model", sorted(SHAPES))
+def test_mixed_precision_profiles_and_assigns_the_experts(model: str, fixture_paths: dict, tmp_path: Path) -> None:
+    """Sensitivity and mixed see an MoE layer's experts (split into one Linear each, as oneshot does): every
+    expert is quantized at its layer's grid, the routers stay in full precision, and the profile counts them."""
+    from safetensors import safe_open
+
+    from farm.stages.quantize import ValidationText
+
+    experts, _ = SHAPES[model]
+    out = tmp_path / "q"
+    q = quantize(
+        QuantizeRequest(
+            model_dir=str(fixture_paths[model]),
+            method=build_method({"method": "mixed", "low": {"bits": 4, "group_size": 32}, "high_layers": [1]}),
+            calibration=CalibrationDraw(str(fixture_paths["shakespeare"] / "calibration.txt"), 4, 64, 0),
+            out_dir=str(out),
+            validation=ValidationText(str(fixture_paths["validation"] / "validation.txt"), None, 256, 64),
+        )
+    )
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    by_bits = {g["weights"]["num_bits"]: g["targets"][0] for g in groups.values()}
+    assert "experts" in by_bits[4] and r"layers\.(0)\." in by_bits[4] and r"layers\.(1)\." in by_bits[8]
+    with safe_open(str(next(out.glob("*.safetensors"))), "pt") as f:
+        keys = list(f.keys())
+    quantized = {k.rsplit(".", 1)[0] for k in keys if ".experts." in k and k.endswith("weight_scale")}
+    assert len(quantized) == 2 * experts * 3
+    routers = [k for k in keys if k.endswith("gate.weight") and ".experts." not in k]
+    assert len(routers) == 2
+    assert q.metrics["mixed.high_layers"] == 1 and set(q.documents["sensitivity.json"]["layers"]) == {"0", "1"}

@@ -14,7 +14,7 @@ from typing import Any
 from farm.methods.mixed import MixedConfig
 from farm.methods.precision import Search, predicted_upgrades, quantized_bytes, rank_layers, smallest_meeting
 from farm.stages.engines.registry import register_engine
-from farm.stages.engines.sensitivity import decoder_layers, profile_cached
+from farm.stages.engines.sensitivity import decoder_layers, profile_cached, with_linear_experts
 from farm.stages.engines.validation import allowed_delta, validation_windows
 from farm.stages.evaluate import perplexity
 from farm.stages.modelio import load_model, load_tokenizer, pick_device
@@ -35,7 +35,7 @@ def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
     tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
     windows = validation_windows(req.validation, tokenizer)
     dataset = _dataset(req, tokenizer) if method.requires_calibration else None
-    base = load_model(req.model_dir, req.load_device or device, req.trust_remote_code)
+    base = with_linear_experts(load_model(req.model_dir, req.load_device or device, req.trust_remote_code))
     layers = decoder_layers(base)
     if not layers:
         raise ValueError("no decoder layers (modules named '...layers.<i>' holding Linear modules) to assign")

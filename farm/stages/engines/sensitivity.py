@@ -20,6 +20,7 @@ from farm.stages.engines.fakequant import round_to_grid
 from farm.stages.evaluate import perplexity
 from farm.stages.modelio import load_model, load_tokenizer, pick_device
 
+PROFILE_FORMAT = 2  # part of the cache key: a profile measured another way (before experts counted) is not reused
 _LAYER = re.compile(r"^(?P<prefix>.*\blayers)\.(?P<index>\d+)$")
 
 
@@ -60,6 +61,16 @@ class Profile:
     def metrics(self) -> dict[str, float]:
         out = {f"sensitivity.layer_{i:03d}": d for i, d in self.layers.items()}
         return out | {f"sensitivity.{k}": d for k, d in self.extra.items()}
+
+
+def with_linear_experts(model: Any) -> Any:
+    """The model with each mixture-of-experts block's fused 3-D expert weights split into one Linear per expert
+    (llm-compressor's `linearize_moe`, what its oneshot does to a model before calibrating it; a dense model is
+    returned as it is). Without it a profile and a mixed recipe see only the attention Linears of an MoE layer and
+    its experts would silently stay unquantized."""
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+
+    return linearize_moe(model)
 
 
 def decoder_layers(model: Any) -> list[Layer]:
@@ -125,13 +136,19 @@ def probe_windows(source: str, tokenizer: Any, tokens: int, seq_len: int) -> lis
 
 
 def profile_cached(model: Any, model_dir: str, windows: list[list[int]], grid: Grid, device: str) -> Profile:
-    """`profile_model`, remembered under FARM_CACHE by (checkpoint files, grid, probe tokens): a profile is
+    """`profile_model`, remembered under FARM_CACHE by (checkpoint files, grid, scored windows): a profile is
     minutes of perplexity passes on a CPU, and the same base is profiled again by `farm sensitivity`, by a mixed
     variant with another budget, by a re-run."""
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(model_dir).glob("*.safetensors"))
     key = hashlib.sha256(
         json.dumps(
-            [str(Path(model_dir).resolve()), files, [grid.bits, grid.group_size, grid.symmetric], windows]
+            [
+                PROFILE_FORMAT,
+                str(Path(model_dir).resolve()),
+                files,
+                [grid.bits, grid.group_size, grid.symmetric],
+                windows,
+            ]
         ).encode()
     ).hexdigest()
     path = cache_root() / "sensitivity" / f"{key[:32]}.json"
@@ -151,5 +168,5 @@ def measure(
     """Load a checkpoint and profile it on `source` (the `farm sensitivity` command's stage)."""
     device = pick_device()
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    model = load_model(model_dir, device, trust_remote_code)
+    model = with_linear_experts(load_model(model_dir, device, trust_remote_code))
     return profile_cached(model, model_dir, probe_windows(source, tokenizer, tokens, seq_len), grid, device)
