@@ -37,6 +37,12 @@ def test_quickstart_is_valid() -> None:
     assert Path(spec.models[0].source).is_absolute()  # resolved against the spec's directory
 
 
+@pytest.mark.parametrize("job", sorted(p.name for p in (ROOT / "jobs").glob("*.yaml") if p.name != "watch.yaml"))
+def test_every_shipped_job_is_valid(job: str) -> None:
+    spec = load_spec(ROOT / "jobs" / job)
+    assert spec.methods and all(not m.uses_validation or spec.validation for m in spec.methods)
+
+
 def test_defaults_keep_lm_head_embeddings_norms() -> None:
     m = parse_spec(base()).methods[0]
     assert "lm_head" in m.ignore and any("embed_tokens" in i for i in m.ignore) and any("norm" in i for i in m.ignore)
