@@ -9,7 +9,9 @@ from farm.methods import REGISTRY, build_method, get_method
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_entry_builds_modifiers(name: str) -> None:
-    cfg = build_method({"method": name})
+    cfg = build_method(
+        {"method": name, **({"budget": 1, "candidates": [{"method": "gptq"}]} if name == "search" else {})}
+    )
     if name == "nf4":  # not an llm-compressor recipe: bitsandbytes quantizes at load
         assert type(cfg.quantization_config("cpu")).__name__ == "BitsAndBytesConfig"
         mods = None
@@ -17,6 +19,10 @@ def test_entry_builds_modifiers(name: str) -> None:
         from farm.methods.precision import Layer
 
         mods = cfg.modifiers_for([Layer(0, ("mlp.down_proj",), 10), Layer(1, ("mlp.down_proj",), 10)], {1})
+    elif name == "search":  # each candidate's recipe, built one by one
+        with pytest.raises(TypeError, match="one by one"):
+            cfg.modifiers()
+        mods = [m for c in cfg.candidate_methods() for m in c.modifiers()]
     else:
         mods = cfg.modifiers()
     assert mods is None or (mods and all(type(m).__module__.startswith("llmcompressor") for m in mods))
@@ -25,7 +31,7 @@ def test_entry_builds_modifiers(name: str) -> None:
 
 
 def test_unknown_method() -> None:
-    available = "awq, fp8, fp8_static, gptq, int8, kv_fp8, mixed, nf4, qat, rtn, smoothquant"
+    available = "autoround, awq, fp8, fp8_static, gptq, int8, kv_fp8, mixed, nf4, qat, rtn, search, smoothquant"
     with pytest.raises(KeyError, match=f"available: {available}"):
         get_method("nf5")
 

@@ -10,14 +10,19 @@ import pytest
 from farm.methods import REGISTRY, build_method
 from farm.stages.engines.registry import engine_for
 from farm.stages.evaluate import EvaluateRequest, evaluate
-from farm.stages.quantize import CalibrationDraw, QuantizeRequest, quantize
+from farm.stages.quantize import CalibrationDraw, QuantizeRequest, ValidationText, quantize
 
-GROUPED = {"gptq", "awq"}
+SETTINGS = {
+    "gptq": {"group_size": 64},
+    "awq": {"group_size": 64},
+    "autoround": {"group_size": 64, "iters": 4, "batch_size": 2},
+    "search": {"budget": 1e9, "candidates": [{"method": "rtn"}]},
+}
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_method_round_trip(name: str, fixture_paths: dict, tmp_path: Path) -> None:
-    method = build_method({"method": name, **({"group_size": 64} if name in GROUPED else {})})
+    method = build_method({"method": name, **SETTINGS.get(name, {})})
     text = fixture_paths["shakespeare"]
     q = quantize(
         QuantizeRequest(
@@ -25,6 +30,7 @@ def test_method_round_trip(name: str, fixture_paths: dict, tmp_path: Path) -> No
             method=method,
             calibration=CalibrationDraw(str(text / "calibration.txt"), 4, 64, 0),
             out_dir=str(tmp_path / "q"),
+            validation=ValidationText(str(fixture_paths["validation"] / "validation.txt"), None, 256, 128),
         )
     )
     assert (tmp_path / "q" / "recipe.yaml").exists() and q.recipe

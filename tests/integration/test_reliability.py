@@ -305,5 +305,3 @@ def test_a_reused_variant_whose_artifact_is_gone_is_built_again(
     old = client.get_run(runs["fp8-dynamic"].info.run_id)
     assert "no manifest" in old.data.tags["farm.stale"]
     assert "not the size" in client.get_run(runs[rtn].info.run_id).data.tags["farm.stale"]
-    third = run_farm(args, stack_env, tmp_path)
-    assert third.returncode == 0 and f"0 to build, {len(runs)} reused" in third.stdout, third.stdout
