@@ -62,7 +62,9 @@ def _rank(rank: int, port: int, model_dir: str, text: str, tmp: str, shared: boo
             for name in os.listdir(f"{tmp}/default0")
             if name.endswith(".safetensors")
         }
-        assert got == {name: (Path(tmp) / "default0" / name).read_bytes() for name in got}
+        want = {name: (Path(tmp) / "default0" / name).read_bytes() for name in got}
+        bad = {n: (len(got[n]), len(want[n])) for n in got if got[n] != want[n]}
+        assert not bad, (bad, sorted(os.listdir(f"{tmp}/split0")))
     with open(f"{tmp}/written{rank}.json", "w") as f:
         json.dump(written, f)
     dist.destroy_process_group()

@@ -77,3 +77,20 @@ def test_a_failed_shard_write_raises(fixture_paths: dict, tmp_path: Path, monkey
     model = AutoModelForCausalLM.from_pretrained(str(fixture_paths["tiny-llama"]))
     with pytest.raises(OSError, match="No space left"), parallel_shard_writes():
         model.save_pretrained(tmp_path / "out", max_shard_size="200KB")
+
+
+def test_the_caller_may_reuse_its_host_tensors_once_a_shard_is_handed_over(tmp_path: Path) -> None:
+    """transformers onloads offloaded modules into temporaries for a save and may reuse that memory as soon as
+    `safe_save_file` returns; the shard on disk must hold what was handed over, not what the memory holds later."""
+    torch.manual_seed(0)
+    handed = {"w": torch.randn(256, 256), "b": torch.randn(256)}
+    expected = {k: t.clone() for k, t in handed.items()}
+    with parallel_shard_writes(workers=2):
+        for i in range(4):
+            modeling_utils.safe_save_file(handed, str(tmp_path / f"s{i}.safetensors"), metadata={"format": "pt"})
+            for t in handed.values():  # reused at once, before any thread has written
+                t.zero_()
+            handed = {k: v.clone() for k, v in expected.items()}
+    for i in range(4):
+        got = load_file(tmp_path / f"s{i}.safetensors")
+        assert all(torch.equal(got[k], expected[k]) for k in expected)

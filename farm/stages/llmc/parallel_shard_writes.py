@@ -107,7 +107,9 @@ def parallel_shard_writes(workers: int = 4, route: Callable[[str], str | None] |
     """Within the block, transformers' `save_pretrained` hands each shard to a thread running `write_shard`
     (safetensors' writer for a dtype it does not cover). The block ends only when every shard is on disk; a
     failed write raises, and one that fails the block still waits for the writes in flight. Pinned memory
-    goes back to the system at the end (a worker process lives on for other variants). `route` maps a shard's
+    goes back to the system at the end (a worker process lives on for other variants). Host tensors are copied
+    before a shard is handed to a thread (transformers may reuse that memory as soon as it gets control back), with
+    at most `workers` shards in flight, so the copies take at most `workers` shard sizes. `route` maps a shard's
     file name to where this process writes it, or None: not here (another rank writes it,
     stages/distributed/split_save.py)."""
     from transformers import modeling_utils
@@ -124,7 +126,13 @@ def parallel_shard_writes(workers: int = 4, route: Callable[[str], str | None] |
                 return
             filename = target
             writer = write_shard if all(t.dtype in known for t in tensors.values()) else original
-            writes.append(pool.submit(writer, tensors, filename, metadata=metadata))
+            # transformers may reuse or release a host tensor's memory once this call returns (offloaded
+            # modules are onloaded into temporaries for the save): host tensors are copied before it returns, at
+            # most `workers` shards in flight so the copies stay bounded; GPU tensors are copied by the writer
+            while sum(not w.done() for w in writes) >= workers:
+                next(w for w in writes if not w.done()).result()
+            owned = {k: t.detach().clone() if not t.is_cuda else t for k, t in tensors.items()}
+            writes.append(pool.submit(writer, owned, filename, metadata=metadata))
 
         return submit
 
