@@ -42,7 +42,8 @@ def _evaluates(paths: dict, out: Path) -> float:
     ids=["autoround", "gptq-spinquant", "rtn-quip"],
 )
 def test_new_recipes_write_checkpoints_that_reload(fixture_paths: dict, tmp_path: Path, method: dict) -> None:
-    quantize(_request(fixture_paths, tmp_path / "q", method))
+    q = quantize(_request(fixture_paths, tmp_path / "q", method))
+    assert any("AutoRound tuned in fp32" in n for n in q.notes) == (method["method"] == "autoround")
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     (group,) = cfg["config_groups"].values()
     assert group["weights"]["num_bits"] == 4 and group["weights"]["group_size"] == 64

@@ -120,6 +120,16 @@ REPLACEMENTS: tuple[Replacement, ...] = (
         "tests/engine/test_compat.py",
     ),
     Replacement(
+        "llmcompressor.modifiers.autoround.base.AutoRound",
+        "llmc.autoround_fp32",
+        "AutoRound tunes CPU layers in fp32 (amp=False) instead of emulated bf16 autocast",
+        "llmcompressor",
+        LLMC,
+        None,
+        "on only without an accelerator",
+        "tests/engine/test_search_stage.py::test_new_recipes_write_checkpoints_that_reload",
+    ),
+    Replacement(
         "transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS.eager",
         "llmc.calibration_sdpa",
         "calibration's forced eager attention run through SDPA where it is the same computation",
