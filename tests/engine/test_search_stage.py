@@ -37,9 +37,9 @@ def _evaluates(paths: dict, out: Path) -> float:
     [
         {"method": "autoround", "group_size": 64, "iters": 4, "batch_size": 2},
         {"method": "gptq", "group_size": 64, "symmetric": False, "rotation": "spinquant"},
-        {"method": "rtn", "scheme": "W4A16", "group_size": 64, "rotation": "quip"},
+        {"method": "rtn", "scheme": "W4A16", "group_size": 64, "rotation": "spinquant"},
     ],
-    ids=["autoround", "gptq-spinquant", "rtn-quip"],
+    ids=["autoround", "gptq-spinquant", "rtn-spinquant"],
 )
 def test_new_recipes_write_checkpoints_that_reload(fixture_paths: dict, tmp_path: Path, method: dict) -> None:
     q = quantize(_request(fixture_paths, tmp_path / "q", method))

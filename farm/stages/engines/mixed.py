@@ -20,6 +20,8 @@ from farm.stages.evaluate import perplexity
 from farm.stages.modelio import load_model, load_tokenizer, pick_device
 from farm.stages.quantize import QuantizeRequest, QuantizeResult, _dataset, calibrate, save
 
+RELOAD_TOLERANCE = 0.01  # relative: kernels of a reloaded model may round differently, a lost transform does not
+
 
 @register_engine(MixedConfig)
 def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
@@ -78,6 +80,13 @@ def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
     else:
         search = smallest_meeting(
             probe, len(order), budget, guess=lambda d0: predicted_upgrades(profile.layers, order, d0, budget)
+        )
+    reloaded = perplexity(load_model(req.out_dir, req.load_device or device, req.trust_remote_code), windows, device)[0]
+    built = profile.base_perplexity + search.probes[kept["k"]]
+    if abs(reloaded - built) > RELOAD_TOLERANCE * built:  # judged in memory: the checkpoint must be that model
+        raise RuntimeError(
+            f"the mixed checkpoint does not reload as it was judged: validation perplexity {built:.3f} in memory, "
+            f"{reloaded:.3f} reloaded with transformers"
         )
     t2 = time.perf_counter()
     chosen = sorted(order[: search.upgraded])
@@ -146,6 +155,7 @@ def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
             "mixed.size_vs_uniform_low": size / uniform,
             "mixed.validation_perplexity_delta": search.probes.get(search.upgraded, float("nan")),
             "mixed.allowed_delta": budget,
+            "mixed.validation_perplexity_reloaded": reloaded,
             "mixed.probes": float(len(search.probes)),
             "sensitivity.seconds": profile.seconds,
             **profile.metrics(),
