@@ -107,17 +107,21 @@ def dir_bytes(path: str | Path) -> int:
 _IN_DECODER_LAYER = re.compile(r"(^|\.)layers\.\d+\.")
 
 
+def tensor_bytes(file: Path) -> dict[str, int]:
+    """Each tensor's size in one safetensors file, from its header alone."""
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        head = json.loads(f.read(length))
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in head.items() if k != "__metadata__"}
+
+
 def decoder_linear_bytes(path: str | Path) -> int:
     """Bytes the checkpoint stores for its decoder layers' Linear modules (packed weights, scales, zero points,
     biases; norms excluded), read from the safetensors headers alone: the size quantization changes, apart from
     embeddings and lm_head that stay in high precision."""
-    total = 0
-    for shard in Path(path).glob("*.safetensors"):
-        with shard.open("rb") as f:
-            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        for name, info in header.items():
-            module = name.rsplit(".", 1)[0]
-            if name != "__metadata__" and _IN_DECODER_LAYER.search(name) and not module.endswith("norm"):
-                start, end = info["data_offsets"]
-                total += end - start
-    return total
+    return sum(
+        size
+        for shard in Path(path).glob("*.safetensors")
+        for name, size in tensor_bytes(shard).items()
+        if _IN_DECODER_LAYER.search(name) and not name.rsplit(".", 1)[0].endswith("norm")
+    )

@@ -18,21 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from farm.stages.llmc.parallel_shard_writes import dtypes
 from farm.stages.llmc.swap import swapped
-
-
-def tensor_bytes(file: Path) -> dict[str, int]:
-    """Each tensor's size in one safetensors file, from its header alone."""
-    with open(file, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        head = json.loads(f.read(length))
-    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in head.items() if k != "__metadata__"}
+from farm.stages.modelio import tensor_bytes
 
 
 def owners(files: list[Path], world: int) -> dict[str, int]:

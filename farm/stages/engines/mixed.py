@@ -15,9 +15,9 @@ from farm.methods.mixed import MixedConfig
 from farm.methods.precision import Search, predicted_upgrades, quantized_bytes, rank_layers, smallest_meeting
 from farm.stages.engines.registry import register_engine
 from farm.stages.engines.sensitivity import decoder_layers, profile_cached, with_linear_experts
-from farm.stages.engines.validation import allowed_delta, validation_windows
+from farm.stages.engines.validation import allowed_delta, judging, perplexity_of
 from farm.stages.evaluate import perplexity
-from farm.stages.modelio import load_model, load_tokenizer, pick_device
+from farm.stages.modelio import load_model, pick_device
 from farm.stages.quantize import QuantizeRequest, QuantizeResult, _dataset, calibrate, save
 
 RELOAD_TOLERANCE = 0.01  # relative: kernels of a reloaded model may round differently, a lost transform does not
@@ -28,14 +28,9 @@ def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
     method = req.method
     if not isinstance(method, MixedConfig):
         raise TypeError(f"quantize_mixed needs a MixedConfig, got {type(method).__name__}")
-    if req.world > 1:
-        raise ValueError("the mixed method calibrates in one process (ranks: 1)")
-    if req.validation is None:
-        raise ValueError("a mixed variant is judged on the job's validation text, and the request carries none")
     device = pick_device()
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
-    windows = validation_windows(req.validation, tokenizer)
+    tokenizer, windows = judging(req, "a mixed variant")
     dataset = _dataset(req, tokenizer) if method.requires_calibration else None
     base = with_linear_experts(load_model(req.model_dir, req.load_device or device, req.trust_remote_code))
     layers = decoder_layers(base)
@@ -81,7 +76,7 @@ def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
         search = smallest_meeting(
             probe, len(order), budget, guess=lambda d0: predicted_upgrades(profile.layers, order, d0, budget)
         )
-    reloaded = perplexity(load_model(req.out_dir, req.load_device or device, req.trust_remote_code), windows, device)[0]
+    reloaded = perplexity_of(req.out_dir, windows, req.load_device or device, req.trust_remote_code)
     built = profile.base_perplexity + search.probes[kept["k"]]
     if abs(reloaded - built) > RELOAD_TOLERANCE * built:  # judged in memory: the checkpoint must be that model
         raise RuntimeError(

@@ -15,9 +15,8 @@ from typing import Any
 from farm.errors import FarmError
 from farm.methods.search import SearchConfig
 from farm.stages.engines.registry import register_engine
-from farm.stages.engines.validation import allowed_delta, base_perplexity, validation_windows
-from farm.stages.evaluate import perplexity
-from farm.stages.modelio import decoder_linear_bytes, load_model, load_tokenizer, pick_device, weights_bytes
+from farm.stages.engines.validation import allowed_delta, judging, perplexity_of
+from farm.stages.modelio import decoder_linear_bytes, pick_device, weights_bytes
 from farm.stages.quantize import QuantizeRequest, QuantizeResult, quantize
 
 
@@ -72,15 +71,10 @@ def quantize_search(req: QuantizeRequest) -> QuantizeResult:
     method = req.method
     if not isinstance(method, SearchConfig):
         raise TypeError(f"quantize_search needs a SearchConfig, got {type(method).__name__}")
-    if req.world > 1:
-        raise ValueError("a search builds its candidates in one process (ranks: 1)")
-    if req.validation is None:
-        raise ValueError("a search is judged on the job's validation text, and the request carries none")
     device = pick_device()
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
-    windows = validation_windows(req.validation, tokenizer)
-    base = base_perplexity(req.model_dir, windows, req.load_device or device, req.trust_remote_code)
+    _, windows = judging(req, "a search")
+    base = perplexity_of(req.model_dir, windows, req.load_device or device, req.trust_remote_code)
     allowed = allowed_delta(method.budget, method.budget_unit, base)
     candidates = method.candidate_methods()
     draws = req.candidate_calibrations or (req.calibration,) * len(candidates)
@@ -99,9 +93,7 @@ def quantize_search(req: QuantizeRequest) -> QuantizeResult:
         start = time.perf_counter()
         try:
             t.result = quantize(sub)
-            model = load_model(sub.out_dir, req.load_device or device, req.trust_remote_code)
-            t.perplexity = perplexity(model, windows, device)[0]
-            del model
+            t.perplexity = perplexity_of(sub.out_dir, windows, req.load_device or device, req.trust_remote_code)
         except FarmError:
             raise  # changed inputs fail the variant, as they would any other
         except Exception as err:  # a recipe this model cannot take is one failed candidate, not a failed search
@@ -164,7 +156,10 @@ def quantize_search(req: QuantizeRequest) -> QuantizeResult:
                 "budget": method.budget,
                 "budget_unit": method.budget_unit,
                 "allowed_delta": allowed,
-                "validation": {"source": req.validation.source, "tokens": sum(len(w) - 1 for w in windows)},
+                "validation": {
+                    "source": req.validation.source if req.validation else None,
+                    "tokens": sum(len(w) - 1 for w in windows),
+                },
                 "base_perplexity": base,
                 "chosen": best.label,
                 "met": best.passed,

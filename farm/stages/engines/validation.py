@@ -10,9 +10,22 @@ from farm.calibration import heldout_windows, read_identified
 from farm.errors import InputChanged
 from farm.methods.budget import allowed_delta
 from farm.stages.evaluate import perplexity
-from farm.stages.quantize import ValidationText
+from farm.stages.quantize import QuantizeRequest, ValidationText
 
-__all__ = ["allowed_delta", "base_perplexity", "validation_windows"]
+__all__ = ["allowed_delta", "judging", "perplexity_of", "validation_windows"]
+
+
+def judging(req: QuantizeRequest, what: str) -> tuple[Any, list[list[int]]]:
+    """The tokenizer and validation windows of a method that builds and judges candidates in one process
+    (search, mixed); refuses a request that is a data-parallel rank or carries no validation text."""
+    from farm.stages.modelio import load_tokenizer
+
+    if req.world > 1:
+        raise ValueError(f"{what} builds its candidates in one process (ranks: 1)")
+    if req.validation is None:
+        raise ValueError(f"{what} is judged on the job's validation text, and the request carries none")
+    tokenizer = load_tokenizer(req.model_dir, req.trust_remote_code)
+    return tokenizer, validation_windows(req.validation, tokenizer)
 
 
 def validation_windows(text: ValidationText, tokenizer: Any) -> list[list[int]]:
@@ -25,8 +38,9 @@ def validation_windows(text: ValidationText, tokenizer: Any) -> list[list[int]]:
     return heldout_windows(body, tokenizer, text.max_tokens, text.seq_len)
 
 
-def base_perplexity(model_dir: str, windows: list[list[int]], device: str, trust_remote_code: bool) -> float:
-    """The unquantized model's perplexity on the validation windows (what every candidate is compared with)."""
+def perplexity_of(model_dir: str, windows: list[list[int]], device: str, trust_remote_code: bool) -> float:
+    """A checkpoint's perplexity on the validation windows, loaded as the evaluation loads it (the base, a
+    candidate, a chosen variant)."""
     from farm.stages.modelio import load_model
 
     model = load_model(model_dir, device, trust_remote_code)
