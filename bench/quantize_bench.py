@@ -113,7 +113,7 @@ def run_bare(model: Path, text: Path, n: int, seq: int, work: Path) -> dict:
     line = [x for x in res.stdout.splitlines() if x.startswith("BARE ")]
     if res.returncode or not line:
         raise RuntimeError(f"bare run failed:\n{res.stderr[-3000:]}")
-    return json.loads(line[0][5:])
+    return json.loads(line[0][5:]) | {"gptq_losses": gptq_losses((res.stdout + res.stderr).splitlines())}
 
 
 def run_farm(
@@ -128,6 +128,7 @@ def run_farm(
     repeat: int = 1,
     env: dict[str, str] | None = None,
     extra: dict[str, str] | None = None,
+    methods: list[dict] | None = None,
 ) -> dict:
     again = [
         {
@@ -142,7 +143,7 @@ def run_farm(
     spec = {
         "name": name,
         "models": [{"source": str(m), "name": m.name} for m in models],
-        "methods": [{"method": "gptq", "group_size": 128, "ignore": ["lm_head"]}, *again],
+        "methods": methods or [{"method": "gptq", "group_size": 128, "ignore": ["lm_head"]}, *again],
         "calibration": {"source": str(text), "num_samples": n, "max_seq_length": seq},
         "evaluation": {
             "perplexity": {"source": str(text), "max_tokens": 2048, "seq_len": 512},
@@ -189,6 +190,13 @@ def run_farm(
         "seconds_artifact_wait",
         "seconds_publish",
         "seconds_worker_start",
+        "onloaded",
+        "gpu_peak_bytes",
+        "moe_experts",
+        "moe_expert_tokens_min",
+        "moe_expert_tokens_median",
+        "moe_expert_tokens_max",
+        "moe_experts_without_tokens",
     )
     per = [
         {k: r.data.metrics.get(k) for k in keys}
@@ -196,6 +204,7 @@ def run_farm(
             "notes": r.data.tags.get("farm.notes"),
             "model": r.data.tags.get("farm.model"),
             "label": r.data.tags.get("farm.label"),
+            "method": r.data.tags.get("farm.method"),
         }
         for r in runs
     ]
@@ -269,6 +278,47 @@ def gptq_profile(logs: Path = Path("/tmp/ray/session_latest/logs")) -> dict:
             "mean_layer_period_s": round(sum(periods) / len(periods), 3) if periods else None,
         }
     return out
+
+
+def gptq_losses(lines: list[str]) -> dict[str, float]:
+    """GPTQ's loss per module, from llm-compressor's own log lines: "Quantizing N module(s): [names]" and then,
+    per module in that order, "METRIC - error X". The same lines in bare llm-compressor and in farm's workers,
+    so the two runs' losses compare module by module."""
+    import ast
+    import re
+
+    out: dict[str, float] = {}
+    pending: list[str] = []
+    for line in lines:
+        if "Quantizing" in line and "module(s):" in line:
+            pending = list(ast.literal_eval(line.split("module(s):", 1)[1].strip()))
+        elif "METRIC - error" in line and pending:
+            out[pending.pop(0)] = float(re.search(r"error ([\d.eE+-]+)", line).group(1))
+    return out
+
+
+def worker_gptq_losses(logs: Path = Path("/tmp/ray/session_latest/logs")) -> dict[str, float]:
+    """`gptq_losses` over every worker log of the last Ray session (one GPTQ variant in it)."""
+    out: dict[str, float] = {}
+    for f in sorted(logs.glob("worker-*.err")) + sorted(logs.glob("worker-*.out")):
+        out |= gptq_losses(f.read_text(errors="replace").splitlines())
+    return out
+
+
+def compare_losses(run: dict[str, float], reference: dict[str, float]) -> dict:
+    """Module-by-module relative difference of two runs' GPTQ losses over the modules both solved (no reference:
+    the run's own sum)."""
+    import statistics
+
+    common = [k for k in run if k in reference and reference[k] > 0] if reference else list(run)
+    rel = [abs(run[k] - reference[k]) / reference[k] for k in common] if reference else []
+    return {
+        "modules": len(common),
+        "sum": sum(run[k] for k in common),
+        "sum_reference": sum(reference[k] for k in common) if reference else None,
+        "median_rel_diff": statistics.median(rel) if rel else None,
+        "max_rel_diff": max(rel) if rel else None,
+    }
 
 
 def quantize_seconds(v: dict) -> float:
@@ -345,7 +395,7 @@ def main() -> None:
         help="a field of every spec's resources (repeatable)",
     )
     args = ap.parse_args()
-    extra = dict(kv.split("=", 1) for kv in args.resource if "=" in kv)
+    extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.resource if "=" in kv)}
     if len(extra) != len(args.resource):
         raise SystemExit(f"--resource: expected KEY=VALUE, got {args.resource}")
     args.text, args.tokenizer, args.work = args.text.resolve(), args.tokenizer.resolve(), args.work.resolve()
