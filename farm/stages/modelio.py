@@ -59,12 +59,15 @@ def pin_cpu_kernels() -> dict[str, str]:
     return pinned
 
 
-def load_model(path: str | Path, device: str, trust_remote_code: bool = False) -> Any:
+def load_model(path: str | Path, device: str, trust_remote_code: bool = False, compute: str | None = None) -> Any:
+    """The model on `device`. `compute` is where it will run when that differs (weights kept on the host and
+    onloaded to a GPU a layer at a time): the dtype follows the compute device, so an onloaded variant
+    calibrates in the same bf16 as one that fits its GPU, and holds half the host memory of fp32."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    # fp32 on CPU (bf16 matmuls are slow there and change the numbers); bf16 on GPUs.
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    # fp32 computed on CPU (bf16 matmuls are slow there and change the numbers); bf16 on GPUs.
+    dtype = torch.float32 if (compute or device) == "cpu" else torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, trust_remote_code=trust_remote_code, device_map=device
     )

@@ -247,7 +247,7 @@ def load_weights(req: QuantizeRequest, where: str, device: str) -> tuple[Any, li
     if where == "shared":
         return load_shared_model(req.model_dir, device, req.trust_remote_code), []
     if req.world == 1:
-        return load_model(req.model_dir, where, req.trust_remote_code), []
+        return load_model(req.model_dir, where, req.trust_remote_code, compute=device), []
     # A replica per rank: each reads its share, the rest comes from the other ranks.
     model = load_split(
         req.model_dir, where, req.rank, req.world, lambda: load_model(req.model_dir, where, req.trust_remote_code)

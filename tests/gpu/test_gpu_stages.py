@@ -112,3 +112,45 @@ def test_lora_adapter_over_nf4_on_gpu(small_llama: Path, tmp_path: Path) -> None
         f"GPU LoRA: base+adapter ppl {base['adapter_a_perplexity']:.1f}, nf4+adapter {nf4['adapter_a_perplexity']:.1f}"
     )
     assert base["adapter_a_perplexity"] > 1 and nf4["adapter_a_perplexity"] > 1
+
+
+def test_onloaded_under_a_budget_matches_the_resident_variant(small_llama: Path, tmp_path: Path) -> None:
+    """A variant whose weights stay on the host (tuning's "cpu" load device) and are onloaded a layer at a time,
+    under a CUDA allocator cap below its weights, gives the same checkpoint as the same variant resident on
+    the GPU: calibrated in the same dtype, its GPTQ solves and its perplexity agree."""
+    from safetensors.torch import load_file
+
+    from farm.methods import build_method
+    from farm.runtime.workers import gpu_memory_capped
+    from farm.stages.evaluate import EvaluateRequest, evaluate
+    from farm.stages.quantize import CalibrationDraw, QuantizeRequest, quantize
+
+    weights = sum(f.stat().st_size for f in small_llama.glob("*.safetensors"))
+    out = {}
+    cap = weights * 3 // 4  # below the weights (a resident copy cannot fit), above the embedding table
+    for where, budget in (("resident", 0), ("onloaded", cap)):
+        with gpu_memory_capped(budget) as memory:
+            quantize(
+                QuantizeRequest(
+                    str(small_llama),
+                    build_method({"method": "gptq", "group_size": 128}),
+                    CalibrationDraw(str(TEXT), 32, 512, 0),
+                    str(tmp_path / where),
+                    load_device="cpu" if where == "onloaded" else None,
+                )
+            )
+        ppl = evaluate(EvaluateRequest(str(tmp_path / where), str(TEXT), 2048, 512, "Hello", 8)).perplexity
+        tensors = {}
+        for f in sorted((tmp_path / where).glob("*.safetensors")):
+            tensors |= load_file(f)
+        out[where] = (tensors, ppl, memory["gpu_peak_bytes"])
+    (a, ppl_a, _), (b, ppl_b, peak_b) = out["resident"], out["onloaded"]
+    assert peak_b < cap
+    assert sorted(a) == sorted(b)
+    packed = [k for k in a if k.endswith("weight_packed")]
+    same = sum(torch.equal(a[k], b[k]) for k in packed) / len(packed)
+    assert same > 0.9, f"only {same:.0%} of packed weights match"
+    assert abs(ppl_a - ppl_b) / ppl_a < 0.01
+    print(
+        f"GPU onloaded: {same:.0%} packed tensors equal, ppl {ppl_a:.2f} vs {ppl_b:.2f}, peak {peak_b / 2**20:.0f} MiB"
+    )

@@ -32,7 +32,9 @@ def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
     t0 = time.perf_counter()
     tokenizer, windows = judging(req, "a mixed variant")
     dataset = _dataset(req, tokenizer) if method.requires_calibration else None
-    base = with_linear_experts(load_model(req.model_dir, req.load_device or device, req.trust_remote_code))
+    base = with_linear_experts(
+        load_model(req.model_dir, req.load_device or device, req.trust_remote_code, compute=device)
+    )
     layers = decoder_layers(base)
     if not layers:
         raise ValueError("no decoder layers (modules named '...layers.<i>' holding Linear modules) to assign")
@@ -52,7 +54,7 @@ def quantize_mixed(req: QuantizeRequest) -> QuantizeResult:
         """Quantize with the k most fragile layers high; write it if it is the best passing one so far (or
         `keep`: a fixed assignment, or every layer high when even that misses the budget)."""
         start = time.perf_counter()
-        model = load_model(req.model_dir, req.load_device or device, req.trust_remote_code)
+        model = load_model(req.model_dir, req.load_device or device, req.trust_remote_code, compute=device)
         notes[:] = calibrate(req, model, tokenizer, method.modifiers_for(layers, set(order[:k])), dataset)
         delta = perplexity(model, windows, device)[0] - profile.base_perplexity
         seconds[k] = time.perf_counter() - start
