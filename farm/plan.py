@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from farm import resources
 from farm.calibration import calibration_hash
 from farm.errors import SpecError
 from farm.methods import MethodConfig
+from farm.packing import Shape
 from farm.spec import JobSpec, ModelSpec
 
 ID_LEN = 16
@@ -97,6 +98,7 @@ class Plan:
     job_id: str
     variants: tuple[Variant, ...]
     base_evals: tuple[BaseEval, ...]
+    shapes: Mapping[str, Shape] = field(default_factory=dict)  # model identity -> what GPU packing estimates from
 
 
 def _calibration_for(spec: JobSpec, method: MethodConfig, text_shas: Mapping[str, str]) -> Calibration:
@@ -223,4 +225,5 @@ def make_plan(
             )
     ids = [v.id for v in variants]
     job_id = _hash("job", spec.name, sorted(ids))
-    return Plan(spec.name, job_id, tuple(variants), tuple(bases))
+    shapes = {info.identity: Shape.of(info.config, info.weights_bytes) for info in models.values()}
+    return Plan(spec.name, job_id, tuple(variants), tuple(bases), shapes)

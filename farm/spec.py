@@ -481,10 +481,33 @@ class ResourceSpec(Strict):
         "or eager (llm-compressor's default; ~60% of a 1B GPTQ run's GPU time on an H100)",
     )
 
+    gpu_packing: Literal["share", "memory"] = Field(
+        "share",
+        description="share: every variant gets num_gpus; memory: each variant gets the fraction of a GPU its "
+        "memory need takes, at most num_gpus (measured by an earlier run of the same model, method and "
+        "calibration shape, else estimated from the checkpoint), with its CUDA allocator held to that share: "
+        "small variants share a GPU, an onloading variant reserves its working set, and a variant no share "
+        "holds is refused before any run (single-rank variants)",
+    )
+    gpu_card_gb: float | None = Field(
+        None,
+        gt=0,
+        le=4096,
+        description="with gpu_packing: memory, the memory of one GPU (the smallest, on a cluster of mixed "
+        "cards); default: read by a task on a GPU of the cluster",
+    )
+
     @model_validator(mode="after")
     def _whole_gpus_for_ranks(self) -> ResourceSpec:
         if self.ranks > 1 and self.num_gpus != int(self.num_gpus):
             raise ValueError(f"ranks: {self.ranks} ranks need whole GPUs each (num_gpus is {self.num_gpus:g})")
+        if self.gpu_packing == "memory" and (self.num_gpus <= 0 or self.ranks > 1):
+            raise ValueError(
+                "gpu_packing: memory packs single-rank GPU variants: it needs num_gpus > 0 (the largest share a "
+                f"variant may take) and ranks 1 (got num_gpus {self.num_gpus:g}, ranks {self.ranks})"
+            )
+        if self.gpu_card_gb is not None and self.gpu_packing != "memory":
+            raise ValueError("gpu_card_gb: only read with gpu_packing: memory")
         return self
 
 

@@ -216,37 +216,39 @@ def failure_reason(err: BaseException) -> str:
 
 class Gang:
     """`count` actors of `cls`, one per bundle of a placement group on one node (STRICT_PACK: compressed-tensors
-    maps process rank to device index, a one-node layout): the ranks of one data-parallel variant. `close`
-    kills them and frees the bundles."""
+    maps process rank to device index, a one-node layout): the ranks of one data-parallel variant, or one worker
+    of a GPU share unlike the pool's. The group is asked for at once and placed by Ray when its resources are
+    free: `ready` answers then, and `place` starts the actors. `close` kills them and frees the bundles."""
 
-    def __init__(
-        self, cls: type, count: int, bundle: dict[str, float], init_args: tuple[Any, ...], timeout_s: float = 600
-    ):
+    def __init__(self, cls: type, count: int, bundle: dict[str, float], init_args: tuple[Any, ...]):
+        from ray.util.placement_group import placement_group
+
+        self.cls, self.count, self.init_args = cls, count, init_args
+        self.bundle = {k: v for k, v in bundle.items() if v}
+        self.fresh = True  # its ranks have not imported the stages' libraries yet (`join` does, once)
+        self.pg = placement_group([self.bundle] * count, strategy="STRICT_PACK")
+        self.ready = self.pg.ready()  # a ref that resolves once Ray has placed every bundle
+        self.actors: list[Any] = []
+
+    def place(self) -> None:
+        """Start one actor in each bundle (after `ready`)."""
         import ray
-        from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        bundle = {k: v for k, v in bundle.items() if v}
-        self.fresh = True  # its ranks have not imported the stages' libraries yet (`join` does, once)
-        self.pg = placement_group([bundle] * count, strategy="STRICT_PACK")
-        ready, _ = ray.wait([self.pg.ready()], timeout=timeout_s)
-        if not ready:
-            remove_placement_group(self.pg)
-            raise RuntimeError(f"a placement group of {count} x {bundle} was not placed within {timeout_s:.0f} s")
         options = {
-            "num_cpus": bundle.get("CPU", 1),
-            "num_gpus": bundle.get("GPU", 0),
+            "num_cpus": self.bundle.get("CPU", 1),
+            "num_gpus": self.bundle.get("GPU", 0),
             "max_restarts": 0,
             "max_task_retries": 0,
-            **({"memory": bundle["memory"]} if "memory" in bundle else {}),
+            **({"memory": self.bundle["memory"]} if "memory" in self.bundle else {}),
         }
-        self.actors: list[Any] = [
-            ray.remote(cls)
+        self.actors = [
+            ray.remote(self.cls)
             .options(
                 **options, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
             )
-            .remote(*init_args)
-            for i in range(count)
+            .remote(*self.init_args)
+            for i in range(self.count)
         ]
 
     def call(self, method: str, *args: Any) -> Any:

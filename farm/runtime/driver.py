@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from farm import resources, sources
+from farm import packing, resources, sources
 from farm.calibration import MIX, TextIdentity, parts
 from farm.errors import SpecError, TrackingError
 from farm.plan import BaseEval, ModelInfo, Plan, Variant, make_plan, merged_identity
@@ -24,7 +24,7 @@ from farm.runtime import cluster
 from farm.runtime.execute import Execution
 from farm.runtime.outcome import JobOutcome, VariantOutcome
 from farm.runtime.records import JobRecords, Printer, registered_name
-from farm.runtime.workers import Tracking
+from farm.runtime.workers import Tracking, gpu_card_bytes
 from farm.secrets import redact
 from farm.spec import GateSpec, JobSpec
 from farm.tracking.mlflow_store import MlflowStore, default_local_uri, environ_uri, is_tracking_failure, new_local_store
@@ -148,6 +148,7 @@ class Driver:
         self.verbose = verbose
         self.say = printer
         self.tracking_override = tracking_uri
+        self.pool_gpus: float | None = None  # set by GPU packing; None: the spec's num_gpus
 
     def run(self) -> JobOutcome:
         t0 = time.perf_counter()
@@ -177,10 +178,33 @@ class Driver:
                     f"job {plan.job_name} ({plan.job_id}): {len(plan.variants)} variants, {len(found.todo)} to build, "
                     f"{len(plan.variants) - len(found.todo)} reused; tracking {redact(self.uri)}"
                 )
+                if found.work and self.spec.resources.gpu_packing == "memory":
+                    found = found._replace(todo=self._packed(plan, found.todo, found.records))
                 if found.work:  # a variant no node can hold is bad input: say so before any run is created
                     self._refuse_unfit(found.todo)
                     self._refuse_unservable()
                 return self._record(plan, outcome, found.cached, found.todo, found.bases_todo, found.base_ppl, t0)
+
+    def _packed(self, plan: Plan, todo: list[Variant], records: JobRecords) -> list[Variant]:
+        """`resources.gpu_packing: memory`: each variant's GPU share from its measured or estimated need
+        (farm/packing.py); SpecError naming a variant no share holds, before any run."""
+        most = self.spec.resources.num_gpus
+        if cluster.totals().get("GPU", 0) <= 0:
+            raise SpecError("resources.gpu_packing: the Ray cluster has no GPU to pack variants on")
+        given = self.spec.resources.gpu_card_gb
+        card = (
+            int(given * resources.GIB)
+            if given
+            else cluster.run_task(gpu_card_bytes, {"num_gpus": packing.PROBE_GPUS, "num_cpus": 0})
+        )
+        packed, problems = packing.pack(todo, plan.shapes, card, records.store.measured_peaks())
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise SpecError(f"resources.gpu_packing: {problems[0]}{more}")
+        self.pool_gpus = packing.base_share(list(plan.shapes.values()), card, most)
+        shares = ", ".join(f"{v.label} {v.resources.num_gpus:g}" for v in packed)
+        self.say(f"  GPU packing on {packing.gib(card)} GiB cards: bases {self.pool_gpus:g} GPU; {shares}")
+        return packed
 
     def _refuse_unfit(self, todo: list[Variant]) -> None:
         """SpecError when no node (or no node's share for a data-parallel gang) can hold what is to be built."""
@@ -308,7 +332,7 @@ class Driver:
             rung = [v for v in todo if v.method.label() in labels]
             for v in [v for v in rung if v.model_name in stopped]:
                 self.say(outcome.add(VariantOutcome(v, "skipped", reason=stopped[v.model_name])))
-            Execution(self.spec, plan, self.records, parent, outcome).run(
+            Execution(self.spec, plan, self.records, parent, outcome, self.pool_gpus).run(
                 [v for v in rung if v.model_name not in stopped], bases if i == 0 else [], base_ppl, tracking
             )
             if not gate or not gate.ladder:

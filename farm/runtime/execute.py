@@ -72,8 +72,18 @@ class Task:
 class Execution:
     """One rung: its scheduler, the calls in flight, and what came back."""
 
-    def __init__(self, spec: JobSpec, plan: Plan, records: JobRecords, parent: str, outcome: JobOutcome):
+    def __init__(
+        self,
+        spec: JobSpec,
+        plan: Plan,
+        records: JobRecords,
+        parent: str,
+        outcome: JobOutcome,
+        pool_gpus: float | None = None,
+    ):
         self.spec, self.plan, self.records, self.parent, self.outcome = spec, plan, records, parent, outcome
+        # the pool workers' GPU share (base evaluations, and variants of that share): the spec's, or packing's
+        self.pool_gpus = spec.resources.num_gpus if pool_gpus is None else pool_gpus
         self.say = records.say
         self.tasks: dict[Any, Task] = {}  # rank-0 (or only) ref -> task
         self.followers: dict[Any, Any] = {}  # ref of a rank > 0 -> its rank 0's ref
@@ -83,26 +93,27 @@ class Execution:
         self.told: set[str] = set()  # variants this job said it waits for
 
     def run(self, todo: list[Variant], bases: list[BaseEval], base_ppl: dict[str, float], tracking: Tracking) -> None:
-        res = self.spec.resources
+        res, pool = self.spec.resources, self.pool_gpus
         memory = max([v.resources.memory_bytes for v in todo] or [0]) or None
         self.worker_opts = {
             "num_cpus": res.num_cpus,
-            "num_gpus": res.num_gpus,
+            "num_gpus": pool,
             "max_restarts": 0,
             "max_task_retries": 0,
             **({"memory": memory} if memory else {}),
         }
-        size = resources.pool_size(cluster.totals(), res.num_cpus, res.num_gpus, memory or 0, len(todo) + len(bases))
+        smallest = min([pool, *(v.resources.num_gpus for v in todo if v.resources.ranks == 1)])
+        size = resources.pool_size(cluster.totals(), res.num_cpus, smallest, memory or 0, len(todo) + len(bases))
         self.tracking, self.base_ppl = tracking, base_ppl
         self.bases_left = {b.id for b in bases}
 
         def profile(item: Item) -> tuple[Hashable, int]:
             slots = min(item.resources.ranks, size) if isinstance(item, Variant) else 1
-            return kind_of(item, res.num_gpus), slots
+            return kind_of(item, pool), slots
 
         self.sched: Scheduler[Item] = Scheduler(size, res.max_retries, profile)
         self.sched.add([*bases, *sorted(todo, key=lambda v: v.method.cost_rank)])
-        self.say(f"  {size} worker(s) of {res.num_cpus:g} CPU / {res.num_gpus:g} GPU each")
+        self.say(f"  {size} worker(s) of {res.num_cpus:g} CPU / {pool:g} GPU each")
         records = self.records
         try:
             with beating(
@@ -149,13 +160,12 @@ class Execution:
                 {"CPU": num_cpus, "GPU": num_gpus, "memory": memory},
                 (num_cpus, ranks == 1, cluster.forwarded_env()[1], not num_gpus),
             )
-            self.sched.ready(unit)
+            self.starting[unit.handle.ready] = unit  # placed when its resources are free; the driver goes on
             return
         env = json.loads(kind[1]) if kind[1] else None
-        res = self.spec.resources
         unit.handle = cluster.remote_actor(
             Worker, {**self.worker_opts, **({"runtime_env": env} if env else {})}
-        ).remote(res.num_cpus, secrets=cluster.forwarded_env()[1], cpu_only=not res.num_gpus)
+        ).remote(self.spec.resources.num_cpus, secrets=cluster.forwarded_env()[1], cpu_only=not self.pool_gpus)
         self.starting[unit.handle.visible_devices.remote()] = unit  # answers once the worker is up
 
     def _close(self, unit: Unit[Item]) -> None:
@@ -169,7 +179,7 @@ class Execution:
         attempt = self.sched.attempt(item)
         if isinstance(item, BaseEval):
             run_id = self.records.start_base(self.plan, item, attempt, self.parent)
-            task = BaseTask(self.plan.job_name, item, self.spec.evaluation, self.spec.resources.num_gpus)
+            task = BaseTask(self.plan.job_name, item, self.spec.evaluation, self.pool_gpus)
             self.tasks[unit.handle.evaluate_base.remote(task)] = Task(unit, item, run_id)
             return
         row = self.records.recorded(item) if attempt == 1 else None
@@ -201,6 +211,8 @@ class Execution:
             unit = self.starting.pop(ref)
             _, error, _ = cluster.result(ref)
             if error is None:
+                if isinstance(unit.handle, cluster.Gang):
+                    unit.handle.place()
                 self.sched.ready(unit)
                 return
             self._close(unit)

@@ -34,7 +34,7 @@ from farm.spec import EvaluationSpec
 from farm.stages import timed_call
 from farm.stages.checks.runner import ChecksResult
 from farm.stages.evaluate import EvaluateResult
-from farm.tracking.names import Tag
+from farm.tracking.names import Metric, Tag
 
 VERSIONED = ("farm", "llmcompressor", "compressed-tensors", "transformers", "torch", "ray", "mlflow")
 OPTIONAL = ("gptqmodel", "bitsandbytes", "torchao", "peft")  # recorded where installed (backends, NF4, QAT, LoRA)
@@ -105,6 +105,15 @@ def gpu_budget_bytes(num_gpus: float, cap_bytes: int = 0) -> int:
     return min(share, cap_bytes) if cap_bytes else share
 
 
+def gpu_card_bytes() -> int:
+    """The memory of the GPU Ray gave this process (a Ray task's, for GPU packing: a MIG slice's own size)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("a task given a GPU by Ray sees no CUDA device")
+    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+
+
 @contextlib.contextmanager
 def gpu_memory_capped(cap_bytes: int) -> Iterator[dict[str, float]]:
     """Hold this process's CUDA allocator to `cap_bytes` while the block runs (an out-of-memory error past it, as
@@ -122,7 +131,7 @@ def gpu_memory_capped(cap_bytes: int) -> Iterator[dict[str, float]]:
     try:
         yield found
     finally:
-        found["gpu_peak_bytes"] = float(torch.cuda.max_memory_allocated())
+        found[Metric.GPU_PEAK_BYTES] = float(torch.cuda.max_memory_allocated())
         if cap_bytes:
             torch.cuda.set_per_process_memory_fraction(1.0)
 
@@ -385,7 +394,7 @@ class Worker:
                     q = self._quantize_with_retry(v, model, request, tuned)
                 q.metrics |= memory
             q.metrics["seconds_worker_start"] = started
-            q.metrics["onloaded"] = float(tuned.load_device == "cpu")  # weights on the host, a layer at a time
+            q.metrics[Metric.ONLOADED] = float(tuned.load_device == "cpu")  # weights on the host, a layer at a time
             unchanged(v, model.local_dir)  # nothing is published for a model rewritten under the build
             # The checkpoint is final: hash it and upload it to MLflow while the GPU evaluates it.
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="farm-artifact") as background:

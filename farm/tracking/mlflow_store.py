@@ -22,7 +22,7 @@ from typing import Any
 from farm.errors import TrackingError
 from farm.secrets import redact
 from farm.tracking.names import PREFIX as TAG
-from farm.tracking.names import Tag
+from farm.tracking.names import Metric, Tag
 
 PARENT = "mlflow.parentRunId"
 RUN_NAME = "mlflow.runName"
@@ -233,6 +233,27 @@ class MlflowStore:
             max_results=1,
         )
         return rows[0] if rows else None
+
+    def measured_peaks(self) -> dict[tuple[str, str, int, int], tuple[float, bool]]:
+        """(GPU peak bytes, onloaded) of the newest finished variant of each (model identity, method label,
+        calibration samples, calibration length) in this experiment that measured one: what GPU packing reserves
+        for the next variant of that kind (farm/packing.py)."""
+        rows = self.find_runs(
+            [f"tags.`{Tag.ROLE}` = 'variant'", f"metrics.{Metric.GPU_PEAK_BYTES} > 0"], status="FINISHED"
+        )
+        out: dict[tuple[str, str, int, int], tuple[float, bool]] = {}
+        for r in rows:  # newest first
+            try:
+                key = (
+                    r.params["model.identity"],
+                    r.tags[Tag.LABEL],
+                    int(r.params["calibration.num_samples"]),
+                    int(r.params["calibration.max_seq_length"]),
+                )
+            except (KeyError, ValueError):
+                continue
+            out.setdefault(key, (r.metrics[Metric.GPU_PEAK_BYTES], bool(r.metrics.get(Metric.ONLOADED))))
+        return out
 
     def all_experiment_ids(self) -> list[str]:
         return [

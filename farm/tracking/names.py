@@ -50,6 +50,13 @@ class Tag:
     RECIPE_SHA256 = PREFIX + "recipe_sha256"
 
 
+class Metric:
+    """Metrics other modules read back (the rest are named where they are computed)."""
+
+    GPU_PEAK_BYTES = "gpu_peak_bytes"  # the CUDA allocator's peak while the variant quantized
+    ONLOADED = "onloaded"  # 1: the weights stayed on the host and were onloaded a layer at a time
+
+
 def tag(name: str) -> str:
     """The recorded name of a tag given without the prefix (a check's own tags)."""
     return PREFIX + name

@@ -110,3 +110,46 @@ def test_variant_that_fits_no_node_fails_before_any_run(
     assert "4 GPU" in res.stderr and "largest node has 2 CPU, 2 GPU" in res.stderr
     exp = MlflowClient(stack.mlflow_uri).get_experiment_by_name("unfit")
     assert exp is None or not MlflowClient(stack.mlflow_uri).search_runs([exp.experiment_id], "")
+
+
+def test_memory_packing_gives_each_variant_its_need_and_shares_a_gpu(
+    stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path
+) -> None:
+    """`gpu_packing: memory` on 80 GB cards: the tiny model's variants need a sixteenth of a card each, so they run
+    side by side on one GPU, each held to its share, where `num_gpus: 1` alone would give each a whole GPU."""
+    resources = {"num_gpus": 1, "num_cpus": 0.5, "gpu_packing": "memory", "gpu_card_gb": 80}
+    runs = run_job(stack, stack_env, fixture_paths, tmp_path, "gpu-memory", resources)
+    assert {r.data.params["resources.num_gpus"] for r in runs} == {"0.0625"}
+    assert {r.data.params["resources.gpu_memory_bytes"] for r in runs} == {str(4 * 2**30)}  # 5 GiB less a context
+    workers_per_gpu: dict[str, set[str]] = defaultdict(set)
+    for r in runs:
+        workers_per_gpu[r.data.tags["farm.cuda_visible_devices"]].add(r.data.tags["farm.worker"])
+    assert max(len(w) for w in workers_per_gpu.values()) >= 2 and max_overlap(runs) >= 2
+
+
+def test_memory_packing_refuses_a_variant_no_share_holds_before_any_run(
+    stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path
+) -> None:
+    spec = tiny_spec(
+        fixture_paths,
+        str(tmp_path / "out"),
+        methods=[{"method": "fp8"}],
+        resources={"num_gpus": 0.25, "gpu_packing": "memory", "gpu_card_gb": 2},
+        tracking={"experiment": "no-share"},
+    )
+    res = subprocess.run(
+        [
+            *(sys.executable, "-m", "farm.cli", "run", str(write_spec(tmp_path / "n.yaml", spec))),
+            *("--ray-address", stack.ray_address, "--tracking-uri", stack.mlflow_uri),
+        ],
+        env=stack_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2, res.stdout + res.stderr
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith("farm: error: resources.gpu_packing: ") and "0.25-GPU share of a 2.0 GiB card" in line
+    exp = MlflowClient(stack.mlflow_uri).get_experiment_by_name("no-share")
+    assert exp is None or not MlflowClient(stack.mlflow_uri).search_runs([exp.experiment_id], "")
