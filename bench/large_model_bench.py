@@ -1,11 +1,14 @@
 """Models bigger than their GPU share, and mixture-of-experts models, through farm.
 
 Workloads (comma-separated in --workloads):
-  budget  a random-init Llama-8B (16 GB of bf16 weights) GPTQ W4A16 through farm with `resources.gpu_memory_gb`
+  capped  a random-init Llama-8B (16 GB of bf16 weights) GPTQ W4A16 through farm with `resources.gpu_memory_gb`
           (--budget-gb, default 6: the weights stay on the host and are onloaded layer by layer, the CUDA
-          allocator is held to the budget), against the same variant with the whole GPU and against bare
-          llm-compressor (which loads on the host and onloads through its own sequential pipeline): time, peak
-          GPU memory, and GPTQ's loss module by module against the whole-GPU run.
+          allocator is held to the budget)
+  whole   the same variant with the whole GPU
+  bare    the same with bare llm-compressor (which loads on the host and onloads through its own sequential
+          pipeline)
+  budget  capped, whole and bare: time, peak GPU memory, and GPTQ's loss module by module against the
+          whole-GPU run
   moe     a random-init Qwen3-MoE shape (Qwen3-30B-A3B's layer: hidden 2048, 128 experts of 768, top 8) with
           --moe-layers layers through farm GPTQ W4A16 and FP8 in one job: time, peak GPU memory, expert coverage
           (calibration tokens per expert as the router chose them), and perplexity of the reloaded checkpoint.
@@ -30,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quantize_bench as qb
 
 GIB = 2**30
+BUDGET = ("capped", "whole", "bare")  # `budget` is all three, in this order
 MOE = dict(  # Qwen3-30B-A3B's decoder layer; the vocabulary is the tokenizer's
     hidden_size=2048,
     intermediate_size=6144,
@@ -104,9 +108,51 @@ def losses_cell(c: dict | None) -> str:
     )
 
 
+def worker_errors(logs: Path = Path("/tmp/ray/session_latest/logs")) -> list[str]:
+    """The last traceback lines and allocator figures in the last Ray session's worker logs (a failed run)."""
+    keep = ("Tried to allocate", "Error", 'File "')
+    lines = [x for f in sorted(logs.glob("worker-*.err")) for x in f.read_text(errors="replace").splitlines()]
+    return [x[:600] for x in lines if any(k in x for k in keep)][-40:]
+
+
+def build_budget_model(args: Any, record: Any) -> Path:
+    t = time.perf_counter()
+    m = qb.build_model(args.shape, 0, args.tokenizer, args.work)
+    record("budget_model", {"build_s": time.perf_counter() - t, "checkpoint_gb": checkpoint_gb(m)})
+    return m
+
+
+def budget_workload(w: str, m: Path, args: Any, whole: int, record: Any) -> tuple[list, dict]:
+    """One of capped, whole, bare: its table row and its GPTQ losses by module."""
+    common = (args.text, args.samples, args.seq, whole, args.work)
+    if w == "capped":
+        run = record(
+            "budget_capped", qb.run_farm([m], *common, "budget-capped", extra={"gpu_memory_gb": args.budget_gb})
+        )
+        losses = record("budget_capped_losses", qb.worker_gptq_losses(run["variants"][0]["worker"]))
+        return farm_row(f"farm, gpu_memory_gb={args.budget_gb:g}", run["variants"][0], None), losses
+    if w == "whole":
+        run = record("budget_whole", qb.run_farm([m], *common, "budget-whole"))
+        losses = record("budget_whole_losses", qb.worker_gptq_losses(run["variants"][0]["worker"]))
+        return farm_row("farm, whole GPU", run["variants"][0], None), losses
+    bare = record("budget_bare", qb.run_bare(m, args.text, args.samples, args.seq, args.work))
+    row = [
+        "bare llm-compressor",
+        "yes (its pipeline)",
+        f"{bare['load']:.1f}",
+        f"{bare['oneshot']:.1f}",
+        f"{bare['save']:.1f}",
+        f"{bare['total']:.1f}",
+        f"{bare['peak_gib']:.1f}",
+        "",
+        f"{bare['perplexity']:.2f}",
+    ]
+    return row, bare["gptq_losses"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workloads", default="budget,moe")
+    ap.add_argument("--workloads", default="budget,moe", help="capped, whole, bare (budget: all three), moe")
     ap.add_argument("--shape", default="llama-8b", choices=sorted(qb.SHAPES), help="the budget workload's model")
     ap.add_argument("--budget-gb", type=float, default=6.0)
     ap.add_argument("--samples", type=int, default=128)
@@ -121,9 +167,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     wl = args.workloads.split(",")
-    unknown = set(wl) - {"budget", "moe"}
+    wl = [x for w in wl for x in (BUDGET if w == "budget" else (w,))]
+    unknown = set(wl) - {*BUDGET, "moe"}
     if unknown:
-        raise SystemExit(f"--workloads: unknown workload(s) {sorted(unknown)} (known: budget, moe)")
+        raise SystemExit(
+            f"--workloads: unknown workload(s) {sorted(unknown)} (known: {', '.join(BUDGET)}, budget, moe)"
+        )
     args.text, args.tokenizer, args.work = args.text.resolve(), args.tokenizer.resolve(), args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -143,40 +192,20 @@ def main() -> None:
             args.json.write_text(json.dumps(results, indent=2))
         return value
 
-    rows: list[list] = []
-    if "budget" in wl:
-        t = time.perf_counter()
-        m = qb.build_model(args.shape, 0, args.tokenizer, args.work)
-        record("budget_model", {"build_s": time.perf_counter() - t, "checkpoint_gb": checkpoint_gb(m)})
-        common = (args.text, args.samples, args.seq, whole, args.work)
-        capped = record(
-            "budget_capped", qb.run_farm([m], *common, "budget-capped", extra={"gpu_memory_gb": args.budget_gb})
-        )
-        capped_losses = record("budget_capped_losses", qb.worker_gptq_losses())
-        full = record("budget_whole", qb.run_farm([m], *common, "budget-whole"))
-        full_losses = record("budget_whole_losses", qb.worker_gptq_losses())
-        rows.append(
-            farm_row(
-                f"farm, gpu_memory_gb={args.budget_gb:g}",
-                capped["variants"][0],
-                qb.compare_losses(capped_losses, full_losses),
-            )
-        )
-        rows.append(farm_row("farm, whole GPU", full["variants"][0], qb.compare_losses(full_losses, {})))
-        bare = record("budget_bare", qb.run_bare(m, args.text, args.samples, args.seq, args.work))
-        rows.append(
-            [
-                "bare llm-compressor",
-                "yes (its pipeline)",
-                f"{bare['load']:.1f}",
-                f"{bare['oneshot']:.1f}",
-                f"{bare['save']:.1f}",
-                f"{bare['total']:.1f}",
-                f"{bare['peak_gib']:.1f}",
-                losses_cell(qb.compare_losses(bare["gptq_losses"], full_losses)),
-                f"{bare['perplexity']:.2f}",
-            ]
-        )
+    budget = [w for w in wl if w in BUDGET]
+    m = build_budget_model(args, record) if budget else None
+    rows: list[tuple[str, list]] = []
+    losses: dict[str, dict] = {}
+    for w in budget:  # in the order given: a run cut short keeps what ran first; a failed one is recorded
+        try:
+            row, losses[w] = budget_workload(w, m, args, whole, record)
+            rows.append((w, row))
+        except RuntimeError as err:
+            record(f"budget_{w}_error", str(err)[-3000:])
+            record(f"budget_{w}_worker_log", worker_errors())
+    for w, row in rows:  # GPTQ's losses module by module against the whole-GPU run's
+        row[7] = losses_cell(qb.compare_losses(losses[w], losses.get("whole", {}) if w != "whole" else {}))
+    rows_out = [row for _, row in rows]
     if "moe" in wl:
         t = time.perf_counter()
         m = build_moe(args.moe_layers, args.tokenizer, args.work, args.moe_experts)
@@ -198,7 +227,7 @@ def main() -> None:
             ),
         )
         for v in run["variants"]:
-            rows.append(farm_row(f"farm MoE {v['method']}", v, None))
+            rows_out.append(farm_row(f"farm MoE {v['method']}", v, None))
             if v.get("moe_experts"):
                 record(
                     f"moe_{v['method']}_coverage",
@@ -219,7 +248,7 @@ def main() -> None:
                 "GPTQ loss sum",
                 "perplexity",
             ],
-            rows,
+            rows_out,
         )
     )
 

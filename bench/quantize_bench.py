@@ -205,6 +205,7 @@ def run_farm(
             "model": r.data.tags.get("farm.model"),
             "label": r.data.tags.get("farm.label"),
             "method": r.data.tags.get("farm.method"),
+            "worker": r.data.tags.get("farm.worker", ""),
         }
         for r in runs
     ]
@@ -297,10 +298,13 @@ def gptq_losses(lines: list[str]) -> dict[str, float]:
     return out
 
 
-def worker_gptq_losses(logs: Path = Path("/tmp/ray/session_latest/logs")) -> dict[str, float]:
-    """`gptq_losses` over every worker log of the last Ray session (one GPTQ variant in it)."""
+def worker_gptq_losses(worker: str, root: Path = Path("/tmp/ray")) -> dict[str, float]:
+    """`gptq_losses` from the logs of the Ray worker that built a variant (its `farm.worker` tag, host:pid)."""
+    pid = worker.rsplit(":", 1)[-1]
     out: dict[str, float] = {}
-    for f in sorted(logs.glob("worker-*.err")) + sorted(logs.glob("worker-*.out")):
+    for f in sorted(root.glob(f"session_*/logs/worker-*-{pid}.err")) + sorted(
+        root.glob(f"session_*/logs/worker-*-{pid}.out")
+    ):
         out |= gptq_losses(f.read_text(errors="replace").splitlines())
     return out
 
