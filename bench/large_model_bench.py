@@ -226,7 +226,7 @@ def main() -> None:
                 ],
             ),
         )
-        for v in run["variants"]:
+        for v in [v for v in run["variants"] if v["seconds_total"] is not None]:  # not an earlier failed run
             rows_out.append(farm_row(f"farm MoE {v['method']}", v, None))
             if v.get("moe_experts"):
                 record(
