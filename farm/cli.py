@@ -88,7 +88,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from farm.runtime.driver import preflight
     from farm.spec import load_spec
 
-    plan = preflight(load_spec(args.spec))
+    spec = load_spec(args.spec)
+    plan = preflight(spec)
     rows = [
         [
             v.id,
@@ -107,6 +108,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if any(v.method.uses_validation for v in plan.variants):
         val = next(v.validation for v in plan.variants if v.validation)
         print(f"candidates judged on {val.source} ({val.max_tokens} tokens, windows of {val.seq_len})")
+    if spec.resources.gpu_packing == "memory":
+        print(
+            "gpus: the most a variant may take; `farm run` gives each the share of a card its measured or estimated "
+            "memory need takes (resources.gpu_packing: memory)"
+        )
     print(f"job {plan.job_name} ({plan.job_id})")
     return 0
 

@@ -139,3 +139,22 @@ def test_spec_refuses_packing_without_a_gpu_or_with_ranks(resources: dict) -> No
 def test_resources_replace_keeps_other_fields() -> None:
     r = Resources(num_gpus=1, num_cpus=2, memory_bytes=3, gptq_inverse="llmcompressor")
     assert replace(r, num_gpus=0.25).gptq_inverse == "llmcompressor"
+
+
+def test_farm_plan_says_shares_are_set_at_run_time(fixture_paths: dict, tmp_path, capsys) -> None:
+    """`farm plan` cannot know a card's memory or the store's measured peaks: it says the gpus column is the most a
+    variant may take, and the variant ids are the same as without packing (shares change placement, not output)."""
+    from farm.cli import main
+    from tests.conftest import tiny_spec, write_spec
+
+    outputs = []
+    for resources in ({"num_gpus": 1}, {"num_gpus": 1, "gpu_packing": "memory"}):
+        spec = tiny_spec(fixture_paths, str(tmp_path / "out"), resources=resources)
+        assert main(["plan", str(write_spec(tmp_path / "job.yaml", spec))]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert "gpu_packing: memory" in outputs[1] and "gpu_packing" not in outputs[0]
+    ids = [
+        {line.split()[0] for line in out.splitlines() if line[:16].isalnum() and len(line.split()[0]) == 16}
+        for out in outputs
+    ]
+    assert ids[0] and ids[0] == ids[1]
