@@ -91,10 +91,16 @@ class VariantClaims:
             claims = self.store.claims(prefix)
             age = time.time() - claims[-1].created_ms / 1000 if claims else None
             last = claims[-1].tags if claims else {}
-            busy = last.get(Tag.RECORDING_RUN) != run_id and last.get(Tag.RECORD_STATE) != "failed"
+            busy = last.get(Tag.RECORDING_RUN) != run_id and last.get(Tag.RECORD_STATE) not in ("failed", "done")
             if age is not None and age < RECORD_WAIT_S and busy:
                 time.sleep(0.5)  # another job is recording it now: its record, when it lands, is the one
                 continue
             name = f"{prefix}{len(claims)}"
             if self.store.claim(name, {Tag.RECORDING_RUN: run_id, Tag.JOB_ID: job_id}):
                 return None, name
+
+    def release_record(self, claim: str) -> None:
+        """The variant is recorded: its recording claim says so (a later recording, the rebuild of a variant
+        whose artifact went stale, goes ahead at once) and leaves the UI."""
+        self.store.tag_claim(claim, {Tag.RECORD_STATE: "done"})
+        self.store.hide_claim(claim)

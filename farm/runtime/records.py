@@ -299,7 +299,7 @@ class JobRecords:
                 self.store.tag_claim(claim, {Tag.RECORD_STATE: "failed"})
             raise
         if claim:
-            self.store.hide_claim(claim)
+            self.claims.release_record(claim)
         self.claims.release_build(v)
 
     def _record_variant(

@@ -37,7 +37,7 @@ class Tag:
     MODEL_VERSION = PREFIX + "model_version"
     NOTES = PREFIX + "notes"
     PROMOTED_RUN = PREFIX + "promoted_run"
-    RECORD_STATE = PREFIX + "record_state"  # on a recording claim: "failed" when its recorder gave up
+    RECORD_STATE = PREFIX + "record_state"  # on a recording claim: "done" once recorded, "failed" if it gave up
     RECORDING_RUN = PREFIX + "recording_run"  # on a recording claim: the run that records the variant
     RELEASE = PREFIX + "release"
     ROLE = PREFIX + "role"

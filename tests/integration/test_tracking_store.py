@@ -58,3 +58,27 @@ def test_a_store_that_cannot_be_opened_is_one_line_and_a_new_one_is_not_left(tmp
     blocked.write_text("x")
     run = subprocess.run([sys.executable, "-c", OPEN, f"sqlite:///{blocked}/mlflow.db"], capture_output=True, text=True)
     assert run.returncode == 3 and "cannot create" in run.stdout, run.stdout + run.stderr
+
+
+def test_a_recorded_variant_is_recorded_again_without_waiting(tmp_path: Path) -> None:
+    """A finished recording releases its claim as done: rebuilding the variant (its artifact went stale) records at
+    once, where a claim that was only hidden made the next recorder wait out RECORD_WAIT_S as for a live one.
+    A claim whose recorder is still at it keeps others waiting."""
+    import time
+    from types import SimpleNamespace
+
+    from farm.runtime.claims import RECORD_WAIT_S, VariantClaims
+    from farm.tracking.mlflow_store import MlflowStore
+
+    claims = VariantClaims(MlflowStore(f"sqlite:///{tmp_path / 'mlflow.db'}", "claims"))
+    v = SimpleNamespace(id="0123456789abcdef")
+    row, first = claims.claim_record(v, "run-1", "job-1", lambda _: None)  # type: ignore[arg-type]
+    assert row is None and first
+    claims.release_record(first)
+    t = time.monotonic()
+    row, second = claims.claim_record(v, "run-2", "job-2", lambda _: None)  # type: ignore[arg-type]
+    assert row is None and second and second != first
+    assert time.monotonic() - t < RECORD_WAIT_S / 4
+    assert not claims.store.claims(f"farm-record/{claims.store.experiment_id}/{v.id}/")[-1].tags.get(
+        "farm.record_state"
+    )  # the second recording is live
