@@ -166,14 +166,24 @@ def pack(
     return out, problems
 
 
-def base_share(shapes: Sequence[Shape], card_bytes: int, most_gpus: float) -> float:
-    """The pool workers' share: what evaluating the largest base whole on the GPU takes (its bf16 weights and
-    one 512-token batch), at most `most_gpus`."""
-    need = max(
-        (s.weights_bytes + batch_element_bytes(512, s.hidden_size, s.intermediate_size, s.num_heads, "sdpa"))
-        for s in shapes
-    )
-    return min(share(need + CONTEXT_BYTES, card_bytes), most_gpus)
+def base_share(shapes: Mapping[str, Shape], card_bytes: int, most_gpus: float) -> float | str:
+    """The pool workers' share for the base evaluations to run (`shapes` by model name): what evaluating the
+    largest base whole on one GPU takes (its bf16 weights and one 512-token batch), or why no share a worker may
+    take (`most_gpus` of a card) holds it: the evaluation does not onload."""
+    needs = {
+        name: s.weights_bytes
+        + batch_element_bytes(512, s.hidden_size, s.intermediate_size, s.num_heads, "sdpa")
+        + CONTEXT_BYTES
+        for name, s in shapes.items()
+    }
+    name, need = max(needs.items(), key=lambda kv: kv[1])
+    most = min(most_gpus, 1.0) * card_bytes
+    if need > most:
+        return (
+            f"base {name}: its evaluation loads the checkpoint whole on one GPU ({gib(need)} GiB), more than the "
+            f"{gib(int(most))} GiB of a {most_gpus:g}-GPU share of a {gib(card_bytes)} GiB card"
+        )
+    return min(share(need, card_bytes), most_gpus)
 
 
 def peak_key(v: Any) -> tuple[str, str, int, int]:

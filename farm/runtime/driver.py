@@ -179,13 +179,13 @@ class Driver:
                     f"{len(plan.variants) - len(found.todo)} reused; tracking {redact(self.uri)}"
                 )
                 if found.work and self.spec.resources.gpu_packing == "memory":
-                    found = found._replace(todo=self._packed(plan, found.todo, found.records))
+                    found = found._replace(todo=self._packed(plan, found.todo, found.bases_todo, found.records))
                 if found.work:  # a variant no node can hold is bad input: say so before any run is created
                     self._refuse_unfit(found.todo)
                     self._refuse_unservable()
                 return self._record(plan, outcome, found.cached, found.todo, found.bases_todo, found.base_ppl, t0)
 
-    def _packed(self, plan: Plan, todo: list[Variant], records: JobRecords) -> list[Variant]:
+    def _packed(self, plan: Plan, todo: list[Variant], bases: list[BaseEval], records: JobRecords) -> list[Variant]:
         """`resources.gpu_packing: memory`: each variant's GPU share from its measured or estimated need
         (farm/packing.py); SpecError naming a variant no share holds, before any run."""
         most = self.spec.resources.num_gpus
@@ -201,7 +201,14 @@ class Driver:
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise SpecError(f"resources.gpu_packing: {problems[0]}{more}")
-        self.pool_gpus = packing.base_share(list(plan.shapes.values()), card, most)
+        pool = (
+            packing.base_share({b.model_name: plan.shapes[b.identity] for b in bases}, card, most)
+            if bases
+            else min([most, *(v.resources.num_gpus for v in packed)])
+        )
+        if isinstance(pool, str):
+            raise SpecError(f"resources.gpu_packing: {pool}")
+        self.pool_gpus = pool
         shares = ", ".join(f"{v.label} {v.resources.num_gpus:g}" for v in packed)
         self.say(f"  GPU packing on {packing.gib(card)} GiB cards: bases {self.pool_gpus:g} GPU; {shares}")
         return packed

@@ -117,9 +117,10 @@ def test_moe_shape_counts_every_expert() -> None:
 
 
 def test_bases_get_what_evaluating_the_largest_takes() -> None:
-    assert base_share([SMOL], CARD, 1.0) == 1 / 16
-    assert 0.2 < base_share([SMOL, LLAMA_8B], CARD, 1.0) < 0.5
-    assert base_share([LLAMA_70B], CARD, 1.0) == 1.0
+    assert base_share({"smol": SMOL}, CARD, 1.0) == 1 / 16
+    assert 0.2 < base_share({"smol": SMOL, "8b": LLAMA_8B}, CARD, 1.0) < 0.5  # type: ignore[operator]
+    problem = base_share({"smol": SMOL, "70b": LLAMA_70B}, CARD, 1.0)
+    assert isinstance(problem, str) and problem.startswith("base 70b: its evaluation loads the checkpoint whole")
 
 
 @pytest.mark.parametrize(
