@@ -18,11 +18,13 @@ pytestmark = pytest.mark.integration
 METHODS = [{"method": "gptq", "group_size": g} for g in (32, 64, 128)] + [{"method": "fp8"}]
 
 
-def run_job(stack: Stack, env: dict, paths: dict, tmp_path: Path, experiment: str, resources: dict) -> list:
+def run_job(
+    stack: Stack, env: dict, paths: dict, tmp_path: Path, experiment: str, resources: dict, methods: list = METHODS
+) -> list:
     spec = tiny_spec(
         paths,
         str(tmp_path / experiment),
-        methods=METHODS,
+        methods=methods,
         resources=resources,
         tracking={"experiment": experiment, "log_model": False},
     )
@@ -118,7 +120,8 @@ def test_memory_packing_gives_each_variant_its_need_and_shares_a_gpu(
     """`gpu_packing: memory` on 80 GB cards: the tiny model's variants need a sixteenth of a card each, so they run
     side by side on one GPU, each held to its share, where `num_gpus: 1` alone would give each a whole GPU."""
     resources = {"num_gpus": 1, "num_cpus": 0.5, "gpu_packing": "memory", "gpu_card_gb": 80}
-    runs = run_job(stack, stack_env, fixture_paths, tmp_path, "gpu-memory", resources)
+    data_free = [{"method": "rtn", "scheme": "W4A16", "group_size": g} for g in (32, 64, 128)] + [{"method": "fp8"}]
+    runs = run_job(stack, stack_env, fixture_paths, tmp_path, "gpu-memory", resources, data_free)
     assert {r.data.params["resources.num_gpus"] for r in runs} == {"0.0625"}
     assert {r.data.params["resources.gpu_memory_bytes"] for r in runs} == {str(4 * 2**30)}  # 5 GiB less a context
     workers_per_gpu: dict[str, set[str]] = defaultdict(set)
