@@ -68,14 +68,7 @@ def build_moe(layers: int, tokenizer: Path, work: Path, experts: int = MOE["num_
         eos_token_id=tok.eos_token_id,
         **(MOE | {"num_experts": experts, "num_experts_per_tok": min(experts, MOE["num_experts_per_tok"])}),
     )
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return out
+    return qb.save_random(Qwen3MoeForCausalLM, cfg, tok, out)
 
 
 def checkpoint_gb(path: Path) -> float:

@@ -64,8 +64,15 @@ def build_model(shape: str, seed: int, tokenizer: Path, work: Path, layers: int 
         eos_token_id=tok.eos_token_id,
         **(SHAPES[shape] | ({} if layers is None else {"num_hidden_layers": layers})),
     )
+    return save_random(LlamaForCausalLM, cfg, tok, out)
+
+
+def save_random(model_cls: Any, cfg: Any, tok: Any, out: Path) -> Path:
+    """A random-init `model_cls(cfg)` saved in bf16 with its tokenizer (built on the GPU when there is one)."""
+    import torch
+
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model = model_cls(cfg).to(torch.bfloat16)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     del model

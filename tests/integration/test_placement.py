@@ -77,41 +77,38 @@ def test_fractional_gpus_pack(stack: Stack, stack_env: dict, fixture_paths: dict
     assert max(len(w) for w in workers_per_gpu.values()) == 2  # two workers share one GPU
 
 
-def test_variant_that_fits_no_node_fails_before_any_run(
-    stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path
-) -> None:
+def refused(stack: Stack, env: dict, paths: dict, tmp_path: Path, experiment: str, resources: dict) -> str:
+    """`farm run` of an FP8 job with these resources, expected to be refused before any run: its one error line."""
     spec = tiny_spec(
-        fixture_paths,
+        paths,
         str(tmp_path / "out"),
         methods=[{"method": "fp8"}],
-        resources={"num_gpus": 4},
-        tracking={"experiment": "unfit"},
+        resources=resources,
+        tracking={"experiment": experiment},
     )
     res = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "farm.cli",
-            "run",
-            str(write_spec(tmp_path / "u.yaml", spec)),
-            "--ray-address",
-            stack.ray_address,
-            "--tracking-uri",
-            stack.mlflow_uri,
+            *(sys.executable, "-m", "farm.cli", "run", str(write_spec(tmp_path / f"{experiment}.yaml", spec))),
+            *("--ray-address", stack.ray_address, "--tracking-uri", stack.mlflow_uri),
         ],
-        env=stack_env,
+        env=env,
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert res.returncode == 2, res.stdout + res.stderr
-    assert res.stderr.strip().splitlines() == [
-        next(x for x in res.stderr.splitlines() if x.startswith("farm: error: resources:"))
-    ]
-    assert "4 GPU" in res.stderr and "largest node has 2 CPU, 2 GPU" in res.stderr
-    exp = MlflowClient(stack.mlflow_uri).get_experiment_by_name("unfit")
+    (line,) = res.stderr.strip().splitlines()
+    exp = MlflowClient(stack.mlflow_uri).get_experiment_by_name(experiment)
     assert exp is None or not MlflowClient(stack.mlflow_uri).search_runs([exp.experiment_id], "")
+    return line
+
+
+def test_variant_that_fits_no_node_fails_before_any_run(
+    stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path
+) -> None:
+    line = refused(stack, stack_env, fixture_paths, tmp_path, "unfit", {"num_gpus": 4})
+    assert line.startswith("farm: error: resources:") and "4 GPU" in line and "largest node has 2 CPU, 2 GPU" in line
 
 
 def test_memory_packing_gives_each_variant_its_need_and_shares_a_gpu(
@@ -133,26 +130,6 @@ def test_memory_packing_gives_each_variant_its_need_and_shares_a_gpu(
 def test_memory_packing_refuses_a_variant_no_share_holds_before_any_run(
     stack: Stack, stack_env: dict, fixture_paths: dict, tmp_path: Path
 ) -> None:
-    spec = tiny_spec(
-        fixture_paths,
-        str(tmp_path / "out"),
-        methods=[{"method": "fp8"}],
-        resources={"num_gpus": 0.25, "gpu_packing": "memory", "gpu_card_gb": 2},
-        tracking={"experiment": "no-share"},
-    )
-    res = subprocess.run(
-        [
-            *(sys.executable, "-m", "farm.cli", "run", str(write_spec(tmp_path / "n.yaml", spec))),
-            *("--ray-address", stack.ray_address, "--tracking-uri", stack.mlflow_uri),
-        ],
-        env=stack_env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 2, res.stdout + res.stderr
-    (line,) = res.stderr.strip().splitlines()
+    resources = {"num_gpus": 0.25, "gpu_packing": "memory", "gpu_card_gb": 2}
+    line = refused(stack, stack_env, fixture_paths, tmp_path, "no-share", resources)
     assert line.startswith("farm: error: resources.gpu_packing: ") and "0.25-GPU share of a 2.0 GiB card" in line
-    exp = MlflowClient(stack.mlflow_uri).get_experiment_by_name("no-share")
-    assert exp is None or not MlflowClient(stack.mlflow_uri).search_runs([exp.experiment_id], "")
