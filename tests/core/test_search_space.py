@@ -18,15 +18,15 @@ def _search(**kw: object):
 
 def test_space_is_crossed_and_ordered_smallest_first() -> None:
     s = _search(
-        candidates=[{"method": "fp8"}, {"method": "gptq", "group_size": 64}, {"method": "autoround", "group_size": 64}],
+        candidates=[{"method": "fp8"}, {"method": "gptq", "group_size": 64}, {"method": "awq", "group_size": 64}],
         vary={"symmetric": [False, True], "calibration": [{"num_samples": 32}, {"num_samples": 64}]},
     )
     labels = [c.label() for c in s.candidate_methods()]
     assert labels[:4] == [
         "gptq-w4a16-g64.st.cn32",
         "gptq-w4a16-g64.st.cn64",
-        "autoround-w4a16-g64.st.cn32",
-        "autoround-w4a16-g64.st.cn64",
+        "awq-w4a16-g64.st.cn32",
+        "awq-w4a16-g64.st.cn64",
     ]
     assert labels[-1] == "fp8-dynamic"  # data-free: one candidate, whatever it would read
     assert len(labels) == 9 and s.requires_calibration and not s.distributable
@@ -130,3 +130,17 @@ def test_new_fields_leave_existing_ids_alone() -> None:
     }
     with pytest.raises(ValueError, match="use backend llmcompressor"):
         build_method({"method": "gptq", "backend": "gptqmodel", "rotation": "spinquant"})
+
+
+def test_asymmetric_autoround_is_refused_with_what_was_measured() -> None:
+    """llm-compressor 0.14's AutoRoundModifier saves AutoRound's scales but not its zero points: an asymmetric
+    AutoRound variant would publish a checkpoint unlike the one AutoRound tuned, so the config refuses it, in a
+    search's candidates too."""
+    from farm.methods.autoround import ASYMMETRIC_REFUSED
+
+    with pytest.raises(ValueError, match="zero points"):
+        build_method({"method": "autoround", "symmetric": False})
+    assert "+64.93" in ASYMMETRIC_REFUSED
+    with pytest.raises(ValueError, match="zero points"):
+        _search(candidates=[{"method": "autoround", "group_size": 64}], vary={"symmetric": [True, False]})
+    assert build_method({"method": "autoround"}).symmetric  # type: ignore[union-attr]
