@@ -120,7 +120,6 @@ def share(need_bytes: int, card_bytes: int) -> float:
 class Assignment:
     num_gpus: float
     gpu_memory_bytes: int  # the allocator cap: the share less the context
-    need: Need
 
 
 def assign(need: Need, card_bytes: int, most_gpus: float) -> Assignment | str:
@@ -132,7 +131,7 @@ def assign(need: Need, card_bytes: int, most_gpus: float) -> Assignment | str:
             f"{gib(int(most))} GiB of a {most_gpus:g}-GPU share of a {gib(card_bytes)} GiB card"
         )
     fraction = min(share(need.bytes, card_bytes), most_gpus)
-    return Assignment(fraction, int(fraction * card_bytes) - CONTEXT_BYTES, need)
+    return Assignment(fraction, int(fraction * card_bytes) - CONTEXT_BYTES)
 
 
 def pack(
@@ -177,13 +176,10 @@ def base_share(shapes: Mapping[str, Shape], card_bytes: int, most_gpus: float) -
         for name, s in shapes.items()
     }
     name, need = max(needs.items(), key=lambda kv: kv[1])
-    most = min(most_gpus, 1.0) * card_bytes
-    if need > most:
-        return (
-            f"base {name}: its evaluation loads the checkpoint whole on one GPU ({gib(need)} GiB), more than the "
-            f"{gib(int(most))} GiB of a {most_gpus:g}-GPU share of a {gib(card_bytes)} GiB card"
-        )
-    return min(share(need, card_bytes), most_gpus)
+    got = assign(Need(need, False, "the whole checkpoint on one GPU"), card_bytes, most_gpus)
+    if isinstance(got, str):
+        return f"base {name}: its evaluation loads the checkpoint whole, and {got}"
+    return got.num_gpus
 
 
 def peak_key(v: Any) -> tuple[str, str, int, int]:

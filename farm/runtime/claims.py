@@ -104,3 +104,7 @@ class VariantClaims:
         whose artifact went stale, goes ahead at once) and leaves the UI."""
         self.store.tag_claim(claim, {Tag.RECORD_STATE: "done"})
         self.store.hide_claim(claim)
+
+    def fail_record(self, claim: str) -> None:
+        """Recording gave up: the next recorder goes ahead at once."""
+        self.store.tag_claim(claim, {Tag.RECORD_STATE: "failed"})

@@ -296,7 +296,7 @@ class JobRecords:
             self._record_variant(v, run_id, result, base, outcome)
         except BaseException:
             if claim:
-                self.store.tag_claim(claim, {Tag.RECORD_STATE: "failed"})
+                self.claims.fail_record(claim)
             raise
         if claim:
             self.claims.release_record(claim)
