@@ -3,24 +3,17 @@ error (llm-compressor's AutoRoundModifier over Intel's auto-round). Slower than 
 per layer), usually closer to the unquantized model at 4 bits, and the checkpoint is the same
 compressed-tensors int format GPTQ writes, so it serves the same way.
 
-Symmetric grids only: llm-compressor 0.14.0.1's AutoRoundModifier carries AutoRound's scales into the checkpoint
-(`_postprocess_qparams` maps `scale` to `weight_scale`) but not its zero points, which are saved as 0, so an
-asymmetric AutoRound checkpoint is not the one AutoRound tuned (ASYMMETRIC_REFUSED: what was measured)."""
+Asymmetric grids keep their tuned zero points: llm-compressor 0.14.0.1 alone saves them as 0
+(stages/llmc/autoround_zero_points.py carries them; where it cannot, the variant fails rather than save them)."""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from farm.methods.base import MethodConfig, int_weight_bits, int_weight_group
 from farm.methods.rotation import ROTATION_HELP, Rotation, rotation_modifiers
-
-ASYMMETRIC_REFUSED = (
-    "symmetric: false: llm-compressor 0.14.0.1's AutoRoundModifier saves AutoRound's scales but not its zero "
-    "points (written as 0), so the checkpoint is not what AutoRound tuned (SmolLM2 W4A16 g64: held-out perplexity "
-    "106.00, +64.93, against +4.89 for asymmetric GPTQ); use symmetric: true"
-)
 
 
 class AutoRoundConfig(MethodConfig):
@@ -28,19 +21,11 @@ class AutoRoundConfig(MethodConfig):
     cost_rank: ClassVar[int] = 1
     scheme: Literal["W4A16", "W8A16"] = Field("W4A16", description="weight bits / activation bits")
     group_size: int | None = Field(128, gt=0, le=8192, description="weights per scale; null = per output channel")
-    symmetric: bool = Field(
-        True, description="symmetric int grid; false is refused (llm-compressor 0.14 drops AutoRound's zero points)"
-    )
+    symmetric: bool = Field(True, description="symmetric int grid (no zero point)")
     iters: int = Field(200, gt=0, le=10_000, description="optimizer steps per decoder layer")
     lr: float | None = Field(None, gt=0, le=1, description="learning rate (null: auto-round's 1/iters)")
     batch_size: int = Field(8, gt=0, le=1024, description="calibration samples per optimizer step")
     rotation: Rotation | None = Field(None, description=ROTATION_HELP)
-
-    @model_validator(mode="after")
-    def _symmetric_only(self) -> AutoRoundConfig:
-        if not self.symmetric:
-            raise ValueError(ASYMMETRIC_REFUSED)
-        return self
 
     @property
     def bits(self) -> int:

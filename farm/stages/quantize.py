@@ -18,6 +18,7 @@ from farm.stages.distributed.split_save import shards_split_over_ranks
 from farm.stages.engines.registry import register_engine
 from farm.stages.expert_coverage import expert_coverage
 from farm.stages.llmc.autoround_fp32 import fp32_autoround_on_cpu
+from farm.stages.llmc.autoround_zero_points import asymmetric_autoround, tuned_zero_points_kept
 from farm.stages.llmc.calibration_sdpa import sdpa_calibration
 from farm.stages.llmc.cpu_pinning import cpu_safe_pinning
 from farm.stages.llmc.ddp_forward_order import forward_ordered
@@ -186,6 +187,7 @@ def calibrate(
         }
         if req.offload_device:
             kwargs["sequential_offload_device"] = req.offload_device
+    autoround = any(type(m).__name__ == "AutoRoundModifier" for m in recipe)
     speedups: list[contextlib.AbstractContextManager[Used] | None] = [  # farm's GPU speed-ups, each switchable
         tensor_core_hessians() if req.gptq_hessian == "tensor_cores" else None,
         one_cholesky_factor() if req.gptq_inverse == "reversed_cholesky" else None,
@@ -193,7 +195,8 @@ def calibrate(
         sdpa_calibration(model) if req.calibration_attention == "sdpa" else None,
         idle_tail_skipped(model) if req.method.requires_calibration and applies(recipe) else None,
         forward_ordered() if req.world > 1 and req.gptq_broadcast == "forward_order" else None,
-        fp32_autoround_on_cpu() if any(type(m).__name__ == "AutoRoundModifier" for m in recipe) else None,
+        fp32_autoround_on_cpu() if autoround else None,
+        tuned_zero_points_kept(asymmetric_autoround(recipe)) if autoround else None,
     ]
     with contextlib.ExitStack() as stack:
         stack.enter_context(autowrap_namespaces_released())

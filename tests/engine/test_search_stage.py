@@ -50,6 +50,42 @@ def test_new_recipes_write_checkpoints_that_reload(fixture_paths: dict, tmp_path
     _evaluates(fixture_paths, tmp_path / "q")
 
 
+def test_asymmetric_autoround_saves_the_grid_it_tuned(
+    fixture_paths: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint of an asymmetric AutoRound variant dequantizes to the weights AutoRound tuned: its zero
+    points are the tuned ones, in compressed-tensors' signed grid (llm-compressor alone saves zeros)."""
+    import torch
+    from compressed_tensors.compressors.base import decompress_module
+    from transformers import AutoModelForCausalLM
+
+    import farm.stages.llmc.autoround_zero_points as zero_points
+
+    tuned: dict[str, torch.Tensor] = {}
+    real = zero_points.carry
+
+    def seen(layer, registered):  # AutoRound leaves each Linear's weight as its dequantized tuned value
+        tuned.update(
+            {
+                f"{layer._tmp_name}.{n}": m.weight.detach().clone()
+                for n, m in layer.named_modules()
+                if hasattr(m, "zp")
+            }
+        )
+        return real(layer, registered)
+
+    monkeypatch.setattr(zero_points, "carry", seen)
+    method = {"method": "autoround", "group_size": 64, "symmetric": False, "iters": 4, "batch_size": 2}
+    q = quantize(_request(fixture_paths, tmp_path / "q", method))
+    assert any(f"zero points carried into {len(tuned)} module" in n for n in q.notes) and tuned
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    for name, weight in tuned.items():
+        module = reloaded.get_submodule(name)
+        decompress_module(module)  # the weights the served checkpoint computes with: (q - zero point) * scale
+        torch.testing.assert_close(module.weight, weight.float(), rtol=0, atol=1e-6, msg=name)
+    _evaluates(fixture_paths, tmp_path / "q")
+
+
 def test_search_stops_at_the_first_candidate_within_budget(fixture_paths: dict, tmp_path: Path) -> None:
     method = {
         "method": "search",

@@ -130,6 +130,16 @@ REPLACEMENTS: tuple[Replacement, ...] = (
         "tests/engine/test_search_stage.py::test_new_recipes_write_checkpoints_that_reload",
     ),
     Replacement(
+        "llmcompressor.modifiers.autoround.base.AutoRoundModifier._postprocess_qparams",
+        "llmc.autoround_zero_points",
+        "asymmetric AutoRound's tuned zero points saved (upstream keeps zeros), in compressed-tensors' signed grid",
+        "llmcompressor",
+        LLMC,
+        ("self", "model", "llmc_registered_qparams"),
+        "none: without it an asymmetric grid is saved with zero points of 0",
+        "tests/engine/test_search_stage.py::test_asymmetric_autoround_saves_the_grid_it_tuned",
+    ),
+    Replacement(
         "transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS.eager",
         "llmc.calibration_sdpa",
         "calibration's forced eager attention run through SDPA where it is the same computation",
