@@ -3,7 +3,9 @@ built for real and scored on the job's validation text; the smallest one within 
 
 The space is `candidates` (method configs) crossed with `vary` (field -> values, applied to every candidate that
 has the field). Candidates are tried smallest first (estimated stored bits per weight, then declared order) and
-the search stops at the first one within the budget, which is then the smallest within budget; with
+the search stops at a candidate within the budget once no untried candidate can be smaller (a uniform
+candidate's size is known before it is built, so the first of those to pass ends it; a mixed candidate's is only
+bounded below by its low grid, so after it passes the smaller-estimated candidates are still tried); with
 `early_stop: false` every candidate is built and the smallest passing one wins. When none passes, the candidate
 closest to the budget is the variant and its run says the budget was not met. The validation text is apart from
 the calibration draw and the evaluation text, so the variant's evaluated perplexity stays a held-out figure.
@@ -117,14 +119,16 @@ class SearchConfig(MethodConfig):
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
             raise ValueError(f"candidates repeat: {', '.join(dup)}; give the declared candidates distinct names")
-        order = sorted(range(len(out)), key=lambda i: (_bits(out[i]), i))
+        order = sorted(range(len(out)), key=lambda i: (estimated_bits(out[i]), i))
         return [out[i] for i in order]
 
     def modifiers(self) -> list[Any]:
         raise TypeError("a search builds its candidates' recipes one by one (stages/engines/search.py)")
 
 
-def _bits(c: MethodConfig) -> float:
+def estimated_bits(c: MethodConfig) -> float:
+    """Stored bits per weight a candidate is expected to take before it is built (a mixed candidate: its low
+    grid's, the least it can take); unknown sizes sort last."""
     bits = c.weight_bits()
     return float("inf") if bits is None else bits
 

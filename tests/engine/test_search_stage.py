@@ -66,11 +66,7 @@ def test_asymmetric_autoround_saves_the_grid_it_tuned(
 
     def seen(layer, registered):  # AutoRound leaves each Linear's weight as its dequantized tuned value
         tuned.update(
-            {
-                f"{layer._tmp_name}.{n}": m.weight.detach().clone()
-                for n, m in layer.named_modules()
-                if hasattr(m, "zp")
-            }
+            {f"{layer._tmp_name}.{n}": m.weight.detach().clone() for n, m in layer.named_modules() if hasattr(m, "zp")}
         )
         return real(layer, registered)
 
@@ -102,6 +98,26 @@ def test_search_stops_at_the_first_candidate_within_budget(fixture_paths: dict, 
     assert q.candidates[0]["metrics"]["decoder_linear_bytes"] == decoder_linear_bytes(tmp_path / "q")
     assert not (tmp_path / "candidates").exists()  # only the chosen checkpoint stays
     _evaluates(fixture_paths, tmp_path / "q")
+
+
+def test_search_past_a_passing_mixed_candidate_tries_what_could_be_smaller(fixture_paths: dict, tmp_path: Path) -> None:
+    """A mixed candidate sorts by its low grid (the least it can take) but is built larger; once it passes, the
+    candidates estimated below what it took are still tried, and the smallest within budget wins."""
+    method = {
+        "method": "search",
+        "budget": 1e9,
+        "candidates": [
+            {"method": "mixed", "low": {"bits": 4, "group_size": 64}, "algorithm": "rtn", "high_layers": [0]},
+            {"method": "rtn", "scheme": "W4A16", "group_size": 32},
+            {"method": "rtn", "scheme": "W8A16"},
+        ],
+    }
+    q = quantize(_request(fixture_paths, tmp_path / "q", method))
+    rows = {c["label"]: c for c in q.candidates}
+    assert list(rows) == ["mixed-w4g64-w8-d1", "rtn-w4a16-g32"]  # W8 (8 bits) cannot undercut either: not built
+    assert rows["mixed-w4g64-w8-d1"]["status"] == "passed" and rows["rtn-w4a16-g32"]["status"] == "chosen"
+    mixed, uniform = (rows[k]["metrics"]["decoder_linear_bytes"] for k in rows)
+    assert uniform < mixed and q.metrics["search.decoder_linear_bytes"] == uniform
 
 
 def test_search_without_a_passing_candidate_keeps_the_closest(

@@ -1,8 +1,9 @@
 """The search quantize stage: build each candidate recipe for real (through the same quantize stage a variant of
 that method would use), reload its checkpoint the way the evaluation does, score it on the validation text and
-keep the smallest one within the budget. Candidates come smallest first, so with early stopping the first to
-pass is the answer. Only the kept checkpoint stays on disk; every candidate comes back as a row of
-`QuantizeResult.candidates`, which the records write as one MLflow run each under the variant's run."""
+keep the smallest one within the budget. Candidates come smallest first, so with early stopping the search ends
+at a passing candidate that no untried one can undercut. Only the kept checkpoint stays on disk; every candidate
+comes back as a row of `QuantizeResult.candidates`, which the records write as one MLflow run each under the
+variant's run."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from farm.errors import FarmError
-from farm.methods.search import SearchConfig
+from farm.methods.search import SearchConfig, estimated_bits
 from farm.stages.engines.registry import register_engine
 from farm.stages.engines.validation import allowed_delta, judging, perplexity_of
 from farm.stages.modelio import decoder_linear_bytes, pick_device, weights_bytes
 from farm.stages.quantize import QuantizeRequest, QuantizeResult, quantize
+
+REALIZED_BITS = "mixed.avg_weight_bits"  # what a mixed candidate took, once its assignment is chosen
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Tried:
     linear_bytes: int = 0
     checkpoint_bytes: int = 0
     passed: bool = False
+    bits: float = float("inf")  # stored bits per weight, in the estimate's units (the size order of candidates)
     error: str | None = None
     result: QuantizeResult | None = None
 
@@ -64,6 +68,11 @@ def _better(new: Tried, old: Tried | None) -> bool:
     if new.passed:
         return (new.linear_bytes, new.delta) < (old.linear_bytes, old.delta)
     return new.delta < old.delta
+
+
+def _undercut_by_none(best: Tried | None, untried: list[Any]) -> bool:
+    """Whether the best candidate is within budget and no untried one (smallest first) can be smaller."""
+    return best is not None and best.passed and (not untried or estimated_bits(untried[0]) >= best.bits)
 
 
 @register_engine(SearchConfig)
@@ -99,7 +108,8 @@ def quantize_search(req: QuantizeRequest) -> QuantizeResult:
         except Exception as err:  # a recipe this model cannot take is one failed candidate, not a failed search
             t.error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:500]
         t.seconds = time.perf_counter() - start
-        if t.error is None:
+        if t.error is None and t.result is not None:
+            t.bits = t.result.metrics.get(REALIZED_BITS, estimated_bits(cand))
             t.delta = t.perplexity - base
             t.passed = t.delta <= allowed
             t.linear_bytes = decoder_linear_bytes(sub.out_dir)
@@ -111,7 +121,7 @@ def quantize_search(req: QuantizeRequest) -> QuantizeResult:
             best = t
         else:
             shutil.rmtree(sub.out_dir, ignore_errors=True)
-        if method.early_stop and t.passed:
+        if method.early_stop and _undercut_by_none(best, candidates[i + 1 :]):
             break
     t2 = time.perf_counter()
     if best is None or best.result is None:
