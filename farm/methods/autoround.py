@@ -27,6 +27,12 @@ class AutoRoundConfig(MethodConfig):
     batch_size: int = Field(8, gt=0, le=1024, description="calibration samples per optimizer step")
     rotation: Rotation | None = Field(None, description=ROTATION_HELP)
 
+    def identity(self) -> dict[str, Any]:
+        out = super().identity()
+        if not self.symmetric:  # checkpoints made before farm carried the tuned zero points hold zeros: new ids
+            out["zero_points"] = "tuned"
+        return out
+
     @property
     def bits(self) -> int:
         return int(self.scheme[1])

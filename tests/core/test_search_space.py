@@ -138,5 +138,7 @@ def test_asymmetric_autoround_is_a_searchable_grid() -> None:
     asym = build_method({"method": "autoround", "group_size": 64, "symmetric": False})
     sym = build_method({"method": "autoround", "group_size": 64})
     assert asym.weight_bits() > sym.weight_bits()  # type: ignore[attr-defined]
+    # an asymmetric AutoRound variant recorded before its zero points were carried is never reused
+    assert asym.identity()["zero_points"] == "tuned" and "zero_points" not in sym.identity()
     s = _search(candidates=[{"method": "autoround", "group_size": 64}], vary={"symmetric": [True, False]})
     assert len(s.candidate_methods()) == 2
