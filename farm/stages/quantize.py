@@ -11,6 +11,7 @@ from typing import Any
 
 from farm.calibration import diversity_of, draw, summed_stats, token_stats
 from farm.methods import MethodConfig
+from farm.methods.autoround import AutoRoundConfig
 from farm.methods.fp8 import FP8Config
 from farm.stages import timed_call
 from farm.stages.distributed.split_load import dispatch_replica, load_split
@@ -18,7 +19,7 @@ from farm.stages.distributed.split_save import shards_split_over_ranks
 from farm.stages.engines.registry import register_engine
 from farm.stages.expert_coverage import expert_coverage
 from farm.stages.llmc.autoround_fp32 import fp32_autoround_on_cpu
-from farm.stages.llmc.autoround_zero_points import asymmetric_autoround, tuned_zero_points_kept
+from farm.stages.llmc.autoround_zero_points import tuned_zero_points_kept
 from farm.stages.llmc.calibration_sdpa import sdpa_calibration
 from farm.stages.llmc.cpu_pinning import cpu_safe_pinning
 from farm.stages.llmc.ddp_forward_order import forward_ordered
@@ -196,7 +197,9 @@ def calibrate(
         idle_tail_skipped(model) if req.method.requires_calibration and applies(recipe) else None,
         forward_ordered() if req.world > 1 and req.gptq_broadcast == "forward_order" else None,
         fp32_autoround_on_cpu() if autoround else None,
-        tuned_zero_points_kept(asymmetric_autoround(recipe)) if autoround else None,
+        tuned_zero_points_kept(isinstance(req.method, AutoRoundConfig) and not req.method.symmetric)
+        if autoround
+        else None,
     ]
     with contextlib.ExitStack() as stack:
         stack.enter_context(autowrap_namespaces_released())

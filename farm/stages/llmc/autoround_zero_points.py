@@ -61,24 +61,6 @@ def carry(model: Any, registered: dict[str, dict[str, Any]]) -> int:
     return n
 
 
-def asymmetric_autoround(recipe: list[Any]) -> bool:
-    """Whether a recipe has an AutoRound modifier with an asymmetric weight grid (whose zero points matter)."""
-
-    def weights_of(group: Any) -> Any:
-        return group.get("weights") if isinstance(group, dict) else getattr(group, "weights", None)
-
-    def symmetric(weights: Any) -> bool:
-        value = weights.get("symmetric", True) if isinstance(weights, dict) else getattr(weights, "symmetric", True)
-        return bool(value)
-
-    return any(
-        weights is not None and not symmetric(weights)
-        for m in recipe
-        if type(m).__name__ == "AutoRoundModifier"
-        for weights in (weights_of(g) for g in (getattr(m, "config_groups", None) or {}).values())
-    )
-
-
 NOT_KEPT = (
     "asymmetric AutoRound: {why}, so its checkpoint would hold zero points of 0 instead of the tuned ones "
     "(stages/llmc/autoround_zero_points.py); use symmetric: true"
